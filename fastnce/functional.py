@@ -1,0 +1,167 @@
+"""The public losses of DESIGN.md §3: info_nce (drop-in for info-nce-pytorch), nt_xent, clip_loss.
+
+Each is a logsumexp from fastnce.ops.similarity_lse minus the positive logits, which cost
+O(N·D). Losses come out in float32 for float16/bfloat16 inputs (as F.cross_entropy under
+autocast) and float64 for float64 inputs.
+"""
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ._checks import (
+    check_dim_match, check_features, check_reduction, check_same, check_temperature, reduce,
+)
+from .ops import similarity_lse
+
+__all__ = ["info_nce", "nt_xent", "clip_loss", "l2_normalize", "paired_logits"]
+
+
+def l2_normalize(x: Tensor, eps: float = 1e-12) -> Tensor:
+    """x / max(‖x‖₂, eps) along the last dim, the norm taken in float32 at least.
+
+    Equal to F.normalize in float32/float64; in float16 F.normalize's eps rounds to zero and a
+    zero row becomes NaN, here it stays zero.
+    """
+    acc = torch.promote_types(x.dtype, torch.float32)
+    norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=acc).clamp_min(eps)
+    return (x.to(acc) / norm).to(x.dtype)
+
+
+def paired_logits(a: Tensor, b: Tensor, scale: Union[float, Tensor]) -> Tensor:
+    """scale · a[i]·b[i] for every row, in the LSE dtype (float32, float64 for float64)."""
+    acc = torch.promote_types(a.dtype, torch.float32)
+    return scale * torch.einsum("nd,nd->n", a.to(acc), b.to(acc))
+
+
+def _check_info_nce_args(query, positive_key, negative_keys, negative_mode):
+    """info-nce-pytorch 0.1.4's checks, in its order and with its messages."""
+    if query.dim() != 2:
+        raise ValueError('<query> must have 2 dimensions.')
+    if positive_key.dim() != 2:
+        raise ValueError('<positive_key> must have 2 dimensions.')
+    if negative_keys is not None:
+        if negative_mode == 'unpaired' and negative_keys.dim() != 2:
+            raise ValueError("<negative_keys> must have 2 dimensions if <negative_mode> == 'unpaired'.")
+        if negative_mode == 'paired' and negative_keys.dim() != 3:
+            raise ValueError("<negative_keys> must have 3 dimensions if <negative_mode> == 'paired'.")
+    if len(query) != len(positive_key):
+        raise ValueError('<query> and <positive_key> must must have the same number of samples.')
+    if negative_keys is not None:
+        if negative_mode == 'paired' and len(query) != len(negative_keys):
+            raise ValueError("If negative_mode == 'paired', then <negative_keys> must have the same number of samples as <query>.")
+    if query.shape[-1] != positive_key.shape[-1]:
+        raise ValueError('Vectors of <query> and <positive_key> should have the same number of components.')
+    if negative_keys is not None:
+        if query.shape[-1] != negative_keys.shape[-1]:
+            raise ValueError('Vectors of <query> and <negative_keys> should have the same number of components.')
+
+
+def info_nce(
+    query: Tensor,
+    positive_key: Tensor,
+    negative_keys: Optional[Tensor] = None,
+    temperature: Union[float, Tensor] = 0.1,
+    reduction: str = "mean",
+    negative_mode: str = "unpaired",
+    *,
+    backend: str = "auto",
+) -> Tensor:
+    """InfoNCE of info-nce-pytorch 0.1.4, same arguments and results, without the N×M logits.
+
+    query, positive_key (N, D); negative_keys None (the other rows' positives are the
+    negatives), (M, D) with negative_mode='unpaired', or (N, M, D) with 'paired'. Inputs are
+    L2-normalised; logits are cosines / temperature; cross-entropy with the positive as class.
+    Returns a scalar, or (N,) with reduction='none'.
+    Beyond the original: a bad temperature, negative_mode, dtype, device or an empty batch
+    raise ValueError/TypeError instead of returning NaN or failing later.
+    """
+    for name, x in (("query", query), ("positive_key", positive_key), ("negative_keys", negative_keys)):
+        if x is not None and not isinstance(x, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if negative_keys is not None and negative_mode not in ("unpaired", "paired"):
+        raise ValueError(f"negative_mode must be 'unpaired' or 'paired', got {negative_mode!r}")
+    _check_info_nce_args(query, positive_key, negative_keys, negative_mode)
+    if reduction not in ("mean", "sum", "none"):
+        raise ValueError(f"{reduction} is not a valid value for reduction")  # F.cross_entropy's words
+    check_temperature(temperature)
+    check_features("query", query)
+    check_features("positive_key", positive_key)
+    if negative_keys is not None:
+        check_features("negative_keys", negative_keys, ndim=negative_keys.dim())
+    check_same({"query": query, "positive_key": positive_key, "negative_keys": negative_keys})
+
+    query, positive_key = l2_normalize(query), l2_normalize(positive_key)
+    scale = 1.0 / temperature
+    positive = paired_logits(query, positive_key, scale)
+    if negative_keys is None:
+        row_lse, _ = similarity_lse(query, positive_key, scale, backend=backend)
+        per_row = row_lse - positive
+    elif negative_mode == "unpaired":
+        row_lse, _ = similarity_lse(query, l2_normalize(negative_keys), scale, backend=backend)
+        per_row = torch.logaddexp(positive, row_lse) - positive
+    else:
+        # (N, M) logits against each row's own negatives: a batched product, O(N·M) by nature.
+        acc = positive.dtype
+        negative = scale * torch.einsum("nd,nmd->nm", query.to(acc), l2_normalize(negative_keys).to(acc))
+        per_row = torch.logsumexp(torch.cat([positive[:, None], negative], 1), 1) - positive
+    return reduce(per_row, reduction)
+
+
+def nt_xent(
+    z1: Tensor,
+    z2: Tensor,
+    temperature: Union[float, Tensor] = 0.1,
+    reduction: str = "mean",
+    *,
+    backend: str = "auto",
+) -> Tensor:
+    """SimCLR's NT-Xent over the 2N×2N similarities of two views (Chen et al., 2020).
+
+    z1, z2 (N, D), row i of each a view of sample i; both L2-normalised inside. Every row
+    of Z = [z1; z2] is an anchor, its other view the positive, the 2N − 2 other rows the
+    negatives, itself excluded. Returns the mean over the 2N anchors, or (2N,) with 'none'.
+    """
+    check_features("z1", z1)
+    check_features("z2", z2)
+    if z1.shape != z2.shape:
+        raise ValueError(f"z2 must have the same shape as z1 {tuple(z1.shape)}, got {tuple(z2.shape)}")
+    check_same({"z1": z1, "z2": z2})
+    check_temperature(temperature)
+    check_reduction(reduction)
+    n = z1.shape[0]
+    z = l2_normalize(torch.cat([z1, z2]))
+    scale = 1.0 / temperature
+    row_lse, _ = similarity_lse(z, None, scale, exclude_self=True, backend=backend)
+    positive = paired_logits(z, z.roll(n, 0), scale)
+    return reduce(row_lse - positive, reduction)
+
+
+def clip_loss(
+    image_features: Tensor,
+    text_features: Tensor,
+    logit_scale: Union[float, Tensor],
+    reduction: str = "mean",
+    *,
+    backend: str = "auto",
+) -> Tensor:
+    """CLIP's symmetric loss (Radford et al., 2021) in the OpenCLIP convention.
+
+    image_features, text_features (N, D), used as given (normalise them first, as OpenCLIP
+    does); logit_scale the multiplier (e.g. model.logit_scale.exp()), learnable.
+    ½[CE(logit_scale·A Bᵀ, diag) + CE(logit_scale·B Aᵀ, diag)] from one pass giving row and
+    column LSEs. Returns a scalar, or with 'none' the per-pair (N,) ½(image loss + text loss).
+    """
+    check_features("image_features", image_features)
+    check_features("text_features", text_features)
+    check_same({"image_features": image_features, "text_features": text_features})
+    check_dim_match("image_features", image_features, "text_features", text_features, 0, 0, what="number of rows")
+    check_dim_match("image_features", image_features, "text_features", text_features)
+    check_temperature(logit_scale, name="logit_scale")
+    check_reduction(reduction)
+    row_lse, col_lse = similarity_lse(image_features, text_features, logit_scale, col_lse=True, backend=backend)
+    positive = paired_logits(image_features, text_features, logit_scale)
+    return reduce(0.5 * ((row_lse - positive) + (col_lse - positive)), reduction)

@@ -1,0 +1,170 @@
+"""The primitive as torch custom ops: one forward op and one backward op for every fast backend.
+
+Backend launcher contract (fastnce/ops/tiled.py, triton_lse.py, cuda_lse.py each provide it):
+
+    unavailable_reason(device, dtype) -> None, or a sentence saying why it cannot run
+    forward(q, k, scale, bias, q_labels, k_labels, mask_mode, exclude_offset, with_col, symmetric)
+        -> row_lse (M,), col_lse (N,) or None
+    backward(q, k, scale, bias, q_labels, k_labels, mask_mode, exclude_offset,
+             row_lse, col_lse, grad_row, grad_col, symmetric, need_bias)
+        -> dq (M, D), dk (N, D) or None, dbias (N,) or None
+
+q (M, D), k (N, D) contiguous, same dtype and device; k is q when symmetric. scale a 0-dim
+float32 tensor; bias (N,) or None; labels int64 or None; mask_mode one of naive.MASK_*;
+exclude_offset drops the pairs j == i + offset (None: none dropped). grad_row / grad_col are
+contiguous, in the LSE dtype, or None when that output gets no gradient. LSE vectors and
+gradients are float32 (float64 for float64 inputs). The gradients are unscaled, G as in
+DESIGN.md §1:  dq = G @ k,  dk = Gᵀ @ q,  dbias = Σ_i G[i, :];  when symmetric dq = (G + Gᵀ) @ q
+and dk is None. The scale, its gradient and the cast to the input dtype happen here, once.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+BACKENDS = ("torch", "triton", "cuda")
+_MODULES = {"torch": "fastnce.ops.tiled", "triton": "fastnce.ops.triton_lse", "cuda": "fastnce.ops.cuda_lse"}
+
+
+class BackendUnavailable(RuntimeError):
+    """A backend that was asked for by name cannot run here; the message says why."""
+
+
+def backend_module(name: str):
+    try:
+        return importlib.import_module(_MODULES[name])
+    except ImportError as e:  # e.g. triton not installed
+        raise BackendUnavailable(f"backend {name!r} cannot be imported: {e}") from e
+
+
+def unavailable_reason(name: str, device: torch.device, dtype: torch.dtype) -> Optional[str]:
+    try:
+        return backend_module(name).unavailable_reason(device, dtype)
+    except BackendUnavailable as e:
+        return str(e)
+
+
+def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype) -> str:
+    """The backend name that will run, or an error that says why the one asked for cannot."""
+    if backend == "reference":
+        return backend
+    if backend == "auto":
+        if device.type != "cuda" or dtype == torch.float64:
+            return "torch"  # no GPU kernel computes in float64: the tiled path is the fast one
+        reasons = []
+        for name in _gpu_preference():
+            why = unavailable_reason(name, device, dtype)
+            if why is None:
+                return name
+            reasons.append(why)
+        raise BackendUnavailable(
+            "backend='auto' found no GPU kernel for CUDA tensors ("
+            + "; ".join(reasons)
+            + "); install triton or build the CUDA extension, or pass backend='torch' to use the tiled PyTorch path"
+        )
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {('auto', 'reference') + BACKENDS}, got {backend!r}")
+    why = unavailable_reason(backend, device, dtype)
+    if why is not None:
+        raise BackendUnavailable(f"backend={backend!r} is unavailable: {why}")
+    return backend
+
+
+def _gpu_preference() -> tuple[str, ...]:
+    # Order by measured speed (benchmarks/RESULTS.md); triton first until the cuda kernels
+    # are measured faster on a GPU.
+    return ("triton", "cuda")
+
+
+def _empty(like: Tensor, dtype=None) -> Tensor:
+    return like.new_empty((0,), dtype=dtype or like.dtype)
+
+
+def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+@torch.library.custom_op("fastnce::similarity_lse", mutates_args=())
+def similarity_lse_op(
+    q: Tensor, k: Optional[Tensor], scale: Tensor, bias: Optional[Tensor],
+    q_labels: Optional[Tensor], k_labels: Optional[Tensor], mask_mode: int,
+    exclude_offset: Optional[int], with_col: bool, backend: str,
+) -> tuple[Tensor, Tensor]:
+    symmetric = k is None
+    row, col = backend_module(backend).forward(
+        q, q if symmetric else k, scale, bias, q_labels, k_labels, mask_mode, exclude_offset, with_col, symmetric
+    )
+    return row, _empty(row) if col is None else col
+
+
+@similarity_lse_op.register_fake
+def _(q, k, scale, bias, q_labels, k_labels, mask_mode, exclude_offset, with_col, backend):
+    N = q.shape[0] if k is None else k.shape[0]
+    dt = _lse_dtype(q.dtype)
+    return q.new_empty((q.shape[0],), dtype=dt), q.new_empty((N if with_col else 0,), dtype=dt)
+
+
+@torch.library.custom_op("fastnce::similarity_lse_backward", mutates_args=())
+def similarity_lse_backward_op(
+    q: Tensor, k: Optional[Tensor], scale: Tensor, bias: Optional[Tensor],
+    q_labels: Optional[Tensor], k_labels: Optional[Tensor], mask_mode: int,
+    exclude_offset: Optional[int], row_lse: Tensor, col_lse: Tensor,
+    grad_row: Optional[Tensor], grad_col: Optional[Tensor], need_bias: bool, backend: str,
+) -> tuple[Tensor, Tensor, Tensor]:
+    symmetric = k is None
+    dq, dk, dbias = backend_module(backend).backward(
+        q, q if symmetric else k, scale, bias, q_labels, k_labels, mask_mode, exclude_offset,
+        row_lse, col_lse if col_lse.numel() else None, grad_row, grad_col, symmetric, need_bias,
+    )
+    return dq, _empty(dq) if dk is None else dk, _empty(dq) if dbias is None else dbias
+
+
+@similarity_lse_backward_op.register_fake
+def _(q, k, scale, bias, q_labels, k_labels, mask_mode, exclude_offset, row_lse, col_lse,
+      grad_row, grad_col, need_bias, backend):
+    dt = _lse_dtype(q.dtype)
+    N = q.shape[0] if k is None else k.shape[0]
+    return (
+        q.new_empty(q.shape, dtype=dt),
+        q.new_empty((0,) if k is None else k.shape, dtype=dt),
+        q.new_empty((N if need_bias else 0,), dtype=dt),
+    )
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, scale, bias, q_labels, k_labels, mask_mode, exclude_offset, with_col, backend = inputs
+    row, col = output
+    ctx.save_for_backward(q, k, scale, bias, q_labels, k_labels, row, col)
+    ctx.args = (mask_mode, exclude_offset, backend)
+
+
+def _backward(ctx, grad_row, grad_col):
+    q, k, scale, bias, q_labels, k_labels, row, col = ctx.saved_tensors
+    mask_mode, exclude_offset, backend = ctx.args
+    need_q, need_k, need_scale, need_bias = ctx.needs_input_grad[:4]
+    symmetric = k is None
+    if grad_col is not None and grad_col.numel() == 0:
+        grad_col = None
+    grad_row = None if grad_row is None else grad_row.contiguous()  # may arrive expanded
+    grad_col = None if grad_col is None else grad_col.contiguous()
+    if grad_row is None and grad_col is None:
+        return None, None, None, None, None, None, None, None, None, None
+    dq_u, dk_u, dbias = similarity_lse_backward_op(
+        q, k, scale, bias, q_labels, k_labels, mask_mode, exclude_offset, row, col,
+        grad_row, grad_col, bool(need_bias), backend,
+    )
+    dscale = None
+    if need_scale:
+        # Σ_ij G_ij q_i·k_j = Σ_i (G @ k)_i · q_i; the symmetric dq holds G and Gᵀ, each once.
+        dscale = (dq_u * q.to(dq_u.dtype)).sum() * (0.5 if symmetric else 1.0)
+        dscale = dscale.to(scale.dtype)
+    dq = (dq_u * scale).to(q.dtype) if need_q else None
+    dk = (dk_u * scale).to(k.dtype) if (need_k and not symmetric) else None
+    db = dbias.to(bias.dtype) if need_bias else None
+    return dq, dk, dscale, db, None, None, None, None, None, None
+
+
+similarity_lse_op.register_autograd(_backward, setup_context=_setup_context)

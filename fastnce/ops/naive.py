@@ -1,0 +1,82 @@
+"""The reference implementation of the primitive: materialises S, differentiated by autograd.
+
+Slow, O(M·N) memory, obviously correct; works in every dtype including float64. Every fast
+backend is tested against it.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+# Label mask modes, shared by every backend.
+MASK_NONE, MASK_SAME, MASK_DIFFERENT = 0, 1, 2
+
+
+def valid_mask(
+    M: int,
+    N: int,
+    q_labels: Optional[Tensor],
+    k_labels: Optional[Tensor],
+    mask_mode: int,
+    exclude_offset: Optional[int],
+    device: torch.device,
+    row_start: int = 0,
+    col_start: int = 0,
+) -> Optional[Tensor]:
+    """(M, N) bool, True where S[i, j] takes part; None where every pair does.
+
+    Rows are row_start..row_start+M and columns col_start..col_start+N of the full matrix, so a
+    tiled backend can ask for one tile. Pair (i, j) is dropped when j == i + exclude_offset,
+    or by labels: MASK_SAME keeps y_k[j] == y_q[i], MASK_DIFFERENT keeps y_k[j] != y_q[i].
+    """
+    keep = None
+    if exclude_offset is not None:
+        rows = torch.arange(row_start, row_start + M, device=device)
+        cols = torch.arange(col_start, col_start + N, device=device)
+        keep = cols[None, :] != rows[:, None] + exclude_offset
+    if mask_mode != MASK_NONE:
+        same = k_labels[None, :] == q_labels[:, None]
+        by_label = same if mask_mode == MASK_SAME else ~same
+        keep = by_label if keep is None else keep & by_label
+    return keep
+
+
+def similarity_lse_naive(
+    q: Tensor,
+    k: Tensor,
+    scale: Tensor,
+    bias: Optional[Tensor] = None,
+    q_labels: Optional[Tensor] = None,
+    k_labels: Optional[Tensor] = None,
+    mask_mode: int = MASK_NONE,
+    exclude_offset: Optional[int] = None,
+    with_col: bool = False,
+) -> tuple[Tensor, Optional[Tensor]]:
+    """row_lse (M,) and col_lse (N,) or None of S = scale·q@kᵀ + bias, masked.
+
+    Computed in float64 for float64 inputs, float32 otherwise (the result dtype of every backend).
+    """
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    S = scale.to(acc) * (q.to(acc) @ k.to(acc).T)
+    if bias is not None:
+        S = S + bias.to(acc)[None, :]
+    keep = valid_mask(q.shape[0], k.shape[0], q_labels, k_labels, mask_mode, exclude_offset, q.device)
+    if keep is None:
+        return torch.logsumexp(S, 1), torch.logsumexp(S, 0) if with_col else None
+    S = S.masked_fill(~keep, float("-inf"))
+    row = _masked_lse(S, keep, 1)
+    col = _masked_lse(S, keep, 0) if with_col else None
+    return row, col
+
+
+def _masked_lse(S: Tensor, keep: Tensor, dim: int) -> Tensor:
+    """logsumexp along dim; −inf with a zero gradient where every entry is masked.
+
+    A plain logsumexp of an all −inf line gives a NaN gradient; the fully masked lines are
+    computed on zeros instead and their result replaced, so no NaN reaches the other lines.
+    """
+    any_valid = keep.any(dim, keepdim=True)
+    lse = torch.logsumexp(torch.where(any_valid, S, 0.0), dim)
+    return torch.where(any_valid.squeeze(dim), lse, float("-inf"))
