@@ -52,8 +52,8 @@ def check_temperature(temperature, name: str = "temperature") -> None:
     if isinstance(temperature, Tensor):
         if temperature.numel() != 1:
             raise ValueError(f"{name} must be a scalar, got a tensor of shape {tuple(temperature.shape)}")
-        if temperature.device.type == "cuda":
-            return
+        if temperature.device.type != "cpu" or torch.compiler.is_compiling():
+            return  # reading the value would sync a GPU or break a compiled graph
         value = float(temperature.detach())
     elif isinstance(temperature, Real) and not isinstance(temperature, bool):
         value = float(temperature)

@@ -34,7 +34,7 @@ def l2_normalize(x: Tensor, eps: float = 1e-12) -> Tensor:
 def paired_logits(a: Tensor, b: Tensor, scale: Union[float, Tensor]) -> Tensor:
     """scale · a[i]·b[i] for every row, in the LSE dtype (float32, float64 for float64)."""
     acc = torch.promote_types(a.dtype, torch.float32)
-    return scale * torch.einsum("nd,nd->n", a.to(acc), b.to(acc))
+    return scale * (a.to(acc) * b.to(acc)).sum(-1)  # elementwise: autocast leaves it in acc
 
 
 def _check_info_nce_args(query, positive_key, negative_keys, negative_mode):
@@ -106,7 +106,8 @@ def info_nce(
     else:
         # (N, M) logits against each row's own negatives: a batched product, O(N·M) by nature.
         acc = positive.dtype
-        negative = scale * torch.einsum("nd,nmd->nm", query.to(acc), l2_normalize(negative_keys).to(acc))
+        with torch.autocast(query.device.type, enabled=False):
+            negative = scale * torch.einsum("nd,nmd->nm", query.to(acc), l2_normalize(negative_keys).to(acc))
         per_row = torch.logsumexp(torch.cat([positive[:, None], negative], 1), 1) - positive
     return reduce(per_row, reduction)
 

@@ -47,6 +47,7 @@ def unavailable_reason(name: str, device: torch.device, dtype: torch.dtype) -> O
         return str(e)
 
 
+@torch.compiler.assume_constant_result  # torch.compile evaluates it once while tracing
 def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype) -> str:
     """The backend name that will run, or an error that says why the one asked for cannot."""
     if backend == "reference":
@@ -94,9 +95,10 @@ def similarity_lse_op(
     exclude_offset: Optional[int], with_col: bool, backend: str,
 ) -> tuple[Tensor, Tensor]:
     symmetric = k is None
-    row, col = backend_module(backend).forward(
-        q, q if symmetric else k, scale, bias, q_labels, k_labels, mask_mode, exclude_offset, with_col, symmetric
-    )
+    with torch.autocast(q.device.type, enabled=False):  # kernels choose their own precision
+        row, col = backend_module(backend).forward(
+            q, q if symmetric else k, scale, bias, q_labels, k_labels, mask_mode, exclude_offset, with_col, symmetric
+        )
     return row, _empty(row) if col is None else col
 
 
@@ -115,10 +117,11 @@ def similarity_lse_backward_op(
     grad_row: Optional[Tensor], grad_col: Optional[Tensor], need_bias: bool, backend: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
     symmetric = k is None
-    dq, dk, dbias = backend_module(backend).backward(
-        q, q if symmetric else k, scale, bias, q_labels, k_labels, mask_mode, exclude_offset,
-        row_lse, col_lse if col_lse.numel() else None, grad_row, grad_col, symmetric, need_bias,
-    )
+    with torch.autocast(q.device.type, enabled=False):
+        dq, dk, dbias = backend_module(backend).backward(
+            q, q if symmetric else k, scale, bias, q_labels, k_labels, mask_mode, exclude_offset,
+            row_lse, col_lse if col_lse.numel() else None, grad_row, grad_col, symmetric, need_bias,
+        )
     return dq, _empty(dq) if dk is None else dk, _empty(dq) if dbias is None else dbias
 
 
@@ -168,3 +171,13 @@ def _backward(ctx, grad_row, grad_col):
 
 
 similarity_lse_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _no_double_backward(ctx, *grads):
+    raise RuntimeError(
+        "fastnce: double backward (create_graph=True through a loss) is not supported by the fused "
+        "backends; use backend='reference' for higher-order gradients"
+    )
+
+
+similarity_lse_backward_op.register_autograd(_no_double_backward, setup_context=lambda ctx, inputs, output: None)

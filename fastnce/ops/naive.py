@@ -59,7 +59,8 @@ def similarity_lse_naive(
     Computed in float64 for float64 inputs, float32 otherwise (the result dtype of every backend).
     """
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
-    S = scale.to(acc) * (q.to(acc) @ k.to(acc).T)
+    with torch.autocast(q.device.type, enabled=False):
+        S = scale.to(acc) * (q.to(acc) @ k.to(acc).T)
     if bias is not None:
         S = S + bias.to(acc)[None, :]
     keep = valid_mask(q.shape[0], k.shape[0], q_labels, k_labels, mask_mode, exclude_offset, q.device)

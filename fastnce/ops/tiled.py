@@ -14,6 +14,7 @@ from torch import Tensor
 from .naive import valid_mask
 
 TILE_ELEMS = 1 << 21  # 8 MiB of float32 per tile
+COL_BLOCK = 4096  # columns per tile; rows fill the rest of TILE_ELEMS
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -29,7 +30,7 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def _blocks(M: int, N: int):
     """Row and column block sizes: full-width row panels while they fit in a tile."""
-    bn = min(N, 4096)
+    bn = min(N, COL_BLOCK)
     bm = max(1, min(M, TILE_ELEMS // bn))
     return bm, bn
 

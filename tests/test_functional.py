@@ -1,0 +1,202 @@
+"""The public losses against the real info-nce-pytorch package and against plain formulas."""
+import info_nce as info_nce_pytorch
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastnce
+
+BACKENDS = ["reference", "torch"]
+
+
+def leaves(*shapes, seed=0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(*s, generator=g, dtype=dtype).requires_grad_() for s in shapes]
+
+
+def value_and_grads(fn, xs):
+    out = fn(*xs)
+    w = torch.randn(out.shape, generator=torch.Generator().manual_seed(7)) if out.dim() else torch.tensor(1.0)
+    grads = torch.autograd.grad((out * w).sum(), [x for x in xs if x is not None])
+    return out, grads
+
+
+# --- info_nce: the drop-in ---------------------------------------------------------------
+
+CASES = [
+    ("none", None),
+    ("unpaired", lambda n, d: (23, d)),
+    ("paired", lambda n, d: (n, 5, d)),
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+@pytest.mark.parametrize("n,d", [(1, 3), (3, 1), (17, 32), (127, 8)])
+def test_info_nce_equals_info_nce_pytorch(backend, reduction, case, n, d):
+    name, neg_shape = case
+    mode = "paired" if name == "paired" else "unpaired"
+    shapes = [(n, d), (n, d)] + ([neg_shape(n, d)] if neg_shape else [])
+    xs = leaves(*shapes, seed=n * 31 + d)
+    if not neg_shape:
+        xs.append(None)
+    theirs = lambda q, p, neg: info_nce_pytorch.info_nce(q, p, neg, 0.2, reduction, mode)
+    ours = lambda q, p, neg: fastnce.info_nce(q, p, neg, 0.2, reduction, mode, backend=backend)
+    want, want_g = value_and_grads(theirs, xs)
+    got, got_g = value_and_grads(ours, xs)
+    assert_close_scaled(got, want)
+    for g, w in zip(got_g, want_g):
+        assert_close_scaled(g, w)
+
+
+def assert_close_scaled(got, want, rtol=1e-5):
+    """rtol 1e-5, with an absolute floor for entries that cancel to ~0 (float32 sums)."""
+    torch.testing.assert_close(got, want, rtol=rtol, atol=1e-5 * max(1.0, want.abs().max().item()))
+
+
+def test_info_nce_module_equals_info_nce_pytorch():
+    q, p, neg = leaves((9, 4), (9, 4), (12, 4))
+    for kw in [dict(), dict(temperature=0.5, reduction="sum")]:
+        torch.testing.assert_close(fastnce.InfoNCE(**kw)(q, p, neg), info_nce_pytorch.InfoNCE(**kw)(q, p, neg))
+    torch.testing.assert_close(fastnce.InfoNCE()(q, p), info_nce_pytorch.InfoNCE()(q, p))
+
+
+BAD_SHAPES = [
+    ((4, 3, 1), (4, 3), None, "unpaired"),
+    ((4, 3), (4,), None, "unpaired"),
+    ((4, 3), (4, 3), (2, 5, 3), "unpaired"),
+    ((4, 3), (4, 3), (5, 3), "paired"),
+    ((4, 3), (5, 3), None, "unpaired"),
+    ((4, 3), (4, 3), (5, 2, 3), "paired"),
+    ((4, 3), (4, 2), None, "unpaired"),
+    ((4, 3), (4, 3), (5, 2), "unpaired"),
+]
+
+
+@pytest.mark.parametrize("q,p,neg,mode", BAD_SHAPES)
+def test_info_nce_raises_info_nce_pytorch_errors(q, p, neg, mode):
+    args = [torch.randn(*q), torch.randn(*p), None if neg is None else torch.randn(*neg)]
+    with pytest.raises(ValueError) as theirs:
+        info_nce_pytorch.info_nce(*args, negative_mode=mode)
+    with pytest.raises(ValueError) as ours:
+        fastnce.info_nce(*args, negative_mode=mode)
+    assert str(ours.value) == str(theirs.value)
+
+
+def test_info_nce_reduction_error_is_cross_entropys():
+    q, p = torch.randn(3, 2), torch.randn(3, 2)
+    with pytest.raises(ValueError) as theirs:
+        info_nce_pytorch.info_nce(q, p, reduction="avg")
+    with pytest.raises(ValueError) as ours:
+        fastnce.info_nce(q, p, reduction="avg")
+    assert str(ours.value) == str(theirs.value)
+
+
+# --- nt_xent and clip_loss against the formulas users write --------------------------------
+
+def nt_xent_formula(z1, z2, t, reduction):
+    z = F.normalize(torch.cat([z1, z2]), dim=1)
+    s = (z @ z.T) / t
+    n2 = s.shape[0]
+    s = s.masked_fill(torch.eye(n2, dtype=torch.bool), float("-inf"))
+    n = z1.shape[0]
+    y = torch.cat([torch.arange(n, n2), torch.arange(0, n)])
+    return F.cross_entropy(s, y, reduction=reduction)
+
+
+def clip_formula(a, b, scale, reduction):
+    logits = scale * a @ b.T
+    y = torch.arange(a.shape[0])
+    per_pair = 0.5 * (F.cross_entropy(logits, y, reduction="none") + F.cross_entropy(logits.T, y, reduction="none"))
+    return {"mean": per_pair.mean(), "sum": per_pair.sum(), "none": per_pair}[reduction]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("n,d", [(1, 4), (3, 1), (127, 16), (300, 7)])
+def test_nt_xent_matches_formula(backend, reduction, n, d):
+    xs = leaves((n, d), (n, d), seed=n + d)
+    want, want_g = value_and_grads(lambda a, b: nt_xent_formula(a, b, 0.3, reduction), xs)
+    got, got_g = value_and_grads(lambda a, b: fastnce.nt_xent(a, b, 0.3, reduction, backend=backend), xs)
+    assert_close_scaled(got, want)
+    for g, w in zip(got_g, want_g):
+        assert_close_scaled(g, w)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("n,d", [(1, 4), (3, 1), (127, 16), (300, 7)])
+def test_clip_loss_matches_formula(backend, reduction, n, d):
+    a, b = leaves((n, d), (n, d), seed=n * d)
+    a0, b0 = F.normalize(a.detach(), dim=1).requires_grad_(), F.normalize(b.detach(), dim=1).requires_grad_()
+    scale = torch.tensor(14.0, requires_grad=True)
+    xs = [a0, b0, scale]
+    want, want_g = value_and_grads(lambda x, y, s: clip_formula(x, y, s, reduction), xs)
+    got, got_g = value_and_grads(lambda x, y, s: fastnce.clip_loss(x, y, s, reduction, backend=backend), xs)
+    assert_close_scaled(got, want)
+    for g, w in zip(got_g, want_g):
+        assert_close_scaled(g, w)
+
+
+@pytest.mark.parametrize("fn", ["nt_xent", "clip_loss", "info_nce"])
+def test_gradcheck_float64(fn):
+    a, b = leaves((5, 3), (5, 3), dtype=torch.float64)
+    s = torch.tensor(2.5, dtype=torch.float64, requires_grad=True)
+    call = {
+        "nt_xent": lambda a, b, s: fastnce.nt_xent(a, b, 1 / s, backend="torch"),
+        "clip_loss": lambda a, b, s: fastnce.clip_loss(a, b, s, backend="torch"),
+        "info_nce": lambda a, b, s: fastnce.info_nce(a, b, temperature=1 / s, backend="torch"),
+    }[fn]
+    assert torch.autograd.gradcheck(call, (a, b, s))
+
+
+def test_half_inputs_give_float32_losses():
+    for dt in (torch.float16, torch.bfloat16):
+        a, b = torch.randn(6, 4).to(dt), torch.randn(6, 4).to(dt)
+        assert fastnce.nt_xent(a, b).dtype == torch.float32
+        assert fastnce.clip_loss(a, b, 10.0).dtype == torch.float32
+        assert fastnce.info_nce(a, b).dtype == torch.float32
+
+
+# --- bad input: a clear error that names the argument --------------------------------------
+
+def bad_inputs():
+    x = torch.randn(4, 3)
+    return [
+        ("nt_xent dim mismatch", lambda: fastnce.nt_xent(x, torch.randn(4, 5)), ValueError, "z2"),
+        ("nt_xent rows mismatch", lambda: fastnce.nt_xent(x, torch.randn(5, 3)), ValueError, "z2"),
+        ("nt_xent ndim", lambda: fastnce.nt_xent(torch.randn(4), x), ValueError, "z1"),
+        ("nt_xent integer", lambda: fastnce.nt_xent(x.long(), x.long()), TypeError, "z1"),
+        ("nt_xent dtypes", lambda: fastnce.nt_xent(x, x.double()), ValueError, "dtype"),
+        ("nt_xent devices", lambda: fastnce.nt_xent(x, x.to("meta")), ValueError, "device"),
+        ("nt_xent empty", lambda: fastnce.nt_xent(x[:0], x[:0]), ValueError, "empty batch"),
+        ("nt_xent temperature 0", lambda: fastnce.nt_xent(x, x, 0.0), ValueError, "temperature"),
+        ("nt_xent temperature <0", lambda: fastnce.nt_xent(x, x, -1.0), ValueError, "temperature"),
+        ("nt_xent temperature nan", lambda: fastnce.nt_xent(x, x, float("nan")), ValueError, "temperature"),
+        ("nt_xent temperature inf", lambda: fastnce.nt_xent(x, x, float("inf")), ValueError, "temperature"),
+        ("nt_xent temperature str", lambda: fastnce.nt_xent(x, x, "0.1"), TypeError, "temperature"),
+        ("nt_xent reduction", lambda: fastnce.nt_xent(x, x, reduction="avg"), ValueError, "reduction"),
+        ("nt_xent backend", lambda: fastnce.nt_xent(x, x, backend="gpu"), ValueError, "backend"),
+        ("clip rows", lambda: fastnce.clip_loss(x, torch.randn(5, 3), 10.0), ValueError, "text_features"),
+        ("clip dim", lambda: fastnce.clip_loss(x, torch.randn(4, 2), 10.0), ValueError, "text_features"),
+        ("clip scale nan", lambda: fastnce.clip_loss(x, x, torch.tensor(float("nan"))), ValueError, "logit_scale"),
+        ("clip scale vector", lambda: fastnce.clip_loss(x, x, torch.ones(2)), ValueError, "logit_scale"),
+        ("clip list", lambda: fastnce.clip_loss([[1.0]], x, 1.0), TypeError, "image_features"),
+        ("info_nce empty", lambda: fastnce.info_nce(x[:0], x[:0]), ValueError, "empty batch"),
+        ("info_nce temperature", lambda: fastnce.info_nce(x, x, temperature=0), ValueError, "temperature"),
+        ("info_nce mode", lambda: fastnce.info_nce(x, x, x, negative_mode="both"), ValueError, "negative_mode"),
+        ("info_nce integer", lambda: fastnce.info_nce(x.int(), x.int()), TypeError, "query"),
+        ("similarity_lse labels", lambda: fastnce.ops.similarity_lse(x, label_mask="same"), ValueError, "labels"),
+        ("similarity_lse labels shape", lambda: fastnce.ops.similarity_lse(x, labels=torch.zeros(3, dtype=torch.long), label_mask="same"), ValueError, "labels"),
+        ("similarity_lse float labels", lambda: fastnce.ops.similarity_lse(x, labels=torch.zeros(4), label_mask="same"), TypeError, "labels"),
+        ("similarity_lse bias", lambda: fastnce.ops.similarity_lse(x, x, bias=torch.zeros(3)), ValueError, "bias"),
+        ("similarity_lse mask", lambda: fastnce.ops.similarity_lse(x, label_mask="equal"), ValueError, "label_mask"),
+    ]
+
+
+@pytest.mark.parametrize("case", bad_inputs(), ids=lambda c: c[0])
+def test_bad_input_raises_naming_the_argument(case):
+    _, call, exc, word = case
+    with pytest.raises(exc, match=word):
+        call()

@@ -1,0 +1,198 @@
+"""The primitive: the tiled `torch` backend against the reference, gradcheck, the op layer."""
+import pytest
+import torch
+
+from fastnce import ops
+from fastnce.ops import tiled
+
+from tolerances import ATOL, RTOL, assert_within_twice_reference_error
+
+MASKS = [
+    dict(),
+    dict(exclude_self=True),
+    dict(exclude_self=True, diag_offset=-2),
+    dict(label_mask="same"),
+    dict(label_mask="different", exclude_self=True),
+]
+
+
+@pytest.fixture
+def small_tiles(monkeypatch):
+    """Tiles of 7 columns × 5 rows, so small inputs cross several tiles and leave tails."""
+    monkeypatch.setattr(tiled, "COL_BLOCK", 7)
+    monkeypatch.setattr(tiled, "TILE_ELEMS", 35)
+
+
+def make_inputs(M, N, D, dtype, symmetric=False, bias=False, mask=None, classes=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(M, D, generator=g, dtype=torch.float64).to(dtype).requires_grad_()
+    k = None if symmetric else torch.randn(N, D, generator=g, dtype=torch.float64).to(dtype).requires_grad_()
+    scale = torch.tensor(0.9, dtype=torch.float64 if dtype == torch.float64 else torch.float32, requires_grad=True)
+    b = torch.randn(N, generator=g, dtype=torch.float64).to(dtype).requires_grad_() if bias else None
+    kw = dict(mask or {})
+    if "label_mask" in kw:
+        kw["labels"] = torch.randint(0, classes, (M,), generator=g)
+        if not symmetric:
+            kw["k_labels"] = torch.randint(0, classes, (N,), generator=g)
+    return q, k, scale, b, kw
+
+
+def run(backend, q, k, scale, b, kw, col, seed=1):
+    """Forward, then backward of a random linear function of the LSEs; returns outputs and grads."""
+    row, colv = ops.similarity_lse(q, k, scale, b, col_lse=col, backend=backend, **kw)
+    g = torch.Generator().manual_seed(seed)
+    w_row = torch.randn(row.shape, generator=g, dtype=torch.float64)
+    loss = (torch.where(torch.isfinite(row), row, 0).double() * w_row).sum()
+    if col:
+        w_col = torch.randn(colv.shape, generator=g, dtype=torch.float64)
+        loss = loss + (torch.where(torch.isfinite(colv), colv, 0).double() * w_col).sum()
+    leaves = [t for t in (q, k, scale, b) if t is not None]
+    grads = torch.autograd.grad(loss, leaves)
+    return (row, colv), grads
+
+
+@pytest.mark.parametrize("mask", MASKS, ids=lambda m: ",".join(f"{k}={v}" for k, v in m.items()) or "none")
+@pytest.mark.parametrize("symmetric", [False, True], ids=["qk", "self"])
+@pytest.mark.parametrize("bias,col", [(False, False), (True, True)], ids=["plain", "bias+col"])
+def test_gradcheck_float64(small_tiles, mask, symmetric, bias, col):
+    M = 9
+    N = M if symmetric else 11
+    q, k, scale, b, kw = make_inputs(M, N, 3, torch.float64, symmetric, bias, mask)
+    for backend in ("reference", "torch"):
+        def f(*xs):
+            it = iter(xs)
+            qq = next(it)
+            kk = None if symmetric else next(it)
+            ss = next(it)
+            bb = next(it) if bias else None
+            row, c = ops.similarity_lse(qq, kk, ss, bb, col_lse=col, backend=backend, **kw)
+            row = torch.where(torch.isfinite(row), row, 0)
+            return (row, torch.where(torch.isfinite(c), c, 0)) if col else row
+        leaves = [t for t in (q, k, scale, b) if t is not None]
+        assert torch.autograd.gradcheck(f, leaves, eps=1e-6, atol=1e-6), backend
+
+
+SHAPES = [(1, 1, 1), (1, 5, 3), (3, 1, 3), (127, 1000, 3), (1000, 127, 16), (33, 50, 1)]
+
+
+@pytest.mark.parametrize("M,N,D", SHAPES)
+@pytest.mark.parametrize("mask", MASKS[:2] + MASKS[3:], ids=["none", "self", "same", "diff+self"])
+def test_torch_matches_reference_float32(small_tiles, M, N, D, mask):
+    if M * N > 20000:  # tiny tiles: keep the python loop count sane
+        tiled.COL_BLOCK, tiled.TILE_ELEMS = 64, 64 * 48
+    q, k, scale, b, kw = make_inputs(M, N, D, torch.float32, bias=True, mask=mask)
+    want, want_g = run("reference", q, k, scale, b, kw, col=True)
+    got, got_g = run("torch", q, k, scale, b, kw, col=True)
+    for w, g in zip(want + want_g, got + got_g):
+        torch.testing.assert_close(g, w, rtol=RTOL[torch.float32], atol=ATOL[torch.float32] * 10)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_torch_low_precision_within_twice_reference_error(small_tiles, dtype, symmetric):
+    M, N, D = 40, 40 if symmetric else 53, 16
+    q, k, scale, b, kw = make_inputs(M, N, D, dtype, symmetric, mask=dict(exclude_self=symmetric))
+    exact, exact_g = run("reference", *[None if t is None else t.detach().double().requires_grad_() for t in (q, k, scale, b)], kw, col=not symmetric)
+    low, low_g = run("reference", q, k, scale, b, kw, col=not symmetric)
+    fast, fast_g = run("torch", q, k, scale, b, kw, col=not symmetric)
+    for name, f, l, e in zip(["row", "col", "dq", "dk", "dscale"], fast + fast_g, low + low_g, exact + exact_g):
+        if e is None:
+            continue
+        assert f.dtype == l.dtype
+        assert_within_twice_reference_error(f, l, e, floor=1e-3 * max(1.0, e.abs().max().item()), what=name)
+
+
+def test_result_dtypes():
+    for dtype, want in [(torch.float16, torch.float32), (torch.bfloat16, torch.float32),
+                        (torch.float32, torch.float32), (torch.float64, torch.float64)]:
+        q = torch.randn(4, 3).to(dtype)
+        for backend in ("reference", "torch"):
+            row, col = ops.similarity_lse(q, q, 1.0, col_lse=True, backend=backend)
+            assert row.dtype == want and col.dtype == want
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch"])
+def test_fully_masked_rows_are_minus_inf_with_zero_gradient(backend):
+    q = torch.randn(5, 4, requires_grad=True)
+    k = torch.randn(6, 4, requires_grad=True)
+    labels = torch.tensor([0, 1, 2, 7, 1])  # class 7 has no key
+    k_labels = torch.tensor([0, 1, 2, 0, 1, 2])
+    row, col = ops.similarity_lse(q, k, 2.0, labels=labels, k_labels=k_labels, label_mask="same", col_lse=True, backend=backend)
+    assert row[3] == float("-inf") and torch.isfinite(row[[0, 1, 2, 4]]).all()
+    (row[[0, 1, 2, 4]].sum() + col.sum()).backward()
+    assert torch.isfinite(q.grad).all() and torch.isfinite(k.grad).all()
+    assert (q.grad[3] == 0).all()
+
+
+def test_tiles_stay_small_and_match_at_the_default_tile():
+    """At default tiles, a batch wider than one column block still matches the reference."""
+    q = torch.randn(300, 8)
+    k = torch.randn(tiled.COL_BLOCK + 37, 8)
+    want = ops.similarity_lse(q, k, 3.0, col_lse=True, backend="reference")
+    got = ops.similarity_lse(q, k, 3.0, col_lse=True, backend="torch")
+    for w, g in zip(want, got):
+        torch.testing.assert_close(g, w)
+
+
+def test_opcheck_torch_backend():
+    q = torch.randn(6, 5, requires_grad=True)
+    k = torch.randn(7, 5, requires_grad=True)
+    scale = torch.tensor(1.5, requires_grad=True)
+    bias = torch.randn(7, requires_grad=True)
+    labels, k_labels = torch.tensor([0, 1, 0, 1, 2, 2]), torch.tensor([1, 1, 0, 2, 2, 0, 1])
+    for args in [
+        (q, k, scale, bias, labels, k_labels, 1, 0, True, "torch"),
+        (q, None, scale, None, None, None, 0, 0, False, "torch"),
+        (q, k, scale, None, None, None, 0, None, True, "torch"),
+    ]:
+        torch.library.opcheck(torch.ops.fastnce.similarity_lse.default, args)
+
+
+def test_torch_compile_fullgraph_sees_through_the_op():
+    import fastnce
+
+    def f(z1, z2, a, b, s):
+        return fastnce.nt_xent(z1, z2, backend="torch") + fastnce.clip_loss(a, b, s, backend="torch")
+
+    z1, z2, a, b = (torch.randn(9, 4, requires_grad=True) for _ in range(4))
+    s = torch.tensor(3.0, requires_grad=True)
+    want = f(z1, z2, a, b, s)
+    want_g = torch.autograd.grad(want, (z1, z2, a, b, s))
+    got = torch.compile(f, fullgraph=True, backend="aot_eager")(z1, z2, a, b, s)
+    got_g = torch.autograd.grad(got, (z1, z2, a, b, s))
+    torch.testing.assert_close(got, want)
+    for g, w in zip(got_g, want_g):
+        torch.testing.assert_close(g, w)
+
+
+def test_expanded_incoming_gradient():
+    q = torch.randn(5, 3, requires_grad=True)
+    row, _ = ops.similarity_lse(q, None, 1.0, exclude_self=True, backend="torch")
+    row.sum().backward()  # the gradient arrives with stride 0
+    q2 = q.detach().clone().requires_grad_()
+    ops.similarity_lse(q2, None, 1.0, exclude_self=True, backend="reference")[0].sum().backward()
+    torch.testing.assert_close(q.grad, q2.grad)
+
+
+def test_lse_forward_backward_match_autograd():
+    """The no-autograd pair used by fastnce.distributed gives the autograd op's gradients."""
+    q = torch.randn(6, 4, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(9, 4, dtype=torch.float64, requires_grad=True)
+    row, col = ops.similarity_lse(q, k, 2.0, exclude_self=True, diag_offset=1, col_lse=True, backend="reference")
+    gr, gc = torch.randn(6, dtype=torch.float64), torch.randn(9, dtype=torch.float64)
+    dq, dk = torch.autograd.grad((row * gr).sum() + (col * gc).sum(), (q, k))
+    r2, c2 = ops.lse_forward(q, k, 2.0, exclude_self=True, diag_offset=1, col_lse=True, backend="torch")
+    torch.testing.assert_close(r2, row.detach())
+    gq, gk, _ = ops.lse_backward(q, k, 2.0, row_lse=r2, grad_row=gr, col_lse=c2, grad_col=gc,
+                                 exclude_self=True, diag_offset=1, backend="torch")
+    torch.testing.assert_close(2.0 * gq, dq)
+    torch.testing.assert_close(2.0 * gk, dk)
+
+
+def test_backend_selection():
+    assert ops.resolve_backend("auto", torch.device("cpu"), torch.float32) == "torch"
+    assert "torch" in ops.available_backends("cpu")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        ops.similarity_lse(torch.randn(3, 2), backend="fastest")
+    with pytest.raises(ops.BackendUnavailable, match="backend='cuda' is unavailable"):
+        ops.similarity_lse(torch.randn(3, 2), backend="cuda")
