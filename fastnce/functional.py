@@ -21,14 +21,16 @@ __all__ = ["info_nce", "nt_xent", "clip_loss", "l2_normalize", "paired_logits"]
 
 
 def l2_normalize(x: Tensor, eps: float = 1e-12) -> Tensor:
-    """x / max(‖x‖₂, eps) along the last dim, the norm taken in float32 at least.
+    """x / ‖x‖₂ along the last dim, the norm taken in float32 at least; rows with ‖x‖ ≤ eps → 0.
 
-    Equal to F.normalize in float32/float64; in float16 F.normalize's eps rounds to zero and a
-    zero row becomes NaN, here it stays zero.
+    Equal to F.normalize wherever ‖x‖ > eps. A (near-)zero row has no direction: it becomes
+    zero with a zero gradient, where F.normalize's gradient is 1/eps (inf in float16, and in
+    float16 its eps rounds to zero and the row becomes NaN).
     """
     acc = torch.promote_types(x.dtype, torch.float32)
-    norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=acc).clamp_min(eps)
-    return (x.to(acc) / norm).to(x.dtype)
+    norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=acc)
+    nonzero = ~(norm <= eps)  # NaN norms stay NaN
+    return torch.where(nonzero, x.to(acc) / torch.where(nonzero, norm, 1.0), 0.0).to(x.dtype)
 
 
 def paired_logits(a: Tensor, b: Tensor, scale: Union[float, Tensor]) -> Tensor:

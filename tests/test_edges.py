@@ -1,0 +1,148 @@
+"""Defined behaviour at the edges (issue 7): odd layouts, partial requires_grad, zero and
+non-finite inputs, autocast, double backward, torch.compile."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastnce
+from fastnce import ops
+
+LOSSES = {
+    "nt_xent": lambda a, b, be: fastnce.nt_xent(a, b, 0.2, backend=be),
+    "clip_loss": lambda a, b, be: fastnce.clip_loss(a, b, 5.0, backend=be),
+    "info_nce": lambda a, b, be: fastnce.info_nce(a, b, temperature=0.2, backend=be),
+}
+
+
+@pytest.mark.parametrize("name", LOSSES)
+def test_batch_of_one_has_no_negatives_and_zero_loss(name):
+    a, b = torch.randn(1, 4, requires_grad=True), torch.randn(1, 4, requires_grad=True)
+    loss = LOSSES[name](a, b, "torch")
+    assert loss.item() == pytest.approx(0.0, abs=1e-6)
+    loss.backward()
+    assert torch.isfinite(a.grad).all()
+
+
+@pytest.mark.parametrize("name", LOSSES)
+@pytest.mark.parametrize("layout", ["transposed", "strided", "expanded"])
+def test_non_contiguous_inputs(name, layout):
+    base = torch.randn(8, 6)
+    if layout == "transposed":
+        a = torch.randn(6, 8).T
+    elif layout == "strided":
+        a = torch.randn(8, 12)[:, ::2]
+    else:
+        a = torch.randn(1, 6).expand(8, 6)
+    a = a.clone().requires_grad_() if layout == "expanded" else a.requires_grad_()
+    want_in = a.detach().contiguous().requires_grad_()
+    loss = LOSSES[name](a, base, "torch")
+    want = LOSSES[name](want_in, base, "reference")
+    torch.testing.assert_close(loss, want)
+    loss.backward()
+    want.backward()
+    torch.testing.assert_close(a.grad, want_in.grad)
+
+
+def test_requires_grad_on_some_inputs_only():
+    q = torch.randn(5, 3, requires_grad=True)
+    k = torch.randn(7, 3)
+    scale = torch.tensor(2.0)
+    row, col = ops.similarity_lse(q, k, scale, col_lse=True, backend="torch")
+    (row.sum() + col.sum()).backward()
+    q2 = q.detach().requires_grad_()
+    r2, c2 = ops.similarity_lse(q2, k, scale, col_lse=True, backend="reference")
+    (r2.sum() + c2.sum()).backward()
+    torch.testing.assert_close(q.grad, q2.grad)
+    # only the scale learns
+    s = torch.tensor(2.0, requires_grad=True)
+    ops.similarity_lse(q.detach(), k, s, backend="torch")[0].sum().backward()
+    s2 = torch.tensor(2.0, requires_grad=True)
+    ops.similarity_lse(q.detach(), k, s2, backend="reference")[0].sum().backward()
+    torch.testing.assert_close(s.grad, s2.grad)
+
+
+def test_only_column_lse_used():
+    q, k = torch.randn(5, 3, requires_grad=True), torch.randn(7, 3, requires_grad=True)
+    _, col = ops.similarity_lse(q, k, 1.0, col_lse=True, backend="torch")
+    col.sum().backward()
+    q2, k2 = q.detach().requires_grad_(), k.detach().requires_grad_()
+    ops.similarity_lse(q2, k2, 1.0, col_lse=True, backend="reference")[1].sum().backward()
+    torch.testing.assert_close(q.grad, q2.grad)
+    torch.testing.assert_close(k.grad, k2.grad)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_zero_vectors_stay_finite(dtype):
+    a = torch.randn(6, 8).to(dtype)
+    a[2] = 0
+    b = torch.randn(6, 8).to(dtype).requires_grad_()
+    a.requires_grad_()
+    for loss in (fastnce.nt_xent(a, b), fastnce.info_nce(a, b)):
+        assert torch.isfinite(loss)
+        a.grad = None
+        loss.backward()
+        assert torch.isfinite(a.grad).all()
+
+
+def test_duplicate_rows():
+    a = torch.randn(1, 5).repeat(6, 1)
+    b = torch.randn(6, 5)
+    for name, fn in LOSSES.items():
+        torch.testing.assert_close(fn(a, b, "torch"), fn(a, b, "reference"))
+
+
+@pytest.mark.parametrize("name", LOSSES)
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_inputs_propagate_nan_never_a_finite_number(name, bad):
+    a, b = torch.randn(6, 4), torch.randn(6, 4)
+    a[3, 1] = bad
+    loss = LOSSES[name](a, b, "torch")
+    assert not torch.isfinite(loss)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("name", LOSSES)
+def test_autocast_leaves_the_loss_in_input_precision(name, dtype):
+    a, b = torch.randn(16, 8), torch.randn(16, 8)
+    want = LOSSES[name](a, b, "reference")
+    with torch.autocast("cpu", dtype=dtype):
+        got = LOSSES[name](a, b, "torch")
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, want)
+
+
+def test_double_backward_is_a_clear_error():
+    q = torch.randn(5, 3, requires_grad=True)
+    row, _ = ops.similarity_lse(q, None, 1.0, backend="torch")
+    (g,) = torch.autograd.grad(row.sum(), q, create_graph=True)
+    with pytest.raises(RuntimeError, match="double backward"):
+        g.sum().backward()
+    # the reference supports it
+    row, _ = ops.similarity_lse(q, None, 1.0, backend="reference")
+    (g,) = torch.autograd.grad(row.sum(), q, create_graph=True)
+    g.pow(2).sum().backward()
+    assert torch.isfinite(q.grad).all()
+
+
+@pytest.mark.parametrize("name", LOSSES)
+def test_torch_compile_fullgraph(name):
+    a, b = torch.randn(10, 4, requires_grad=True), torch.randn(10, 4, requires_grad=True)
+    fn = lambda a, b: LOSSES[name](a, b, "torch")
+    want = fn(a, b)
+    want_g = torch.autograd.grad(want, (a, b))
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    got = compiled(a, b)
+    got_g = torch.autograd.grad(got, (a, b))
+    torch.testing.assert_close(got, want)
+    for g, w in zip(got_g, want_g):
+        torch.testing.assert_close(g, w)
+
+
+def test_torch_backend_is_deterministic():
+    a, b = torch.randn(300, 16, requires_grad=True), torch.randn(300, 16)
+    grads = []
+    for _ in range(2):
+        a.grad = None
+        fastnce.nt_xent(a, b, backend="torch").backward()
+        grads.append(a.grad.clone())
+    assert torch.equal(grads[0], grads[1])

@@ -1,0 +1,157 @@
+"""Property-based checks of every available backend against the float64 reference.
+
+Hypothesis draws shapes, dtypes, masks, temperatures (1e-3 … 10) and input norms
+(1e-4 … 1e4). A fast backend must be finite wherever the reference is, and within
+DESIGN.md §6's criterion: its error against the float64 reference at most twice the error of
+the reference fed the same dtype, plus a floor.
+"""
+import contextlib
+import math
+import os
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import fastnce
+from fastnce import ops
+from fastnce.ops import tiled
+
+FAST_BACKENDS = [b for b in ops.available_backends("cpu") if b != "reference"]
+# The Triton interpreter is ~100x slower than the tiled path: fewer, smaller draws.
+EXAMPLES = {"torch": int(os.environ.get("FASTNCE_HYPOTHESIS_EXAMPLES", 120)), "triton": 15, "cuda": 15}
+DTYPES = {"torch": [torch.float32, torch.float16, torch.bfloat16, torch.float64], "triton": [torch.float32, torch.float16]}
+
+
+@st.composite
+def problems(draw, backend):
+    M = draw(st.integers(1, 24 if backend == "triton" else 70))
+    symmetric = draw(st.booleans())
+    N = M if symmetric else draw(st.integers(1, 24 if backend == "triton" else 70))
+    D = draw(st.sampled_from([1, 2, 3, 8, 17]))
+    dtype = draw(st.sampled_from(DTYPES.get(backend, [torch.float32, torch.float16])))
+    temperature = 10 ** draw(st.floats(-3, 1))
+    q_norm, k_norm = 10 ** draw(st.floats(-4, 4)), 10 ** draw(st.floats(-4, 4))
+    if symmetric:
+        k_norm = q_norm
+    seed = draw(st.integers(0, 2**31 - 1))
+    kw = {}
+    if draw(st.booleans()):
+        kw["exclude_self"] = True
+        if not symmetric:
+            kw["diag_offset"] = draw(st.integers(-3, 3))
+    mask = draw(st.sampled_from([None, "same", "different"]))
+    g = torch.Generator().manual_seed(seed)
+    if mask:
+        classes = draw(st.integers(1, 4))
+        kw["label_mask"] = mask
+        kw["labels"] = torch.randint(0, classes, (M,), generator=g)
+        if not symmetric:
+            kw["k_labels"] = torch.randint(0, classes, (N,), generator=g)
+    q = torch.nn.functional.normalize(torch.randn(M, D, generator=g, dtype=torch.float64), dim=1) * q_norm
+    k = None if symmetric else torch.nn.functional.normalize(torch.randn(N, D, generator=g, dtype=torch.float64), dim=1) * k_norm
+    bias = torch.randn(N, generator=g, dtype=torch.float64) if draw(st.booleans()) else None
+    col = (not symmetric) and draw(st.booleans())
+    tile = (draw(st.sampled_from([7, 16, 4096])), draw(st.sampled_from([5, 64])))
+    return dict(tile=tile, q=q.to(dtype), k=None if k is None else k.to(dtype), scale=1 / temperature, bias=bias, col=col, kw=kw)
+
+
+def _evaluate(p, backend, dtype):
+    """LSEs and gradients of a fixed random linear function of them, inputs cast to dtype."""
+    q = p["q"].to(dtype).requires_grad_()
+    k = None if p["k"] is None else p["k"].to(dtype).requires_grad_()
+    bias = None if p["bias"] is None else p["bias"].to(dtype if dtype == torch.float64 else torch.float32).requires_grad_()
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    scale = torch.tensor(p["scale"], dtype=acc, requires_grad=True)
+    row, col = ops.similarity_lse(q, k, scale, bias, col_lse=p["col"], backend=backend, **p["kw"])
+    outs = [row] + ([col] if p["col"] else [])
+    g = torch.Generator().manual_seed(0)
+    loss = sum((torch.where(torch.isfinite(o), o, 0).double() * torch.randn(o.shape, generator=g, dtype=torch.float64)).sum() for o in outs)
+    leaves = [t for t in (q, k, scale, bias) if t is not None]
+    grads = torch.autograd.grad(loss, leaves, allow_unused=True)
+    return [o.detach().double() for o in outs] + [torch.zeros(()) if x is None else x.double() for x in grads]
+
+
+def s_max(p):
+    """A bound on |S| for this problem."""
+    k = p["q"] if p["k"] is None else p["k"]
+    b = 0.0 if p["bias"] is None else p["bias"].abs().max().item()
+    return p["scale"] * p["q"].double().norm(dim=1).max().item() * k.double().norm(dim=1).max().item() + b
+
+
+@contextlib.contextmanager
+def torch_tiles(col_block, rows):
+    """Small tiles for the torch backend, so that small draws cross tiles and leave tails."""
+    saved = tiled.COL_BLOCK, tiled.TILE_ELEMS
+    tiled.COL_BLOCK, tiled.TILE_ELEMS = col_block, col_block * rows
+    try:
+        yield
+    finally:
+        tiled.COL_BLOCK, tiled.TILE_ELEMS = saved
+
+
+def check_against_reference(p, backend):
+    dtype = p["q"].dtype
+    exact = _evaluate(p, "reference", torch.float64)  # from the same (rounded) inputs
+    low = _evaluate(p, "reference", dtype)  # the reference fed the same dtype: its LSEs in float32
+    with torch_tiles(*p["tile"]):
+        fast = _evaluate(p, backend, dtype)
+    names = ["row", "col"][: 1 + p["col"]] + ["dq", "dk", "dscale", "dbias"]
+    for name, f, l, e in zip(names, fast, low, exact):
+        # Where the float64 result does not fit the dtype (a float16 gradient past 65504), the
+        # reference fed that dtype overflows too: finiteness is owed where it is finite.
+        finite = torch.isfinite(e) & torch.isfinite(l)
+        assert torch.isfinite(f[finite]).all(), f"{name}: not finite where the reference is"
+        f, l, e = f[finite], l[finite], e[finite]
+        if e.numel() == 0:
+            continue
+        mag = e.abs().max().item()
+        if dtype == torch.float64:
+            # The float64 reference is the exact one (its own error is 0): the floor is the
+            # rounding that |S| brings into exp(S − lse), a few float64 ulps of |S|.
+            floor = 1e-12 * (1 + s_max(p)) * max(1.0, mag)
+        else:
+            floor = 2e-5 * max(1.0, mag)
+        err, ref_err = (f - e).abs().max().item(), (l - e).abs().max().item()
+        assert err <= 2 * ref_err + floor, f"{name}: error {err:.3g} > 2 × {ref_err:.3g} + {floor:.3g}"
+
+
+def _primitive_test(backend):
+    @settings(max_examples=EXAMPLES.get(backend, 15), deadline=None, derandomize=True,
+              suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+    @given(p=problems(backend))
+    def test(p):
+        check_against_reference(p, backend)
+
+    return test
+
+
+# One test function per backend, so Hypothesis reports each one's count of examples.
+for _backend in FAST_BACKENDS:
+    globals()[f"test_primitive_matches_float64_reference_{_backend}"] = _primitive_test(_backend)
+
+
+@settings(max_examples=100, deadline=None, derandomize=True)
+@given(
+    n=st.integers(1, 40), d=st.integers(1, 12),
+    temperature=st.floats(1e-3, 10), log_norm=st.floats(-4, 4),
+    which=st.sampled_from(["nt_xent", "clip_loss", "info_nce", "info_nce_unpaired"]),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_losses_finite_and_match_reference(n, d, temperature, log_norm, which, seed):
+    g = torch.Generator().manual_seed(seed)
+    a, b, c = (torch.randn(s, d, generator=g) * 10**log_norm for s in (n, n, n + 3))
+    call = {
+        "nt_xent": lambda be, a, b, c: fastnce.nt_xent(a, b, temperature, backend=be),
+        "clip_loss": lambda be, a, b, c: fastnce.clip_loss(a, b, 1 / temperature, backend=be),
+        "info_nce": lambda be, a, b, c: fastnce.info_nce(a, b, temperature=temperature, backend=be),
+        "info_nce_unpaired": lambda be, a, b, c: fastnce.info_nce(a, b, c, temperature=temperature, backend=be),
+    }[which]
+    exact = call("reference", a.double(), b.double(), c.double())
+    low = call("reference", a, b, c)
+    fast = call("torch", a, b, c)
+    if math.isfinite(exact.item()):
+        assert math.isfinite(fast.item())
+        err, ref_err = abs(fast.item() - exact.item()), abs(low.item() - exact.item())
+        assert err <= 2 * ref_err + 2e-5 * max(1.0, abs(exact.item()))
