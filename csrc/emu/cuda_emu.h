@@ -1,0 +1,180 @@
+// A small CPU emulation of the CUDA features the fastnce kernels use, so that their logic
+// (tiling, masks, online softmax, atomics, barriers) can be tested on machines without a GPU.
+//
+// Compile the kernels with g++ -std=c++20 -DFASTNCE_EMULATE -include this header. Every CUDA
+// thread of a block is a std::thread; __syncthreads is a std::barrier over the block, warp
+// shuffles a barrier over the warp; all blocks of a grid run at once (so the atomics race for
+// real). WMMA fragments hold the whole 16 x 16 tile in every lane: the API semantics, not the
+// register layout. Not emulated: the memory model beyond what the barriers give, timing.
+// Used by tests/test_cuda.py (emulated kernels); never part of a build.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <atomic>
+#include <barrier>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <thread>
+#include <type_traits>
+#include <vector>
+
+#define __global__
+#define __launch_bounds__(...)
+
+inline thread_local uint3 threadIdx;
+inline thread_local uint3 blockIdx;
+
+namespace emu {
+
+struct Block {
+  explicit Block(int threads, size_t smem_bytes)
+      : bar(threads), smem(new unsigned char[smem_bytes + 128]()), xbuf(threads) {
+    for (int w = 0; w < threads / 32; ++w) warp.emplace_back(std::make_unique<std::barrier<>>(32));
+  }
+  std::barrier<> bar;
+  std::vector<std::unique_ptr<std::barrier<>>> warp;
+  std::unique_ptr<unsigned char[]> smem;
+  std::vector<uint64_t> xbuf;
+};
+
+inline thread_local Block* tl_block = nullptr;
+
+inline unsigned char* block_smem() {
+  auto p = reinterpret_cast<uintptr_t>(tl_block->smem.get());
+  return reinterpret_cast<unsigned char*>((p + 127) & ~uintptr_t(127));
+}
+
+// Runs kernel(args...) on a grid of (gx, gy) blocks of `threads` threads, all at once.
+template <class F>
+void launch(F kernel, unsigned gx, unsigned gy, int threads, size_t smem_bytes) {
+  std::vector<std::unique_ptr<Block>> blocks;
+  std::vector<std::thread> pool;
+  for (unsigned y = 0; y < gy; ++y)
+    for (unsigned x = 0; x < gx; ++x) {
+      blocks.emplace_back(std::make_unique<Block>(threads, smem_bytes));
+      Block* b = blocks.back().get();
+      for (int t = 0; t < threads; ++t)
+        pool.emplace_back([=] {
+          tl_block = b;
+          threadIdx = make_uint3(unsigned(t), 0u, 0u);
+          blockIdx = make_uint3(x, y, 0u);
+          kernel();
+        });
+    }
+  for (auto& th : pool) th.join();
+}
+
+}  // namespace emu
+
+inline void __syncthreads() { emu::tl_block->bar.arrive_and_wait(); }
+
+template <class T>
+inline T __shfl_xor_sync(unsigned, T v, int lane_mask) {
+  static_assert(sizeof(T) <= 8, "");
+  emu::Block* b = emu::tl_block;
+  const int t = int(threadIdx.x);
+  uint64_t bits = 0;
+  std::memcpy(&bits, &v, sizeof(T));
+  b->xbuf[t] = bits;
+  b->warp[t / 32]->arrive_and_wait();
+  const uint64_t other = b->xbuf[(t & ~31) | ((t & 31) ^ lane_mask)];
+  b->warp[t / 32]->arrive_and_wait();
+  T r;
+  std::memcpy(&r, &other, sizeof(T));
+  return r;
+}
+
+inline float __int_as_float(int x) { float f; std::memcpy(&f, &x, 4); return f; }
+inline int __float_as_int(float f) { int x; std::memcpy(&x, &f, 4); return x; }
+
+inline int atomicCAS(int* addr, int compare, int val) {
+  std::atomic_ref<int> a(*addr);
+  a.compare_exchange_strong(compare, val);
+  return compare;  // the old value either way
+}
+inline float atomicAdd(float* addr, float v) {
+  std::atomic_ref<float> a(*addr);
+  return a.fetch_add(v);
+}
+
+namespace nvcuda {
+namespace wmma {
+
+struct row_major {};
+struct col_major {};
+struct matrix_a {};
+struct matrix_b {};
+struct accumulator {};
+namespace precision {
+struct tf32 {};
+}
+enum layout_t { mem_row_major, mem_col_major };
+
+template <class Use, int m, int n, int k, class T, class Layout = void>
+struct fragment {
+  static constexpr int ROWS = std::is_same<Use, matrix_b>::value ? k : m;
+  static constexpr int COLS = std::is_same<Use, matrix_a>::value ? k : n;
+  using elem_t = typename std::conditional<std::is_same<T, precision::tf32>::value, float, T>::type;
+  static constexpr int num_elements = ROWS * COLS;
+  elem_t x[ROWS * COLS];  // the whole tile, row-major
+};
+
+inline float to_float(float v) { return v; }
+inline float to_float(__half v) { return __half2float(v); }
+inline float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+template <class Use, int m, int n, int k, class T, class L, class P>
+inline void load_matrix_sync(fragment<Use, m, n, k, T, L>& f, const P* p, unsigned ldm) {
+  using F = fragment<Use, m, n, k, T, L>;
+  constexpr bool col = std::is_same<L, col_major>::value;
+  for (int r = 0; r < F::ROWS; ++r)
+    for (int c = 0; c < F::COLS; ++c) f.x[r * F::COLS + c] = col ? p[c * ldm + r] : p[r * ldm + c];
+}
+
+template <int m, int n, int k>
+inline void load_matrix_sync(fragment<accumulator, m, n, k, float>& f, const float* p, unsigned ldm, layout_t l) {
+  for (int r = 0; r < m; ++r)
+    for (int c = 0; c < n; ++c) f.x[r * n + c] = l == mem_row_major ? p[r * ldm + c] : p[c * ldm + r];
+}
+
+template <int m, int n, int k>
+inline void store_matrix_sync(float* p, const fragment<accumulator, m, n, k, float>& f, unsigned ldm, layout_t l) {
+  if ((threadIdx.x & 31) != 0) return;  // one lane writes (the values are the same in all)
+  for (int r = 0; r < m; ++r)
+    for (int c = 0; c < n; ++c) (l == mem_row_major ? p[r * ldm + c] : p[c * ldm + r]) = f.x[r * n + c];
+}
+
+template <class Use, int m, int n, int k, class T, class L>
+inline void fill_fragment(fragment<Use, m, n, k, T, L>& f, float v) {
+  for (auto& e : f.x) e = v;
+}
+
+template <int m, int n, int k, class T, class LA, class LB>
+inline void mma_sync(fragment<accumulator, m, n, k, float>& d, const fragment<matrix_a, m, n, k, T, LA>& a,
+                     const fragment<matrix_b, m, n, k, T, LB>& b, const fragment<accumulator, m, n, k, float>& c) {
+  float out[m * n];
+  for (int r = 0; r < m; ++r)
+    for (int cc = 0; cc < n; ++cc) {
+      float s = c.x[r * n + cc];
+      for (int kk = 0; kk < k; ++kk) s += to_float(a.x[r * k + kk]) * to_float(b.x[kk * n + cc]);
+      out[r * n + cc] = s;
+    }
+  std::memcpy(d.x, out, sizeof(out));
+}
+
+// Round to tf32 (10 mantissa bits, to nearest, ties away from zero, as cvt.rna.tf32.f32).
+inline float __float_to_tf32(float v) {
+  if (!std::isfinite(v)) return v;
+  uint32_t u;
+  std::memcpy(&u, &v, 4);
+  u = (u + 0x1000u) & 0xffffe000u;
+  std::memcpy(&v, &u, 4);
+  return v;
+}
+
+}  // namespace wmma
+}  // namespace nvcuda

@@ -1,0 +1,127 @@
+// C entry points that run the fastnce kernels under the CPU emulation (cuda_emu.h), with the
+// same orchestration as lse_ops.cpp (splits, -inf / zero pre-fill, symmetric sum). The test
+// forces small split sizes and panels so that every path (atomic merges, several backward
+// passes) is taken at small sizes.
+//   g++ -std=c++20 -O1 -shared -fPIC -DFASTNCE_EMULATE -include cuda_emu.h -I<cuda>/include \
+//       emu_harness.cpp -o libfastnce_emu.so
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <vector>
+
+#include "../lse_kernels.cuh"
+
+using namespace fastnce;
+
+namespace {
+
+template <class T, int KIND>
+void run_forward(const LseParams& p) {
+  const unsigned gx = unsigned((p.M + kBM - 1) / kBM);
+  emu::launch([p] { lse_forward_kernel<T, KIND>(p); }, gx, unsigned(p.splits), kThreads, smem_layout(sizeof(T), 0).total);
+}
+
+template <class T, int KIND>
+void run_backward(const LseParams& p, bool for_k) {
+  const unsigned gx = unsigned(((for_k ? p.N : p.M) + 63) / 64);
+  const size_t smem = smem_layout(sizeof(T), p.panel).total;
+  if (for_k) {
+    emu::launch([p] { lse_backward_kernel<T, KIND, true>(p); }, gx, unsigned(p.splits), kThreads, smem);
+  } else {
+    emu::launch([p] { lse_backward_kernel<T, KIND, false>(p); }, gx, unsigned(p.splits), kThreads, smem);
+  }
+}
+
+// kind: 0 fp16 (wmma), 1 bf16 (wmma), 2 fp32 tf32, 3 fp32 simt
+void fwd_dispatch(int kind, const LseParams& p) {
+  switch (kind) {
+    case 0: run_forward<__half, kMmaWmma16>(p); break;
+    case 1: run_forward<__nv_bfloat16, kMmaWmma16>(p); break;
+    case 2: run_forward<float, kMmaTf32>(p); break;
+    default: run_forward<float, kMmaSimt>(p);
+  }
+}
+
+void bwd_dispatch(int kind, const LseParams& p, bool for_k) {
+  switch (kind) {
+    case 0: run_backward<__half, kMmaWmma16>(p, for_k); break;
+    case 1: run_backward<__nv_bfloat16, kMmaWmma16>(p, for_k); break;
+    case 2: run_backward<float, kMmaTf32>(p, for_k); break;
+    default: run_backward<float, kMmaSimt>(p, for_k);
+  }
+}
+
+LseParams base(const void* q, const void* k, const float* scale, const float* bias, const int64_t* ql,
+               const int64_t* kl, int mask_mode, int has_excl, int64_t off, int64_t M, int64_t N, int64_t D,
+               int vec) {
+  LseParams p;
+  p.q = q;
+  p.k = k;
+  p.scale = scale;
+  p.bias = bias;
+  p.q_labels = ql;
+  p.k_labels = kl;
+  p.mask_mode = mask_mode;
+  p.has_exclude = has_excl;
+  p.exclude_offset = off;
+  p.M = M;
+  p.N = N;
+  p.D = D;
+  p.vec_loads = vec;
+  return p;
+}
+
+}  // namespace
+
+extern "C" {
+
+// row: (M,), col: (N,) or null. num_sms / min_tiles steer choose_splits.
+void emu_forward(int kind, const void* q, const void* k, const float* scale, const float* bias, const int64_t* ql,
+                 const int64_t* kl, int mask_mode, int has_excl, int64_t off, int64_t M, int64_t N, int64_t D,
+                 int vec, float* row, float* col, int num_sms, int64_t min_tiles) {
+  LseParams p = base(q, k, scale, bias, ql, kl, mask_mode, has_excl, off, M, N, D, vec);
+  const float ninf = -std::numeric_limits<float>::infinity();
+  choose_splits(p, (M + kBM - 1) / kBM, (N + kBN - 1) / kBN, num_sms, min_tiles);
+  for (int64_t i = 0; i < M; ++i) row[i] = p.splits > 1 ? ninf : std::nanf("");
+  if (col)
+    for (int64_t j = 0; j < N; ++j) col[j] = ninf;
+  p.row_lse = row;
+  p.col_lse = col;
+  fwd_dispatch(kind, p);
+}
+
+// dq (M, D), dk (N, D) scratch, dbias (N,) or null. symmetric: dq += dk at the end.
+// Returns the number of backward passes used (D / panel, rounded up).
+int emu_backward(int kind, const void* q, const void* k, const float* scale, const float* bias, const int64_t* ql,
+                 const int64_t* kl, int mask_mode, int has_excl, int64_t off, int64_t M, int64_t N, int64_t D,
+                 int vec, const float* row_lse, const float* col_lse, const float* grad_row, const float* grad_col,
+                 float* dq, float* dk, float* dbias, int symmetric, int num_sms, int64_t min_tiles,
+                 int64_t smem_optin) {
+  LseParams p = base(q, k, scale, bias, ql, kl, mask_mode, has_excl, off, M, N, D, vec);
+  p.row_lse_in = row_lse;
+  p.col_lse_in = grad_col ? col_lse : nullptr;
+  p.grad_row = grad_row;
+  p.grad_col = grad_col;
+  p.panel = backward_panel(kind <= 1 ? 2 : 4, D, size_t(smem_optin));
+
+  LseParams pq = p;
+  choose_splits(pq, (M + kBM - 1) / kBM, (N + kBN - 1) / kBN, num_sms, min_tiles);
+  for (int64_t e = 0; e < M * D; ++e) dq[e] = pq.splits > 1 ? 0.0f : std::nanf("");
+  pq.out = dq;
+  bwd_dispatch(kind, pq, false);
+
+  LseParams pk = p;
+  choose_splits(pk, (N + kBN - 1) / kBN, (M + kBM - 1) / kBM, num_sms, min_tiles);
+  for (int64_t e = 0; e < N * D; ++e) dk[e] = pk.splits > 1 ? 0.0f : std::nanf("");
+  if (dbias)
+    for (int64_t j = 0; j < N; ++j) dbias[j] = pk.splits > 1 ? 0.0f : std::nanf("");
+  pk.out = dk;
+  pk.dbias = dbias;
+  bwd_dispatch(kind, pk, true);
+
+  if (symmetric)
+    for (int64_t e = 0; e < M * D; ++e) dq[e] += dk[e];
+  return int((D + p.panel - 1) / p.panel);
+}
+
+}  // extern "C"

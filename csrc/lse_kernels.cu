@@ -1,0 +1,69 @@
+// fastnce CUDA backend: kernel instantiations and launchers. Kept free of ATen so that it
+// compiles quickly; errors surface through C10_CUDA_CHECK / C10_CUDA_KERNEL_LAUNCH_CHECK.
+#include <c10/cuda/CUDAException.h>
+
+#include "lse_kernels.cuh"
+#include "lse_launch.h"
+
+namespace fastnce {
+namespace {
+
+template <class T, int KIND>
+void forward_impl(const LseParams& p, cudaStream_t stream) {
+  auto kernel = lse_forward_kernel<T, KIND>;
+  const size_t smem = smem_layout(sizeof(T), 0).total;
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
+  const dim3 grid(unsigned((p.M + kBM - 1) / kBM), unsigned(p.splits));
+  kernel<<<grid, kThreads, smem, stream>>>(p);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <class T, int KIND, bool FOR_K>
+void backward_impl(const LseParams& p, cudaStream_t stream) {
+  auto kernel = lse_backward_kernel<T, KIND, FOR_K>;
+  const size_t smem = smem_layout(sizeof(T), p.panel).total;
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
+  const int64_t outer = FOR_K ? p.N : p.M;
+  const dim3 grid(unsigned((outer + 63) / 64), unsigned(p.splits));
+  kernel<<<grid, kThreads, smem, stream>>>(p);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <bool FOR_K>
+void backward_dispatch(const LseParams& p, int dtype, bool allow_tf32, cudaStream_t stream) {
+  switch (dtype) {
+    case kFloat16: backward_impl<__half, kMmaWmma16, FOR_K>(p, stream); break;
+    case kBFloat16: backward_impl<__nv_bfloat16, kMmaWmma16, FOR_K>(p, stream); break;
+    default:
+      if (allow_tf32) {
+        backward_impl<float, kMmaTf32, FOR_K>(p, stream);
+      } else {
+        backward_impl<float, kMmaSimt, FOR_K>(p, stream);
+      }
+  }
+}
+
+}  // namespace
+
+void launch_lse_forward(const LseParams& p, int dtype, bool allow_tf32, cudaStream_t stream) {
+  switch (dtype) {
+    case kFloat16: forward_impl<__half, kMmaWmma16>(p, stream); break;
+    case kBFloat16: forward_impl<__nv_bfloat16, kMmaWmma16>(p, stream); break;
+    default:
+      if (allow_tf32) {
+        forward_impl<float, kMmaTf32>(p, stream);
+      } else {
+        forward_impl<float, kMmaSimt>(p, stream);
+      }
+  }
+}
+
+void launch_lse_backward(const LseParams& p, int dtype, bool allow_tf32, bool for_k, cudaStream_t stream) {
+  if (for_k) {
+    backward_dispatch<true>(p, dtype, allow_tf32, stream);
+  } else {
+    backward_dispatch<false>(p, dtype, allow_tf32, stream);
+  }
+}
+
+}  // namespace fastnce

@@ -1,0 +1,498 @@
+// fastnce CUDA backend: the tiled similarity-LSE kernels (DESIGN.md §1).
+//
+//   S[i, j] = scale * q[i].k[j] + bias[j]     (masked pairs dropped)
+//   forward:  row_lse[i] = log sum_j exp S[i, j],  col_lse[j] = log sum_i exp S[i, j] (optional)
+//   backward: G[i, j] = g[i] exp(S - row_lse[i]) + h[j] exp(S - col_lse[j]);
+//             dq = G @ k (row kernel), dk = G^T @ q and dbias = sum_i G[i, :] (column kernel)
+//
+// Organisation (kBM = kBN = 64, 128 threads = 4 warps, each warp a 32 x 32 sub-tile):
+// * forward: a block owns 64 rows and walks column tiles (a slice of them when the grid is split
+//   along N). Per tile, S is accumulated over D in 64-wide chunks staged in shared memory,
+//   stored as fp32 into shared memory, masked, and folded into a running (max, sum) per row in
+//   base 2 (online softmax). Column LSEs: each tile's 64-row partial LSE per column is merged
+//   into col_lse with an atomic log-add-exp (compare-and-swap on the float); the blocks start at
+//   different column tiles so they rarely meet on the same address.
+// * backward: two launches of one kernel. The row kernel (dq) owns 64 rows and walks column
+//   tiles; the column kernel (dk, dbias) owns 64 columns and walks row tiles. Each recomputes
+//   S per tile, forms G in shared memory, and accumulates G @ k (or G^T @ q) into an fp32
+//   accumulator of 64 x panel in shared memory; when D does not fit (panel < D) the walk is
+//   repeated once per panel of output columns. No atomics unless the grid is split.
+// All products use fp32 accumulation; fp16/bf16 operands go through WMMA tensor cores, fp32
+// through WMMA tf32 only when the caller allows tf32, else plain FMA.
+#pragma once
+
+#include "lse_plan.h"
+
+#ifndef FASTNCE_EMULATE
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <mma.h>
+#endif
+
+#include <type_traits>
+
+namespace fastnce {
+
+namespace wmma = nvcuda::wmma;
+
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+#define FASTNCE_NEG_INF (-__int_as_float(0x7f800000))
+
+__device__ __forceinline__ float to_f(float x) { return x; }
+__device__ __forceinline__ float to_f(__half x) { return __half2float(x); }
+__device__ __forceinline__ float to_f(__nv_bfloat16 x) { return __bfloat162float(x); }
+
+template <class T> __device__ __forceinline__ T from_f(float x);
+template <> __device__ __forceinline__ float from_f<float>(float x) { return x; }
+template <> __device__ __forceinline__ __half from_f<__half>(float x) { return __float2half_rn(x); }
+template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
+
+// ---------------------------------------------------------------------------------------------
+// Warp tiles: one warp's 32 x 32 fp32 accumulator and  C += A (32 x K) @ B (K x 32)  with A and
+// B in shared memory. A_COL: A[m][k] at A[k * lda + m] (else A[m * lda + k]); B_COL: B[k][n] at
+// B[n * ldb + k] (else B[k * ldb + n]).
+// ---------------------------------------------------------------------------------------------
+template <class T, int KIND> struct WarpTile;
+
+template <class T> struct WarpTile<T, kMmaWmma16> {
+  wmma::fragment<wmma::accumulator, 16, 16, 16, float> c[2][2];
+
+  __device__ __forceinline__ void zero() {
+#pragma unroll
+    for (int i = 0; i < 2; ++i)
+#pragma unroll
+      for (int j = 0; j < 2; ++j) wmma::fill_fragment(c[i][j], 0.0f);
+  }
+  __device__ __forceinline__ void load(const float* C, int ldc) {
+#pragma unroll
+    for (int i = 0; i < 2; ++i)
+#pragma unroll
+      for (int j = 0; j < 2; ++j) wmma::load_matrix_sync(c[i][j], C + 16 * i * ldc + 16 * j, ldc, wmma::mem_row_major);
+  }
+  __device__ __forceinline__ void store(float* C, int ldc) const {
+#pragma unroll
+    for (int i = 0; i < 2; ++i)
+#pragma unroll
+      for (int j = 0; j < 2; ++j) wmma::store_matrix_sync(C + 16 * i * ldc + 16 * j, c[i][j], ldc, wmma::mem_row_major);
+  }
+  template <bool A_COL, bool B_COL>
+  __device__ __forceinline__ void mma(const T* A, int lda, const T* B, int ldb, int K) {
+    using LA = typename std::conditional<A_COL, wmma::col_major, wmma::row_major>::type;
+    using LB = typename std::conditional<B_COL, wmma::col_major, wmma::row_major>::type;
+    wmma::fragment<wmma::matrix_a, 16, 16, 16, T, LA> a[2];
+    wmma::fragment<wmma::matrix_b, 16, 16, 16, T, LB> b[2];
+    for (int k0 = 0; k0 < K; k0 += 16) {
+#pragma unroll
+      for (int i = 0; i < 2; ++i)
+        wmma::load_matrix_sync(a[i], A_COL ? A + k0 * lda + 16 * i : A + 16 * i * lda + k0, lda);
+#pragma unroll
+      for (int j = 0; j < 2; ++j)
+        wmma::load_matrix_sync(b[j], B_COL ? B + 16 * j * ldb + k0 : B + k0 * ldb + 16 * j, ldb);
+#pragma unroll
+      for (int i = 0; i < 2; ++i)
+#pragma unroll
+        for (int j = 0; j < 2; ++j) wmma::mma_sync(c[i][j], a[i], b[j], c[i][j]);
+    }
+  }
+};
+
+template <> struct WarpTile<float, kMmaTf32> {
+  wmma::fragment<wmma::accumulator, 16, 16, 8, float> c[2][2];
+
+  __device__ __forceinline__ void zero() {
+#pragma unroll
+    for (int i = 0; i < 2; ++i)
+#pragma unroll
+      for (int j = 0; j < 2; ++j) wmma::fill_fragment(c[i][j], 0.0f);
+  }
+  __device__ __forceinline__ void load(const float* C, int ldc) {
+#pragma unroll
+    for (int i = 0; i < 2; ++i)
+#pragma unroll
+      for (int j = 0; j < 2; ++j) wmma::load_matrix_sync(c[i][j], C + 16 * i * ldc + 16 * j, ldc, wmma::mem_row_major);
+  }
+  __device__ __forceinline__ void store(float* C, int ldc) const {
+#pragma unroll
+    for (int i = 0; i < 2; ++i)
+#pragma unroll
+      for (int j = 0; j < 2; ++j) wmma::store_matrix_sync(C + 16 * i * ldc + 16 * j, c[i][j], ldc, wmma::mem_row_major);
+  }
+  template <bool A_COL, bool B_COL>
+  __device__ __forceinline__ void mma(const float* A, int lda, const float* B, int ldb, int K) {
+    using LA = typename std::conditional<A_COL, wmma::col_major, wmma::row_major>::type;
+    using LB = typename std::conditional<B_COL, wmma::col_major, wmma::row_major>::type;
+    wmma::fragment<wmma::matrix_a, 16, 16, 8, wmma::precision::tf32, LA> a[2];
+    wmma::fragment<wmma::matrix_b, 16, 16, 8, wmma::precision::tf32, LB> b[2];
+    for (int k0 = 0; k0 < K; k0 += 8) {
+#pragma unroll
+      for (int i = 0; i < 2; ++i) {
+        wmma::load_matrix_sync(a[i], A_COL ? A + k0 * lda + 16 * i : A + 16 * i * lda + k0, lda);
+#pragma unroll
+        for (int t = 0; t < a[i].num_elements; ++t) a[i].x[t] = wmma::__float_to_tf32(a[i].x[t]);
+      }
+#pragma unroll
+      for (int j = 0; j < 2; ++j) {
+        wmma::load_matrix_sync(b[j], B_COL ? B + 16 * j * ldb + k0 : B + k0 * ldb + 16 * j, ldb);
+#pragma unroll
+        for (int t = 0; t < b[j].num_elements; ++t) b[j].x[t] = wmma::__float_to_tf32(b[j].x[t]);
+      }
+#pragma unroll
+      for (int i = 0; i < 2; ++i)
+#pragma unroll
+        for (int j = 0; j < 2; ++j) wmma::mma_sync(c[i][j], a[i], b[j], c[i][j]);
+    }
+  }
+};
+
+// Plain FMA: lane l holds rows (l >> 2) + 8 ii and columns (l & 3) + 4 jj of the warp tile
+// (interleaved so that a warp's shared-memory reads fall in distinct banks).
+template <> struct WarpTile<float, kMmaSimt> {
+  float c[4][8];
+
+  __device__ __forceinline__ int lane() const { return threadIdx.x & 31; }
+  __device__ __forceinline__ void zero() {
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+#pragma unroll
+      for (int j = 0; j < 8; ++j) c[i][j] = 0.0f;
+  }
+  __device__ __forceinline__ void load(const float* C, int ldc) {
+    const int r0 = lane() >> 2, c0 = lane() & 3;
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+#pragma unroll
+      for (int j = 0; j < 8; ++j) c[i][j] = C[(r0 + 8 * i) * ldc + c0 + 4 * j];
+  }
+  __device__ __forceinline__ void store(float* C, int ldc) const {
+    const int r0 = lane() >> 2, c0 = lane() & 3;
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+#pragma unroll
+      for (int j = 0; j < 8; ++j) C[(r0 + 8 * i) * ldc + c0 + 4 * j] = c[i][j];
+  }
+  template <bool A_COL, bool B_COL>
+  __device__ __forceinline__ void mma(const float* A, int lda, const float* B, int ldb, int K) {
+    const int r0 = lane() >> 2, c0 = lane() & 3;
+    for (int k = 0; k < K; ++k) {
+      float a[4], b[8];
+#pragma unroll
+      for (int i = 0; i < 4; ++i) a[i] = A_COL ? A[k * lda + r0 + 8 * i] : A[(r0 + 8 * i) * lda + k];
+#pragma unroll
+      for (int j = 0; j < 8; ++j) b[j] = B_COL ? B[(c0 + 4 * j) * ldb + k] : B[k * ldb + c0 + 4 * j];
+#pragma unroll
+      for (int i = 0; i < 4; ++i)
+#pragma unroll
+        for (int j = 0; j < 8; ++j) c[i][j] = fmaf(a[i], b[j], c[i][j]);
+    }
+  }
+};
+
+// ---------------------------------------------------------------------------------------------
+// Helpers
+// ---------------------------------------------------------------------------------------------
+
+// 64 rows x kDK features of src (nrows x D, row-major) from row row0 and feature d0 into dst
+// (leading dimension ld); zeros outside. vec: 16-byte loads (D a multiple of 16 / sizeof(T) and
+// src 16-byte aligned).
+template <class T>
+__device__ __forceinline__ void load_rows(T* dst, int ld, const T* __restrict__ src, int64_t row0, int64_t nrows,
+                                          int64_t d0, int64_t D, bool vec) {
+  if (vec) {
+    constexpr int V = 16 / sizeof(T);
+    constexpr int PER_ROW = kDK / V;
+    for (int e = threadIdx.x; e < 64 * PER_ROW; e += kThreads) {
+      const int r = e / PER_ROW, c = (e % PER_ROW) * V;
+      const int64_t gr = row0 + r, gd = d0 + c;
+      uint4 v = make_uint4(0u, 0u, 0u, 0u);
+      if (gr < nrows && gd < D) v = *reinterpret_cast<const uint4*>(src + gr * D + gd);
+      *reinterpret_cast<uint4*>(dst + r * ld + c) = v;
+    }
+  } else {
+    for (int e = threadIdx.x; e < 64 * kDK; e += kThreads) {
+      const int r = e / kDK, c = e % kDK;
+      const int64_t gr = row0 + r, gd = d0 + c;
+      dst[r * ld + c] = (gr < nrows && gd < D) ? src[gr * D + gd] : from_f<T>(0.0f);
+    }
+  }
+}
+
+__device__ __forceinline__ bool keep_pair(const LseParams& p, int64_t i, int64_t j, int64_t qlab, int64_t klab) {
+  if (p.has_exclude && j == i + p.exclude_offset) return false;
+  if (p.mask_mode == kMaskSame) return qlab == klab;
+  if (p.mask_mode == kMaskDifferent) return qlab != klab;
+  return true;
+}
+
+// *addr = log(exp(*addr) + exp(v)), natural log, lock-free.
+__device__ __forceinline__ void atomic_logaddexp(float* addr, float v) {
+  int* a = reinterpret_cast<int*>(addr);
+  int old = *reinterpret_cast<volatile int*>(a);
+  while (true) {
+    const float cur = __int_as_float(old);
+    const float hi = fmaxf(cur, v), lo = fminf(cur, v);
+    const float nv = (lo == FASTNCE_NEG_INF) ? hi : hi + log1pf(expf(lo - hi));
+    const int prev = atomicCAS(a, old, __float_as_int(nv));
+    if (prev == old) break;
+    old = prev;
+  }
+}
+
+// The S tile (64 x 64, rows row0.., columns col0..) as raw dot products q.k, fp32, into Ss.
+// Stages D through Qs / Ks. On entry the previous users of Qs, Ks and Ss must be done (the
+// first __syncthreads below orders Qs / Ks; Ss is written after later barriers). The hook
+// runs once, between the first staging barrier pair, for loading per-tile vectors.
+template <class T, int KIND, class Hook>
+__device__ __forceinline__ void compute_s_tile(const LseParams& p, T* Qs, T* Ks, float* Ss, int64_t row0,
+                                               int64_t col0, Hook&& hook) {
+  constexpr int LDO = ld_operand(sizeof(T));
+  const int warp = threadIdx.x >> 5, wm = warp >> 1, wn = warp & 1;
+  const T* q = static_cast<const T*>(p.q);
+  const T* k = static_cast<const T*>(p.k);
+  WarpTile<T, KIND> acc;
+  acc.zero();
+  for (int64_t d0 = 0; d0 < p.D; d0 += kDK) {
+    __syncthreads();
+    load_rows(Qs, LDO, q, row0, p.M, d0, p.D, p.vec_loads != 0);
+    load_rows(Ks, LDO, k, col0, p.N, d0, p.D, p.vec_loads != 0);
+    if (d0 == 0) hook();
+    __syncthreads();
+    acc.template mma<false, true>(Qs + wm * 32 * LDO, LDO, Ks + wn * 32 * LDO, LDO, kDK);
+  }
+  acc.store(Ss + wm * 32 * kLdS + wn * 32, kLdS);
+  __syncthreads();
+}
+
+// ---------------------------------------------------------------------------------------------
+// Forward: grid (ceil(M / 64), splits). Writes row_lse (merged atomically when splits > 1) and,
+// when p.col_lse is set, merges into col_lse.
+// ---------------------------------------------------------------------------------------------
+template <class T, int KIND>
+__global__ void __launch_bounds__(kThreads) lse_forward_kernel(const LseParams p) {
+#ifndef FASTNCE_EMULATE
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+#else
+  unsigned char* smem_raw = emu::block_smem();
+#endif
+  const SmemLayout L = smem_layout(sizeof(T), 0);
+  T* Qs = reinterpret_cast<T*>(smem_raw + L.q_off);
+  T* Ks = reinterpret_cast<T*>(smem_raw + L.k_off);
+  float* Ss = reinterpret_cast<float*>(smem_raw + L.s_off);
+  float* v_bias = reinterpret_cast<float*>(smem_raw + L.vec_off);
+  int64_t* v_klab = reinterpret_cast<int64_t*>(smem_raw + L.vec_off + 5 * 64 * sizeof(float));
+
+  const int tid = threadIdx.x;
+  const int64_t M = p.M, N = p.N;
+  const int64_t row0 = int64_t(blockIdx.x) * kBM;
+  const float scale2 = *p.scale * kLog2e;  // S in base-2 units
+  const bool labels = p.mask_mode != kMaskNone;
+  const bool with_col = p.col_lse != nullptr;
+
+  // Row pass ownership: thread (r, h) takes row r, columns h, h + 2, h + 4, ...
+  const int r = tid >> 1, h = tid & 1;
+  const int64_t i = row0 + r;
+  const bool row_ok = i < M;
+  const int64_t qlab = (labels && row_ok) ? p.q_labels[i] : 0;
+  float m_run = FASTNCE_NEG_INF, l_run = 0.0f;
+
+  const int64_t ntiles = (N + kBN - 1) / kBN;
+  const int64_t t_begin = int64_t(blockIdx.y) * p.tiles_per_split;
+  int64_t t_end = t_begin + p.tiles_per_split;
+  if (t_end > ntiles) t_end = ntiles;
+  const int64_t nt = t_end - t_begin;
+  for (int64_t it = 0; it < nt; ++it) {
+    // Start each block at a different tile: spreads the column atomics.
+    const int64_t col0 = (t_begin + (int64_t(blockIdx.x) + it) % nt) * kBN;
+    compute_s_tile<T, KIND>(p, Qs, Ks, Ss, row0, col0, [&] {
+      if (tid < kBN) {
+        const int64_t j = col0 + tid;
+        v_bias[tid] = (p.bias != nullptr && j < N) ? p.bias[j] * kLog2e : 0.0f;
+        v_klab[tid] = (labels && j < N) ? p.k_labels[j] : 0;
+      }
+    });
+
+    // Row pass: mask and scale in place, running max and sum (both threads of a row agree).
+    float* srow = Ss + r * kLdS;
+    float tmax = FASTNCE_NEG_INF;
+#pragma unroll 4
+    for (int cc = 0; cc < kBN / 2; ++cc) {
+      const int c = h + 2 * cc;
+      const int64_t j = col0 + c;
+      float s = FASTNCE_NEG_INF;
+      if (row_ok && j < N && keep_pair(p, i, j, qlab, v_klab[c])) s = srow[c] * scale2 + v_bias[c];
+      srow[c] = s;
+      tmax = fmaxf(tmax, s);
+    }
+    tmax = fmaxf(tmax, __shfl_xor_sync(0xffffffffu, tmax, 1));
+    const float m_new = fmaxf(m_run, tmax);
+    const float shift = (m_new == FASTNCE_NEG_INF) ? 0.0f : m_new;  // all -inf so far: exp2 gives 0
+    float sum = 0.0f;
+#pragma unroll 4
+    for (int cc = 0; cc < kBN / 2; ++cc) sum += exp2f(srow[h + 2 * cc] - shift);
+    sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+    l_run = l_run * exp2f(m_run - shift) + sum;
+    m_run = m_new;
+
+    if (with_col) {
+      __syncthreads();  // the masked tile is complete
+      const int c = tid >> 1;  // column c, rows h, h + 2, ...
+      float cmax = FASTNCE_NEG_INF;
+#pragma unroll 4
+      for (int rr = 0; rr < kBM / 2; ++rr) cmax = fmaxf(cmax, Ss[(h + 2 * rr) * kLdS + c]);
+      cmax = fmaxf(cmax, __shfl_xor_sync(0xffffffffu, cmax, 1));
+      const float cshift = (cmax == FASTNCE_NEG_INF) ? 0.0f : cmax;
+      float csum = 0.0f;
+#pragma unroll 4
+      for (int rr = 0; rr < kBM / 2; ++rr) csum += exp2f(Ss[(h + 2 * rr) * kLdS + c] - cshift);
+      csum += __shfl_xor_sync(0xffffffffu, csum, 1);
+      const int64_t j = col0 + c;
+      if (h == 0 && j < N && cmax != FASTNCE_NEG_INF) atomic_logaddexp(p.col_lse + j, (cmax + log2f(csum)) * kLn2);
+    }
+  }
+  if (h == 0 && row_ok) {
+    const float lse = (l_run > 0.0f) ? (m_run + log2f(l_run)) * kLn2 : FASTNCE_NEG_INF;
+    if (p.splits > 1) {
+      if (lse != FASTNCE_NEG_INF) atomic_logaddexp(p.row_lse + i, lse);
+    } else {
+      p.row_lse[i] = lse;
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Backward: FOR_K = false: grid (ceil(M / 64), splits), out = dq (M, D) = G @ k.
+//           FOR_K = true:  grid (ceil(N / 64), splits), out = dk (N, D) = G^T @ q, dbias.
+// With splits > 1 the outputs must be zeroed and are added to atomically.
+// ---------------------------------------------------------------------------------------------
+template <class T, int KIND, bool FOR_K>
+__global__ void __launch_bounds__(kThreads) lse_backward_kernel(const LseParams p) {
+#ifndef FASTNCE_EMULATE
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+#else
+  unsigned char* smem_raw = emu::block_smem();
+#endif
+  constexpr bool kHalf = sizeof(T) == 2;
+  constexpr int LDO = ld_operand(sizeof(T));
+  constexpr int LDG = kHalf ? kLdG16 : kLdS;
+  const SmemLayout L = smem_layout(sizeof(T), p.panel);
+  T* Qs = reinterpret_cast<T*>(smem_raw + L.q_off);
+  T* Ks = reinterpret_cast<T*>(smem_raw + L.k_off);
+  float* Ss = reinterpret_cast<float*>(smem_raw + L.s_off);
+  // G as the A operand: a 16-bit copy for the tensor cores, else the fp32 tile itself.
+  T* Gs = kHalf ? reinterpret_cast<T*>(smem_raw + L.g_off) : reinterpret_cast<T*>(Ss);
+  float* v_rlse = reinterpret_cast<float*>(smem_raw + L.vec_off);
+  float* v_grow = v_rlse + 64;
+  float* v_bias = v_rlse + 128;
+  float* v_clse = v_rlse + 192;
+  float* v_gcol = v_rlse + 256;
+  int64_t* v_qlab = reinterpret_cast<int64_t*>(smem_raw + L.vec_off + 5 * 64 * sizeof(float));
+  int64_t* v_klab = v_qlab + 64;
+  float* acc_s = reinterpret_cast<float*>(smem_raw + L.acc_off);
+  const int lda = p.panel + 4;
+
+  const int tid = threadIdx.x, warp = tid >> 5, wm = warp >> 1, wn = warp & 1;
+  const int64_t M = p.M, N = p.N, D = p.D;
+  const int64_t outer0 = int64_t(blockIdx.x) * 64;
+  const int64_t n_outer = FOR_K ? N : M;
+  const int64_t n_inner_tiles = FOR_K ? (M + kBM - 1) / kBM : (N + kBN - 1) / kBN;
+  const int64_t t_begin = int64_t(blockIdx.y) * p.tiles_per_split;
+  int64_t t_end = t_begin + p.tiles_per_split;
+  if (t_end > n_inner_tiles) t_end = n_inner_tiles;
+  const float scale2 = *p.scale * kLog2e;
+  const bool labels = p.mask_mode != kMaskNone;
+  const bool has_grow = p.grad_row != nullptr, has_gcol = p.grad_col != nullptr;
+  const bool atomic_out = p.splits > 1;
+  const T* q = static_cast<const T*>(p.q);
+  const T* k = static_cast<const T*>(p.k);
+  float colsum = 0.0f;  // dbias of column outer0 + tid (FOR_K, tid < 64)
+
+  for (int64_t pass0 = 0; pass0 < D; pass0 += p.panel) {
+    const int pw = int((D - pass0) < p.panel ? (D - pass0) : p.panel);
+    const int nch = (pw + kDK - 1) / kDK;
+    for (int e = tid; e < 64 * lda; e += kThreads) acc_s[e] = 0.0f;
+
+    for (int64_t t = t_begin; t < t_end; ++t) {
+      const int64_t row0 = FOR_K ? t * kBM : outer0;
+      const int64_t col0 = FOR_K ? outer0 : t * kBN;
+      compute_s_tile<T, KIND>(p, Qs, Ks, Ss, row0, col0, [&] {
+        if (tid < 64) {
+          const int64_t i = row0 + tid;
+          const bool ok = i < M;
+          v_rlse[tid] = (has_grow && ok) ? p.row_lse_in[i] * kLog2e : FASTNCE_NEG_INF;
+          v_grow[tid] = (has_grow && ok) ? p.grad_row[i] : 0.0f;
+          v_qlab[tid] = (labels && ok) ? p.q_labels[i] : 0;
+        } else {
+          const int c = tid - 64;
+          const int64_t j = col0 + c;
+          const bool ok = j < N;
+          v_bias[c] = (p.bias != nullptr && ok) ? p.bias[j] * kLog2e : 0.0f;
+          v_clse[c] = (has_gcol && ok) ? p.col_lse_in[j] * kLog2e : FASTNCE_NEG_INF;
+          v_gcol[c] = (has_gcol && ok) ? p.grad_col[j] : 0.0f;
+          v_klab[c] = (labels && ok) ? p.k_labels[j] : 0;
+        }
+      });
+
+      // G in place of S (and its 16-bit copy); 0 where masked or where an lse is -inf.
+      for (int e = tid; e < kBM * kBN; e += kThreads) {
+        const int r = e / kBN, c = e % kBN;
+        const int64_t i = row0 + r, j = col0 + c;
+        float g = 0.0f;
+        if (i < M && j < N && keep_pair(p, i, j, v_qlab[r], v_klab[c])) {
+          const float s = Ss[r * kLdS + c] * scale2 + v_bias[c];
+          if (v_rlse[r] != FASTNCE_NEG_INF) g += v_grow[r] * exp2f(s - v_rlse[r]);
+          if (v_clse[c] != FASTNCE_NEG_INF) g += v_gcol[c] * exp2f(s - v_clse[c]);
+        }
+        Ss[r * kLdS + c] = g;
+        if constexpr (kHalf) Gs[r * kLdG16 + c] = from_f<T>(g);
+      }
+      __syncthreads();
+      if (FOR_K && p.dbias != nullptr && pass0 == 0 && tid < kBN) {
+        for (int rr = 0; rr < kBM; ++rr) colsum += Ss[rr * kLdS + tid];
+      }
+
+      // acc[:, chunk] += G @ k[cols, chunk]   or   G^T @ q[rows, chunk]
+      for (int ch = 0; ch < nch; ++ch) {
+        if (ch > 0) __syncthreads();  // the previous chunk's products are done with the operand
+        const int64_t dd = pass0 + int64_t(ch) * kDK;
+        if (FOR_K) {
+          load_rows(Qs, LDO, q, row0, M, dd, D, p.vec_loads != 0);
+        } else {
+          load_rows(Ks, LDO, k, col0, N, dd, D, p.vec_loads != 0);
+        }
+        __syncthreads();
+        float* C = acc_s + wm * 32 * lda + ch * kDK + wn * 32;
+        WarpTile<T, KIND> o;
+        o.load(C, lda);
+        if (FOR_K) {
+          o.template mma<true, false>(Gs + wm * 32, LDG, Qs + wn * 32, LDO, kBM);
+        } else {
+          o.template mma<false, false>(Gs + wm * 32 * LDG, LDG, Ks + wn * 32, LDO, kBN);
+        }
+        o.store(C, lda);
+      }
+    }
+    __syncthreads();
+    for (int e = tid; e < 64 * pw; e += kThreads) {
+      const int r = e / pw, c = e % pw;
+      const int64_t o = outer0 + r;
+      if (o < n_outer) {
+        float* dst = p.out + o * D + pass0 + c;
+        if (atomic_out) {
+          atomicAdd(dst, acc_s[r * lda + c]);
+        } else {
+          *dst = acc_s[r * lda + c];
+        }
+      }
+    }
+    __syncthreads();
+  }
+  if (FOR_K && p.dbias != nullptr && tid < kBN && outer0 + tid < N) {
+    if (atomic_out) {
+      atomicAdd(p.dbias + outer0 + tid, colsum);
+    } else {
+      p.dbias[outer0 + tid] = colsum;
+    }
+  }
+}
+
+}  // namespace fastnce
