@@ -1,0 +1,436 @@
+"""`fastnce-bench gpu`: the one-call GPU check and benchmark (python -m fastnce.bench gpu).
+
+1. Correctness: every available GPU backend (fastnce.ops.available_backends('cuda', dtype)
+   minus 'reference' and 'torch') in float16, bfloat16 and float32 against the float64
+   reference at a moderate size, by DESIGN.md §6's criterion (error ≤ 2 × the error of the
+   reference computed in that dtype + a small floor), row/col LSE and every gradient.
+2. The card's bf16 8192³ matmul rate.
+3. Forward + backward of the loss, bf16, median ms (CUDA events) and peak memory above the
+   inputs (torch.cuda.max_memory_allocated), for
+       simclr-16k  fastnce.nt_xent, N = 16384 per view (2N = 32768 rows), D = 128
+       clip-32k / clip-128k / clip-1m  fastnce.clip_loss, N = 32768 / 131072 / 1048576, D = 512
+   and impls fastnce-triton, fastnce-cuda (if built), eager (the formulas of
+   shared/anchors/gpu_anchor_bench.py), compile (torch.compile of the eager formula), inf-cl
+   (installed with pip --no-deps from --infcl-wheel or ./carry/ when not importable). Cases
+   an impl cannot run, or would not fit / would take too long, are skipped with a note; an
+   OOM is caught and recorded. Achieved TFLOP/s of the fused impls counts four products of
+   2·M·N·D (forward, recompute, dQ, dK; NT-Xent has M = N = 2·N_view).
+
+Prints a table and writes <out>/gpu-<card>-<date>.json: a list of
+{"case", "impl", "dtype", "ms", "peak_mib", "card"} (skips and errors: ms = peak_mib = None
+and a "note"), and the correctness results to <out>/gpu-<card>-<date>-checks.json.
+Designed to finish in ~6 minutes on an H100.
+
+    python -m fastnce.bench gpu --infcl-wheel shared/anchors/inf_cl-1.2.1-py3-none-any.whl
+    python -m fastnce.bench gpu --cases clip-32k --impls fastnce-triton,eager
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import glob
+import importlib
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from typing import Callable, Optional
+
+CASES = {
+    "simclr-16k": dict(kind="ntxent", N=16384, D=128),
+    "clip-32k": dict(kind="clip", N=32768, D=512),
+    "clip-128k": dict(kind="clip", N=131072, D=512),
+    "clip-1m": dict(kind="clip", N=1 << 20, D=512),
+}
+IMPLS = ("fastnce-triton", "fastnce-cuda", "eager", "compile", "inf-cl")
+FUSED = {"fastnce-triton": "triton", "fastnce-cuda": "cuda"}
+TEMPERATURE = 0.1
+CLIP_SCALE = 1.0 / 0.07
+# One step of a case takes about this many seconds or more for these impls: time it once.
+_SLOW_STEP_S = 1.0
+# Inf-CL at N=131072 takes ~3.8 s a step on an H200 and scales as N²: 1M would be ~4 min.
+_INFCL_MAX_N = 131072
+
+
+# ----------------------------------------------------------------------------- small pieces
+
+def card_slug(name: str) -> str:
+    """'NVIDIA H100 80GB HBM3' -> 'h100'; 'NVIDIA A100-SXM4-40GB' -> 'a100'; else a slug."""
+    m = re.search(r"\b([A-Z]{1,2}\d{2,4}[A-Z]?)\b", name.replace("-", " "))
+    if m:
+        return m.group(1).lower()
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "gpu"
+
+
+def record(case: str, impl: str, dtype: str, ms: Optional[float], peak_mib: Optional[float], card: str,
+           note: Optional[str] = None) -> dict:
+    r = {"case": case, "impl": impl, "dtype": dtype,
+         "ms": None if ms is None else round(float(ms), 3),
+         "peak_mib": None if peak_mib is None else round(float(peak_mib), 1), "card": card}
+    if note:
+        r["note"] = note
+    return r
+
+
+def write_records(records: list, out_dir: str, card: str, date: Optional[str] = None, suffix: str = "") -> str:
+    """Write records as a JSON list to out_dir/gpu-<card>-<date><suffix>.json; returns the path."""
+    date = date or _dt.date.today().isoformat()
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, f"gpu-{card}-{date}{suffix}.json")
+    with open(path, "w") as f:
+        json.dump(records, f, indent=1)
+        f.write("\n")
+    return path
+
+
+def fused_flops(case: str) -> float:
+    """Four products of 2·M·N·D (forward, recompute, dQ, dK)."""
+    c = CASES[case]
+    n = 2 * c["N"] if c["kind"] == "ntxent" else c["N"]
+    return 4 * 2.0 * n * n * c["D"]
+
+
+def format_table(records: list, gemm_tflops: Optional[float] = None) -> str:
+    lines = [f"{'case':<11} {'impl':<15} {'dtype':<9} {'ms':>10} {'peak MiB':>10} {'TFLOP/s':>8}  note"]
+    for r in records:
+        tf = ""
+        if r["ms"] and r["impl"] in FUSED and r["case"] in CASES:
+            tf = f"{fused_flops(r['case']) / (r['ms'] * 1e-3) / 1e12:.0f}"
+            if gemm_tflops:
+                tf += f" ({100 * float(tf) / gemm_tflops:.0f}%)"
+        ms = "-" if r["ms"] is None else f"{r['ms']:.2f}"
+        pk = "-" if r["peak_mib"] is None else f"{r['peak_mib']:.0f}"
+        lines.append(f"{r['case']:<11} {r['impl']:<15} {r['dtype']:<9} {ms:>10} {pk:>10} {tf:>8}  {r.get('note', '')}")
+    return "\n".join(lines)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="fastnce-bench gpu", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default=os.path.join("benchmarks", "results"), help="directory for the JSON files")
+    p.add_argument("--infcl-wheel", default=None, help="path of the inf_cl wheel (default: ./carry/inf_cl-*.whl)")
+    p.add_argument("--cases", default=",".join(CASES), help=f"comma list from {','.join(CASES)}")
+    p.add_argument("--impls", default=",".join(IMPLS), help=f"comma list from {','.join(IMPLS)}")
+    p.add_argument("--skip-check", action="store_true", help="skip the correctness check")
+    p.add_argument("--check-size", type=int, default=2048, help="rows of the correctness check")
+    p.add_argument("--budget", type=float, default=1.5, help="seconds of timed repetitions per point")
+    args = p.parse_args(argv)
+    args.cases = [c for c in args.cases.split(",") if c]
+    args.impls = [c for c in args.impls.split(",") if c]
+    for c in args.cases:
+        if c not in CASES:
+            p.error(f"unknown case {c!r}; choose from {', '.join(CASES)}")
+    for i in args.impls:
+        if i not in IMPLS:
+            p.error(f"unknown impl {i!r}; choose from {', '.join(IMPLS)}")
+    return args
+
+
+# ----------------------------------------------------------------------------- the losses
+
+def clip_naive(a, b, scale):
+    import torch
+    import torch.nn.functional as F
+    logits = scale * a @ b.T
+    y = torch.arange(a.shape[0], device=a.device)
+    return (F.cross_entropy(logits.float(), y) + F.cross_entropy(logits.T.float(), y)) / 2
+
+
+def ntxent_naive(z1, z2, tau):
+    import torch
+    import torch.nn.functional as F
+    z = F.normalize(torch.cat([z1, z2]), dim=1)
+    s = (z @ z.T).float() / tau
+    n2 = s.shape[0]
+    s = s.masked_fill(torch.eye(n2, dtype=torch.bool, device=s.device), float("-inf"))
+    n = z1.shape[0]
+    y = torch.cat([torch.arange(n, n2), torch.arange(0, n)]).to(s.device)
+    return F.cross_entropy(s, y)
+
+
+def clip_infcl(a, b, scale):
+    import torch
+    from inf_cl import cal_flash_loss
+    y = torch.arange(a.shape[0], device=a.device)
+    hd = min(a.shape[1], 256)
+    s = float(scale)
+    return (cal_flash_loss(a, b, y, s, head_dim=hd).mean() + cal_flash_loss(b, a, y, s, head_dim=hd).mean()) / 2
+
+
+def ensure_infcl(wheel: Optional[str]) -> Optional[str]:
+    """None when inf_cl imports (installing the wheel with pip --no-deps if needed), else why not."""
+    try:
+        importlib.import_module("inf_cl")
+        return None
+    except ImportError:
+        pass
+    if wheel is None:
+        found = sorted(glob.glob(os.path.join("carry", "inf_cl-*.whl")))
+        wheel = found[-1] if found else None
+    if wheel is None or not os.path.exists(wheel):
+        return "inf_cl not importable and no wheel (--infcl-wheel or ./carry/inf_cl-*.whl)"
+    r = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--quiet", wheel],
+                       capture_output=True, text=True)
+    if r.returncode != 0:
+        return f"pip install {wheel} failed: {r.stderr.strip()[-300:]}"
+    importlib.invalidate_caches()
+    try:
+        importlib.import_module("inf_cl")
+        return None
+    except ImportError as e:
+        return f"inf_cl installed but not importable: {e}"
+
+
+# ----------------------------------------------------------------------------- measuring
+
+def _step(loss_fn: Callable, xs: list, arg) -> Callable:
+    def run():
+        for x in xs:
+            x.grad = None
+        loss_fn(*xs, arg).backward()
+    return run
+
+
+def measure(run: Callable, budget_s: float, max_reps: int = 25):
+    """(median ms, peak MiB above what was allocated before): warm-up, then a peak run, then reps.
+
+    A step slower than _SLOW_STEP_S is timed once, on the peak run.
+    """
+    import torch
+    run()  # warm-up: compiles, autotunes
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    s.record()
+    run()
+    e.record()
+    torch.cuda.synchronize()
+    peak = (torch.cuda.max_memory_allocated() - base) / 2**20
+    t = s.elapsed_time(e)
+    if t > _SLOW_STEP_S * 1e3:
+        return t, peak
+    reps = max(3, min(max_reps, int(budget_s * 1e3 / max(t, 1e-3))))
+    ts = []
+    for _ in range(reps):
+        s.record()
+        run()
+        e.record()
+        torch.cuda.synchronize()
+        ts.append(s.elapsed_time(e))
+    ts.sort()
+    return ts[len(ts) // 2], peak
+
+
+def gemm_tflops() -> float:
+    import torch
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    ms, _ = measure(lambda: a @ b, 1.0)
+    return 2 * 8192**3 / (ms * 1e-3) / 1e12
+
+
+# ----------------------------------------------------------------------------- correctness
+
+def check_backend(backend: str, dtype, n: int, symmetric: bool) -> dict:
+    """One backend, one dtype, vs float64: max error of each output / gradient and pass/fail."""
+    import torch
+    from fastnce import ops
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    M, N, D = n, (n if symmetric else n - n // 7), 128
+    q0 = torch.nn.functional.normalize(torch.randn(M, D, device="cuda", generator=g), dim=1).to(dtype)
+    k0 = None if symmetric else torch.nn.functional.normalize(
+        torch.randn(N, D, device="cuda", generator=g), dim=1).to(dtype)
+    b0 = torch.randn(N, device="cuda", generator=g).to(dtype)
+    kw = dict(exclude_self=True)
+    if symmetric:
+        kw.update(labels=torch.randint(0, 50, (M,), device="cuda", generator=g), label_mask="different")
+    w_row = torch.randn(M, device="cuda", generator=g, dtype=torch.float64)
+    w_col = torch.randn(N, device="cuda", generator=g, dtype=torch.float64)
+
+    def run(be, as_dtype=None):
+        cast = lambda t: None if t is None else (t if as_dtype is None else t.to(as_dtype)).detach().requires_grad_()
+        q, k, b = cast(q0), cast(k0), cast(b0)
+        s = torch.tensor(10.0, device="cuda", dtype=torch.float64 if as_dtype == torch.float64 else torch.float32,
+                         requires_grad=True)
+        row, col = ops.similarity_lse(q, k, s, b, col_lse=True, backend=be, **kw)
+        fin = lambda t, w: (torch.where(torch.isfinite(t), t, 0).double() * w).sum()
+        loss = fin(row, w_row) + fin(col, w_col)
+        leaves = [t for t in (q, k, s, b) if t is not None]
+        grads = torch.autograd.grad(loss, leaves)
+        names = ["dq"] + ([] if symmetric else ["dk"]) + ["dscale", "dbias"]
+        return dict(zip(["row_lse", "col_lse"] + names, [row, col] + list(grads)))
+
+    fast, low, exact = run(backend), run("reference"), run("reference", torch.float64)
+    floor_rel = {torch.float16: 1e-3, torch.bfloat16: 1e-2, torch.float32: 1e-5}[dtype]
+    out = {"backend": backend, "dtype": str(dtype).replace("torch.", ""), "symmetric": symmetric, "ok": True,
+           "errors": {}}
+    for name in exact:
+        ex = exact[name].double()
+        f, lo = fast[name].double(), low[name].double()
+        fin = torch.isfinite(ex)
+        f, lo, ex = (torch.where(fin, t, 0) for t in (f, lo, ex))
+        fe, re_ = (f - ex).abs().max().item(), (lo - ex).abs().max().item()
+        floor = floor_rel * max(1.0, ex.abs().max().item())
+        if name == "dscale" and dtype != torch.float32:  # G rounded to the dtype for the product: see tests
+            floor += 2 * torch.finfo(dtype).eps * (exact["dq"].double() * q0.double()).sum(1).abs().sum().item() / 10.0
+        ok = fe <= 2 * re_ + floor and bool(torch.isfinite(fast[name][torch.isfinite(exact[name])]).all())
+        out["errors"][name] = {"err": fe, "ref_err": re_, "floor": floor, "ok": ok}
+        out["ok"] &= ok
+    return out
+
+
+def run_checks(n: int) -> list:
+    import torch
+    from fastnce import ops
+    from fastnce.ops import triton_lse
+
+    results = []
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        backends = [b for b in ops.available_backends("cuda", dtype) if b not in ("reference", "torch")]
+        for be in backends:
+            # Checked with autotuning off (one fixed config per kernel variant): tuning each dtype
+            # and mask variant here would cost minutes of compiles. The kernel code is the same
+            # for every config; tests/test_triton.py's GPU tests run the tuned configs.
+            tuned = getattr(triton_lse, "AUTOTUNE", False)
+            if be == "triton":
+                triton_lse.AUTOTUNE = False
+            try:
+                for sym in (False, True):
+                    t0 = time.time()
+                    try:
+                        r = check_backend(be, dtype, n, sym)
+                    except Exception as e:  # a crash is a failed check, not a failed script
+                        r = {"backend": be, "dtype": str(dtype), "symmetric": sym, "ok": False, "error": repr(e)[:500]}
+                    r["seconds"] = round(time.time() - t0, 1)
+                    results.append(r)
+                    worst = "" if "errors" not in r else ", ".join(
+                        f"{k} {v['err']:.2g}/{2 * v['ref_err'] + v['floor']:.2g}" for k, v in r["errors"].items())
+                    print(f"check {be:<7} {r['dtype']:<9} {'self' if sym else 'q,k':<4} "
+                          f"{'PASS' if r['ok'] else 'FAIL'} ({r['seconds']} s) {worst}{r.get('error', '')}", flush=True)
+            finally:
+                triton_lse.AUTOTUNE = tuned
+    return results
+
+
+# ----------------------------------------------------------------------------- benchmark
+
+def bench_case(case: str, impls: list, budget: float, card: str, infcl_why: Optional[str]) -> list:
+    import torch
+    import torch.nn.functional as F
+    import fastnce
+
+    c = CASES[case]
+    N, D = c["N"], c["D"]
+    dt = torch.bfloat16
+    free, total = torch.cuda.mem_get_info()
+    g = torch.Generator(device="cuda").manual_seed(0)
+    if c["kind"] == "ntxent":
+        xs = [torch.randn(N, D, device="cuda", generator=g).to(dt).requires_grad_() for _ in range(2)]
+        arg = TEMPERATURE
+        rows = 2 * N
+    else:
+        xs = [F.normalize(torch.randn(N, D, device="cuda", generator=g), dim=1).to(dt).requires_grad_()
+              for _ in range(2)]
+        arg = torch.tensor(CLIP_SCALE, device="cuda", requires_grad=True)
+        rows = N
+    out = []
+    for impl in impls:
+        note, fn = None, None
+        if impl in FUSED:
+            why = fastnce.ops.unavailable_reason(FUSED[impl], torch.device("cuda"), dt)
+            if why:
+                note = f"unavailable: {why}"
+            elif c["kind"] == "ntxent":
+                fn = lambda z1, z2, t, _b=FUSED[impl]: fastnce.nt_xent(z1, z2, t, backend=_b)
+            else:
+                fn = lambda a, b, s, _b=FUSED[impl]: fastnce.clip_loss(a, b, s, backend=_b)
+        elif impl in ("eager", "compile"):
+            # bytes per logit measured on an H200 (DESIGN §5): eager CLIP 18.5 GB at 32768², compiled 4.1 GB
+            need = rows * rows * (17.5 if impl == "eager" else 4.0)
+            if need > 0.9 * free:
+                note = f"skipped: would need ~{need / 2**30:.0f} GiB"
+            else:
+                base = ntxent_naive if c["kind"] == "ntxent" else clip_naive
+                fn = base if impl == "eager" else torch.compile(base)
+        elif impl == "inf-cl":
+            if c["kind"] == "ntxent":
+                note = "skipped: Inf-CL cannot mask the diagonal"
+            elif infcl_why:
+                note = f"skipped: {infcl_why}"
+            elif N > _INFCL_MAX_N:
+                note = f"skipped: ~{3.8 * (N / 131072) ** 2:.0f} s a step (quadratic from 3.8 s at 128k)"
+            else:
+                fn = clip_infcl
+        if fn is None:
+            out.append(record(case, impl, "bf16", None, None, card, note))
+            print(f"{case:<11} {impl:<15} {note}", flush=True)
+            continue
+        t0 = time.time()
+        try:
+            ms, peak = measure(_step(fn, xs, arg), budget if N <= 32768 else budget / 5,
+                               max_reps=25 if N <= 32768 else 3)
+            r = record(case, impl, "bf16", ms, peak, card)
+        except torch.OutOfMemoryError:
+            r = record(case, impl, "bf16", None, None, card, "OOM")
+        except Exception as e:  # one impl failing must not lose the others' numbers
+            r = record(case, impl, "bf16", None, None, card, f"error: {repr(e)[:300]}")
+        for x in xs:
+            x.grad = None
+        torch.cuda.empty_cache()
+        out.append(r)
+        print(f"{case:<11} {impl:<15} {r['ms']} ms, {r['peak_mib']} MiB {r.get('note', '')} "
+              f"({time.time() - t0:.0f} s with warm-up)", flush=True)
+    del xs
+    torch.cuda.empty_cache()
+    return out
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    import torch
+
+    if not torch.cuda.is_available():
+        print("fastnce-bench gpu: needs a CUDA GPU (torch.cuda.is_available() is False)", file=sys.stderr)
+        return 2
+    t_start = time.time()
+    name = torch.cuda.get_device_name()
+    card = card_slug(name)
+    try:
+        import triton
+        tv = triton.__version__
+    except ImportError:
+        tv = "not installed"
+    print(f"{name} | torch {torch.__version__} cuda {torch.version.cuda} | triton {tv}", flush=True)
+    date = _dt.date.today().isoformat()
+
+    if not args.skip_check:
+        checks = run_checks(args.check_size)
+        path = write_records(checks, args.out, card, date, suffix="-checks")
+        bad = [r for r in checks if not r["ok"]]
+        print(f"correctness: {len(checks) - len(bad)}/{len(checks)} passed -> {path}", flush=True)
+
+    records = []
+    tflops = gemm_tflops()
+    print(f"bf16 8192^3 matmul: {tflops:.0f} TFLOP/s", flush=True)
+    records.append(record("gemm-8192", "torch.matmul", "bf16", 2 * 8192**3 / (tflops * 1e12) * 1e3, None, card,
+                          f"{tflops:.0f} TFLOP/s"))
+    infcl_why = ensure_infcl(args.infcl_wheel) if "inf-cl" in args.impls else None
+    if infcl_why:
+        print(f"inf-cl: {infcl_why}", flush=True)
+    for case in args.cases:
+        records.extend(bench_case(case, args.impls, args.budget, card, infcl_why))
+        write_records(records, args.out, card, date)  # keep what we have if a later case dies
+    path = write_records(records, args.out, card, date)
+    print()
+    print(format_table(records, tflops))
+    print(f"\nwrote {path} ({time.time() - t_start:.0f} s in all)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,491 @@
+"""The `triton` backend: the primitive as fused tiled Triton kernels (DESIGN.md §1, §2).
+
+Launcher contract: fastnce/ops/function.py. Two kernel templates, each launched once or twice:
+
+* `_fwd_kernel`, grid (⌈M/BM⌉,): one program owns BM rows and walks all columns in tiles of
+  BN, keeping an online (max, sum-exp) pair per row in fp32; S is never written out.
+  col_lse is the row LSE of Sᵀ, so it is the same kernel launched on (k, q) with the bias on
+  the rows and the exclusion offset negated. That costs one more S product in the forward
+  (2·M·N·D), but needs no O(#row-blocks · N) buffer of partial column LSEs (4 GiB at N=1M
+  with BM=128) and no atomics, and every output is written by exactly one program, so the
+  result is deterministic. TODO(perf): a panel variant (a few hundred row panels, each owning
+  one row of partial column LSEs, merged by a tiny second pass) would save that product.
+* `_bwd_kernel`, grid (⌈M/BM⌉, ⌈D/BDV⌉): one program owns BM rows × BDV output features,
+  walks all column tiles, recomputes S from q, k (full D) and the saved LSEs, forms
+      G = g[i]·exp(S − r[i]) + h[j]·exp(S − c[j])        (0 where masked or lse = −inf)
+  and accumulates G @ y_J (y = k for dq). dk = Gᵀ @ q is the same kernel on the transposed
+  problem (rows = columns of k, bias on the rows, (g, r) and (h, c) swapped), and its row
+  sums of Gᵀ are dbias. So a non-symmetric backward costs two recomputes of S (4 products
+  of 2·M·N·D in all, like FlashAttention-2's separate dK/dV and dQ passes) but has no
+  atomics: every output element has a single writer, the sums are in a fixed order, and
+  the gradients are bit-for-bit reproducible. (A single pass with fp32 atomic adds for dq
+  saves one product but makes dq nondeterministic and costs an M·D fp32 buffer of
+  contended atomics; not taken.)
+* Symmetric (k is q, NT-Xent): S is symmetric up to the column bias, so the tile that
+  yields G[I, J] also yields the mirror G[J, I]ᵀ (S[j, i] = S[i, j] − b[j] + b[i]; masks
+  mirrored). One launch of `_bwd_kernel` with SYM accumulates (G[I,J] + G[J,I]ᵀ) @ q_J and,
+  for dbias, the row sums of the mirror: 2 products for the whole backward instead of 4,
+  deterministic. TODO(perf): visiting only tiles I ≤ J (the mirror trick of DESIGN §5)
+  would halve the forward and the recompute again but needs cross-program reductions.
+
+Dtypes: float16, bfloat16, float32 in, fp32 accumulation and LSEs out. The second product
+of the backward casts G to the input dtype (tensor cores, as FlashAttention does with P);
+for float16, G is first divided by max(|g|, |h|) so that small gradients (1/N at N=1M) do
+not underflow, and the accumulator multiplied back. float32 inputs use tf32 only when
+torch.backends.cuda.matmul.allow_tf32 is True, else "tf32x3" (near-fp32 error, on the tensor
+cores; FASTNCE_TRITON_FP32_PRECISION=ieee for the exact but ~10x slower FMA path).
+Autotuning (GPU): configs keyed on (M, N) size classes (capped at 2**16), D and the mask
+flags; FASTNCE_TRITON_AUTOTUNE=0 uses one fixed config per variant instead.
+
+Under TRITON_INTERPRET=1 (CPU tensors): one small config (so tiles and tails are exercised
+on small tests), and bfloat16 tiles are upcast to fp32 before tl.dot (the interpreter's bf16
+dot is wrong, DESIGN §6).
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+try:
+    import triton
+    import triton.language as tl
+
+    _IMPORT_ERROR: Optional[str] = None
+except ImportError as e:  # pragma: no cover - triton is a Linux dependency
+    triton = tl = None
+    _IMPORT_ERROR = str(e)
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# tl.dot precision for float32 inputs when torch.backends.cuda.matmul.allow_tf32 is False.
+_FP32_PRECISION = os.environ.get("FASTNCE_TRITON_FP32_PRECISION", "tf32x3")
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def unavailable_reason(device: torch.device, dtype: torch.dtype) -> Optional[str]:
+    device = torch.device(device)
+    if _IMPORT_ERROR is not None:
+        return f"triton cannot be imported ({_IMPORT_ERROR}); pip install triton"
+    if dtype not in SUPPORTED_DTYPES:
+        return (f"the triton backend computes in float16, bfloat16 and float32, got {dtype}; "
+                "use backend='torch' or 'reference' for float64")
+    if device.type == "cuda":
+        return None
+    if device.type == "cpu" and _interpreting():
+        return None
+    if device.type == "cpu":
+        return ("triton runs on CUDA tensors; for CPU tensors set TRITON_INTERPRET=1 "
+                "before importing triton (slow, for testing)")
+    return f"triton runs on CUDA tensors (or CPU tensors under TRITON_INTERPRET=1), got device {device}"
+
+
+if triton is not None:
+    _INTERPRET = _interpreting()
+
+    # ------------------------------------------------------------------ configs
+    # Autotuning (GPU only) can be switched off with FASTNCE_TRITON_AUTOTUNE=0: each kernel
+    # variant then compiles once with _default_meta's config instead of ~8 candidates.
+    AUTOTUNE = os.environ.get("FASTNCE_TRITON_AUTOTUNE", "1") != "0" and not _INTERPRET
+
+    def _cfgs(fwd: bool):
+        out = []
+        if fwd:
+            for bm, bn, bk, w, s in [(128, 128, 64, 8, 3), (128, 64, 64, 4, 3), (128, 128, 128, 8, 2),
+                                     (64, 128, 64, 4, 3), (128, 64, 128, 4, 2), (64, 64, 64, 4, 4),
+                                     (64, 64, 32, 4, 4)]:
+                out.append(triton.Config({"BM": bm, "BN": bn, "BK": bk}, num_warps=w, num_stages=s))
+        else:
+            # BDV = D keeps one S recompute per program; D = 512 needs BM = 32..64 for the
+            # (BM, 512) fp32 accumulator to fit in registers, hence the 512-wide configs.
+            # (ptxas on sm_90: the 4-warp 64×64 tiles spill, the symmetric variant most; 8 warps don't)
+            for bm, bn, bk, bdv, w, s in [(64, 64, 64, 128, 8, 2), (64, 32, 64, 128, 8, 2),
+                                          (64, 64, 64, 128, 4, 2), (128, 64, 64, 128, 8, 2),
+                                          (64, 128, 64, 128, 8, 2), (64, 64, 64, 64, 4, 2),
+                                          (64, 32, 64, 64, 4, 3), (128, 64, 64, 64, 8, 2),
+                                          (64, 64, 64, 256, 8, 2), (32, 64, 64, 512, 8, 2),
+                                          (64, 32, 64, 512, 8, 2), (64, 64, 64, 512, 16, 2)]:
+                out.append(triton.Config({"BM": bm, "BN": bn, "BK": bk, "BDV": bdv}, num_warps=w, num_stages=s))
+        return out
+
+    def _prune(configs, named_args, **kwargs):
+        """Drop configs whose feature tiles exceed the padded D (they only waste work), and
+        backward configs that would split D into more than 4 output blocks (each split
+        recomputes S)."""
+        D = named_args["D"]
+        dpad = max(16, triton.next_power_of_2(D))
+        kept = [c for c in configs
+                if c.kwargs["BK"] <= max(dpad, 32)
+                and min(dpad, 128) <= c.kwargs.get("BDV", dpad) <= max(dpad, 64)]
+        return kept or configs[:1]
+
+    # ------------------------------------------------------------------ jit helpers
+    @triton.jit
+    def _s_tile(p_x, p_y, o_i, o_j, m_i, m_j, D,
+                BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                DOT_F32: tl.constexpr, PREC: tl.constexpr):
+        """x[o_i] @ y[o_j]ᵀ, (BM, BN) fp32, looping over D in chunks of BK.
+
+        o_i / o_j are int64 row indices (x, y are row-major (·, D)); out-of-range rows read 0.
+        """
+        b_s = tl.zeros([BM, BN], dtype=tl.float32)
+        for d0 in range(0, D, BK):
+            o_d = d0 + tl.arange(0, BK)
+            m_d = o_d < D
+            b_x = tl.load(p_x + o_i[:, None] * D + o_d[None, :], mask=m_i[:, None] & m_d[None, :], other=0.0)
+            b_y = tl.load(p_y + o_j[:, None] * D + o_d[None, :], mask=m_j[:, None] & m_d[None, :], other=0.0)
+            if DOT_F32:
+                b_x = b_x.to(tl.float32)
+                b_y = b_y.to(tl.float32)
+            b_s += tl.dot(b_x, tl.trans(b_y), input_precision=PREC)
+        return b_s
+
+    @triton.jit
+    def _keep(o_i, o_j, m_i, m_j, b_yi, b_yj, offset,
+              EXCLUDE: tl.constexpr, MASK_MODE: tl.constexpr, MIRROR: tl.constexpr):
+        """(BM, BN) bool: pair (i, j) in range, not excluded, labels as MASK_MODE says.
+
+        Excluded: j == i + offset, or with MIRROR the pair (j, i), i.e. i == j + offset (the
+        label relation is symmetric, so the mirror only changes the exclusion).
+        """
+        b_v = m_i[:, None] & m_j[None, :]
+        if EXCLUDE:
+            if MIRROR:
+                b_v = b_v & (o_i[:, None] != o_j[None, :] + offset)
+            else:
+                b_v = b_v & (o_j[None, :] != o_i[:, None] + offset)
+        if MASK_MODE == 1:
+            b_v = b_v & (b_yi[:, None] == b_yj[None, :])
+        if MASK_MODE == 2:
+            b_v = b_v & (b_yi[:, None] != b_yj[None, :])
+        return b_v
+
+    # ------------------------------------------------------------------ forward
+    @triton.jit
+    def _fwd_kernel(p_x, p_y, p_scale, p_bias, p_lx, p_ly, p_lse,
+                    M, N, D, offset, KEY_M, KEY_N,
+                    HAS_BIAS: tl.constexpr, BIAS_ON_ROW: tl.constexpr,
+                    EXCLUDE: tl.constexpr, MASK_MODE: tl.constexpr,
+                    DOT_F32: tl.constexpr, PREC: tl.constexpr,
+                    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+        """lse[i] = log Σ_j exp(scale·x[i]·y[j] + bias), masked; x (M, D), y (N, D), lse (M,) fp32.
+
+        bias is indexed by the column j, or by the row i when BIAS_ON_ROW (the transposed
+        launch that computes col_lse).
+        """
+        i_m = tl.program_id(0)
+        o_i = (i_m * BM + tl.arange(0, BM)).to(tl.int64)
+        m_i = o_i < M
+        b_scale = tl.load(p_scale)
+        b_yi = tl.zeros([BM], dtype=tl.int64)
+        if MASK_MODE != 0:
+            b_yi = tl.load(p_lx + o_i, mask=m_i, other=0)
+        b_brow = tl.zeros([BM], dtype=tl.float32)
+        if HAS_BIAS and BIAS_ON_ROW:
+            b_brow = tl.load(p_bias + o_i, mask=m_i, other=0.0)
+        b_m = tl.full([BM], float("-inf"), dtype=tl.float32)
+        b_l = tl.zeros([BM], dtype=tl.float32)
+        for j0 in range(0, N, BN):
+            o_j = (j0 + tl.arange(0, BN)).to(tl.int64)
+            m_j = o_j < N
+            b_s = _s_tile(p_x, p_y, o_i, o_j, m_i, m_j, D, BM, BN, BK, DOT_F32, PREC) * b_scale
+            if HAS_BIAS:
+                if BIAS_ON_ROW:
+                    b_s += b_brow[:, None]
+                else:
+                    b_s += tl.load(p_bias + o_j, mask=m_j, other=0.0)[None, :]
+            b_yj = tl.zeros([BN], dtype=tl.int64)
+            if MASK_MODE != 0:
+                b_yj = tl.load(p_ly + o_j, mask=m_j, other=0)
+            b_v = _keep(o_i, o_j, m_i, m_j, b_yi, b_yj, offset, EXCLUDE, MASK_MODE, False)
+            b_s = tl.where(b_v, b_s, float("-inf"))
+            b_mn = tl.maximum(b_m, tl.max(b_s, 1))
+            # A row with nothing valid yet keeps max −inf: shift by 0 so exp gives 0, not NaN.
+            b_c = tl.where(b_mn == float("-inf"), 0.0, b_mn)
+            b_l = b_l * tl.exp(b_m - b_c) + tl.sum(tl.exp(b_s - b_c[:, None]), 1)
+            b_m = b_mn
+        # b_l == 0 exactly when nothing was valid (b_m == −inf): write −inf, without log(0).
+        b_lse = tl.where(b_l > 0, b_m + tl.log(tl.where(b_l > 0, b_l, 1.0)), float("-inf"))
+        tl.store(p_lse + o_i, b_lse, mask=m_i)
+
+    # ------------------------------------------------------------------ backward
+    @triton.jit
+    def _g_tile(b_s, b_v, b_a, b_la, b_b, b_lb, HAS_A: tl.constexpr, HAS_B: tl.constexpr):
+        """G = a[i]·exp(S − la[i]) + b[j]·exp(S − lb[j]) on valid pairs, 0 elsewhere (fp32).
+
+        (a, la) are the gradient and lse of the LSE taken along the rows of this tile,
+        (b, lb) those of the LSE along its columns; lse shifts of −inf were replaced by 0.
+        """
+        b_s = tl.where(b_v, b_s, float("-inf"))
+        b_gt = tl.zeros_like(b_s)
+        if HAS_A:
+            b_gt += b_a[:, None] * tl.exp(b_s - b_la[:, None])
+        if HAS_B:
+            b_gt += b_b[None, :] * tl.exp(b_s - b_lb[None, :])
+        return b_gt
+
+    @triton.jit
+    def _shift(p_lse, o, m):
+        # A fully masked line has lse −inf and only −inf entries: shift by 0, exp gives 0.
+        b = tl.load(p_lse + o, mask=m, other=0.0)
+        return tl.where(b == float("-inf"), 0.0, b)
+
+    @triton.jit
+    def _bwd_kernel(p_x, p_y, p_scale, p_bias, p_lx, p_ly,
+                    p_g, p_r, p_h, p_c, p_ginv, p_dx, p_db,
+                    M, N, D, offset, KEY_M, KEY_N,
+                    HAS_BIAS: tl.constexpr, BIAS_ON_ROW: tl.constexpr,
+                    EXCLUDE: tl.constexpr, MASK_MODE: tl.constexpr,
+                    HAS_G: tl.constexpr, HAS_H: tl.constexpr, SYM: tl.constexpr,
+                    WRITE_DB: tl.constexpr, G_NORM: tl.constexpr,
+                    DOT_F32: tl.constexpr, PREC: tl.constexpr,
+                    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BDV: tl.constexpr):
+        """dx = G @ y (M, D) fp32, and db[i] = Σ_j G[i, j] when WRITE_DB (only the d-block 0 writes).
+
+        x (M, D), y (N, D); g, r per row (grad and lse of the row LSE), h, c per column.
+        With SYM (x is y, M == N), dx = (G + Gᵀ) @ y and db[i] = Σ_j G[j, i] (the mirror's
+        row sums), from the same S tiles.
+        """
+        i_m = tl.program_id(0)
+        i_d = tl.program_id(1)
+        o_i = (i_m * BM + tl.arange(0, BM)).to(tl.int64)
+        m_i = o_i < M
+        o_v = i_d * BDV + tl.arange(0, BDV)
+        m_v = o_v < D
+        b_scale = tl.load(p_scale)
+        b_ginv = 1.0
+        if G_NORM:
+            b_ginv = tl.load(p_ginv)
+        b_yi = tl.zeros([BM], dtype=tl.int64)
+        if MASK_MODE != 0:
+            b_yi = tl.load(p_lx + o_i, mask=m_i, other=0)
+        b_bi = tl.zeros([BM], dtype=tl.float32)
+        if HAS_BIAS and (BIAS_ON_ROW or SYM):
+            b_bi = tl.load(p_bias + o_i, mask=m_i, other=0.0)
+        # per-row terms of G (and, for the mirror, the per-column terms at the rows)
+        b_gi = tl.zeros([BM], dtype=tl.float32)
+        b_ri = tl.zeros([BM], dtype=tl.float32)
+        b_hi = tl.zeros([BM], dtype=tl.float32)
+        b_ci = tl.zeros([BM], dtype=tl.float32)
+        if HAS_G:
+            b_gi = tl.load(p_g + o_i, mask=m_i, other=0.0)
+            b_ri = _shift(p_r, o_i, m_i)
+        if SYM and HAS_H:
+            b_hi = tl.load(p_h + o_i, mask=m_i, other=0.0)
+            b_ci = _shift(p_c, o_i, m_i)
+        b_acc = tl.zeros([BM, BDV], dtype=tl.float32)
+        b_db = tl.zeros([BM], dtype=tl.float32)
+        for j0 in range(0, N, BN):
+            o_j = (j0 + tl.arange(0, BN)).to(tl.int64)
+            m_j = o_j < N
+            b_raw = _s_tile(p_x, p_y, o_i, o_j, m_i, m_j, D, BM, BN, BK, DOT_F32, PREC) * b_scale
+            b_bj = tl.zeros([BN], dtype=tl.float32)
+            if HAS_BIAS:
+                b_bj = tl.load(p_bias + o_j, mask=m_j, other=0.0)
+            b_yj = tl.zeros([BN], dtype=tl.int64)
+            if MASK_MODE != 0:
+                b_yj = tl.load(p_ly + o_j, mask=m_j, other=0)
+            b_gj = tl.zeros([BN], dtype=tl.float32)
+            b_rj = tl.zeros([BN], dtype=tl.float32)
+            b_hj = tl.zeros([BN], dtype=tl.float32)
+            b_cj = tl.zeros([BN], dtype=tl.float32)
+            if HAS_H:
+                b_hj = tl.load(p_h + o_j, mask=m_j, other=0.0)
+                b_cj = _shift(p_c, o_j, m_j)
+            if SYM and HAS_G:
+                b_gj = tl.load(p_g + o_j, mask=m_j, other=0.0)
+                b_rj = _shift(p_r, o_j, m_j)
+            # S[i, j]: bias on the column, or on the row for the transposed (dk) launch
+            b_s = b_raw
+            if HAS_BIAS:
+                if BIAS_ON_ROW:
+                    b_s = b_raw + b_bi[:, None]
+                else:
+                    b_s = b_raw + b_bj[None, :]
+            b_v = _keep(o_i, o_j, m_i, m_j, b_yi, b_yj, offset, EXCLUDE, MASK_MODE, False)
+            b_G = _g_tile(b_s, b_v, b_gi, b_ri, b_hj, b_cj, HAS_G, HAS_H)
+            if WRITE_DB and not SYM:
+                b_db += tl.sum(b_G, 1)
+            if SYM:
+                # mirror: Gm[i, j] = G[j, i], from S[j, i] = raw + b[i]; pair (j, i) is dropped
+                # when i == j + offset. Row terms come from j, column terms from i.
+                b_sm = b_raw
+                if HAS_BIAS:
+                    b_sm = b_raw + b_bi[:, None]
+                b_vm = _keep(o_i, o_j, m_i, m_j, b_yi, b_yj, offset, EXCLUDE, MASK_MODE, True)
+                # Gm's row LSE runs along this tile's columns: (h_i, c_i) act per row, (g_j, r_j) per column
+                b_Gm = _g_tile(b_sm, b_vm, b_hi, b_ci, b_gj, b_rj, HAS_H, HAS_G)
+                if WRITE_DB:
+                    b_db += tl.sum(b_Gm, 1)
+                b_G += b_Gm
+            b_yv = tl.load(p_y + o_j[:, None] * D + o_v[None, :], mask=m_j[:, None] & m_v[None, :], other=0.0)
+            if DOT_F32:
+                b_acc += tl.dot(b_G, b_yv.to(tl.float32), input_precision=PREC)
+            else:
+                if G_NORM:
+                    b_G = b_G * b_ginv
+                b_acc += tl.dot(b_G.to(b_yv.dtype), b_yv, input_precision=PREC)
+        if G_NORM:
+            b_acc = b_acc / b_ginv
+        tl.store(p_dx + o_i[:, None] * D + o_v[None, :], b_acc, mask=m_i[:, None] & m_v[None, :])
+        if WRITE_DB:
+            if i_d == 0:
+                tl.store(p_db + o_i, b_db, mask=m_i)
+
+
+    _fwd_tuned = triton.autotune(
+        configs=_cfgs(True), key=["KEY_M", "KEY_N", "D", "HAS_BIAS", "MASK_MODE", "EXCLUDE"],
+        prune_configs_by={"early_config_prune": _prune})(_fwd_kernel)
+    _bwd_tuned = triton.autotune(
+        configs=_cfgs(False), key=["KEY_M", "KEY_N", "D", "HAS_BIAS", "MASK_MODE", "EXCLUDE", "SYM", "HAS_G", "HAS_H"],
+        prune_configs_by={"early_config_prune": _prune})(_bwd_kernel)
+
+
+def _default_meta(fwd: bool, D: int) -> dict:
+    """The config used without autotuning; under the interpreter one small config (16-row and
+    -column tiles, so the small test shapes cross several tiles and leave tails)."""
+    if _INTERPRET:
+        return dict(BM=16, BN=16, BK=32, num_warps=1) if fwd else dict(BM=16, BN=16, BK=32, BDV=32, num_warps=1)
+    dpad = max(16, triton.next_power_of_2(D))
+    bk = max(32, min(dpad, 64))
+    if fwd:
+        return dict(BM=128, BN=64, BK=bk, num_warps=4, num_stages=3)
+    bdv = max(64, dpad)
+    return dict(BM=32 if bdv > 256 else 64, BN=64, BK=bk, BDV=bdv, num_warps=8, num_stages=2)
+
+
+def _launch(fwd: bool, grid, D: int, *args, **kwargs):
+    if AUTOTUNE:
+        (_fwd_tuned if fwd else _bwd_tuned)[grid](*args, **kwargs)
+    else:
+        (_fwd_kernel if fwd else _bwd_kernel)[grid](*args, **kwargs, **_default_meta(fwd, D))
+
+
+# ---------------------------------------------------------------------- launchers
+def _key(n: int) -> int:
+    """Size class for the autotune key: the bit length, re-tuned per power of two up to 2**15.
+
+    Beyond that the per-tile behaviour no longer changes, and tuning at N = 1M would run each
+    candidate for seconds: larger sizes reuse the choice made at 32k..64k.
+    """
+    return min(max(int(n), 1).bit_length(), 16)
+
+
+def _dot_args(dtype: torch.dtype) -> tuple[bool, str]:
+    """(DOT_F32, PREC): upcast tiles before tl.dot? and the fp32 input precision."""
+    if _INTERPRET:
+        return dtype == torch.bfloat16, "ieee"  # the interpreter's bf16 dot is wrong
+    if dtype == torch.float32:
+        if torch.backends.cuda.matmul.allow_tf32:
+            return False, "tf32"
+        # Without tf32, "tf32x3" (three tf32 products, error near fp32's) rather than "ieee": an
+        # ieee fp32 tl.dot runs on the FMA units, ~10x slower, and compiles for ~20 s a config.
+        return False, _FP32_PRECISION
+    return False, "ieee"
+
+
+def _dummy(x: Tensor, dtype=torch.float32) -> Tensor:
+    return x.new_empty((1,), dtype=dtype)
+
+
+def _lse(x, y, scale, bias, lx, ly, mask_mode, offset, bias_on_row) -> Tensor:
+    M, D = x.shape
+    N = y.shape[0]
+    out = torch.empty((M,), dtype=torch.float32, device=x.device)
+    if M == 0:
+        return out
+    if N == 0:
+        return out.fill_(float("-inf"))
+    dot_f32, prec = _dot_args(x.dtype)
+    grid = lambda meta: (triton.cdiv(M, meta["BM"]),)
+    _launch(
+        True, grid, D, x, y, scale, _dummy(x) if bias is None else bias,
+        _dummy(x, torch.int64) if lx is None else lx, _dummy(x, torch.int64) if ly is None else ly, out,
+        M, N, D, 0 if offset is None else int(offset), _key(M), _key(N),
+        HAS_BIAS=bias is not None, BIAS_ON_ROW=bias_on_row, EXCLUDE=offset is not None,
+        MASK_MODE=int(mask_mode), DOT_F32=dot_f32, PREC=prec,
+    )
+    return out
+
+
+def _check(q: Tensor, k: Tensor) -> None:
+    if q.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"the triton backend does not compute in {q.dtype}")
+    if not (q.is_contiguous() and k.is_contiguous()):
+        raise ValueError("the triton backend needs contiguous q and k")
+
+
+def forward(q, k, scale, bias, q_labels, k_labels, mask_mode, exclude_offset, with_col, symmetric):
+    """row_lse (M,) fp32 and col_lse (N,) fp32 or None; contract in fastnce/ops/function.py."""
+    _check(q, k)
+    scale = scale.to(torch.float32).contiguous()
+    bias = None if bias is None else bias.to(torch.float32).contiguous()
+    row = _lse(q, k, scale, bias, q_labels, k_labels, mask_mode, exclude_offset, False)
+    col = None
+    if with_col:
+        # col_lse of S is row_lse of Sᵀ: roles swapped, bias on the rows, j == i + o <=> i == j − o
+        off = None if exclude_offset is None else -int(exclude_offset)
+        col = _lse(k, q, scale, bias, k_labels, q_labels, mask_mode, off, True)
+    return row, col
+
+
+def _grad(x, y, scale, bias, lx, ly, mask_mode, offset, g, r, h, c, bias_on_row, sym, write_db):
+    """(G @ y (M, D) fp32, row sums of G (M,) or None); (g, r) per row, (h, c) per column."""
+    M, D = x.shape
+    N = y.shape[0]
+    if M == 0 or N == 0 or D == 0 or (g is None and h is None):
+        zero = lambda *shape: torch.zeros(shape, dtype=torch.float32, device=x.device)
+        return zero(M, D), (zero(M) if write_db else None)
+    # every element is written by exactly one program (db by the programs of d-block 0)
+    dx = torch.empty((M, D), dtype=torch.float32, device=x.device)
+    db = torch.empty((M,), dtype=torch.float32, device=x.device) if write_db else None
+    dot_f32, prec = _dot_args(x.dtype)
+    g_norm = x.dtype == torch.float16
+    ginv = _dummy(x)
+    if g_norm:
+        # G ≤ max|g| + max|h| in size: divide by that so fp16 G does not underflow.
+        mx = torch.zeros((), dtype=torch.float32, device=x.device)
+        for t in (g, h):
+            if t is not None and t.numel():
+                mx = torch.maximum(mx, t.abs().max().float())
+        ginv = torch.where(mx > 0, 1.0 / mx, torch.ones_like(mx)).reshape(1)
+    f = _dummy(x)
+    grid = lambda meta: (triton.cdiv(M, meta["BM"]), triton.cdiv(D, meta["BDV"]))
+    _launch(
+        False, grid, D, x, y, scale, f if bias is None else bias,
+        _dummy(x, torch.int64) if lx is None else lx, _dummy(x, torch.int64) if ly is None else ly,
+        f if g is None else g, f if r is None else r, f if h is None else h, f if c is None else c,
+        ginv, dx, f if db is None else db,
+        M, N, D, 0 if offset is None else int(offset), _key(M), _key(N),
+        HAS_BIAS=bias is not None, BIAS_ON_ROW=bias_on_row, EXCLUDE=offset is not None,
+        MASK_MODE=int(mask_mode), HAS_G=g is not None, HAS_H=h is not None, SYM=sym,
+        WRITE_DB=write_db, G_NORM=g_norm, DOT_F32=dot_f32, PREC=prec,
+    )
+    return dx, db
+
+
+def backward(q, k, scale, bias, q_labels, k_labels, mask_mode, exclude_offset,
+             row_lse, col_lse, grad_row, grad_col, symmetric, need_bias):
+    """Unscaled fp32 dq = G @ k, dk = Gᵀ @ q (None when symmetric: dq = (G + Gᵀ) @ q), dbias."""
+    _check(q, k)
+    scale = scale.to(torch.float32).contiguous()
+    bias = None if bias is None else bias.to(torch.float32).contiguous()
+    f32 = lambda t: None if t is None else t.to(torch.float32).contiguous()
+    g, r = f32(grad_row), f32(row_lse)
+    h, c = (f32(grad_col), f32(col_lse)) if grad_col is not None else (None, None)
+    if g is None:
+        r = None
+    if symmetric:
+        dq, db = _grad(q, q, scale, bias, q_labels, q_labels if k_labels is None else k_labels, mask_mode,
+                       exclude_offset, g, r, h, c, False, True, need_bias)
+        return dq, None, db
+    dq, _ = _grad(q, k, scale, bias, q_labels, k_labels, mask_mode, exclude_offset, g, r, h, c,
+                  False, False, False)
+    off = None if exclude_offset is None else -int(exclude_offset)
+    dk, db = _grad(k, q, scale, bias, k_labels, q_labels, mask_mode, off, h, c, g, r,
+                   True, False, need_bias)
+    return dq, dk, db

@@ -1,0 +1,320 @@
+"""The `triton` backend against the reference: masks, bias, col_lse, symmetric, every gradient.
+
+Without a GPU these run in Triton's interpreter (conftest sets TRITON_INTERPRET=1), where the
+kernels use 16-row/column tiles, so the small odd shapes cross several tiles and leave tails.
+On a GPU the same small tests run on CUDA tensors, plus the `gpu`-marked ones (bf16, large
+shapes, triton vs torch backend).
+"""
+
+import pytest
+import torch
+
+from fastnce import ops
+from fastnce.ops import triton_lse
+
+from tolerances import ATOL
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+
+if ops.unavailable_reason("triton", torch.device(DEV), torch.float32) is not None:
+    pytest.skip(f"triton backend unavailable: {ops.unavailable_reason('triton', torch.device(DEV), torch.float32)}",
+                allow_module_level=True)
+
+NONE = dict()
+EX0 = dict(exclude_self=True)
+EX3 = dict(exclude_self=True, diag_offset=3)
+EXM5 = dict(exclude_self=True, diag_offset=-5)
+SAME = dict(label_mask="same")
+DIFF = dict(label_mask="different")
+DIFF_EX = dict(label_mask="different", exclude_self=True, diag_offset=1)
+MASKS = [NONE, EX0, EX3, EXM5, SAME, DIFF, DIFF_EX]
+QK_SHAPES = [(1, 3, 16), (3, 17, 1), (17, 3, 33), (17, 17, 16), (130, 17, 3), (17, 130, 3)]
+SYM_SHAPES = [(1, 16), (3, 1), (17, 33), (20, 3), (33, 16)]
+
+
+@pytest.fixture(autouse=True)
+def fixed_config(monkeypatch):
+    """One config per kernel variant (GPU): autotuning every dtype × mask variant of these small
+    tests would compile for many minutes. The large tests below switch tuning back on."""
+    monkeypatch.setattr(triton_lse, "AUTOTUNE", False, raising=False)
+
+
+def mask_id(m):
+    return ",".join(f"{k}={v}" for k, v in m.items()) or "none"
+
+
+def make_inputs(M, N, D, dtype, symmetric=False, bias=False, mask=None, classes=3, seed=0, device=DEV):
+    """q, k (None when symmetric), scale, bias, mask kwargs; q, k, bias rounded to dtype."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(M, D, generator=g, dtype=torch.float64).to(dtype)
+    k = None if symmetric else torch.randn(N, D, generator=g, dtype=torch.float64).to(dtype)
+    b = torch.randn(N, generator=g, dtype=torch.float64).to(dtype) if bias else None
+    kw = dict(mask or {})
+    if "label_mask" in kw:
+        kw["labels"] = torch.randint(0, classes, (M,), generator=g).to(device)
+        if not symmetric:
+            kw["k_labels"] = torch.randint(0, classes, (N,), generator=g).to(device)
+    mv = lambda t: None if t is None else t.to(device)
+    return mv(q), mv(k), torch.tensor(0.9, device=device), mv(b), kw
+
+
+def run(backend, q, k, scale, b, kw, col, as_dtype=None, seed=1):
+    """Forward, then the gradients of a random linear function of the LSEs (float64 weights).
+
+    as_dtype recasts the float inputs first (float64 for the exact reference).
+    """
+    cast = lambda t: None if t is None else (t if as_dtype is None else t.to(as_dtype)).detach().requires_grad_()
+    q, k, b = cast(q), cast(k), cast(b)
+    scale = scale.to(torch.float64 if as_dtype == torch.float64 else torch.float32).detach().requires_grad_()
+    row, colv = ops.similarity_lse(q, k, scale, b, col_lse=col, backend=backend, **kw)
+    g = torch.Generator().manual_seed(seed)
+    w_row = torch.randn(row.shape, generator=g, dtype=torch.float64).to(row.device)
+    loss = (torch.where(torch.isfinite(row), row, 0).double() * w_row).sum()
+    outs = [row]
+    if col:
+        w_col = torch.randn(colv.shape, generator=g, dtype=torch.float64).to(row.device)
+        loss = loss + (torch.where(torch.isfinite(colv), colv, 0).double() * w_col).sum()
+        outs.append(colv)
+    leaves = [t for t in (q, k, scale, b) if t is not None]
+    grads = torch.autograd.grad(loss, leaves)
+    return outs + list(grads)
+
+
+NAMES = ["row_lse", "col_lse", "dq", "dk", "dscale", "dbias"]
+
+
+def names(k, b, col):
+    return [n for n in NAMES if (n != "col_lse" or col) and (n != "dk" or k is not None) and (n != "dbias" or b is not None)]
+
+
+def check(M, N, D, dtype, symmetric, bias, mask, col, backend="triton", floor_scale=1.0):
+    """backend in dtype vs the float64 reference: DESIGN §6's criterion, −inf where the reference has it."""
+    q, k, s, b, kw = make_inputs(M, N, D, dtype, symmetric, bias, mask)
+    fast = run(backend, q, k, s, b, kw, col)
+    low = run("reference", q, k, s, b, kw, col)
+    exact = run("reference", q, k, s, b, kw, col, as_dtype=torch.float64)
+    for name, f, lo, ex in zip(names(k, b, col), fast, low, exact):
+        assert f.shape == ex.shape, name
+        assert torch.isfinite(f[torch.isfinite(ex)]).all(), f"{name}: non-finite values"
+        if name.endswith("lse"):
+            assert torch.equal(torch.isinf(f), torch.isinf(ex)), f"{name}: −inf pattern differs"
+            f, lo, ex = (torch.where(torch.isinf(ex), 0, t.double()) for t in (f, lo, ex))
+        fast_err = (f.double() - ex).abs().max().item()
+        ref_err = (lo.double() - ex).abs().max().item()
+        floor = floor_scale * ATOL[dtype] * max(1.0, ex.abs().max().item())
+        if name == "dscale" and dtype in (torch.float16, torch.bfloat16):
+            # dscale = Σ_i dq_u[i]·q[i] is a sum with cancellation, and the reference computes it in
+            # float32 whatever the input dtype, while a fast kernel rounds G to the input dtype for
+            # the tensor-core product (as FlashAttention does with P): allow that rounding, eps of
+            # the dtype relative to the sum of the magnitudes of the terms.
+            dq_exact = exact[names(k, b, col).index("dq")]
+            mag = (dq_exact * q.double()).sum(1).abs().sum().item() / float(s)
+            floor += 2 * torch.finfo(dtype).eps * mag
+        assert fast_err <= 2 * ref_err + floor, (
+            f"{name} ({dtype}, {M}x{N}x{D}): error {fast_err:.3g} > 2 × reference error {ref_err:.3g} + {floor:.3g}")
+
+
+# ---------------------------------------------------------------------------- interpreter / small
+@pytest.mark.parametrize("M,N,D", QK_SHAPES)
+def test_shapes_float32_bias_col(M, N, D):
+    check(M, N, D, torch.float32, False, True, NONE, True)
+
+
+@pytest.mark.parametrize("i,mask", list(enumerate(MASKS)), ids=[mask_id(m) for m in MASKS])
+@pytest.mark.parametrize("bias,col", [(False, False), (True, True)], ids=["plain", "bias+col"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["f32", "f16"])
+def test_masks_qk(i, mask, bias, col, dtype):
+    M, N, D = QK_SHAPES[(i + 2 * bias) % len(QK_SHAPES)]
+    if dtype == torch.float16 and not bias:
+        M, N, D = QK_SHAPES[(i + 3) % len(QK_SHAPES)]
+    check(M, N, D, dtype, False, bias, mask, col)
+
+
+@pytest.mark.parametrize("i,mask", list(enumerate(MASKS)), ids=[mask_id(m) for m in MASKS])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["f32", "f16"])
+def test_masks_symmetric(i, mask, dtype):
+    M, D = SYM_SHAPES[i % len(SYM_SHAPES)]
+    bias = col = i % 2 == 1 or dtype == torch.float16
+    check(M, M, D, dtype, True, bias, mask, col)
+
+
+@pytest.mark.parametrize("M,D", SYM_SHAPES, ids=[f"{m}x{d}" for m, d in SYM_SHAPES])
+def test_symmetric_float32_shapes(M, D):
+    check(M, M, D, torch.float32, True, False, EX0, False)
+
+
+def test_symmetric_many_tiles():
+    """130 rows: 9 row and column tiles (tail of 2), so mirror tiles are off the diagonal."""
+    check(130, 130, 3, torch.float32, True, True, DIFF_EX, True)
+
+
+@pytest.mark.parametrize("symmetric", [False, True], ids=["qk", "self"])
+def test_bfloat16(symmetric):
+    """bf16 (upcast before tl.dot under the interpreter, DESIGN §6)."""
+    check(17, 17 if symmetric else 20, 33, torch.bfloat16, symmetric, True, DIFF_EX, True)
+
+
+def test_fully_masked_rows_and_columns_are_minus_inf_with_finite_gradients():
+    q = torch.randn(5, 4, device=DEV, requires_grad=True)
+    k = torch.randn(4, 4, device=DEV, requires_grad=True)
+    labels, k_labels = torch.tensor([0, 1, 2, 3, 9], device=DEV), torch.tensor([0, 0, 1, 7], device=DEV)
+    row, col = ops.similarity_lse(q, k, 2.0, labels=labels, k_labels=k_labels, label_mask="same",
+                                  col_lse=True, backend="triton")
+    want_row, want_col = ops.similarity_lse(q, k, 2.0, labels=labels, k_labels=k_labels, label_mask="same",
+                                            col_lse=True, backend="reference")
+    assert torch.isinf(row[2:]).all() and torch.isfinite(row[:2]).all()
+    assert torch.isinf(col[3]) and torch.isfinite(col[:3]).all()
+    torch.testing.assert_close(row, want_row)
+    torch.testing.assert_close(col, want_col)
+    fin = lambda t: torch.where(torch.isfinite(t), t, 0).sum()
+    dq, dk = torch.autograd.grad(fin(row) + fin(col), (q, k))
+    assert torch.isfinite(dq).all() and torch.isfinite(dk).all()
+    assert (dq[2:] == 0).all() and (dk[3] == 0).all()
+
+
+def test_backward_is_deterministic():
+    q, k, s, b, kw = make_inputs(33, 20, 16, torch.float32, False, True, DIFF)
+    a = run("triton", q, k, s, b, kw, True)
+    c = run("triton", q, k, s, b, kw, True)
+    for x, y in zip(a, c):
+        assert torch.equal(x, y)
+
+
+def test_lse_backward_matches_torch_backend():
+    """The non-autograd entry point (used by fastnce.distributed) with grad_col only."""
+    q, k, s, b, kw = make_inputs(20, 17, 16, torch.float32, False, True, EX3, False)
+    row, col = ops.lse_forward(q, k, s, b, col_lse=True, backend="torch", **kw)
+    h = torch.randn(17, device=DEV)
+    for bk in ("triton", "torch"):
+        out = ops.lse_backward(q, k, s, b, row_lse=row, col_lse=col, grad_col=h, need_bias=True, backend=bk, **kw)
+        if bk == "triton":
+            got = out
+    for x, y in zip(got, out):
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-5)
+
+
+def test_unavailable_reasons(monkeypatch):
+    why = triton_lse.unavailable_reason(torch.device(DEV), torch.float64)
+    assert isinstance(why, str) and "float64" in why
+    with pytest.raises(ops.BackendUnavailable, match="float64"):
+        ops.similarity_lse(torch.randn(3, 2, dtype=torch.float64, device=DEV), backend="triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    why = triton_lse.unavailable_reason(torch.device("cpu"), torch.float32)
+    assert isinstance(why, str) and "TRITON_INTERPRET=1" in why
+    assert triton_lse.unavailable_reason(torch.device("cuda"), torch.float16) is None
+
+
+def test_opcheck_triton_backend():
+    q = torch.randn(6, 5, device=DEV, requires_grad=True)
+    k = torch.randn(7, 5, device=DEV, requires_grad=True)
+    scale = torch.tensor(1.5, device=DEV, requires_grad=True)
+    bias = torch.randn(7, device=DEV, requires_grad=True)
+    labels = torch.tensor([0, 1, 0, 1, 2, 2], device=DEV)
+    k_labels = torch.tensor([1, 1, 0, 2, 2, 0, 1], device=DEV)
+    for args in [
+        (q, k, scale, bias, labels, k_labels, 1, 0, True, "triton"),
+        (q, None, scale, None, None, None, 0, 0, False, "triton"),
+    ]:
+        torch.library.opcheck(torch.ops.fastnce.similarity_lse.default, args)
+
+
+def test_torch_compile_fullgraph():
+    """The custom op traces whole under torch.compile (aot_eager: inductor's CPU C++ build is slow)."""
+    def f(q, k, s, b):
+        row, col = ops.similarity_lse(q, k, s, b, exclude_self=True, col_lse=True, backend="triton")
+        return row.mean() + col.mean()
+
+    q, k = (torch.randn(9, 4, device=DEV, requires_grad=True) for _ in range(2))
+    b = torch.randn(9, device=DEV, requires_grad=True)
+    s = torch.tensor(3.0, device=DEV, requires_grad=True)
+    want = f(q, k, s, b)
+    want_g = torch.autograd.grad(want, (q, k, s, b))
+    got = torch.compile(f, fullgraph=True, backend="aot_eager" if DEV == "cpu" else "inductor")(q, k, s, b)
+    got_g = torch.autograd.grad(got, (q, k, s, b))
+    torch.testing.assert_close(got, want)
+    for x, y in zip(got_g, want_g):
+        torch.testing.assert_close(x, y)
+
+
+# ---------------------------------------------------------------------------- GPU only
+gpu = pytest.mark.gpu
+
+GPU_MASKS = [NONE, EX0, DIFF_EX, SAME]
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=["f16", "bf16", "f32"])
+@pytest.mark.parametrize("mask", GPU_MASKS, ids=[mask_id(m) for m in GPU_MASKS])
+@pytest.mark.parametrize("symmetric", [False, True], ids=["qk", "self"])
+def test_gpu_dtypes_vs_float64(dtype, mask, symmetric):
+    check(1000, 1000 if symmetric else 777, 128, dtype, symmetric, True, mask, True)
+
+
+@gpu
+@pytest.mark.parametrize("D", [1, 33, 64, 512])
+def test_gpu_odd_feature_dims(D):
+    check(300, 259, D, torch.bfloat16, False, True, EX3, True)
+
+
+@gpu
+def test_gpu_tf32_when_allowed(monkeypatch):
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
+    check(512, 512, 128, torch.float32, False, False, NONE, True, floor_scale=300.0)  # tf32: ~1e-3 rel
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "f32"])
+def test_gpu_large_row_lse(dtype, monkeypatch):
+    """N = 65536 keys at D = 128: row LSE of 1024 queries vs float64 (S fits at 1024 rows)."""
+    monkeypatch.setattr(triton_lse, "AUTOTUNE", True)
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q = torch.nn.functional.normalize(torch.randn(1024, 128, device="cuda", generator=g), dim=1).to(dtype)
+    k = torch.nn.functional.normalize(torch.randn(65536, 128, device="cuda", generator=g), dim=1).to(dtype)
+    row, _ = ops.similarity_lse(q, k, 14.0, backend="triton")
+    low, _ = ops.similarity_lse(q, k, 14.0, backend="reference")
+    exact, _ = ops.similarity_lse(q.double(), k.double(), 14.0, backend="reference")
+    err = (row.double() - exact).abs().max().item()
+    assert err <= 2 * (low.double() - exact).abs().max().item() + 1e-4 * exact.abs().max().item()
+
+
+@gpu
+@pytest.mark.parametrize("symmetric", [False, True], ids=["clip", "ntxent"])
+def test_gpu_large_triton_matches_torch_backend(symmetric, monkeypatch):
+    """16384 rows, D = 128, bf16: forward and all gradients against the tiled torch backend."""
+    monkeypatch.setattr(triton_lse, "AUTOTUNE", True)
+    N, D = 16384, 128
+    q, k, s, b, kw = make_inputs(N, N, D, torch.bfloat16, symmetric, not symmetric, EX0 if symmetric else NONE)
+    q = torch.nn.functional.normalize(q.float(), dim=1).to(torch.bfloat16)
+    k = None if k is None else torch.nn.functional.normalize(k.float(), dim=1).to(torch.bfloat16)
+    s = torch.tensor(10.0, device="cuda")
+    got = run("triton", q, k, s, b, kw, not symmetric)
+    want = run("torch", q, k, s, b, kw, not symmetric)
+    for name, x, y in zip(names(k, b, not symmetric), got, want):
+        scale = y.double().abs().max().item()
+        err = (x.double() - y.double()).abs().max().item()
+        assert err <= 2e-2 * max(scale, 1e-6), f"{name}: {err:.3g} vs max {scale:.3g}"
+
+
+# ---------------------------------------------------------------------------- the GPU script's CPU parts
+def test_bench_gpu_pieces(tmp_path):
+    from fastnce.bench import gpu as bench
+
+    assert bench.card_slug("NVIDIA H100 80GB HBM3") == "h100"
+    assert bench.card_slug("NVIDIA H200") == "h200"
+    args = bench.parse_args(["--cases", "clip-32k,simclr-16k", "--impls", "eager,inf-cl", "--out", str(tmp_path)])
+    assert args.cases == ["clip-32k", "simclr-16k"] and args.impls == ["eager", "inf-cl"]
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--cases", "clip-2k"])
+    recs = [bench.record("clip-32k", "fastnce-triton", "bf16", 12.3456, 99.96, "h100"),
+            bench.record("clip-1m", "inf-cl", "bf16", None, None, "h100", "skipped: too slow")]
+    path = bench.write_records(recs, str(tmp_path), "h100", "2026-01-02")
+    assert path.endswith("gpu-h100-2026-01-02.json")
+    import json
+    got = json.load(open(path))
+    assert got[0] == {"case": "clip-32k", "impl": "fastnce-triton", "dtype": "bf16", "ms": 12.346,
+                      "peak_mib": 100.0, "card": "h100"}
+    assert got[1]["ms"] is None and got[1]["note"] == "skipped: too slow"
+    assert bench.fused_flops("simclr-16k") == 4 * 2.0 * 32768**2 * 128
+    assert "fastnce-triton" in bench.format_table(recs, 700.0)
+    if not torch.cuda.is_available():
+        assert bench.main([]) == 2  # says it needs a GPU
