@@ -53,14 +53,20 @@ def similarity_lse_naive(
     mask_mode: int = MASK_NONE,
     exclude_offset: Optional[int] = None,
     with_col: bool = False,
+    products_in_input_dtype: bool = False,
 ) -> tuple[Tensor, Optional[Tensor]]:
     """row_lse (M,) and col_lse (N,) or None of S = scale·q@kᵀ + bias, masked.
 
     Computed in float64 for float64 inputs, float32 otherwise (the result dtype of every backend).
+    products_in_input_dtype: q@kᵀ (and so its gradients) in the inputs' dtype, as eager PyTorch
+    under autocast computes it: the baseline error of DESIGN.md §6's criterion.
     """
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     with torch.autocast(q.device.type, enabled=False):
-        S = scale.to(acc) * (q.to(acc) @ k.to(acc).T)
+        if products_in_input_dtype:
+            S = scale.to(acc) * (q @ k.T).to(acc)
+        else:
+            S = scale.to(acc) * (q.to(acc) @ k.to(acc).T)
     if bias is not None:
         S = S + bias.to(acc)[None, :]
     keep = valid_mask(q.shape[0], k.shape[0], q_labels, k_labels, mask_mode, exclude_offset, q.device)
