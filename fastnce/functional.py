@@ -138,8 +138,9 @@ def nt_xent(
     n = z1.shape[0]
     z = l2_normalize(torch.cat([z1, z2]))
     scale = 1.0 / temperature
-    row_lse, _ = similarity_lse(z, None, scale, exclude_self=True, backend=backend)
+    # The positives first: their backward then runs after the LSE's, whose buffers are freed.
     positive = paired_logits(z, z.roll(n, 0), scale)
+    row_lse, _ = similarity_lse(z, None, scale, exclude_self=True, backend=backend)
     return reduce(row_lse - positive, reduction)
 
 
@@ -165,6 +166,6 @@ def clip_loss(
     check_dim_match("image_features", image_features, "text_features", text_features)
     check_temperature(logit_scale, name="logit_scale")
     check_reduction(reduction)
+    positive = paired_logits(image_features, text_features, logit_scale)  # first: see nt_xent
     row_lse, col_lse = similarity_lse(image_features, text_features, logit_scale, col_lse=True, backend=backend)
-    positive = paired_logits(image_features, text_features, logit_scale)
     return reduce(0.5 * ((row_lse - positive) + (col_lse - positive)), reduction)

@@ -164,8 +164,8 @@ def _backward(ctx, grad_row, grad_col):
         # Σ_ij G_ij q_i·k_j = Σ_i (G @ k)_i · q_i; the symmetric dq holds G and Gᵀ, each once.
         dscale = (dq_u * q.to(dq_u.dtype)).sum() * (0.5 if symmetric else 1.0)
         dscale = dscale.to(scale.dtype)
-    dq = (dq_u * scale).to(q.dtype) if need_q else None
-    dk = (dk_u * scale).to(k.dtype) if (need_k and not symmetric) else None
+    dq = dq_u.mul_(scale).to(q.dtype) if need_q else None  # in place: dq_u is ours
+    dk = dk_u.mul_(scale).to(k.dtype) if (need_k and not symmetric) else None
     db = dbias.to(bias.dtype) if need_bias else None
     return dq, dk, dscale, db, None, None, None, None, None, None
 

@@ -1,0 +1,54 @@
+"""fastnce's losses across processes with torch.distributed (DESIGN.md §3).
+
+    import fastnce.distributed as fd
+    loss = fd.clip_loss(image_features, text_features, logit_scale)      # scheme='ring'
+    loss = fd.nt_xent(z1, z2, temperature=0.1, scheme="gather")
+    loss = fd.info_nce(query, positive_key, negative_keys)
+
+Each rank passes its local rows; the loss is over the global batch (every rank's rows, in
+rank order). The returned value is this rank's share of the global mean, so the mean over
+ranks is the single-process loss and DDP's gradient averaging gives the single-process
+gradient. Two schemes: 'ring' (key blocks travel rank to rank, O(N/W·D) memory per rank) and
+'gather' (all-gather with gradient, O(N·D) per rank). Details: fastnce/distributed/functional.py
+and fastnce/distributed/ring.py.
+"""
+from __future__ import annotations
+
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from ._comm import _comm_device, all_gather_no_grad, exchange, is_active
+from .functional import SCHEMES, clip_loss, info_nce, nt_xent
+
+__all__ = ["nt_xent", "clip_loss", "info_nce", "gather_keys", "is_active", "world_size", "rank", "SCHEMES"]
+
+
+def world_size(group=None) -> int:
+    """Ranks in the group; 1 when torch.distributed is not initialised."""
+    return dist.get_world_size(group) if dist.is_available() and dist.is_initialized() else 1
+
+
+def rank(group=None) -> int:
+    """This process's rank in the group; 0 when torch.distributed is not initialised."""
+    return dist.get_rank(group) if dist.is_available() and dist.is_initialized() else 0
+
+
+def gather_keys(x: Tensor, group=None) -> Tensor:
+    """Every rank's x concatenated in rank order, without gradient (x.detach() on one rank).
+
+    For MoCo's queue: enqueue the keys of the whole global batch, as MoCo's
+    concat_all_gather does. Ranks may hold different numbers of rows; the trailing
+    dimensions and the dtype must agree (a clear ValueError otherwise).
+    """
+    if not isinstance(x, Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() < 1:
+        raise ValueError("x must have at least one dimension (rows)")
+    if not is_active(group):
+        return x.detach()
+    trailing = int(torch.tensor(x.shape[1:]).prod().item()) if x.dim() > 1 else 1
+    info = exchange("gather_keys", group, _comm_device(x), x.shape[0], x.shape[0], trailing, x.dtype,
+                    x.dim(), [], [])
+    return all_gather_no_grad(x, info, info.rows)

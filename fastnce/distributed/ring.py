@@ -1,0 +1,153 @@
+"""The ring scheme: row LSEs over the keys of every rank without any rank holding them all.
+
+Rank r holds its rows q_r and its key block k_r. Key blocks travel r → r+1 around the ring;
+at step t rank r holds block s = r − t (mod W), computes the partial row LSE of q_r against
+it with ops.lse_forward, and folds it in with logaddexp. After W steps every row has seen
+every key. While block s is being computed, block s − 1 is already on the wire (the next
+transfer is posted before the current block's compute), so communication hides behind work.
+
+The backward (a custom autograd.Function, `_RingLSE`) sends the key blocks around again with
+the now global LSEs; per block ops.lse_backward gives G@k_s (added into this rank's dq) and
+Gᵀ@q_r, the share of block s's key gradient that this rank's rows produce. That share is
+added into an accumulator for block s which travels with the ring one step behind the keys
+and, after W hops, arrives at block s's owner holding Σ_over_ranks Gᵀ@q. Its transfer is
+posted after the block's compute and received only after the *next* block's compute, so it
+overlaps too.
+
+Column LSEs (CLIP's text → image direction) use the same trip: why not a second ring pass?
+The text rows' LSE over all images is the column LSE of the global image×text matrix. It
+could be a second pass with images travelling for text rows, but that doubles both compute
+(one more M×N×D product per block: the fused kernels give row and column LSE of a tile from
+one product) and traffic (images *and* texts travel, and both gradient accumulators). Here
+a column accumulator of only N_s floats travels with text block s, exactly like the key
+gradient accumulator: lse_forward(col_lse=True) gives the block's column LSE over this
+rank's image rows, logaddexp'd into the accumulator, which reaches the owner after W hops.
+In the backward the block's global column LSE and the owner's upstream gradient for it (2
+floats per key) travel with the keys, so lse_backward builds G with both the row and the
+column terms of DESIGN.md §1. Cost per rank and step: one fused product forward, one fused
+backward; traffic: D + 1 numbers per key forward, D + 2 plus the D-wide accumulator backward.
+
+Memory per rank: q_r, k_r, two key blocks in flight (current and next), the accumulators
+(one D-wide in the backward, in the LSE dtype) and the backend's tiles: O((N/W)·D) for a
+global batch of N rows, never O(N·D) and never O(N²).
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..ops import lse_backward, lse_forward
+from ._comm import RankInfo, RingTransfer
+
+_TAG_KEYS, _TAG_COL, _TAG_DK = 100, 200, 300
+
+
+def _lse_dtype(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def ring_lse_forward(q: Tensor, k: Tensor, scale: Tensor, info: RankInfo, self_block: bool, with_col: bool,
+                     backend: str):
+    """Row LSE of q over every rank's k (and, with_col, the column LSE of this rank's k over
+    every rank's q). self_block: q is k, and pair (i, i) of this rank's own block is dropped."""
+    D = k.shape[1]
+    row, col_x, cur = None, None, k
+    for t in range(info.size):
+        nxt = None
+        if t < info.size - 1:  # post the next block before computing this one
+            src = info.block(t + 1)
+            nxt = RingTransfer(info, [cur], [((info.keys[src], D), k.dtype, k.device)], _TAG_KEYS)
+        r_b, c_b = lse_forward(q, cur, scale, exclude_self=self_block and t == 0, col_lse=with_col,
+                               backend=backend)
+        row = r_b if row is None else torch.logaddexp(row, r_b)
+        if with_col:
+            if col_x is not None:  # the accumulator of block info.block(t), from the previous rank
+                c_b = torch.logaddexp(col_x.wait()[0], c_b)
+            nxt_rows = info.keys[info.block(t + 1)]
+            col_x = RingTransfer(info, [c_b], [((nxt_rows,), c_b.dtype, c_b.device)], _TAG_COL)
+        if nxt is not None:
+            cur = nxt.wait()[0]
+    # After W hops the column accumulator that arrives is this rank's own block's, complete.
+    col = col_x.wait()[0] if with_col else None
+    return row, col
+
+
+def ring_lse_backward(q: Tensor, k: Tensor, scale: Tensor, row: Tensor, col, g_row: Tensor, g_col,
+                      info: RankInfo, self_block: bool, need_k: bool, backend: str):
+    """Unscaled (Σ_blocks G@k_s for this rank's rows, Σ_ranks Gᵀ@q for this rank's keys or None)."""
+    D = k.shape[1]
+    with_col = col is not None
+    dev = k.device
+    cur_k = k
+    cur_c = torch.stack([col, g_col.to(col.dtype)]) if with_col else None  # global col LSE, its gradient
+    dq, dk_x = None, None
+    for t in range(info.size):
+        nxt = None
+        if t < info.size - 1:
+            n_src = info.keys[info.block(t + 1)]
+            send, like = [cur_k], [((n_src, D), k.dtype, dev)]
+            if with_col:
+                send.append(cur_c)
+                like.append(((2, n_src), cur_c.dtype, dev))
+            nxt = RingTransfer(info, send, like, _TAG_KEYS)
+        dq_b, dk_b, _ = lse_backward(
+            q, cur_k, scale, row_lse=row, grad_row=g_row,
+            col_lse=cur_c[0] if with_col else None, grad_col=cur_c[1] if with_col else None,
+            exclude_self=self_block and t == 0, backend=backend,
+        )
+        dq = dq_b if dq is None else dq.add_(dq_b)
+        if need_k:
+            if dk_x is not None:  # block info.block(t)'s accumulator: the ranks before us
+                dk_b = dk_b.add_(dk_x.wait()[0])
+            n_next = info.keys[info.block(t + 1)]
+            dk_x = RingTransfer(info, [dk_b], [((n_next, D), dk_b.dtype, dev)], _TAG_DK)
+        if nxt is not None:
+            got = nxt.wait()
+            cur_k = got[0]
+            cur_c = got[1] if with_col else None
+    dk = dk_x.wait()[0] if need_k else None  # this rank's block, back home with every rank's share
+    return dq, dk
+
+
+class _RingLSE(torch.autograd.Function):
+    """(row_lse, col_lse) of this rank's rows / keys against every rank's keys / rows.
+
+    Differentiable in q, k and scale. The gradient of scale is this rank's rows' share,
+    Σ_{i local, all j} G_ij q_i·k_j; summed over ranks it is the full Σ_ij G_ij q_i·k_j.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, scale, info, self_block, with_col, backend):
+        row, col = ring_lse_forward(q, k, scale.detach(), info, self_block, with_col, backend)
+        ctx.save_for_backward(q, k, scale, row, col)
+        ctx.cfg = (info, self_block, backend)
+        if col is None:
+            col = row.new_empty((0,))
+            ctx.mark_non_differentiable(col)
+        return row, col
+
+    @staticmethod
+    def backward(ctx, g_row, g_col):
+        q, k, scale, row, col = ctx.saved_tensors
+        info, self_block, backend = ctx.cfg
+        need_q, need_k, need_scale = ctx.needs_input_grad[:3]
+        s = scale.detach()
+        dq_u, dk_u = ring_lse_backward(
+            q, k, s, row, col, g_row.contiguous(), None if col is None else g_col.contiguous(),
+            info, self_block, bool(need_k), backend,
+        )
+        dscale = None
+        if need_scale:
+            dscale = (dq_u * q.to(dq_u.dtype)).sum().to(scale.dtype).reshape(scale.shape)
+        s_acc = s.to(dq_u.dtype)
+        # In place: the unscaled buffers are ours, and a copy would be one more block at the peak.
+        dq = dq_u.mul_(s_acc).to(q.dtype) if need_q else None
+        dk = dk_u.mul_(s_acc).to(k.dtype) if need_k else None
+        return dq, dk, dscale, None, None, None, None
+
+
+def ring_lse(q: Tensor, k: Tensor, scale: Tensor, info: RankInfo, *, self_block: bool = False,
+             with_col: bool = False, backend: str = "auto"):
+    """Differentiable (row_lse, col_lse or None) over the ring; see the module docstring."""
+    row, col = _RingLSE.apply(q, k, scale, info, self_block, with_col, backend)
+    return row, (col if with_col else None)

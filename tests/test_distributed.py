@@ -1,0 +1,321 @@
+"""fastnce.distributed against the single-process losses, on 2 and 4 gloo processes on CPU.
+
+One spawn per world size runs every case (a spawn costs seconds on a small machine). Each
+worker builds the global batch from a fixed seed, computes the single-process loss and
+gradients itself, runs its share distributed, and records what disagrees instead of raising
+mid-way (a rank that raised would leave the others waiting in a collective); the parent
+asserts on the records. Checks, for both schemes and all three losses:
+
+* mean over ranks of the returned losses == single-process loss on the concatenated batch;
+* each rank's input gradients == world_size × the single-process gradients of its rows;
+* a learnable temperature / logit_scale: every rank's gradient == the single-process one;
+* under DDP, the parameters' gradients == the single-process gradients;
+with odd (3 rows per rank) and unequal local batch sizes, rtol 1e-5 in float32 (absolute
+floor 1e-6 × the tensor's largest entry).
+"""
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+import tempfile
+import traceback
+
+import pytest
+import torch
+
+import fastnce
+import fastnce.distributed as fd
+
+RTOL, ATOL = 1e-5, 1e-6
+D = 8
+SIZES = {2: ([3, 3], [3, 2]), 4: ([3, 3, 3, 3], [3, 1, 4, 2])}
+NEG_SIZES = {2: [4, 2], 4: [2, 5, 1, 3]}  # unpaired negatives per rank (unequal on purpose)
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _slices(sizes, rank):
+    o = sum(sizes[:rank])
+    return slice(o, o + sizes[rank])
+
+
+class _Recorder:
+    def __init__(self):
+        self.failures = []
+        self.count = 0
+
+    def close(self, what, actual, expected):
+        self.count += 1
+        try:
+            # The absolute floor follows the tensor's scale: float32 cancellation near zero
+            # errs by about eps × the largest entries, not by eps × the small one.
+            scale = max(1.0, expected.detach().abs().max().item())
+            torch.testing.assert_close(actual, expected, rtol=RTOL, atol=ATOL * scale)
+        except AssertionError as e:
+            self.failures.append(f"{what}: {str(e).splitlines()[0:4]}")
+
+    def check(self, what, cond, detail=""):
+        self.count += 1
+        if not cond:
+            self.failures.append(f"{what}: {detail}")
+
+
+def _leaf(x):
+    return x.detach().clone().requires_grad_(True)
+
+
+def _run_case(rec, name, single_fn, dist_fn, tensors, _row_sizes, scalars, rank, world):
+    """tensors: {name: (global tensor, per-rank sizes)}; scalars: {name: value} learnable."""
+    import torch.distributed as dist
+
+    g = {k: _leaf(v) for k, (v, _) in tensors.items()}
+    gs = {k: torch.tensor(v, requires_grad=True) for k, v in scalars.items()}
+    ref = single_fn(**g, **gs)
+    ref.backward()
+    loc = {k: _leaf(v[_slices(s, rank)]) for k, (v, s) in tensors.items()}
+    ls = {k: torch.tensor(v, requires_grad=True) for k, v in scalars.items()}
+    loss = dist_fn(**loc, **ls)
+    loss.backward()
+    total = loss.detach().clone()
+    dist.all_reduce(total)
+    rec.close(f"{name} loss (mean over ranks)", total / world, ref.detach())
+    for k, (v, s) in tensors.items():
+        rec.close(f"{name} d{k} rank {rank}", loc[k].grad, world * g[k].grad[_slices(s, rank)])
+    for k in scalars:
+        rec.close(f"{name} d{k} rank {rank}", ls[k].grad, gs[k].grad)
+
+
+def _cases(rank, world, rec):
+    for sizes in SIZES[world]:
+        N = sum(sizes)
+        gen = torch.Generator().manual_seed(1234 + N)
+        rnd = lambda *shape: torch.randn(*shape, generator=gen)
+        z1, z2 = rnd(N, D), rnd(N, D)
+        img = torch.nn.functional.normalize(rnd(N, D), dim=1)
+        txt = torch.nn.functional.normalize(rnd(N, D), dim=1)
+        qry, pos = rnd(N, D), rnd(N, D)
+        negs = NEG_SIZES[world]
+        neg = rnd(sum(negs), D)
+        paired = rnd(N, 5, D)
+        tag = f"sizes={sizes}"
+        for scheme in fd.SCHEMES:
+            kw = dict(scheme=scheme)
+            t = f"[{scheme} {tag}]"
+            _run_case(rec, f"nt_xent {t}", lambda z1, z2: fastnce.nt_xent(z1, z2, 0.1),
+                      lambda z1, z2: fd.nt_xent(z1, z2, 0.1, **kw),
+                      {"z1": (z1, sizes), "z2": (z2, sizes)}, sizes, {}, rank, world)
+            _run_case(rec, f"nt_xent learnable temperature {t}",
+                      lambda z1, z2, tau: fastnce.nt_xent(z1, z2, tau),
+                      lambda z1, z2, tau: fd.nt_xent(z1, z2, tau, **kw),
+                      {"z1": (z1, sizes), "z2": (z2, sizes)}, sizes, {"tau": 0.2}, rank, world)
+            _run_case(rec, f"clip_loss {t}",
+                      lambda a, b, s: fastnce.clip_loss(a, b, s),
+                      lambda a, b, s: fd.clip_loss(a, b, s, **kw),
+                      {"a": (img, sizes), "b": (txt, sizes)}, sizes, {"s": 10.0}, rank, world)
+            _run_case(rec, f"clip_loss fixed scale {t}",
+                      lambda a, b: fastnce.clip_loss(a, b, 5.0),
+                      lambda a, b: fd.clip_loss(a, b, 5.0, **kw),
+                      {"a": (img, sizes), "b": (txt, sizes)}, sizes, {}, rank, world)
+            _run_case(rec, f"info_nce no negatives {t}",
+                      lambda q, p: fastnce.info_nce(q, p, temperature=0.1),
+                      lambda q, p: fd.info_nce(q, p, temperature=0.1, **kw),
+                      {"q": (qry, sizes), "p": (pos, sizes)}, sizes, {}, rank, world)
+            _run_case(rec, f"info_nce unpaired {t}",
+                      lambda q, p, n, tau: fastnce.info_nce(q, p, n, temperature=tau),
+                      lambda q, p, n, tau: fd.info_nce(q, p, n, temperature=tau, **kw),
+                      {"q": (qry, sizes), "p": (pos, sizes), "n": (neg, negs)}, sizes, {"tau": 0.15}, rank, world)
+            _run_case(rec, f"info_nce paired {t}",
+                      lambda q, p, n: fastnce.info_nce(q, p, n, 0.1, negative_mode="paired"),
+                      lambda q, p, n: fd.info_nce(q, p, n, 0.1, negative_mode="paired", **kw),
+                      {"q": (qry, sizes), "p": (pos, sizes), "n": (paired, sizes)}, sizes, {}, rank, world)
+            _run_case(rec, f"nt_xent reduction=sum {t}",
+                      lambda z1, z2: fastnce.nt_xent(z1, z2, 0.1, "sum"),
+                      lambda z1, z2: fd.nt_xent(z1, z2, 0.1, reduction="sum", **kw),
+                      {"z1": (z1, sizes), "z2": (z2, sizes)}, sizes, {}, rank, world)
+            # reduction='none': this rank's per-row losses are the single-process ones of its rows.
+            sl = _slices(sizes, rank)
+            per = fd.clip_loss(img[sl], txt[sl], 5.0, reduction="none", **kw)
+            rec.close(f"clip_loss reduction=none {t}", per, fastnce.clip_loss(img, txt, 5.0, "none")[sl])
+            per = fd.nt_xent(z1[sl], z2[sl], 0.1, reduction="none", **kw)
+            ref = fastnce.nt_xent(z1, z2, 0.1, "none")
+            rec.close(f"nt_xent reduction=none {t}", per, torch.cat([ref[:N][sl], ref[N:][sl]]))
+            per = fd.info_nce(qry[sl], pos[sl], neg[_slices(negs, rank)], reduction="none", **kw)
+            rec.close(f"info_nce reduction=none {t}", per, fastnce.info_nce(qry, pos, neg, reduction="none")[sl])
+            # A memory bank: negatives without gradient (the backward sends no key gradients).
+            nb = neg[_slices(negs, rank)]
+            gq, lq = _leaf(qry), _leaf(qry[_slices(sizes, rank)])
+            fastnce.info_nce(gq, pos, neg).backward()
+            fd.info_nce(lq, pos[_slices(sizes, rank)], nb, **kw).backward()
+            rec.close(f"info_nce unpaired, no-grad negatives dq {t} rank {rank}", lq.grad,
+                      world * gq.grad[_slices(sizes, rank)])
+
+
+def _ddp_case(rank, world, rec):
+    """DDP-averaged parameter gradients of a CLIP step equal the single-process ones."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    sizes = SIZES[world][1]
+    N = sum(sizes)
+    gen = torch.Generator().manual_seed(7)
+    x, y = torch.randn(N, 6, generator=gen), torch.randn(N, 5, generator=gen)
+
+    class Towers(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            g = torch.Generator().manual_seed(3)
+            self.img = torch.nn.Linear(6, D)
+            self.txt = torch.nn.Linear(5, D)
+            for p in self.parameters():
+                p.data = torch.randn(p.shape, generator=g) * 0.3
+            self.log_scale = torch.nn.Parameter(torch.tensor(2.0))
+
+        def forward(self, x, y):
+            a = torch.nn.functional.normalize(self.img(x), dim=1)
+            b = torch.nn.functional.normalize(self.txt(y), dim=1)
+            return a, b, self.log_scale.exp()
+
+    single = Towers()
+    fastnce.clip_loss(*single(x, y)).backward()
+    for scheme in fd.SCHEMES:
+        model = DDP(Towers())
+        sl = _slices(sizes, rank)
+        fd.clip_loss(*model(x[sl], y[sl]), scheme=scheme).backward()
+        for (name, p), q in zip(model.module.named_parameters(), single.parameters()):
+            rec.close(f"DDP [{scheme}] d{name} rank {rank}", p.grad, q.grad)
+
+
+def _error_cases(rank, world, rec):
+    """Mismatches across ranks are the same ValueError on every rank, never a hang."""
+    def raises(what, fn, match):
+        rec.count += 1
+        try:
+            fn()
+        except ValueError as e:
+            if match not in str(e):
+                rec.failures.append(f"{what}: wrong message {e}")
+            return
+        rec.failures.append(f"{what}: no ValueError")
+
+    d = D if rank == 0 else D + 1
+    raises("feature dim differs", lambda: fd.nt_xent(torch.randn(3, d), torch.randn(3, d)), "feature dimension")
+    a = torch.randn(3, D, requires_grad=(rank == 0))
+    raises("requires_grad differs", lambda: fd.clip_loss(a, torch.randn(3, D), 5.0), "requires_grad")
+    raises("scheme mismatch", lambda: fd.nt_xent(torch.randn(3, D), torch.randn(3, D),
+                                                 scheme="ring" if rank else "gather"), "differently")
+    raises("bad scheme", lambda: fd.nt_xent(torch.randn(3, D), torch.randn(3, D), scheme="allgather"), "scheme")
+    # gather_keys: every rank's rows in rank order, no gradient, unequal sizes.
+    sizes = SIZES[world][1]
+    full = torch.arange(sum(sizes) * 2, dtype=torch.float32).view(-1, 2)
+    got = fd.gather_keys(full[_slices(sizes, rank)].requires_grad_(True))
+    rec.check("gather_keys", torch.equal(got, full) and not got.requires_grad, f"{got}")
+
+
+def _worker(rank, world, port, outdir):
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
+    if os.path.exists("/sys/class/net/lo"):
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    torch.set_num_threads(1)
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))
+    rec = _Recorder()
+    try:
+        _cases(rank, world, rec)
+        _ddp_case(rank, world, rec)
+        _error_cases(rank, world, rec)
+    except Exception:
+        rec.failures.append("exception:\n" + traceback.format_exc())
+    with open(os.path.join(outdir, f"rank{rank}.txt"), "w") as f:
+        f.write(f"{rec.count}\n" + "\n".join(rec.failures))
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_matches_single_process(world):
+    import torch.multiprocessing as mp
+
+    with tempfile.TemporaryDirectory() as outdir:
+        mp.spawn(_worker, args=(world, _free_port(), outdir), nprocs=world, join=True)
+        reports = []
+        for r in range(world):
+            with open(os.path.join(outdir, f"rank{r}.txt")) as f:
+                count, *failures = f.read().split("\n")
+            assert int(count) > 50, f"rank {r} ran only {count} checks"
+            reports += [f for f in failures if f]
+    assert not reports, "\n".join(reports)
+
+
+def test_single_process_calls_through():
+    """torch.distributed not initialised: exactly the single-process losses."""
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(5, D, generator=g), torch.randn(5, D, generator=g)
+    neg = torch.randn(7, D, generator=g)
+    for scheme in fd.SCHEMES:
+        assert torch.equal(fd.nt_xent(a, b, 0.2, scheme=scheme), fastnce.nt_xent(a, b, 0.2))
+        assert torch.equal(fd.clip_loss(a, b, 3.0, scheme=scheme), fastnce.clip_loss(a, b, 3.0))
+        assert torch.equal(fd.info_nce(a, b, neg, scheme=scheme), fastnce.info_nce(a, b, neg))
+    assert torch.equal(fd.gather_keys(a), a)
+    with pytest.raises(ValueError, match="scheme"):
+        fd.clip_loss(a, b, 3.0, scheme="ring2")
+
+
+def _nccl_worker(rank, port, outdir):
+    """World size 1 on NCCL, through the distributed code paths (not the call-through)."""
+    from fastnce.distributed import functional as dfn
+
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
+    import torch.distributed as dist
+
+    torch.cuda.set_device(0)
+    dist.init_process_group("nccl", rank=0, world_size=1, timeout=datetime.timedelta(seconds=60))
+    rec = _Recorder()
+    try:
+        g = torch.Generator(device="cuda").manual_seed(0)
+        a = torch.randn(37, 64, device="cuda", generator=g)
+        b = torch.randn(37, 64, device="cuda", generator=g)
+        for scheme in dfn.SCHEMES:
+            code = dfn._check_scheme(scheme)
+            for name, single, multi in (
+                ("nt_xent", lambda x, y, s: fastnce.nt_xent(x, y, 1 / s),
+                 lambda x, y, s: dfn._nt_xent(x, y, 1 / s, scheme, code, None, "auto")),
+                ("clip", lambda x, y, s: fastnce.clip_loss(x, y, s),
+                 lambda x, y, s: dfn._clip_loss(x, y, s, scheme, code, None, "auto")),
+                ("info_nce", lambda x, y, s: fastnce.info_nce(x, y, temperature=1 / s),
+                 lambda x, y, s: dfn._info_nce(x, y, None, 1 / s, "unpaired", scheme, code, None, "auto")),
+            ):
+                x1, y1, s1 = _leaf(a), _leaf(b), torch.tensor(5.0, device="cuda", requires_grad=True)
+                x2, y2, s2 = _leaf(a), _leaf(b), torch.tensor(5.0, device="cuda", requires_grad=True)
+                l1, l2 = single(x1, y1, s1), multi(x2, y2, s2)
+                l1.backward()
+                l2.backward()
+                for what, u, v in (("loss", l2, l1), ("dx", x2.grad, x1.grad), ("dy", y2.grad, y1.grad),
+                                   ("ds", s2.grad, s1.grad)):
+                    rec.count += 1
+                    try:
+                        torch.testing.assert_close(u, v, rtol=1e-4, atol=1e-5)
+                    except AssertionError as e:
+                        rec.failures.append(f"{name} {scheme} {what}: {e}")
+    except Exception:
+        rec.failures.append("exception:\n" + traceback.format_exc())
+    with open(os.path.join(outdir, "rank0.txt"), "w") as f:
+        f.write("\n".join(rec.failures))
+    dist.destroy_process_group()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_nccl_world_size_one():
+    import torch.multiprocessing as mp
+
+    with tempfile.TemporaryDirectory() as outdir:
+        mp.spawn(_nccl_worker, args=(_free_port(), outdir), nprocs=1, join=True)
+        with open(os.path.join(outdir, "rank0.txt")) as f:
+            failures = f.read()
+    assert not failures, failures
