@@ -3,9 +3,9 @@
 Memory O(N·D) instead of O(N²), forward and backward, on fused Triton / CUDA kernels on GPUs
 and a tiled PyTorch path everywhere else.
 """
-from . import ops
+from . import distributed, losses, ops
 from .functional import clip_loss, info_nce, nt_xent
 from .modules import InfoNCE
 
 __version__ = "0.1.0"
-__all__ = ["info_nce", "InfoNCE", "nt_xent", "clip_loss", "ops"]
+__all__ = ["info_nce", "InfoNCE", "nt_xent", "clip_loss", "ops", "losses", "distributed"]

@@ -146,6 +146,15 @@ def _cases(rank, world, rec):
             rec.close(f"nt_xent reduction=none {t}", per, torch.cat([ref[:N][sl], ref[N:][sl]]))
             per = fd.info_nce(qry[sl], pos[sl], neg[_slices(negs, rank)], reduction="none", **kw)
             rec.close(f"info_nce reduction=none {t}", per, fastnce.info_nce(qry, pos, neg, reduction="none")[sl])
+            # The modules' distributed flag reaches the same code.
+            ntx = fastnce.losses.NTXentLoss(0.1, distributed=scheme)
+            _run_case(rec, f"NTXentLoss(distributed) {t}", lambda z1, z2: fastnce.nt_xent(z1, z2, 0.1),
+                      lambda z1, z2: ntx(z1, z2),
+                      {"z1": (z1, sizes), "z2": (z2, sizes)}, sizes, {}, rank, world)
+            clip = fastnce.losses.ClipLoss(0.2, learnable=False, normalize=False, distributed=scheme)
+            _run_case(rec, f"ClipLoss(distributed) {t}", lambda a, b: fastnce.clip_loss(a, b, 5.0),
+                      lambda a, b: clip(a, b),
+                      {"a": (img, sizes), "b": (txt, sizes)}, sizes, {}, rank, world)
             # A memory bank: negatives without gradient (the backward sends no key gradients).
             nb = neg[_slices(negs, rank)]
             gq, lq = _leaf(qry), _leaf(qry[_slices(sizes, rank)])
@@ -213,6 +222,16 @@ def _error_cases(rank, world, rec):
     full = torch.arange(sum(sizes) * 2, dtype=torch.float32).view(-1, 2)
     got = fd.gather_keys(full[_slices(sizes, rank)].requires_grad_(True))
     rec.check("gather_keys", torch.equal(got, full) and not got.requires_grad, f"{got}")
+    # MoCo enqueues the keys of every rank: the queues stay equal across ranks.
+    moco = fastnce.losses.MoCoLoss(D, queue_size=64, distributed=True)
+    torch.manual_seed(0)
+    moco.queue.copy_(torch.nn.functional.normalize(torch.randn(64, D), dim=1))
+    keys = torch.randn(3 + rank, D)
+    moco(torch.randn(3 + rank, D), keys)
+    queues = [torch.empty_like(moco.queue) for _ in range(world)]
+    torch.distributed.all_gather(queues, moco.queue)
+    rec.check("MoCoLoss(distributed) queues equal", all(torch.equal(q, queues[0]) for q in queues))
+    rec.check("MoCoLoss(distributed) pointer", int(moco.queue_ptr) == sum(3 + r for r in range(world)) % 64)
 
 
 def _worker(rank, world, port, outdir):

@@ -48,7 +48,7 @@ def _prepare(q, k, scale, bias, labels, k_labels, label_mask, exclude_self, diag
     check_same({"q": q, "k": k})
     N = q.shape[0] if k is None else k.shape[0]
     if not isinstance(scale, Tensor):
-        scale = torch.tensor(float(scale), device=q.device)
+        scale = torch.tensor(float(scale), dtype=torch.float64 if q.dtype == torch.float64 else torch.float32, device=q.device)
     if scale.numel() != 1:
         raise ValueError(f"scale must be a scalar, got a tensor of shape {tuple(scale.shape)}")
     if scale.device != q.device:

@@ -1,0 +1,97 @@
+"""Helpers shared by the losses: label grouping, row-block loops with recomputation, EMA."""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from .._checks import check_features, check_labels
+
+# Entries of one (rows × N) block of distances in the blockwise (non-primitive) losses.
+BLOCK_ELEMS = 1 << 20
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float32 for half inputs, the input dtype otherwise (float64 stays float64)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def embeddings_and_labels(embeddings, labels):
+    """pytorch-metric-learning's call convention: embeddings (N, D), labels (N,) integers."""
+    check_features("embeddings", embeddings)
+    labels = check_labels("labels", labels, embeddings.shape[0], "embeddings", embeddings.device)
+    return embeddings, labels
+
+
+def zero_loss(embeddings: Tensor) -> Tensor:
+    """0 connected to the graph (pml's zero loss: sum(embeddings * 0))."""
+    return (embeddings * 0).sum().to(acc_dtype(embeddings.dtype))
+
+
+def class_index(labels: Tensor):
+    """(inverse (N,), counts (C,)): labels mapped to 0..C-1 and the size of each class."""
+    _, inverse, counts = torch.unique(labels, return_inverse=True, return_counts=True)
+    return inverse, counts
+
+
+def row_blocks(n_rows: int, n_cols: int):
+    """(start, stop) of row blocks holding about BLOCK_ELEMS entries of an (n_rows, n_cols) matrix."""
+    step = max(1, min(n_rows, BLOCK_ELEMS // max(n_cols, 1)))
+    return [(i, min(i + step, n_rows)) for i in range(0, n_rows, step)]
+
+
+def blockwise(fn: Callable, n_rows: int, n_cols: int, *tensors: Tensor) -> list:
+    """[fn(i0, i1, *tensors) for each row block], each block recomputed in the backward.
+
+    With gradients on, every block runs under non-reentrant activation checkpointing, so
+    autograd keeps only the inputs (shared, O(N·D)) and fn's small outputs, never the
+    blocks of the distance matrix: memory O(N·D + block) instead of O(N²).
+    """
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+    out = []
+    for i0, i1 in row_blocks(n_rows, n_cols):
+        if grad:
+            out.append(checkpoint(fn, i0, i1, *tensors, use_reentrant=False))
+        else:
+            out.append(fn(i0, i1, *tensors))
+    return out
+
+
+def block_distances(xb: Tensor, x: Tensor, sqb: Tensor, sq: Tensor) -> Tensor:
+    """Euclidean distances (B, N) of the rows xb to the rows of x, given squared norms.
+
+    ‖a‖² + ‖b‖² − 2a·b clamped at 0, square root with a zero gradient at 0 (as torch.cdist).
+    """
+    d2 = torch.addmm(sqb[:, None] + sq[None, :], xb, x.T, alpha=-2).clamp_min_(0)
+    tiny = torch.finfo(d2.dtype).tiny
+    return torch.where(d2 > 0, d2.clamp_min(tiny).sqrt(), torch.zeros_like(d2))
+
+
+def pair_masks(lb: Tensor, labels: Tensor, i0: int):
+    """(positives, negatives) (B, N) for rows i0.. : same label without self, different label."""
+    same = lb[:, None] == labels[None, :]
+    rows = torch.arange(i0, i0 + lb.shape[0], device=labels.device)
+    cols = torch.arange(labels.shape[0], device=labels.device)
+    return same & (cols[None, :] != rows[:, None]), ~same
+
+
+@torch.no_grad()
+def momentum_update(key_encoder: nn.Module, query_encoder: nn.Module, m: float = 0.999) -> None:
+    """EMA of parameters: key ← m·key + (1 − m)·query; buffers (e.g. BatchNorm statistics) copied.
+
+    MoCo's momentum encoder (He et al. 2020) and the DINO / BYOL teacher: call after each
+    optimiser step. The two modules must have the same structure.
+    """
+    if not 0.0 <= m <= 1.0:
+        raise ValueError(f"m must be in [0, 1], got {m}")
+    k_params, q_params = list(key_encoder.parameters()), list(query_encoder.parameters())
+    if len(k_params) != len(q_params):
+        raise ValueError(
+            f"key_encoder has {len(k_params)} parameters, query_encoder {len(q_params)}: they must match"
+        )
+    for pk, pq in zip(k_params, q_params):
+        pk.mul_(m).add_(pq.detach().to(pk.dtype), alpha=1.0 - m)
+    for bk, bq in zip(key_encoder.buffers(), query_encoder.buffers()):
+        bk.copy_(bq)

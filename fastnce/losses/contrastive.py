@@ -1,0 +1,298 @@
+"""Self-supervised contrastive losses on the primitive: SimCLR (any number of views), MoCo, CLIP, CPC.
+
+Each is `fastnce.ops.similarity_lse` (row logsumexp over all pairs, tile by tile) minus
+positive logits that cost O(N·D). `backend` is passed through to the primitive.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence, Union
+
+import torch
+from torch import Tensor, nn
+
+from .._checks import check_features, check_reduction, check_same, check_temperature, reduce
+from ..functional import clip_loss, info_nce, l2_normalize, nt_xent, paired_logits
+from .. import distributed as fd
+from ..ops import similarity_lse
+from ._common import acc_dtype, momentum_update
+
+__all__ = [
+    "nt_xent_multiview", "NTXentLoss", "MoCoLoss", "momentum_update", "ClipLoss",
+    "zero_shot_logits", "zero_shot_predict", "cpc_loss", "CPCLoss", "GRUContext",
+]
+
+
+def _check_scheme(distributed) -> None:
+    if distributed is not None and distributed not in fd.SCHEMES:
+        raise ValueError(f"distributed must be None or one of {fd.SCHEMES}, got {distributed!r}")
+
+
+# ------------------------------------------------------------------------------ SimCLR
+
+def _stack_views(views) -> Tensor:
+    if isinstance(views, Tensor):
+        if views.dim() != 3:
+            raise ValueError(f"views as a tensor must have shape (V, N, D), got {tuple(views.shape)}")
+        return views
+    if not isinstance(views, (list, tuple)) or len(views) == 0:
+        raise TypeError(f"views must be a (V, N, D) tensor or a list/tuple of (N, D) tensors, got {type(views).__name__}")
+    for i, v in enumerate(views):
+        check_features(f"views[{i}]", v)
+        if v.shape != views[0].shape:
+            raise ValueError(f"views[{i}] must have the shape of views[0] {tuple(views[0].shape)}, got {tuple(v.shape)}")
+    check_same({f"views[{i}]": v for i, v in enumerate(views)})
+    return torch.stack(list(views))
+
+
+def nt_xent_multiview(views, temperature: Union[float, Tensor] = 0.1, reduction: str = "mean", *,
+                      backend: str = "auto") -> Tensor:
+    """NT-Xent over V ≥ 2 views (SimCLR, Chen et al. 2020; multi-view as in Khosla et al. 2020 §3.2).
+
+    views: (V, N, D) tensor or list/tuple of V tensors (N, D), row n of each a view of sample n.
+    Z = normalize([views[0]; …; views[V−1]]) (V·N rows). Every row is an anchor, every other
+    view of the same sample a positive; the loss of a pair (i, p) is
+    row_lse_i (all V·N − 1 other rows, self excluded) − Z_i·Z_p/T, averaged over all pairs.
+    Positive logits come from per-sample sums of the views: O(N·V·D).
+    Returns a scalar, or with reduction='none' (V·N,) per anchor (mean over its V − 1 positives),
+    view-major. For V = 2 equal to fastnce.nt_xent.
+
+    Differs from pytorch-metric-learning's NTXentLoss for V > 2: pml leaves the other positives
+    out of each pair's denominator; here they stay in (SimCLR's denominator, all other rows).
+    """
+    check_temperature(temperature)
+    check_reduction(reduction)
+    views = _stack_views(views)
+    check_features("views", views, ndim=3)
+    V, N, D = views.shape
+    if V < 2:
+        raise ValueError(f"at least two views are needed, got {V}")
+    z = l2_normalize(views.reshape(V * N, D))
+    scale = 1.0 / temperature
+    row_lse, _ = similarity_lse(z, None, scale, exclude_self=True, backend=backend)
+    acc = row_lse.dtype
+    zf = z.to(acc)
+    per_sample = zf.reshape(V, N, D).sum(0)                # Σ_v z_{v,n}
+    others = per_sample.repeat(V, 1) - zf                 # Σ_{v' ≠ v} z_{v',n}
+    positive = paired_logits(zf, others, scale) / (V - 1)
+    return reduce(row_lse - positive, reduction)
+
+
+class NTXentLoss(nn.Module):
+    """SimCLR's NT-Xent (Chen et al. 2020, "A Simple Framework for Contrastive Learning of
+    Visual Representations"), two or more views.
+
+    forward(z1, z2): z1, z2 (N, D) → fastnce.nt_xent (2N anchors).
+    forward(views): a (V, N, D) tensor or a list/tuple of V tensors (N, D) → nt_xent_multiview.
+    Returns a scalar ('mean', 'sum') or per-anchor losses ('none', (V·N,)).
+    distributed='ring' or 'gather': two views over the global batch of all ranks
+    (fastnce.distributed.nt_xent).
+    """
+
+    def __init__(self, temperature: float = 0.1, reduction: str = "mean", backend: str = "auto",
+                 distributed: Optional[str] = None):
+        super().__init__()
+        check_temperature(temperature)
+        check_reduction(reduction)
+        _check_scheme(distributed)
+        self.temperature, self.reduction, self.backend = temperature, reduction, backend
+        self.distributed = distributed
+
+    def forward(self, z1, z2: Optional[Tensor] = None) -> Tensor:
+        if z2 is not None:
+            if self.distributed:
+                return fd.nt_xent(z1, z2, self.temperature, reduction=self.reduction,
+                                  scheme=self.distributed, backend=self.backend)
+            return nt_xent(z1, z2, self.temperature, self.reduction, backend=self.backend)
+        if self.distributed:
+            raise ValueError("distributed NT-Xent takes two views, forward(z1, z2); got a multi-view input")
+        return nt_xent_multiview(z1, self.temperature, self.reduction, backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return f"temperature={self.temperature}, reduction={self.reduction!r}, backend={self.backend!r}"
+
+
+# ------------------------------------------------------------------------------ MoCo
+
+class MoCoLoss(nn.Module):
+    """MoCo's InfoNCE against a queue of keys (He et al. 2020, "Momentum Contrast for
+    Unsupervised Visual Representation Learning"; v2 defaults).
+
+    Buffers: `queue` (queue_size, dim), L2-normalised keys, random normalised at start as in
+    MoCo; `queue_ptr` () int64, next slot. Both are in the state_dict.
+    forward(query, key): query, key (N, dim), normalised inside; key is the momentum encoder's
+    output (compute it under torch.no_grad(): it is used as given). Loss per row
+    logaddexp(pos, row_lse over the queue) − pos with pos = q·k/T (the primitive holds no N×K
+    matrix). Then, with update_queue=True (default), the keys are enqueued (detached,
+    normalised, wrap-around). Returns a scalar, or (N,) with reduction='none'.
+    Use `momentum_update(key_encoder, query_encoder, m)` for the key encoder.
+    distributed=True: the keys of every rank are enqueued (fastnce.distributed.gather_keys), so
+    the queue stays the same on every rank; the loss itself is each rank's own rows.
+    """
+
+    def __init__(self, dim: int, queue_size: int = 65536, temperature: float = 0.07,
+                 reduction: str = "mean", backend: str = "auto", distributed: bool = False):
+        super().__init__()
+        if dim < 1 or queue_size < 1:
+            raise ValueError(f"dim and queue_size must be positive, got dim={dim}, queue_size={queue_size}")
+        check_temperature(temperature)
+        check_reduction(reduction)
+        self.dim, self.queue_size = dim, queue_size
+        self.temperature, self.reduction, self.backend = temperature, reduction, backend
+        self.distributed = bool(distributed)
+        self.register_buffer("queue", l2_normalize(torch.randn(queue_size, dim)))
+        self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
+
+    @torch.no_grad()
+    def enqueue(self, keys: Tensor) -> None:
+        """Write keys (n, dim) into the queue at the pointer, wrapping around (the oldest go)."""
+        check_features("keys", keys)
+        if keys.shape[1] != self.dim:
+            raise ValueError(f"keys must have {self.dim} columns, got shape {tuple(keys.shape)}")
+        keys = l2_normalize(keys.detach()).to(self.queue.dtype)
+        if keys.shape[0] > self.queue_size:
+            keys = keys[-self.queue_size:]
+        n, ptr = keys.shape[0], int(self.queue_ptr)
+        idx = (torch.arange(n, device=self.queue.device) + ptr) % self.queue_size
+        self.queue[idx] = keys.to(self.queue.device)
+        self.queue_ptr.fill_((ptr + n) % self.queue_size)
+
+    def forward(self, query: Tensor, key: Tensor, update_queue: bool = True) -> Tensor:
+        queue = self.queue.to(query.dtype) if self.queue.dtype != query.dtype else self.queue
+        loss = info_nce(query, key, queue.detach(), self.temperature, self.reduction,
+                        "unpaired", backend=self.backend)
+        if update_queue:
+            self.enqueue(fd.gather_keys(key) if self.distributed else key)
+        return loss
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, queue_size={self.queue_size}, temperature={self.temperature}, backend={self.backend!r}"
+
+
+# ------------------------------------------------------------------------------ CLIP
+
+class ClipLoss(nn.Module):
+    """CLIP's symmetric contrastive loss with its learnable temperature (Radford et al. 2021,
+    "Learning Transferable Visual Models From Natural Language Supervision").
+
+    Parameter `logit_scale` = log(1 / init_temperature) (a buffer if learnable=False); the
+    multiplier is exp(logit_scale) clamped at max_logit_scale (100, as CLIP; the clamp stops
+    its gradient, as CLIP's in-place clamp does).
+    forward(image_features, text_features): (N, D) each; L2-normalised inside when
+    normalize=True (CLIP's model does it before the loss), then fastnce.clip_loss.
+    Returns a scalar, or (N,) with reduction='none'.
+    distributed='ring' or 'gather': over the global batch of all ranks (fastnce.distributed.clip_loss).
+    """
+
+    def __init__(self, init_temperature: float = 0.07, learnable: bool = True, max_logit_scale: float = 100.0,
+                 normalize: bool = True, reduction: str = "mean", backend: str = "auto",
+                 distributed: Optional[str] = None):
+        super().__init__()
+        check_temperature(init_temperature, "init_temperature")
+        check_temperature(max_logit_scale, "max_logit_scale")
+        check_reduction(reduction)
+        value = torch.tensor(math.log(1.0 / init_temperature))
+        if learnable:
+            self.logit_scale = nn.Parameter(value)
+        else:
+            self.register_buffer("logit_scale", value)
+        self.max_logit_scale, self.normalize = max_logit_scale, normalize
+        _check_scheme(distributed)
+        self.reduction, self.backend, self.distributed = reduction, backend, distributed
+
+    def scale(self) -> Tensor:
+        """The multiplier exp(logit_scale), clamped at max_logit_scale."""
+        return self.logit_scale.clamp(max=math.log(self.max_logit_scale)).exp()
+
+    def forward(self, image_features: Tensor, text_features: Tensor) -> Tensor:
+        if self.normalize:
+            image_features, text_features = l2_normalize(image_features), l2_normalize(text_features)
+        scale = self.scale().to(acc_dtype(image_features.dtype))
+        if self.distributed:
+            return fd.clip_loss(image_features, text_features, scale, reduction=self.reduction,
+                                scheme=self.distributed, backend=self.backend)
+        return clip_loss(image_features, text_features, scale, self.reduction, backend=self.backend)
+
+
+def zero_shot_logits(image_features: Tensor, class_text_features: Tensor, logit_scale=100.0) -> Tensor:
+    """CLIP zero-shot logits (N, C): logit_scale · normalize(image) @ normalize(class text)ᵀ.
+
+    class_text_features (C, D): one embedding per class (e.g. the mean of its prompt embeddings).
+    Small (N × C) by nature: computed directly.
+    """
+    check_features("image_features", image_features)
+    check_features("class_text_features", class_text_features)
+    acc = acc_dtype(image_features.dtype)
+    return logit_scale * (l2_normalize(image_features).to(acc) @ l2_normalize(class_text_features).to(acc).T)
+
+
+def zero_shot_predict(image_features: Tensor, class_text_features: Tensor, logit_scale=100.0) -> Tensor:
+    """Predicted class index (N,) of each image: argmax of zero_shot_logits."""
+    return zero_shot_logits(image_features, class_text_features, logit_scale).argmax(1)
+
+
+# ------------------------------------------------------------------------------ CPC
+
+def cpc_loss(context: Tensor, codes: Tensor, weights: Sequence[Tensor], *, backend: str = "auto") -> Tensor:
+    """InfoNCE of Contrastive Predictive Coding (van den Oord et al. 2018, "Representation
+    Learning with Contrastive Predictive Coding").
+
+    context (B, T, C): c_t; codes (B, T, Dz): z_t; weights: K matrices W_k (Dz, C) (nn.Linear
+    weights), k = 1..K, K < T. Score f_k(z, c_t) = z·W_k c_t (no normalisation, no temperature).
+    For offset k and every (b, t < T − k): the positive is z[b, t+k], the candidates are all
+    B·T codes of the batch (other sequences and other positions: the negatives), so the loss
+    is row_lse over all codes − the positive's score, from one primitive call for all offsets.
+    Returns the mean over offsets of each offset's mean over (b, t).
+    """
+    check_features("context", context, ndim=3)
+    check_features("codes", codes, ndim=3)
+    check_same({"context": context, "codes": codes})
+    B, T, Dz = codes.shape
+    if context.shape[:2] != (B, T):
+        raise ValueError(f"context must have shape ({B}, {T}, C) like codes' first two dims, got {tuple(context.shape)}")
+    K = len(weights)
+    if K < 1 or K >= T:
+        raise ValueError(f"need 1 <= number of offsets < T={T}, got {K}")
+    preds, positives, sizes = [], [], []
+    for k, W in enumerate(weights, start=1):
+        if W.shape != (Dz, context.shape[2]):
+            raise ValueError(f"weights[{k - 1}] must have shape ({Dz}, {context.shape[2]}), got {tuple(W.shape)}")
+        p = (context[:, : T - k] @ W.T.to(context.dtype)).reshape(-1, Dz)   # W_k c_t, (B·(T−k), Dz)
+        preds.append(p)
+        positives.append(codes[:, k:].reshape(-1, Dz))
+        sizes.append(p.shape[0])
+    q = torch.cat(preds)
+    row_lse, _ = similarity_lse(q, codes.reshape(B * T, Dz), 1.0, backend=backend)
+    per_row = row_lse - paired_logits(q, torch.cat(positives), 1.0)
+    per_offset = torch.stack([part.mean() for part in per_row.split(sizes)])
+    return per_offset.mean()
+
+
+class CPCLoss(nn.Module):
+    """CPC's InfoNCE with its per-offset bilinear predictors W_k (see cpc_loss).
+
+    forward(context (B, T, context_dim), codes (B, T, code_dim)) → scalar.
+    `predictors[k-1]` is nn.Linear(context_dim, code_dim, bias=False), k = 1..num_steps.
+    """
+
+    def __init__(self, context_dim: int, code_dim: int, num_steps: int, backend: str = "auto"):
+        super().__init__()
+        if num_steps < 1:
+            raise ValueError(f"num_steps must be at least 1, got {num_steps}")
+        self.predictors = nn.ModuleList(nn.Linear(context_dim, code_dim, bias=False) for _ in range(num_steps))
+        self.backend = backend
+
+    def forward(self, context: Tensor, codes: Tensor) -> Tensor:
+        return cpc_loss(context, codes, [p.weight for p in self.predictors], backend=self.backend)
+
+
+class GRUContext(nn.Module):
+    """CPC's autoregressive context network g_ar: a GRU over the codes, (B, T, code_dim) → (B, T, context_dim)."""
+
+    def __init__(self, code_dim: int, context_dim: int, num_layers: int = 1):
+        super().__init__()
+        self.gru = nn.GRU(code_dim, context_dim, num_layers=num_layers, batch_first=True)
+
+    def forward(self, codes: Tensor) -> Tensor:
+        out, _ = self.gru(codes)
+        return out

@@ -1,0 +1,205 @@
+"""Self-distillation and clustering losses: DINO and SwAV.
+
+Neither is a logsumexp over pairs of samples (each sample is compared with its own other
+views through a softmax over output_dim / prototypes), so both are plain PyTorch:
+O(V²·B·D) time, O(V·B·D) memory, nothing quadratic in the batch.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .._checks import check_features, check_same, check_temperature
+from ..functional import l2_normalize
+from ._common import acc_dtype, momentum_update
+
+__all__ = ["dino_loss", "DINOLoss", "update_teacher", "sinkhorn", "swav_loss", "SwAVLoss", "SwAVPrototypes"]
+
+
+def _stack(name: str, outs: Sequence[Tensor]) -> Tensor:
+    if isinstance(outs, Tensor):
+        outs = list(outs) if outs.dim() == 3 else [outs]
+    if len(outs) == 0:
+        raise ValueError(f"{name} must hold at least one view")
+    for i, o in enumerate(outs):
+        check_features(f"{name}[{i}]", o)
+        if o.shape != outs[0].shape:
+            raise ValueError(f"{name}[{i}] must have the shape of {name}[0] {tuple(outs[0].shape)}, got {tuple(o.shape)}")
+    return torch.stack(list(outs))
+
+
+# ------------------------------------------------------------------------------ DINO
+
+def dino_loss(teacher_out: Sequence[Tensor], student_out: Sequence[Tensor], center: Tensor,
+              teacher_temp: float = 0.04, student_temp: float = 0.1) -> Tensor:
+    """DINO's cross-entropy (Caron et al. 2021, "Emerging Properties in Self-Supervised Vision
+    Transformers"), lightly's DINOLoss formula, without the centre update.
+
+    teacher_out: Vt tensors (B, D); student_out: Vs tensors (B, D); center (D,) or (1, 1, D).
+    P_t = softmax((teacher_t − center) / teacher_temp) (detached: the teacher is a target),
+    the loss of a pair (t, s) is −Σ_d P_t · log_softmax(student_s / student_temp), summed over
+    the Vt·Vs − min(Vt, Vs) pairs with t ≠ s (view i of the teacher is view i of the student)
+    and the batch, divided by their number and B.
+    """
+    t = _stack("teacher_out", teacher_out)
+    s = _stack("student_out", student_out)
+    check_same({"teacher_out": t, "student_out": s})
+    if t.shape[1:] != s.shape[1:]:
+        raise ValueError(f"student views must have the teacher views' shape {tuple(t.shape[1:])}, got {tuple(s.shape[1:])}")
+    Vt, Vs, B = t.shape[0], s.shape[0], t.shape[1]
+    n_terms = Vt * Vs - min(Vt, Vs)
+    if n_terms == 0:
+        raise ValueError(f"DINO needs two views in total that differ, got {Vt} teacher and {Vs} student view(s)")
+    acc = acc_dtype(t.dtype)
+    p_t = F.softmax((t.detach().to(acc) - center.reshape(1, 1, -1).to(acc)) / teacher_temp, dim=-1)
+    log_s = F.log_softmax(s.to(acc) / student_temp, dim=-1)
+    # Σ_{t≠s} P_t·log S_s = (Σ_t P_t)·(Σ_s log S_s) − Σ_{i<min} P_i·log S_i, per sample.
+    cross = torch.einsum("bd,bd->", p_t.sum(0), log_s.sum(0))
+    m = min(Vt, Vs)
+    same = torch.einsum("vbd,vbd->", p_t[:m], log_s[:m])
+    return -(cross - same) / (n_terms * B)
+
+
+class DINOLoss(nn.Module):
+    """DINO loss with lightly's (1.6) arguments, defaults and semantics (lightly.loss.DINOLoss).
+
+    Buffer `center` (1, 1, output_dim), updated after each forward by an EMA of the teacher
+    outputs' batch mean: center ← m·center + (1 − m)·mean (no gradient).
+    forward(teacher_out: list of (B, D), student_out: list of (B, D), teacher_temp=None, epoch=None):
+    teacher temperature = teacher_temp if given, else the linear warm-up schedule from
+    warmup_teacher_temp to teacher_temp over warmup_teacher_temp_epochs when epoch is given,
+    else teacher_temp. Loss as dino_loss. Returns a scalar.
+    Differs from lightly: the teacher outputs are detached (lightly lets a gradient reach a
+    teacher that requires one); no distributed all-reduce of the centre.
+    Update the teacher with `update_teacher(teacher, student, m)` (an EMA of parameters).
+    """
+
+    def __init__(self, output_dim: int = 65536, warmup_teacher_temp: float = 0.04, teacher_temp: float = 0.04,
+                 warmup_teacher_temp_epochs: int = 30, student_temp: float = 0.1, center_momentum: float = 0.9):
+        super().__init__()
+        for name, v in (("warmup_teacher_temp", warmup_teacher_temp), ("teacher_temp", teacher_temp),
+                        ("student_temp", student_temp)):
+            check_temperature(v, name)
+        self.output_dim = output_dim
+        self.teacher_temp, self.student_temp = teacher_temp, student_temp
+        self.center_momentum = center_momentum
+        self.warmup_teacher_temp_epochs = warmup_teacher_temp_epochs
+        self.teacher_temp_schedule = torch.linspace(warmup_teacher_temp, teacher_temp, warmup_teacher_temp_epochs)
+        self.register_buffer("center", torch.zeros(1, 1, output_dim))
+
+    def _teacher_temperature(self, teacher_temp, epoch) -> float:
+        if teacher_temp is not None:
+            return float(teacher_temp)
+        if epoch is not None and epoch < self.warmup_teacher_temp_epochs:
+            return float(self.teacher_temp_schedule[epoch])
+        return float(self.teacher_temp)
+
+    def forward(self, teacher_out: Sequence[Tensor], student_out: Sequence[Tensor],
+                teacher_temp: Optional[float] = None, epoch: Optional[int] = None) -> Tensor:
+        loss = dino_loss(teacher_out, student_out, self.center, self._teacher_temperature(teacher_temp, epoch),
+                         self.student_temp)
+        self.update_center(teacher_out)
+        return loss
+
+    @torch.no_grad()
+    def update_center(self, teacher_out: Sequence[Tensor]) -> None:
+        batch_center = _stack("teacher_out", teacher_out).to(self.center.dtype).mean(dim=(0, 1), keepdim=True)
+        self.center.mul_(self.center_momentum).add_(batch_center, alpha=1.0 - self.center_momentum)
+
+
+def update_teacher(teacher: nn.Module, student: nn.Module, m: float = 0.996) -> None:
+    """DINO / BYOL EMA teacher: teacher ← m·teacher + (1 − m)·student (see momentum_update)."""
+    momentum_update(teacher, student, m)
+
+
+# ------------------------------------------------------------------------------ SwAV
+
+@torch.no_grad()
+def sinkhorn(scores: Tensor, iterations: int = 3, epsilon: float = 0.05) -> Tensor:
+    """Sinkhorn-Knopp codes (SwAV, Caron et al. 2020), lightly's / the authors' algorithm.
+
+    scores (B, K) → codes (B, K): Q = exp(scores/ε) normalised to equal prototype mass and
+    equal sample mass, `iterations` rounds; each row of the result sums to 1. Run in the log
+    domain: the same result as the authors' exp-then-divide loop, without overflow or an
+    all-zero row when scores/ε spans more than float range.
+    """
+    acc = acc_dtype(scores.dtype)
+    log_q = (scores.to(acc) / epsilon).T  # (K, B)
+    K, B = log_q.shape
+    log_q = log_q - torch.logsumexp(log_q.reshape(-1), 0)
+    for _ in range(iterations):
+        log_q = log_q - torch.logsumexp(log_q, dim=1, keepdim=True) - math.log(K)
+        log_q = log_q - torch.logsumexp(log_q, dim=0, keepdim=True) - math.log(B)
+    return torch.exp(log_q + math.log(B)).T
+
+
+def swav_loss(high_resolution_outputs: Sequence[Tensor], low_resolution_outputs: Sequence[Tensor] = (),
+              temperature: float = 0.1, sinkhorn_iterations: int = 3, sinkhorn_epsilon: float = 0.05,
+              queue_outputs: Optional[Sequence[Tensor]] = None) -> Tensor:
+    """SwAV's swapped prediction (Caron et al. 2020, "Unsupervised Learning of Visual Features
+    by Contrasting Cluster Assignments"), lightly's SwaVLoss semantics.
+
+    high_resolution_outputs: list of (B, K) prototype scores (normalised features · normalised
+    prototypes) of the global crops; low_resolution_outputs: the same for the small crops.
+    For each global crop i: codes q_i = sinkhorn(scores_i) (no gradient; with queue_outputs[i]
+    (Q, K) appended before Sinkhorn and cut off after); every other crop v predicts them:
+    −mean_b Σ_k q_i · log_softmax(scores_v / temperature). Sum over v divided by
+    (number of crops − 1), mean over i. Returns a scalar (lightly returns shape (1,)).
+    """
+    high = list(high_resolution_outputs)
+    low = list(low_resolution_outputs)
+    if not high:
+        raise ValueError("high_resolution_outputs must hold at least one crop")
+    for i, x in enumerate(high + low):
+        check_features(f"outputs[{i}]", x)
+    n_crops = len(high) + len(low)
+    if n_crops < 2:
+        raise ValueError("SwAV needs at least two crops")
+    acc = acc_dtype(high[0].dtype)
+    log_p = [F.log_softmax(x.to(acc) / temperature, dim=1) for x in high + low]
+    loss = 0.0
+    for i, h in enumerate(high):
+        scores = h.detach()
+        if queue_outputs is not None:
+            scores = torch.cat([scores, queue_outputs[i].detach().to(scores.dtype)])
+        q = sinkhorn(scores, sinkhorn_iterations, sinkhorn_epsilon)[: h.shape[0]]
+        sub = sum(-(q * lp).sum(1).mean() for v, lp in enumerate(log_p) if v != i)
+        loss = loss + sub / (n_crops - 1)
+    return loss / len(high)
+
+
+class SwAVLoss(nn.Module):
+    """SwAV loss with lightly's SwaVLoss arguments and defaults (see swav_loss).
+
+    forward(high_resolution_outputs, low_resolution_outputs=(), queue_outputs=None) → scalar.
+    """
+
+    def __init__(self, temperature: float = 0.1, sinkhorn_iterations: int = 3, sinkhorn_epsilon: float = 0.05):
+        super().__init__()
+        check_temperature(temperature)
+        check_temperature(sinkhorn_epsilon, "sinkhorn_epsilon")
+        self.temperature, self.sinkhorn_iterations, self.sinkhorn_epsilon = temperature, sinkhorn_iterations, sinkhorn_epsilon
+
+    def forward(self, high_resolution_outputs, low_resolution_outputs=(), queue_outputs=None) -> Tensor:
+        return swav_loss(high_resolution_outputs, low_resolution_outputs, self.temperature,
+                         self.sinkhorn_iterations, self.sinkhorn_epsilon, queue_outputs)
+
+
+class SwAVPrototypes(nn.Module):
+    """SwAV's prototype layer: scores = normalize(features) @ normalize(prototypes)ᵀ, (B, K)."""
+
+    def __init__(self, dim: int, n_prototypes: int = 3000):
+        super().__init__()
+        self.prototypes = nn.Parameter(l2_normalize(torch.randn(n_prototypes, dim)))
+
+    def forward(self, features: Tensor) -> Tensor:
+        return l2_normalize(features) @ l2_normalize(self.prototypes).to(features.dtype).T
+
+    @torch.no_grad()
+    def normalize_(self) -> None:
+        """Project the prototypes back onto the sphere (SwAV does it after each step)."""
+        self.prototypes.copy_(l2_normalize(self.prototypes))

@@ -1,0 +1,396 @@
+"""fastnce.losses against their formula references (fastnce/losses/naive.py), lightly where it
+is installed, and gradcheck in float64 on small sizes."""
+import importlib.util
+import os
+import sys
+import types
+
+import pytest
+import torch
+
+import fastnce
+from fastnce import losses as L
+from fastnce.losses import _common
+from fastnce.losses import naive as R
+
+BACKENDS = ["reference", "torch"]
+F64 = dict(rtol=1e-9, atol=1e-10)
+F32 = dict(rtol=1e-4, atol=1e-6)
+
+
+def _gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+def _labels(N, g):
+    if N == 1:
+        return torch.zeros(1, dtype=torch.long)
+    if N == 3:
+        return torch.tensor([0, 1, 0])
+    return torch.randint(0, max(2, N // 6), (N,), generator=g)
+
+
+def _grads(loss, inputs):
+    return torch.autograd.grad(loss, inputs, allow_unused=True)
+
+
+def _close_with_grads(ours, ref, inputs, tol):
+    torch.testing.assert_close(ours, ref.to(ours.dtype).reshape(ours.shape), **tol)
+    for a, b in zip(_grads(ours, inputs), _grads(ref, inputs)):
+        a = torch.zeros_like(inputs[0]) if a is None else a
+        b = torch.zeros_like(a) if b is None else b
+        torch.testing.assert_close(a, b, **tol)
+
+
+# ---------------------------------------------------------------- NT-Xent, several views
+
+@pytest.mark.parametrize("V,N", [(2, 1), (3, 3), (4, 127)])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_nt_xent_multiview_matches_reference(V, N, backend):
+    views = torch.randn(V, N, 16, generator=_gen(N), dtype=torch.float64, requires_grad=True)
+    ours = L.NTXentLoss(temperature=0.2, backend=backend)(views)
+    _close_with_grads(ours, R.nt_xent_multiview_naive(views, 0.2), (views,), F64)
+    as_list = L.NTXentLoss(temperature=0.2, backend=backend)(list(views.unbind(0)))
+    torch.testing.assert_close(as_list, ours, **F64)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_nt_xent_two_views_equals_nt_xent(backend):
+    z1, z2 = torch.randn(2, 9, 8, generator=_gen(1))
+    for red in ("mean", "sum", "none"):
+        torch.testing.assert_close(L.nt_xent_multiview([z1, z2], 0.3, red, backend=backend),
+                                   fastnce.nt_xent(z1, z2, 0.3, red, backend=backend), **F32)
+    torch.testing.assert_close(L.NTXentLoss(backend=backend)(z1, z2), fastnce.nt_xent(z1, z2, backend=backend))
+
+
+def test_nt_xent_multiview_gradcheck():
+    views = torch.randn(3, 4, 5, generator=_gen(2), dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda v: L.nt_xent_multiview(v, 0.5, backend="torch"), (views,))
+
+
+def test_nt_xent_multiview_errors():
+    with pytest.raises(ValueError, match="two views"):
+        L.nt_xent_multiview(torch.randn(1, 4, 3))
+    with pytest.raises(ValueError, match="shape"):
+        L.nt_xent_multiview([torch.randn(4, 3), torch.randn(5, 3)])
+
+
+# ---------------------------------------------------------------- MoCo
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_moco_matches_reference_and_enqueues(backend):
+    torch.manual_seed(0)
+    loss = L.MoCoLoss(dim=8, queue_size=10, temperature=0.07, backend=backend)
+    assert torch.allclose(loss.queue.norm(dim=1), torch.ones(10))
+    q = torch.randn(6, 8, requires_grad=True)
+    k = torch.randn(6, 8)
+    queue0 = loss.queue.clone()
+    ours = loss(q, k)
+    _close_with_grads(ours, R.moco_naive(q, k, queue0, 0.07), (q,), F32)
+    assert int(loss.queue_ptr) == 6
+    torch.testing.assert_close(loss.queue[:6], fastnce.functional.l2_normalize(k))
+    torch.testing.assert_close(loss.queue[6:], queue0[6:])
+    assert not loss.queue.requires_grad
+    # wrap-around: 6 more keys fill slots 6..9 then 0..1
+    k2 = torch.randn(6, 8)
+    loss(q, k2)
+    assert int(loss.queue_ptr) == 2
+    kn = fastnce.functional.l2_normalize(k2)
+    torch.testing.assert_close(loss.queue[6:], kn[:4])
+    torch.testing.assert_close(loss.queue[:2], kn[4:])
+    # a batch larger than the queue keeps its last queue_size keys
+    big = torch.randn(23, 8)
+    loss.enqueue(big)
+    assert sorted(map(tuple, loss.queue.tolist())) == sorted(map(tuple, fastnce.functional.l2_normalize(big)[-10:].tolist()))
+    sd = loss.state_dict()
+    assert set(sd) == {"queue", "queue_ptr"}
+
+
+def test_moco_no_update_and_momentum_update():
+    loss = L.MoCoLoss(dim=4, queue_size=8)
+    before = loss.queue.clone()
+    loss(torch.randn(3, 4), torch.randn(3, 4), update_queue=False)
+    assert torch.equal(before, loss.queue) and int(loss.queue_ptr) == 0
+    q_enc, k_enc = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3)), torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3))
+    q_enc[1].running_mean.fill_(2.0)
+    old = [p.clone() for p in k_enc.parameters()]
+    L.momentum_update(k_enc, q_enc, m=0.9)
+    for pk, po, pq in zip(k_enc.parameters(), old, q_enc.parameters()):
+        torch.testing.assert_close(pk, 0.9 * po + 0.1 * pq)
+    assert torch.equal(k_enc[1].running_mean, q_enc[1].running_mean)
+
+
+# ---------------------------------------------------------------- CLIP
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_clip_loss_module(backend):
+    g = _gen(3)
+    img = torch.randn(7, 8, generator=g, requires_grad=True)
+    txt = torch.randn(7, 8, generator=g, requires_grad=True)
+    m = L.ClipLoss(backend=backend)
+    torch.testing.assert_close(float(m.logit_scale.detach()), float(torch.log(torch.tensor(1 / 0.07))))
+    ours = m(img, txt)
+    ref = R.clip_naive(torch.nn.functional.normalize(img), torch.nn.functional.normalize(txt), m.logit_scale.exp())
+    _close_with_grads(ours, ref, (img, txt), F32)
+    g_scale, = torch.autograd.grad(m(img, txt), m.logit_scale)
+    assert g_scale.abs() > 0
+    with torch.no_grad():
+        m.logit_scale.fill_(10.0)  # exp(10) > 100: clamped, no gradient
+    torch.testing.assert_close(m.scale(), torch.tensor(100.0))
+    g_scale, = torch.autograd.grad(m(img, txt), m.logit_scale)
+    assert g_scale == 0
+    fixed = L.ClipLoss(learnable=False)
+    assert "logit_scale" in dict(fixed.named_buffers()) and not list(fixed.parameters())
+
+
+def test_zero_shot():
+    classes = torch.eye(3, 5)
+    img = torch.tensor([[0.0, 2, 0, 0, 0], [5, 0, 0, 0.1, 0], [0, 0, 1, 0, 0]])
+    logits = L.zero_shot_logits(img, classes, 10.0)
+    assert logits.shape == (3, 3)
+    torch.testing.assert_close(logits[0], torch.tensor([0.0, 10.0, 0.0]))
+    assert L.zero_shot_predict(img, classes).tolist() == [1, 0, 2]
+
+
+# ---------------------------------------------------------------- CPC
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_cpc_matches_reference(backend):
+    torch.manual_seed(0)
+    gru = L.GRUContext(code_dim=6, context_dim=5)
+    codes = torch.randn(3, 7, 6, requires_grad=True)
+    context = gru(codes)
+    assert context.shape == (3, 7, 5)
+    context = context.detach().requires_grad_()
+    loss = L.CPCLoss(context_dim=5, code_dim=6, num_steps=3, backend=backend)
+    ws = [p.weight for p in loss.predictors]
+    _close_with_grads(loss(context, codes), R.cpc_naive(context, codes, ws), (codes, context, ws[0]), F32)
+
+
+def test_cpc_gradcheck_and_errors():
+    c = torch.randn(2, 4, 3, dtype=torch.float64, requires_grad=True)
+    z = torch.randn(2, 4, 2, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(2, 2, 3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda c, z, w: L.cpc_loss(c, z, list(w), backend="torch"), (c, z, w))
+    with pytest.raises(ValueError, match="offsets"):
+        L.cpc_loss(c, z, [w[0]] * 4)
+
+
+# ---------------------------------------------------------------- DINO, SwAV
+
+def test_dino_matches_reference_and_updates_center():
+    torch.manual_seed(0)
+    loss = L.DINOLoss(output_dim=12, warmup_teacher_temp=0.02, teacher_temp=0.05, warmup_teacher_temp_epochs=4)
+    assert loss.center.shape == (1, 1, 12) and "center" in loss.state_dict()
+    teacher = [torch.randn(5, 12) for _ in range(2)]
+    student = [torch.randn(5, 12, requires_grad=True) for _ in range(4)]
+    center = loss.center.clone()
+    ours = loss(teacher, student, epoch=1)
+    ref = R.dino_naive(teacher, student, center, 0.03, 0.1)  # linspace(0.02, 0.05, 4)[1]
+    _close_with_grads(ours, ref, tuple(student), F32)
+    expected = 0.9 * center + 0.1 * torch.stack(teacher).mean((0, 1), keepdim=True)
+    torch.testing.assert_close(loss.center, expected)
+    # explicit teacher_temp wins; after warm-up the final temperature is used
+    center = loss.center.clone()
+    torch.testing.assert_close(loss(teacher, student, teacher_temp=0.07), R.dino_naive(teacher, student, center, 0.07, 0.1))
+    center = loss.center.clone()
+    torch.testing.assert_close(loss(teacher, student, epoch=10), R.dino_naive(teacher, student, center, 0.05, 0.1))
+    with pytest.raises(ValueError, match="two views"):
+        loss([teacher[0]], [student[0]])
+
+
+def test_dino_gradcheck():
+    t = [torch.randn(3, 4, dtype=torch.float64) for _ in range(2)]
+    s = torch.randn(3, 3, 4, dtype=torch.float64, requires_grad=True)
+    center = torch.randn(4, dtype=torch.float64)
+    assert torch.autograd.gradcheck(lambda s: L.dino_loss(t, list(s), center, 0.5, 0.3), (s,))
+
+
+def test_update_teacher():
+    s, t = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
+    w = t.weight.clone()
+    L.update_teacher(t, s, m=0.5)
+    torch.testing.assert_close(t.weight, 0.5 * w + 0.5 * s.weight)
+
+
+def test_swav_matches_reference():
+    torch.manual_seed(0)
+    high = [torch.randn(9, 6, requires_grad=True) for _ in range(2)]
+    low = [torch.randn(9, 6, requires_grad=True) for _ in range(3)]
+    _close_with_grads(L.SwAVLoss()(high, low), R.swav_naive(high, low), tuple(high + low), F32)
+    _close_with_grads(L.SwAVLoss(temperature=0.5)(high), R.swav_naive(high, [], 0.5), tuple(high), F32)
+    q = L.sinkhorn(torch.randn(9, 6) * 40)  # large scores: no overflow, rows sum to 1
+    assert torch.isfinite(q).all()
+    torch.testing.assert_close(q.sum(1), torch.ones(9))
+    protos = L.SwAVPrototypes(dim=6, n_prototypes=4)
+    assert protos(torch.randn(5, 6)).shape == (5, 4)
+
+
+def _load_lightly():
+    """lightly's DINOLoss / SwaVLoss source files, loaded without lightly/__init__ (which needs
+    torchvision); None when lightly is not installed."""
+    spec = importlib.util.find_spec("lightly")
+    if spec is None or spec.origin is None:
+        return None
+    root = os.path.dirname(spec.origin)
+    saved = {k: v for k, v in sys.modules.items() if k == "lightly" or k.startswith("lightly.")}
+    try:
+        for name in ["lightly", "lightly.models", "lightly.models.modules", "lightly.loss"]:
+            mod = types.ModuleType(name)
+            mod.__path__ = []
+            sys.modules[name] = mod
+
+        def load(name, path):
+            s = importlib.util.spec_from_file_location(name, os.path.join(root, path))
+            m = importlib.util.module_from_spec(s)
+            sys.modules[name] = m
+            s.loader.exec_module(m)
+            return m
+
+        sys.modules["lightly.models.modules"].center = load("lightly.models.modules.center", "models/modules/center.py")
+        return load("lightly.loss.dino_loss", "loss/dino_loss.py"), load("lightly.loss.swav_loss", "loss/swav_loss.py")
+    finally:
+        for k in [k for k in sys.modules if k == "lightly" or k.startswith("lightly.")]:
+            del sys.modules[k]
+        sys.modules.update(saved)
+
+
+def test_dino_and_swav_match_lightly():
+    mods = _load_lightly()
+    if mods is None:
+        pytest.skip("lightly is not installed")
+    dino_mod, swav_mod = mods
+    torch.manual_seed(0)
+    ours = L.DINOLoss(output_dim=32, warmup_teacher_temp=0.02, warmup_teacher_temp_epochs=5)
+    theirs = dino_mod.DINOLoss(output_dim=32, warmup_teacher_temp=0.02, warmup_teacher_temp_epochs=5)
+    for epoch in range(3):
+        t = [torch.randn(8, 32) for _ in range(2)]
+        s = [torch.randn(8, 32, requires_grad=True) for _ in range(4)]
+        _close_with_grads(ours(t, s, epoch=epoch), theirs(t, s, epoch=epoch), tuple(s), F32)
+        torch.testing.assert_close(ours.center, theirs.center)
+    high = [torch.randn(16, 10, requires_grad=True) for _ in range(2)]
+    low = [torch.randn(16, 10, requires_grad=True) for _ in range(3)]
+    _close_with_grads(L.SwAVLoss()(high, low), swav_mod.SwaVLoss()(high, low).reshape(()), tuple(high + low), F32)
+
+
+# ---------------------------------------------------------------- NCE
+
+def test_nce_matches_reference_and_gradcheck():
+    g = _gen(4)
+    args = [torch.randn(5, generator=g), torch.randn(5, generator=g), torch.randn(5, 3, generator=g), torch.randn(5, 3, generator=g)]
+    args = [a.double().requires_grad_() for a in args]
+    ref = R.nce_naive(*args)
+    torch.testing.assert_close(L.nce_loss(*args, reduction="none"), ref, **F64)
+    torch.testing.assert_close(L.NCELoss()(*args), ref.mean(), **F64)
+    assert torch.autograd.gradcheck(lambda *a: L.nce_loss(*a), tuple(args))
+    shared = L.nce_loss(args[0], args[1], args[2][0], args[3][0], reduction="none")
+    torch.testing.assert_close(shared, R.nce_naive(args[0], args[1], args[2][:1].expand(5, 3), args[3][:1].expand(5, 3)), **F64)
+    with pytest.raises(ValueError, match="broadcast"):
+        L.nce_loss(args[0], args[1], args[2], torch.randn(4, 3, dtype=torch.float64))
+    # stable for extreme logits
+    big = L.nce_loss(torch.tensor([200.0]), torch.tensor([0.0]), torch.tensor([[-200.0]]), torch.tensor([[0.0]]))
+    assert torch.isfinite(big) and big < 1e-6
+
+
+# ---------------------------------------------------------------- SupCon, soft nearest neighbours
+
+@pytest.mark.parametrize("N", [1, 3, 127])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_supcon_matches_reference(N, backend):
+    g = _gen(N)
+    x = torch.randn(N, 16, generator=g, dtype=torch.float64, requires_grad=True)
+    y = _labels(N, g)
+    _close_with_grads(L.SupConLoss(temperature=0.3, backend=backend)(x, y), R.supcon_naive(x, y, 0.3), (x,), F64)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_supcon_reductions_and_gradcheck(backend):
+    x = torch.randn(6, 4, dtype=torch.float64, requires_grad=True)
+    y = torch.tensor([0, 0, 1, 1, 1, 2])
+    per = L.supcon_loss(x, y, 0.5, "none", backend=backend)
+    assert per.shape == (6,) and per[5] == 0 and (per[:5] > 0).all()
+    torch.testing.assert_close(L.supcon_loss(x, y, 0.5, backend=backend), per[:5].mean())
+    torch.testing.assert_close(L.supcon_loss(x, y, 0.5, "sum", backend=backend), per.sum())
+    assert torch.autograd.gradcheck(lambda x: L.supcon_loss(x, y, 0.5, backend=backend), (x,))
+
+
+@pytest.mark.parametrize("N", [1, 3, 127])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_soft_nearest_neighbor_matches_reference(N, backend):
+    g = _gen(N)
+    x = torch.randn(N, 16, generator=g, dtype=torch.float64, requires_grad=True)
+    y = _labels(N, g)
+    if N > 3:
+        y[0] = 1000  # a sample without a same-class partner
+    _close_with_grads(L.SoftNearestNeighborLoss(temperature=3.0, backend=backend)(x, y),
+                      R.soft_nearest_neighbor_naive(x, y, 3.0), (x,), F64)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_soft_nearest_neighbor_convention_and_gradcheck(backend):
+    x = torch.randn(5, 3, dtype=torch.float64, requires_grad=True)
+    y = torch.tensor([0, 0, 1, 1, 2])
+    per = L.soft_nearest_neighbor_loss(x, y, reduction="none", backend=backend)
+    assert per[4] == 0 and torch.isfinite(per).all()
+    torch.testing.assert_close(L.soft_nearest_neighbor_loss(x, y, backend=backend), per[:4].mean())
+    assert L.soft_nearest_neighbor_loss(x, torch.arange(5), backend=backend) == 0
+    T = torch.tensor(2.0, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, T: L.soft_nearest_neighbor_loss(x, y, T, backend=backend), (x, T))
+
+
+# ---------------------------------------------------------------- tiled distance losses
+
+TILED = [
+    ("contrastive", lambda x, y: L.contrastive_loss(x, y, 0.1, 0.9), lambda x, y: R.contrastive_naive(x, y, 0.1, 0.9)),
+    ("triplet", lambda x, y: L.triplet_margin_loss(x, y, 0.2), lambda x, y: R.triplet_margin_naive(x, y, 0.2)),
+    ("triplet_hard", lambda x, y: L.triplet_margin_loss(x, y, 0.2, "batch_hard"),
+     lambda x, y: R.triplet_margin_naive(x, y, 0.2, "batch_hard")),
+    ("lifted", lambda x, y: L.lifted_structure_loss(x, y, 0.8, 0.1), lambda x, y: R.lifted_structure_naive(x, y, 0.8, 0.1)),
+    ("npairs", lambda x, y: L.npairs_loss(x, y, backend="torch"), R.npairs_naive),
+]
+
+
+@pytest.mark.parametrize("name,ours,ref", TILED, ids=[t[0] for t in TILED])
+@pytest.mark.parametrize("block_elems", [64, 1 << 20])
+def test_tiled_losses_match_reference(name, ours, ref, block_elems, monkeypatch):
+    """Many small row blocks (64 entries: one row per block) and one block give the reference."""
+    monkeypatch.setattr(_common, "BLOCK_ELEMS", block_elems)
+    for N in (3, 37):
+        g = _gen(N)
+        x = torch.randn(N, 8, generator=g, dtype=torch.float64, requires_grad=True)
+        y = _labels(N, g)
+        _close_with_grads(ours(x, y), ref(x, y), (x,), F64)
+
+
+@pytest.mark.parametrize("name,ours,ref", TILED, ids=[t[0] for t in TILED])
+def test_tiled_losses_gradcheck(name, ours, ref, monkeypatch):
+    monkeypatch.setattr(_common, "BLOCK_ELEMS", 16)
+    x = torch.randn(7, 3, generator=_gen(5), dtype=torch.float64, requires_grad=True)
+    y = torch.tensor([0, 0, 1, 1, 1, 2, 2])
+    assert torch.autograd.gradcheck(lambda x: ours(x, y), (x,))
+
+
+def test_blockwise_holds_no_full_matrix_for_backward(monkeypatch):
+    """With several blocks, the autograd graph saves O(N·D), not the N×N distances."""
+    monkeypatch.setattr(_common, "BLOCK_ELEMS", 64 * 64)
+    N = 512
+    x = torch.randn(N, 8, requires_grad=True)
+    y = torch.randint(0, 8, (N,))
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+        loss = L.triplet_margin_loss(x, y)
+    assert max(saved) < N * N // 4
+    loss.backward()
+    assert torch.isfinite(x.grad).all()
+
+
+def test_label_and_argument_errors():
+    x = torch.randn(4, 3)
+    with pytest.raises(ValueError, match="labels"):
+        L.SupConLoss()(x, torch.zeros(3, dtype=torch.long))
+    with pytest.raises(TypeError, match="integer"):
+        L.ContrastiveLoss()(x, torch.zeros(4))
+    with pytest.raises(ValueError, match="mining"):
+        L.TripletMarginLoss(mining="semihard")
+    with pytest.raises(ValueError, match="temperature"):
+        L.SupConLoss(temperature=0)
