@@ -11,9 +11,9 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .naive import valid_mask
+from .naive import MASK_NONE, MASK_SAME
 
-TILE_ELEMS = 1 << 21  # 8 MiB of float32 per tile
+TILE_ELEMS = 1 << 20  # 4 MiB of float32 per tile
 COL_BLOCK = 4096  # columns per tile; rows fill the rest of TILE_ELEMS
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -36,23 +36,96 @@ def _blocks(M: int, N: int):
 
 
 def _tile(qi, kj, scale, bias, q_labels, k_labels, mask_mode, exclude_offset, i0, j0):
-    """S for rows i0.. and columns j0.., masked entries −inf."""
+    """S for rows i0.. and columns j0.., masked entries −inf (the masks of naive.valid_mask,
+    written into S with one boolean tile at most)."""
     S = qi @ kj.T
     S.mul_(scale)
     if bias is not None:
         S.add_(bias[j0 : j0 + kj.shape[0]])
-    keep = valid_mask(
-        qi.shape[0], kj.shape[0],
-        None if q_labels is None else q_labels[i0 : i0 + qi.shape[0]],
-        None if k_labels is None else k_labels[j0 : j0 + kj.shape[0]],
-        mask_mode, exclude_offset, S.device, i0, j0,
-    )
-    if keep is not None:
-        S.masked_fill_(~keep, float("-inf"))
+    if mask_mode != MASK_NONE:
+        same = k_labels[None, j0 : j0 + kj.shape[0]] == q_labels[i0 : i0 + qi.shape[0], None]
+        S.masked_fill_(same.logical_not_() if mask_mode == MASK_SAME else same, float("-inf"))
+    if exclude_offset is not None:
+        # Only pairs j == i + offset go: one diagonal of the tile, when it crosses it.
+        d = i0 + exclude_offset - j0
+        if -S.shape[0] < d < S.shape[1]:
+            S.diagonal(d).fill_(float("-inf"))
     return S
 
 
+def _weighted_shift(lse: Tensor, weight: Tensor):
+    """(shift, w) such that weight·exp(S − lse) = w·exp(S − shift), w None when folded in.
+
+    A fully masked line has lse −inf and only −inf entries: its shift is 0, so exp() = 0.
+    Non-negative weights (every mean or sum of losses) fold into the shift as −log(weight),
+    which saves a multiplication per tile entry; a zero weight gives shift +inf and exp() 0.
+    """
+    shift = torch.nan_to_num(lse, neginf=0.0)
+    if bool((weight >= 0).all()):
+        return shift - torch.log(weight), None
+    return shift, weight
+
+
+def _weighted_exp(S: Tensor, shift: Tensor, w) -> Tensor:
+    """w·exp(S − shift), in place in S."""
+    S.sub_(shift).exp_()
+    return S if w is None else S.mul_(w)
+
+
+def _mirrored(symmetric, bias, exclude_offset) -> bool:
+    """S is a symmetric matrix: the tile (J, I) is the transpose of (I, J) and is not computed."""
+    return symmetric and bias is None and exclude_offset in (None, 0)
+
+
+def _square_blocks(M: int):
+    b = max(1, int(TILE_ELEMS**0.5))
+    return [(i0, min(i0 + b, M)) for i0 in range(0, M, b)]
+
+
+def _forward_mirrored(q, scale, labels, mask_mode, exclude_offset, with_col):
+    """Row LSE of a symmetric S from the tiles on and above the diagonal: half the products."""
+    acc = _acc_dtype(q.dtype)
+    row = torch.full((q.shape[0],), float("-inf"), dtype=acc, device=q.device)
+    blocks = _square_blocks(q.shape[0])
+    for bi, (i0, i1) in enumerate(blocks):
+        qi = q[i0:i1].to(acc)
+        for j0, j1 in blocks[bi:]:
+            S = _tile(qi, q[j0:j1].to(acc), scale, None, labels, labels, mask_mode, exclude_offset, i0, j0)
+            torch.logaddexp(row[i0:i1], torch.logsumexp(S, 1), out=row[i0:i1])
+            if j0 != i0:
+                torch.logaddexp(row[j0:j1], torch.logsumexp(S, 0), out=row[j0:j1])
+    return row, (row.clone() if with_col else None)
+
+
+def _backward_mirrored(q, scale, labels, mask_mode, exclude_offset, row_lse, grad_row, grad_col):
+    """(G + Gᵀ) @ q from the tiles on and above the diagonal.
+
+    With col_lse = row_lse, the (I, J) block of G + Gᵀ is
+    w_I·exp(S_IJ − r_I) + w_J·exp(S_IJ − r_J) with w = grad_row + grad_col.
+    """
+    acc = _acc_dtype(q.dtype)
+    w = grad_row if grad_col is None else (grad_col if grad_row is None else grad_row + grad_col)
+    shift, w = _weighted_shift(row_lse, w)
+    dq = torch.zeros(q.shape, dtype=acc, device=q.device)
+    blocks = _square_blocks(q.shape[0])
+    for bi, (i0, i1) in enumerate(blocks):
+        qi = q[i0:i1].to(acc)
+        for j0, j1 in blocks[bi:]:
+            qj = q[j0:j1].to(acc)
+            S = _tile(qi, qj, scale, None, labels, labels, mask_mode, exclude_offset, i0, j0)
+            H = _weighted_exp(S.clone(), shift[i0:i1, None], None if w is None else w[i0:i1, None])
+            H.add_(_weighted_exp(S, shift[None, j0:j1], None if w is None else w[None, j0:j1]))
+            if j0 == i0:
+                dq[i0:i1].addmm_(H, qj)
+            else:
+                dq[i0:i1].addmm_(H, qj)
+                dq[j0:j1].addmm_(H.T, qi)
+    return dq
+
+
 def forward(q, k, scale, bias, q_labels, k_labels, mask_mode, exclude_offset, with_col, symmetric):
+    if _mirrored(symmetric, bias, exclude_offset):
+        return _forward_mirrored(q, float(scale), q_labels, mask_mode, exclude_offset, with_col)
     acc = _acc_dtype(q.dtype)
     M, N = q.shape[0], k.shape[0]
     s = float(scale)
@@ -73,13 +146,15 @@ def forward(q, k, scale, bias, q_labels, k_labels, mask_mode, exclude_offset, wi
 
 def backward(q, k, scale, bias, q_labels, k_labels, mask_mode, exclude_offset,
              row_lse, col_lse, grad_row, grad_col, symmetric, need_bias):
+    if _mirrored(symmetric, bias, exclude_offset):
+        dq = _backward_mirrored(q, float(scale), q_labels, mask_mode, exclude_offset, row_lse, grad_row, grad_col)
+        return dq, None, None
     acc = _acc_dtype(q.dtype)
     M, N, D = q.shape[0], k.shape[0], q.shape[1]
     s = float(scale)
     bias = None if bias is None else bias.to(acc)
-    # A fully masked line has lse −inf and only −inf entries: shifting by 0 gives exp() = 0.
-    row_shift = None if grad_row is None else torch.nan_to_num(row_lse, neginf=0.0)
-    col_shift = None if grad_col is None else torch.nan_to_num(col_lse, neginf=0.0)
+    row_shift, row_w = (None, None) if grad_row is None else _weighted_shift(row_lse, grad_row)
+    col_shift, col_w = (None, None) if grad_col is None else _weighted_shift(col_lse, grad_col)
     dq = torch.zeros((M, D), dtype=acc, device=q.device)
     dk = None if symmetric else torch.zeros((N, D), dtype=acc, device=q.device)
     dbias = torch.zeros((N,), dtype=acc, device=q.device) if need_bias else None
@@ -91,9 +166,10 @@ def backward(q, k, scale, bias, q_labels, k_labels, mask_mode, exclude_offset,
             S = _tile(qi, kj, s, bias, q_labels, k_labels, mask_mode, exclude_offset, i0, j0)
             G = None
             if grad_row is not None:
-                G = (S - row_shift[i0 : i0 + bm, None]).exp_().mul_(grad_row[i0 : i0 + bm, None])
+                G = _weighted_exp(S if grad_col is None else S.clone(), row_shift[i0 : i0 + bm, None],
+                                  None if row_w is None else row_w[i0 : i0 + bm, None])
             if grad_col is not None:
-                Gc = S.sub_(col_shift[None, j0 : j0 + bn]).exp_().mul_(grad_col[None, j0 : j0 + bn])
+                Gc = _weighted_exp(S, col_shift[None, j0 : j0 + bn], None if col_w is None else col_w[None, j0 : j0 + bn])
                 G = Gc if G is None else G.add_(Gc)
             dq[i0 : i0 + bm].addmm_(G, kj)
             if symmetric:
