@@ -261,7 +261,7 @@ def cpc_loss(context: Tensor, codes: Tensor, weights: Sequence[Tensor], *, backe
         preds.append(p)
         positives.append(codes[:, k:].reshape(-1, Dz))
         sizes.append(p.shape[0])
-    q = torch.cat(preds)
+    q = torch.cat(preds).to(codes.dtype)  # under autocast the products come out in its dtype
     row_lse, _ = similarity_lse(q, codes.reshape(B * T, Dz), 1.0, backend=backend)
     per_row = row_lse - paired_logits(q, torch.cat(positives), 1.0)
     per_offset = torch.stack([part.mean() for part in per_row.split(sizes)])
