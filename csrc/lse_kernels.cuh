@@ -231,7 +231,9 @@ __device__ __forceinline__ void atomic_logaddexp(float* addr, float v) {
   while (true) {
     const float cur = __int_as_float(old);
     const float hi = fmaxf(cur, v), lo = fminf(cur, v);
-    const float nv = (lo == FASTNCE_NEG_INF) ? hi : hi + log1pf(expf(lo - hi));
+    // fmaxf/fminf drop a NaN: test for it first, so that NaN stays NaN.
+    const float nv = (cur != cur || v != v) ? __int_as_float(0x7fc00000)
+                     : (lo == FASTNCE_NEG_INF) ? hi : hi + log1pf(expf(lo - hi));
     const int prev = atomicCAS(a, old, __float_as_int(nv));
     if (prev == old) break;
     old = prev;
@@ -346,11 +348,13 @@ __global__ void __launch_bounds__(kThreads) lse_forward_kernel(const LseParams p
       for (int rr = 0; rr < kBM / 2; ++rr) csum += exp2f(Ss[(h + 2 * rr) * kLdS + c] - cshift);
       csum += __shfl_xor_sync(0xffffffffu, csum, 1);
       const int64_t j = col0 + c;
-      if (h == 0 && j < N && cmax != FASTNCE_NEG_INF) atomic_logaddexp(p.col_lse + j, (cmax + log2f(csum)) * kLn2);
+      // csum == 0: nothing valid in this tile's column. (Not cmax: fmaxf skips NaN, csum keeps it.)
+      if (h == 0 && j < N && csum != 0.0f) atomic_logaddexp(p.col_lse + j, (cmax + log2f(csum)) * kLn2);
     }
   }
   if (h == 0 && row_ok) {
-    const float lse = (l_run > 0.0f) ? (m_run + log2f(l_run)) * kLn2 : FASTNCE_NEG_INF;
+    // l_run == 0 exactly when nothing was valid; == (not > 0) keeps a NaN from a NaN input.
+    const float lse = (l_run == 0.0f) ? FASTNCE_NEG_INF : (m_run + log2f(l_run)) * kLn2;
     if (p.splits > 1) {
       if (lse != FASTNCE_NEG_INF) atomic_logaddexp(p.row_lse + i, lse);
     } else {

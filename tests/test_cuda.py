@@ -145,11 +145,13 @@ def _ptr(t):
 
 
 def _emu_case(lib, kind, M, N, D, sym=False, bias=False, mask=0, excl=None, with_col=True, grads="both",
-              min_tiles=1000, smem=10**6, vec=None, labels=(0, 3), seed=0):
+              min_tiles=1000, smem=10**6, vec=None, labels=(0, 3), seed=0, nan_key=None):
     g = torch.Generator().manual_seed(seed)
     f64 = dict(generator=g, dtype=torch.float64)
     q64 = torch.randn(M, D, **f64)
     k64 = q64 if sym else torch.randn(N, D, **f64)
+    if nan_key is not None:
+        k64[nan_key, 0] = float("nan")
     N = k64.shape[0]
     scale = torch.tensor(2.0 / D ** 0.5, dtype=torch.float64)
     b64 = torch.randn(N, **f64) if bias else None
@@ -204,6 +206,15 @@ def test_kernels_emulated(emu, case):
         if f is None or r64 is None:
             continue
         assert_by_reference(name, f, rd, r64, floor)
+
+
+@pytest.mark.parametrize("min_tiles", [1000, 1], ids=["one-pass", "split-grid"])
+def test_kernels_emulated_propagate_nan(emu, min_tiles):
+    """A NaN in one key: every row LSE and that key's column LSE are NaN, never a number."""
+    (row, col, dq, dk, db), _, _ = _emu_case(emu, 0, 70, 130, 16, nan_key=77, min_tiles=min_tiles)
+    assert torch.isnan(row).all()
+    assert torch.isnan(col[77]) and torch.isfinite(col[torch.arange(130) != 77]).all()
+    assert torch.isnan(dq).all()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -91,13 +91,29 @@ def test_duplicate_rows():
         torch.testing.assert_close(fn(a, b, "torch"), fn(a, b, "reference"))
 
 
+FAST = [b for b in ops.available_backends("cpu") if b != "reference"]
+
+
+@pytest.mark.parametrize("backend", FAST)
 @pytest.mark.parametrize("name", LOSSES)
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
-def test_non_finite_inputs_propagate_nan_never_a_finite_number(name, bad):
-    a, b = torch.randn(6, 4), torch.randn(6, 4)
-    a[3, 1] = bad
-    loss = LOSSES[name](a, b, "torch")
+def test_non_finite_inputs_propagate_nan_never_a_finite_number(name, bad, backend):
+    a, b = torch.randn(6, 4, requires_grad=True), torch.randn(6, 4)
+    with torch.no_grad():
+        a[3, 1] = bad
+    loss = LOSSES[name](a, b, backend)
     assert not torch.isfinite(loss)
+    loss.backward()
+    assert not torch.isfinite(a.grad).all()
+
+
+@pytest.mark.parametrize("backend", FAST)
+def test_non_finite_features_in_the_primitive(backend):
+    """Unnormalised features: a NaN in one key reaches every row's LSE."""
+    q, k = torch.randn(5, 3), torch.randn(7, 3)
+    k[4, 0] = float("nan")
+    row, col = ops.similarity_lse(q, k, 2.0, col_lse=True, backend=backend)
+    assert torch.isnan(row).all() and torch.isnan(col[4]) and torch.isfinite(col[[0, 1, 2, 3, 5, 6]]).all()
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

@@ -209,7 +209,8 @@ if triton is not None:
             b_l = b_l * tl.exp(b_m - b_c) + tl.sum(tl.exp(b_s - b_c[:, None]), 1)
             b_m = b_mn
         # b_l == 0 exactly when nothing was valid (b_m == −inf): write −inf, without log(0).
-        b_lse = tl.where(b_l > 0, b_m + tl.log(tl.where(b_l > 0, b_l, 1.0)), float("-inf"))
+        # Compared with == so that a NaN (from a NaN or inf input) stays NaN.
+        b_lse = tl.where(b_l == 0.0, float("-inf"), b_m + tl.log(tl.where(b_l == 0.0, 1.0, b_l)))
         tl.store(p_lse + o_i, b_lse, mask=m_i)
 
     # ------------------------------------------------------------------ backward
