@@ -162,3 +162,31 @@ def test_torch_backend_is_deterministic():
         fastnce.nt_xent(a, b, backend="torch").backward()
         grads.append(a.grad.clone())
     assert torch.equal(grads[0], grads[1])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("side", ["q", "k"])
+def test_offsets_past_2_to_the_31_on_gpu(backend, side):
+    """M·D (or N·D) > 2³¹ elements: the last rows must be right, so offsets are 64-bit."""
+    if ops.unavailable_reason(backend, torch.device("cuda"), torch.bfloat16):
+        pytest.skip(f"{backend} unavailable")
+    big_rows, D = (1 << 31) // 512 + 4099, 512  # 2³¹ + ~2M elements, 4.3 GB in bfloat16
+    g = torch.Generator(device="cuda").manual_seed(0)
+    big = torch.randn(big_rows, D, device="cuda", dtype=torch.bfloat16, generator=g)
+    small = torch.randn(64, D, device="cuda", dtype=torch.bfloat16, generator=g)
+    q, k = (big, small) if side == "q" else (small, big)
+    q.requires_grad_(), k.requires_grad_()
+    row, col = ops.similarity_lse(q, k, 0.05, col_lse=True, backend=backend)
+    tail = slice(big_rows - 300, big_rows)
+    if side == "q":
+        want_row, want_col = ops.similarity_lse(q.detach()[tail].float(), k.detach().float(), 0.05, col_lse=True,
+                                                backend="reference")
+        torch.testing.assert_close(row[tail], want_row, rtol=2e-2, atol=2e-2)
+    else:
+        want_row, want_col = ops.similarity_lse(q.detach().float(), k.detach()[tail].float(), 0.05, col_lse=True,
+                                                backend="reference")
+        torch.testing.assert_close(col[tail], want_col, rtol=2e-2, atol=2e-2)
+    (row.sum() + col.sum()).backward()
+    grad_big = big.grad[tail].float()
+    assert torch.isfinite(grad_big).all() and grad_big.abs().sum() > 0
