@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from numbers import Real
-from typing import Optional, Union
+
 
 import torch
 from torch import Tensor

@@ -9,7 +9,6 @@ from __future__ import annotations
 from typing import Optional, Union
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from ._checks import (
@@ -62,6 +61,24 @@ def _check_info_nce_args(query, positive_key, negative_keys, negative_mode):
             raise ValueError('Vectors of <query> and <negative_keys> should have the same number of components.')
 
 
+def check_info_nce_inputs(query, positive_key, negative_keys, temperature, reduction, negative_mode) -> None:
+    """Every check of info_nce: info-nce-pytorch's own (same order, same messages) and ours."""
+    for name, x in (("query", query), ("positive_key", positive_key), ("negative_keys", negative_keys)):
+        if x is not None and not isinstance(x, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if negative_keys is not None and negative_mode not in ("unpaired", "paired"):
+        raise ValueError(f"negative_mode must be 'unpaired' or 'paired', got {negative_mode!r}")
+    _check_info_nce_args(query, positive_key, negative_keys, negative_mode)
+    if reduction not in ("mean", "sum", "none"):
+        raise ValueError(f"{reduction} is not a valid value for reduction")  # F.cross_entropy's words
+    check_temperature(temperature)
+    check_features("query", query)
+    check_features("positive_key", positive_key)
+    if negative_keys is not None:
+        check_features("negative_keys", negative_keys, ndim=negative_keys.dim())
+    check_same({"query": query, "positive_key": positive_key, "negative_keys": negative_keys})
+
+
 def info_nce(
     query: Tensor,
     positive_key: Tensor,
@@ -81,21 +98,7 @@ def info_nce(
     Beyond the original: a bad temperature, negative_mode, dtype, device or an empty batch
     raise ValueError/TypeError instead of returning NaN or failing later.
     """
-    for name, x in (("query", query), ("positive_key", positive_key), ("negative_keys", negative_keys)):
-        if x is not None and not isinstance(x, Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if negative_keys is not None and negative_mode not in ("unpaired", "paired"):
-        raise ValueError(f"negative_mode must be 'unpaired' or 'paired', got {negative_mode!r}")
-    _check_info_nce_args(query, positive_key, negative_keys, negative_mode)
-    if reduction not in ("mean", "sum", "none"):
-        raise ValueError(f"{reduction} is not a valid value for reduction")  # F.cross_entropy's words
-    check_temperature(temperature)
-    check_features("query", query)
-    check_features("positive_key", positive_key)
-    if negative_keys is not None:
-        check_features("negative_keys", negative_keys, ndim=negative_keys.dim())
-    check_same({"query": query, "positive_key": positive_key, "negative_keys": negative_keys})
-
+    check_info_nce_inputs(query, positive_key, negative_keys, temperature, reduction, negative_mode)
     query, positive_key = l2_normalize(query), l2_normalize(positive_key)
     scale = 1.0 / temperature
     positive = paired_logits(query, positive_key, scale)
@@ -114,6 +117,26 @@ def info_nce(
     return reduce(per_row, reduction)
 
 
+def check_nt_xent_inputs(z1, z2, temperature, reduction) -> None:
+    check_features("z1", z1)
+    check_features("z2", z2)
+    if z1.shape != z2.shape:
+        raise ValueError(f"z2 must have the same shape as z1 {tuple(z1.shape)}, got {tuple(z2.shape)}")
+    check_same({"z1": z1, "z2": z2})
+    check_temperature(temperature)
+    check_reduction(reduction)
+
+
+def check_clip_inputs(image_features, text_features, logit_scale, reduction) -> None:
+    check_features("image_features", image_features)
+    check_features("text_features", text_features)
+    check_same({"image_features": image_features, "text_features": text_features})
+    check_dim_match("image_features", image_features, "text_features", text_features, 0, 0, what="number of rows")
+    check_dim_match("image_features", image_features, "text_features", text_features)
+    check_temperature(logit_scale, name="logit_scale")
+    check_reduction(reduction)
+
+
 def nt_xent(
     z1: Tensor,
     z2: Tensor,
@@ -128,13 +151,7 @@ def nt_xent(
     of Z = [z1; z2] is an anchor, its other view the positive, the 2N − 2 other rows the
     negatives, itself excluded. Returns the mean over the 2N anchors, or (2N,) with 'none'.
     """
-    check_features("z1", z1)
-    check_features("z2", z2)
-    if z1.shape != z2.shape:
-        raise ValueError(f"z2 must have the same shape as z1 {tuple(z1.shape)}, got {tuple(z2.shape)}")
-    check_same({"z1": z1, "z2": z2})
-    check_temperature(temperature)
-    check_reduction(reduction)
+    check_nt_xent_inputs(z1, z2, temperature, reduction)
     n = z1.shape[0]
     z = l2_normalize(torch.cat([z1, z2]))
     scale = 1.0 / temperature
@@ -159,13 +176,7 @@ def clip_loss(
     ½[CE(logit_scale·A Bᵀ, diag) + CE(logit_scale·B Aᵀ, diag)] from one pass giving row and
     column LSEs. Returns a scalar, or with 'none' the per-pair (N,) ½(image loss + text loss).
     """
-    check_features("image_features", image_features)
-    check_features("text_features", text_features)
-    check_same({"image_features": image_features, "text_features": text_features})
-    check_dim_match("image_features", image_features, "text_features", text_features, 0, 0, what="number of rows")
-    check_dim_match("image_features", image_features, "text_features", text_features)
-    check_temperature(logit_scale, name="logit_scale")
-    check_reduction(reduction)
+    check_clip_inputs(image_features, text_features, logit_scale, reduction)
     positive = paired_logits(image_features, text_features, logit_scale)  # first: see nt_xent
     row_lse, col_lse = similarity_lse(image_features, text_features, logit_scale, col_lse=True, backend=backend)
     return reduce(0.5 * ((row_lse - positive) + (col_lse - positive)), reduction)

@@ -2,7 +2,6 @@
 non-finite inputs, autocast, double backward, torch.compile."""
 import pytest
 import torch
-import torch.nn.functional as F
 
 import fastnce
 from fastnce import ops

@@ -39,8 +39,7 @@ import torch
 from torch import Tensor
 
 from .. import functional as F
-from .._checks import check_dim_match, check_features, check_reduction, check_same, check_temperature
-from ..functional import _check_info_nce_args, l2_normalize, paired_logits
+from ..functional import l2_normalize, paired_logits
 from ..ops import similarity_lse
 from ._comm import (
     RankInfo, _comm_device, all_gather_with_grad, exchange, is_active, mean_grad_over_ranks,
@@ -113,13 +112,7 @@ def nt_xent(
     rank's z2, 2N anchors, each contrasted with the 2N − 2 others. Returns this rank's share
     of the global mean (see the module docstring).
     """
-    check_features("z1", z1)
-    check_features("z2", z2)
-    if z1.shape != z2.shape:
-        raise ValueError(f"z2 must have the same shape as z1 {tuple(z1.shape)}, got {tuple(z2.shape)}")
-    check_same({"z1": z1, "z2": z2})
-    check_temperature(temperature)
-    check_reduction(reduction)
+    F.check_nt_xent_inputs(z1, z2, temperature, reduction)
     code = _check_scheme(scheme)
     if not is_active(group):
         return F.nt_xent(z1, z2, temperature, reduction, backend=backend)
@@ -158,13 +151,7 @@ def clip_loss(
     multiplier, the same on every rank (learnable: it gets the single-process gradient on
     every rank). Returns this rank's share of the global mean (see the module docstring).
     """
-    check_features("image_features", image_features)
-    check_features("text_features", text_features)
-    check_same({"image_features": image_features, "text_features": text_features})
-    check_dim_match("image_features", image_features, "text_features", text_features, 0, 0, what="number of rows")
-    check_dim_match("image_features", image_features, "text_features", text_features)
-    check_temperature(logit_scale, name="logit_scale")
-    check_reduction(reduction)
+    F.check_clip_inputs(image_features, text_features, logit_scale, reduction)
     code = _check_scheme(scheme)
     if not is_active(group):
         return F.clip_loss(image_features, text_features, logit_scale, reduction, backend=backend)
@@ -213,20 +200,7 @@ def info_nce(
     negatives (nothing crosses ranks but the normalisation). Returns this rank's share of
     the global mean (see the module docstring).
     """
-    for name, x in (("query", query), ("positive_key", positive_key), ("negative_keys", negative_keys)):
-        if x is not None and not isinstance(x, Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if negative_keys is not None and negative_mode not in ("unpaired", "paired"):
-        raise ValueError(f"negative_mode must be 'unpaired' or 'paired', got {negative_mode!r}")
-    _check_info_nce_args(query, positive_key, negative_keys, negative_mode)
-    if reduction not in ("mean", "sum", "none"):
-        raise ValueError(f"{reduction} is not a valid value for reduction")  # as fastnce.info_nce
-    check_temperature(temperature)
-    check_features("query", query)
-    check_features("positive_key", positive_key)
-    if negative_keys is not None:
-        check_features("negative_keys", negative_keys, ndim=negative_keys.dim())
-    check_same({"query": query, "positive_key": positive_key, "negative_keys": negative_keys})
+    F.check_info_nce_inputs(query, positive_key, negative_keys, temperature, reduction, negative_mode)
     code = _check_scheme(scheme)
     if not is_active(group):
         return F.info_nce(query, positive_key, negative_keys, temperature, reduction, negative_mode,
