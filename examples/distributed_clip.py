@@ -96,6 +96,7 @@ def main():
         if rank == 0 and (step % 5 == 0 or step == args.steps - 1):
             print(f"step {step:3d}  loss {global_loss.item():.4f}  logit_scale {scale.item():.2f}  "
                   f"(world {world}, {world * args.batch} pairs, scheme {args.scheme})", flush=True)
+    dist.barrier()
     dist.destroy_process_group()
 
 
