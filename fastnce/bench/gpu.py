@@ -17,12 +17,14 @@
    2·M·N·D (forward, recompute, dQ, dK; NT-Xent has M = N = 2·N_view).
 
 Prints a table and writes <out>/gpu-<card>-<date>.json: a list of
-{"case", "impl", "dtype", "ms", "peak_mib", "card"} (skips and errors: ms = peak_mib = None
-and a "note"), and the correctness results to <out>/gpu-<card>-<date>-checks.json.
+{"case", "impl", "dtype", "ms", "peak_mib", "card"}, one per measured point (an impl that
+cannot run a case gets no record); <out>/gpu-<card>-<date>-meta.json: versions, the matmul
+rate and a note for every point skipped, out of memory or failed; and the correctness results
+to <out>/gpu-<card>-<date>-checks.json.
 Designed to finish in ~6 minutes on an H100.
 
     python -m fastnce.bench gpu --infcl-wheel shared/anchors/inf_cl-1.2.1-py3-none-any.whl
-    python -m fastnce.bench gpu --cases clip-32k --impls fastnce-triton,eager
+    python -m fastnce.bench gpu --cases clip-32k --impls fastnce-triton,eager,torch.compile
 """
 from __future__ import annotations
 
@@ -44,7 +46,7 @@ CASES = {
     "clip-128k": dict(kind="clip", N=131072, D=512),
     "clip-1m": dict(kind="clip", N=1 << 20, D=512),
 }
-IMPLS = ("fastnce-triton", "fastnce-cuda", "eager", "compile", "inf-cl")
+IMPLS = ("fastnce-triton", "fastnce-cuda", "eager", "torch.compile", "inf-cl")
 FUSED = {"fastnce-triton": "triton", "fastnce-cuda": "cuda"}
 TEMPERATURE = 0.1
 CLIP_SCALE = 1.0 / 0.07
@@ -319,7 +321,8 @@ def run_checks(n: int) -> list:
 
 # ----------------------------------------------------------------------------- benchmark
 
-def bench_case(case: str, impls: list, budget: float, card: str, infcl_why: Optional[str]) -> list:
+def bench_case(case: str, impls: list, budget: float, card: str, infcl_why: Optional[str], notes: list) -> list:
+    """Records of the impls measured on this case; what could not run goes to notes."""
     import torch
     import torch.nn.functional as F
     import fastnce
@@ -349,7 +352,7 @@ def bench_case(case: str, impls: list, budget: float, card: str, infcl_why: Opti
                 fn = lambda z1, z2, t, _b=FUSED[impl]: fastnce.nt_xent(z1, z2, t, backend=_b)
             else:
                 fn = lambda a, b, s, _b=FUSED[impl]: fastnce.clip_loss(a, b, s, backend=_b)
-        elif impl in ("eager", "compile"):
+        elif impl in ("eager", "torch.compile"):
             # bytes per logit measured on an H200 (DESIGN §5): eager CLIP 18.5 GB at 32768², compiled 4.1 GB
             need = rows * rows * (17.5 if impl == "eager" else 4.0)
             if need > 0.9 * free:
@@ -367,7 +370,7 @@ def bench_case(case: str, impls: list, budget: float, card: str, infcl_why: Opti
             else:
                 fn = clip_infcl
         if fn is None:
-            out.append(record(case, impl, "bf16", None, None, card, note))
+            notes.append(record(case, impl, "bf16", None, None, card, note))
             print(f"{case:<11} {impl:<15} {note}", flush=True)
             continue
         t0 = time.time()
@@ -382,7 +385,7 @@ def bench_case(case: str, impls: list, budget: float, card: str, infcl_why: Opti
         for x in xs:
             x.grad = None
         torch.cuda.empty_cache()
-        out.append(r)
+        (notes if r["ms"] is None else out).append(r)
         print(f"{case:<11} {impl:<15} {r['ms']} ms, {r['peak_mib']} MiB {r.get('note', '')} "
               f"({time.time() - t0:.0f} s with warm-up)", flush=True)
     del xs
@@ -414,20 +417,21 @@ def main(argv=None) -> int:
         bad = [r for r in checks if not r["ok"]]
         print(f"correctness: {len(checks) - len(bad)}/{len(checks)} passed -> {path}", flush=True)
 
-    records = []
+    records, notes = [], []
     tflops = gemm_tflops()
     print(f"bf16 8192^3 matmul: {tflops:.0f} TFLOP/s", flush=True)
-    records.append(record("gemm-8192", "torch.matmul", "bf16", 2 * 8192**3 / (tflops * 1e12) * 1e3, None, card,
-                          f"{tflops:.0f} TFLOP/s"))
+    meta = {"device": name, "card": card, "date": date, "torch": torch.__version__, "cuda": torch.version.cuda,
+            "triton": tv, "bf16_matmul_8192_tflops": round(tflops, 1), "not_measured": notes}
     infcl_why = ensure_infcl(args.infcl_wheel) if "inf-cl" in args.impls else None
     if infcl_why:
         print(f"inf-cl: {infcl_why}", flush=True)
     for case in args.cases:
-        records.extend(bench_case(case, args.impls, args.budget, card, infcl_why))
+        records.extend(bench_case(case, args.impls, args.budget, card, infcl_why, notes))
         write_records(records, args.out, card, date)  # keep what we have if a later case dies
+        write_records(meta, args.out, card, date, suffix="-meta")
     path = write_records(records, args.out, card, date)
     print()
-    print(format_table(records, tflops))
+    print(format_table(records + notes, tflops))
     print(f"\nwrote {path} ({time.time() - t_start:.0f} s in all)")
     return 0
 

@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# The prepared GPU check, for ONE call of the device tool (H100 or H200, about 8 minutes):
+#   1. fastnce-bench gpu: every GPU backend on float16 / bfloat16 / float32 against the float64
+#      reference, the bf16 matmul rate, then simclr-16k, clip-32k, clip-128k and clip-1m for
+#      fastnce-triton, fastnce-cuda, eager, torch.compile and inf-cl;
+#   2. the `gpu`-marked tests, in what time is left.
+# From the repository root, with the Inf-CL wheel copied into carry/ (an ignored folder):
+#   mkdir -p carry && cp ../shared/anchors/inf_cl-1.2.1-py3-none-any.whl carry/
+#   device run: bash benchmarks/gpu_session.sh    carry: ["carry"]    timeout_s: 560
+# Results land in $OUT (the device tool brings them back) and benchmarks/results/.
+set -u
+export PYTHONUNBUFFERED=1
+out=${OUT:-benchmarks/results}
+mkdir -p "$out"
+start=$(date +%s)
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu-card.txt"
+timeout 380 python -m fastnce.bench gpu --out "$out" 2>&1 | tee "$out/gpu-bench.log"
+left=$((520 - ($(date +%s) - start)))
+if [ "$left" -gt 30 ]; then
+  timeout "$left" python -m pytest -q -x -m gpu -p no:cacheprovider \
+    tests/test_triton.py tests/test_cuda.py tests/test_edges.py tests/test_distributed.py 2>&1 | tee "$out/gpu-tests.log"
+fi
+cp -f "$out"/gpu-* benchmarks/results/ 2>/dev/null || true
