@@ -172,7 +172,8 @@ def test_fully_masked_rows_and_columns_are_minus_inf_with_finite_gradients():
     assert (dq[2:] == 0).all() and (dk[3] == 0).all()
 
 
-def test_backward_is_deterministic():
+def test_backward_is_deterministic(monkeypatch):
+    monkeypatch.setenv("FASTNCE_TRITON_DETERMINISTIC", "1")
     q, k, s, b, kw = make_inputs(33, 20, 16, torch.float32, False, True, DIFF)
     a = run("triton", q, k, s, b, kw, True)
     c = run("triton", q, k, s, b, kw, True)
@@ -318,3 +319,128 @@ def test_bench_gpu_pieces(tmp_path):
     assert "fastnce-triton" in bench.format_table(recs, 700.0)
     if not torch.cuda.is_available():
         assert bench.main([]) == 2  # says it needs a GPU
+
+
+# ---------------------------------------------------------------------------- one-pass forward (panels)
+# The forward with col_lse runs one pass over S: P programs ("panels"), each owning the row
+# blocks p, p + P, …, keep per-column partial (max, sum-exp) rows merged afterwards. Under the
+# interpreter the row blocks are 16 rows, so M = 130 has 9 of them.
+PANEL_CASES = [  # (M, N, D, panels): P = 1, P < #row blocks (several blocks a panel), P > #row blocks
+    (130, 17, 3, 1), (130, 17, 3, 2), (17, 130, 3, 4), (1, 3, 16, 1), (3, 17, 1, 3), (17, 17, 16, 12),
+    (130, 130, 17, None),
+]
+
+
+@pytest.fixture
+def spy(monkeypatch):
+    """Counts calls of triton_lse functions: spy('name') wraps it, spy.calls['name'] counts."""
+    calls = {}
+
+    def wrap(name):
+        fn = getattr(triton_lse, name)
+        calls[name] = 0
+
+        def counted(*a, **k):
+            calls[name] += 1
+            return fn(*a, **k)
+        monkeypatch.setattr(triton_lse, name, counted)
+
+    wrap.calls = calls
+    return wrap
+
+
+@pytest.mark.parametrize("i,mask", list(enumerate(MASKS)), ids=[mask_id(m) for m in MASKS])
+@pytest.mark.parametrize("bias", [False, True], ids=["plain", "bias"])
+def test_panel_forward_masks(i, mask, bias, monkeypatch, spy):
+    M, N, D, panels = PANEL_CASES[(i + 3 * bias) % len(PANEL_CASES)]
+    monkeypatch.setattr(triton_lse, "PANELS", panels)
+    spy("_lse_panel")
+    check(M, N, D, torch.float32, False, bias, mask, True)
+    assert spy.calls["_lse_panel"] == 1
+
+
+@pytest.mark.parametrize("M,N,D,panels", PANEL_CASES, ids=[f"{m}x{n}x{d}-P{p}" for m, n, d, p in PANEL_CASES])
+def test_panel_forward_shapes_match_transposed(M, N, D, panels, monkeypatch):
+    """The one-pass forward against the reference (float64) and the two-pass one it replaces."""
+    monkeypatch.setattr(triton_lse, "PANELS", panels)
+    q, k, s, b, kw = make_inputs(M, N, D, torch.float32, False, True, DIFF_EX, classes=2)
+    row, col = ops.similarity_lse(q, k, s, b, col_lse=True, backend="triton", **kw)
+    want_row, want_col = ops.similarity_lse(q.double(), k.double(), s.double(), b.double(), col_lse=True,
+                                            backend="reference", **kw)
+    torch.testing.assert_close(row.double(), want_row, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(col.double(), want_col, rtol=1e-5, atol=1e-5)
+    monkeypatch.setattr(triton_lse, "COL_LSE", "transposed")
+    row2, col2 = ops.similarity_lse(q, k, s, b, col_lse=True, backend="triton", **kw)
+    assert torch.equal(row, row2)  # same tiles, same order
+    torch.testing.assert_close(col, col2, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("panels", [1, 3])
+def test_panel_forward_fully_masked_and_nan(panels, monkeypatch):
+    monkeypatch.setattr(triton_lse, "PANELS", panels)
+    q, k = torch.randn(40, 8, device=DEV), torch.randn(20, 8, device=DEV)
+    labels = torch.arange(40, device=DEV) % 5
+    k_labels = torch.arange(20, device=DEV) % 4 + 2  # classes 2..5: rows of class 0, 1 and column class 5 empty
+    kw = dict(labels=labels, k_labels=k_labels, label_mask="same", col_lse=True)
+    row, col = ops.similarity_lse(q, k, 2.0, backend="triton", **kw)
+    want_row, want_col = ops.similarity_lse(q, k, 2.0, backend="reference", **kw)
+    assert torch.isinf(col[k_labels == 5]).all() and torch.isinf(row[labels < 2]).all()
+    torch.testing.assert_close(row, want_row)
+    torch.testing.assert_close(col, want_col)
+    # a NaN in one key: every row LSE is NaN, and that key's column LSE; the others are not
+    k[7, 3] = float("nan")
+    row, col = ops.similarity_lse(q, k, 2.0, col_lse=True, backend="triton")
+    assert torch.isnan(row).all()
+    assert torch.isnan(col[7]) and torch.isfinite(col[torch.arange(20) != 7]).all()
+
+
+def test_panel_symmetric_with_col(monkeypatch, spy):
+    """NT-Xent-style self-similarity with col_lse also takes the one-pass forward."""
+    monkeypatch.setattr(triton_lse, "PANELS", 2)
+    spy("_lse_panel")
+    check(33, 33, 16, torch.float32, True, True, EX0, True)
+    assert spy.calls["_lse_panel"] == 1
+
+
+def test_panel_count():
+    """Off the interpreter's small fixed count: P·N·8 ≤ 64 MiB, P ≥ #SMs where 256 MiB allows."""
+    P = triton_lse._panels(32768, 32768, torch.device(DEV))
+    assert P >= 1 and P * 32768 * 8 <= 256 << 20
+    if DEV == "cuda":
+        sms = torch.cuda.get_device_properties(0).multi_processor_count
+        assert sms <= P <= 4 * sms and triton_lse._panels(32768, 1 << 20, torch.device(DEV)) == 0
+
+
+# ---------------------------------------------------------------------------- backward: one recompute or two
+@pytest.mark.parametrize("det", [False, True], ids=["atomic", "deterministic"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["f32", "f16"])
+@pytest.mark.parametrize("i,mask", list(enumerate([NONE, EXM5, SAME, DIFF_EX])), ids=["none", "ex-5", "same", "diff-ex1"])
+def test_backward_paths(i, mask, dtype, det, monkeypatch, spy):
+    monkeypatch.setenv("FASTNCE_TRITON_DETERMINISTIC", "1" if det else "0")
+    spy("_grad_atomic")
+    M, N, D = [(130, 17, 3), (17, 130, 33), (3, 17, 16), (17, 17, 33)][i]
+    check(M, N, D, dtype, False, True, mask, True)
+    assert spy.calls["_grad_atomic"] == (0 if det else 1)
+
+
+def test_backward_row_only_atomic(spy):
+    """grad_row only (no col_lse): the one-recompute path with HAS_H off, over 2 feature blocks."""
+    spy("_grad_atomic")
+    check(33, 20, 40, torch.float32, False, False, EX3, False)
+    assert spy.calls["_grad_atomic"] == 1
+
+
+def test_deterministic_mode_is_bit_for_bit(monkeypatch, spy):
+    spy("_grad_atomic")
+    q, k, s, b, kw = make_inputs(130, 47, 33, torch.float16, False, True, DIFF)
+    monkeypatch.setattr(triton_lse, "PANELS", 3)
+    torch.use_deterministic_algorithms(True)
+    try:
+        assert triton_lse.deterministic()
+        a = run("triton", q, k, s, b, kw, True)
+        c = run("triton", q, k, s, b, kw, True)
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert spy.calls["_grad_atomic"] == 0
+    for x, y in zip(a, c):
+        assert torch.equal(x, y)

@@ -1,32 +1,55 @@
 """The `triton` backend: the primitive as fused tiled Triton kernels (DESIGN.md §1, §2).
 
-Launcher contract: fastnce/ops/function.py. Two kernel templates, each launched once or twice:
+Launcher contract: fastnce/ops/function.py. The kernels:
 
 * `_fwd_kernel`, grid (⌈M/BM⌉,): one program owns BM rows and walks all columns in tiles of
-  BN, keeping an online (max, sum-exp) pair per row in fp32; S is never written out.
-  col_lse is the row LSE of Sᵀ, so it is the same kernel launched on (k, q) with the bias on
-  the rows and the exclusion offset negated. That costs one more S product in the forward
-  (2·M·N·D), but needs no O(#row-blocks · N) buffer of partial column LSEs (4 GiB at N=1M
-  with BM=128) and no atomics, and every output is written by exactly one program, so the
-  result is deterministic. TODO(perf): a panel variant (a few hundred row panels, each owning
-  one row of partial column LSEs, merged by a tiny second pass) would save that product.
+  BN, keeping an online (max, sum-exp) pair per row in fp32; S is never written out. Used for
+  row_lse alone, and (COL_LSE = "transposed", FASTNCE_TRITON_COL_LSE=transposed) for col_lse
+  as the row LSE of Sᵀ: a second launch on (k, q), bias on the rows, exclusion offset negated,
+  one more S product but no extra memory.
+* `_fwd_panel_kernel` + `_col_merge_kernel` (default when col_lse is asked for): row and
+  column LSE from ONE pass over S, deterministic, no atomics. P programs ("panels"); panel p
+  owns the row blocks p, p+P, p+2P, … and, besides the online row pair, keeps the running
+  (max, sum-exp) of every column over its own rows in row p of a (2, P, N) fp32 buffer, read-
+  modified-written tile by tile (one writer per buffer row: no race). The merge folds the P
+  partials per column in a fixed order. P = min(#row blocks, 4·SMs, max(SMs, 64 MiB / 8N))
+  (_panels): at N = 32768, P = 256 and 64 MiB of partials; P is not cut below the SM count
+  to save memory (idle SMs would cost more than the product saved), and where SMs·N·8 passes
+  256 MiB (N > 254k on 132 SMs) the transposed pass is used instead.
 * `_bwd_kernel`, grid (⌈M/BM⌉, ⌈D/BDV⌉): one program owns BM rows × BDV output features,
   walks all column tiles, recomputes S from q, k (full D) and the saved LSEs, forms
       G = g[i]·exp(S − r[i]) + h[j]·exp(S − c[j])        (0 where masked or lse = −inf)
   and accumulates G @ y_J (y = k for dq). dk = Gᵀ @ q is the same kernel on the transposed
   problem (rows = columns of k, bias on the rows, (g, r) and (h, c) swapped), and its row
-  sums of Gᵀ are dbias. So a non-symmetric backward costs two recomputes of S (4 products
-  of 2·M·N·D in all, like FlashAttention-2's separate dK/dV and dQ passes) but has no
-  atomics: every output element has a single writer, the sums are in a fixed order, and
-  the gradients are bit-for-bit reproducible. (A single pass with fp32 atomic adds for dq
-  saves one product but makes dq nondeterministic and costs an M·D fp32 buffer of
-  contended atomics; not taken.)
+  sums of Gᵀ are dbias. Two recomputes of S (4 products), no atomics, bit-for-bit
+  reproducible: the non-symmetric backward when torch.are_deterministic_algorithms_enabled()
+  or FASTNCE_TRITON_DETERMINISTIC=1.
+* `_bwd_atomic_kernel`, grid (⌈N/BN⌉, ⌈D/BDV⌉) (default non-symmetric backward, FlashAttention-2
+  style): program J recomputes S[:, J] once per row block I, accumulates dk_J += Gᵀ @ q_I and
+  dbias_J in registers (single writer) and adds dq_I += G @ k_J into a zeroed fp32 (M, D)
+  buffer with tl.atomic_add. One recompute (3 products) when BDV = D; the order of the
+  ⌈N/BN⌉ additions into each dq element varies, so dq differs run to run in the last bits.
 * Symmetric (k is q, NT-Xent): S is symmetric up to the column bias, so the tile that
   yields G[I, J] also yields the mirror G[J, I]ᵀ (S[j, i] = S[i, j] − b[j] + b[i]; masks
   mirrored). One launch of `_bwd_kernel` with SYM accumulates (G[I,J] + G[J,I]ᵀ) @ q_J and,
   for dbias, the row sums of the mirror: 2 products for the whole backward instead of 4,
   deterministic. TODO(perf): visiting only tiles I ≤ J (the mirror trick of DESIGN §5)
   would halve the forward and the recompute again but needs cross-program reductions.
+
+Cost per training step for CLIP (q ≠ k, row and column LSE, both gradients), in products
+of 2·M·N·D: before, 6 (forward row pass + transposed col pass, dq pass + dk pass with a
+recompute each); now 4 (panel forward 1; one recompute, dq, dk), 5 in deterministic mode.
+clip-32k (N = 32768, D = 512, bf16): one product is 1.10 TFLOP, so 6.60 → 4.40 TFLOP a step:
+at an achieved T TFLOP/s that is 6600/T → 4400/T ms (T = 500: 13.2 → 8.8 ms, just the
+target of 0.9 × 9.8 ms; 6 products would need 750, the ceiling). Beside the products: 2·M·N
+exponentials in the forward and 2·M·N in the backward (4.3·10⁹, ~1 ms at ~4·10¹²/s if not
+overlapped), the merge (reads 64 MiB, ~0.03 ms), and the dq atomics: M·D·⌈N/BN⌉ fp32 adds,
+34 GB of L2 reduction traffic at BN = 64 (17 GB at BN = 128, which needs BDV ≤ 256 at
+D = 512, i.e. 2 recomputes). That traffic is the open risk of the 4-product path at D = 512:
+unmeasured here (no GPU); if it dominates, the deterministic 5-product path is the fallback.
+simclr-16k (NT-Xent, 2N = 32768, D = 128, row LSE only): unchanged, 3 products (forward 1,
+symmetric backward 2), 0.82 TFLOP; with 3·M·N exponentials (~0.8 ms) the exps matter there.
+The GPU benchmark (python -m fastnce.bench gpu) reports achieved TFLOP/s counting 4 products.
 
 Dtypes: float16, bfloat16, float32 in, fp32 accumulation and LSEs out. The second product
 of the backward casts G to the input dtype (tensor cores, as FlashAttention does with P);
@@ -338,32 +361,224 @@ if triton is not None:
                 tl.store(p_db + o_i, b_db, mask=m_i)
 
 
-    _fwd_tuned = triton.autotune(
-        configs=_cfgs(True), key=["KEY_M", "KEY_N", "D", "HAS_BIAS", "MASK_MODE", "EXCLUDE"],
-        prune_configs_by={"early_config_prune": _prune})(_fwd_kernel)
-    _bwd_tuned = triton.autotune(
-        configs=_cfgs(False), key=["KEY_M", "KEY_N", "D", "HAS_BIAS", "MASK_MODE", "EXCLUDE", "SYM", "HAS_G", "HAS_H"],
-        prune_configs_by={"early_config_prune": _prune})(_bwd_kernel)
+    # ------------------------------------------------------------------ forward, one pass (panels)
+    @triton.jit
+    def _fwd_panel_kernel(p_x, p_y, p_scale, p_bias, p_lx, p_ly, p_lse, p_pm, p_pl,
+                          M, N, D, offset, P, KEY_M, KEY_N,
+                          HAS_BIAS: tl.constexpr, EXCLUDE: tl.constexpr, MASK_MODE: tl.constexpr,
+                          DOT_F32: tl.constexpr, PREC: tl.constexpr,
+                          BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+        """Row lse (M,) and this panel's column partials, from one pass over S; grid (P,).
+
+        Program p owns the row blocks p, p + P, p + 2P, … and keeps, in row p of pm, pl (P, N)
+        fp32, the running (max, Σ exp(S − max)) of each column over the rows it has seen. Only
+        program p touches row p, so there is no race and no atomic; _col_merge_kernel folds the
+        P partials into col_lse. A program with no row block (P was sized for the smallest BM)
+        writes the empty partial (−inf, 0).
+        """
+        i_p = tl.program_id(0)
+        n_mb = tl.cdiv(M, BM)
+        b_scale = tl.load(p_scale)
+        p_pm_p = p_pm + i_p.to(tl.int64) * N
+        p_pl_p = p_pl + i_p.to(tl.int64) * N
+        if i_p >= n_mb:
+            for j0 in range(0, N, BN):
+                o_j = j0 + tl.arange(0, BN)
+                m_j = o_j < N
+                tl.store(p_pm_p + o_j, tl.full([BN], float("-inf"), dtype=tl.float32), mask=m_j)
+                tl.store(p_pl_p + o_j, tl.zeros([BN], dtype=tl.float32), mask=m_j)
+        for i_m in range(i_p, n_mb, P):
+            # The partials written for the previous row block may have been stored by other
+            # threads of this program than the ones that load them now: make them visible.
+            tl.debug_barrier()
+            o_i = (i_m * BM + tl.arange(0, BM)).to(tl.int64)
+            m_i = o_i < M
+            b_yi = tl.zeros([BM], dtype=tl.int64)
+            if MASK_MODE != 0:
+                b_yi = tl.load(p_lx + o_i, mask=m_i, other=0)
+            b_m = tl.full([BM], float("-inf"), dtype=tl.float32)
+            b_l = tl.zeros([BM], dtype=tl.float32)
+            # the panel's first row block starts the column partials afresh (no memset needed,
+            # and autotuning may rerun the kernel on the same buffers)
+            b_seen = (tl.zeros([BN], dtype=tl.int32) + i_m) != i_p  # (BN,): a mask must be a tensor
+            for j0 in range(0, N, BN):
+                o_j = (j0 + tl.arange(0, BN)).to(tl.int64)
+                m_j = o_j < N
+                b_s = _s_tile(p_x, p_y, o_i, o_j, m_i, m_j, D, BM, BN, BK, DOT_F32, PREC) * b_scale
+                if HAS_BIAS:
+                    b_s += tl.load(p_bias + o_j, mask=m_j, other=0.0)[None, :]
+                b_yj = tl.zeros([BN], dtype=tl.int64)
+                if MASK_MODE != 0:
+                    b_yj = tl.load(p_ly + o_j, mask=m_j, other=0)
+                b_v = _keep(o_i, o_j, m_i, m_j, b_yi, b_yj, offset, EXCLUDE, MASK_MODE, False)
+                b_s = tl.where(b_v, b_s, float("-inf"))
+                # rows: the online (max, sum) of _fwd_kernel
+                b_mn = tl.maximum(b_m, tl.max(b_s, 1))
+                b_c = tl.where(b_mn == float("-inf"), 0.0, b_mn)
+                b_l = b_l * tl.exp(b_m - b_c) + tl.sum(tl.exp(b_s - b_c[:, None]), 1)
+                b_m = b_mn
+                # columns: the same update along axis 0, state read from / written to row p
+                b_cm = tl.load(p_pm_p + o_j, mask=m_j & b_seen, other=float("-inf"))
+                b_cl = tl.load(p_pl_p + o_j, mask=m_j & b_seen, other=0.0)
+                b_cmn = tl.maximum(b_cm, tl.max(b_s, 0))
+                b_cc = tl.where(b_cmn == float("-inf"), 0.0, b_cmn)
+                b_cl = b_cl * tl.exp(b_cm - b_cc) + tl.sum(tl.exp(b_s - b_cc[None, :]), 0)
+                tl.store(p_pm_p + o_j, b_cmn, mask=m_j)
+                tl.store(p_pl_p + o_j, b_cl, mask=m_j)
+            b_lse = tl.where(b_l == 0.0, float("-inf"), b_m + tl.log(tl.where(b_l == 0.0, 1.0, b_l)))
+            tl.store(p_lse + o_i, b_lse, mask=m_i)
+
+    @triton.jit
+    def _col_merge_kernel(p_pm, p_pl, p_lse, P, N, BN: tl.constexpr):
+        """col_lse[j] = log Σ_p pl[p, j]·exp(pm[p, j]) (N,) fp32, stably; pm, pl (P, N); grid ⌈N/BN⌉."""
+        o_j = (tl.program_id(0) * BN + tl.arange(0, BN)).to(tl.int64)
+        m_j = o_j < N
+        b_m = tl.full([BN], float("-inf"), dtype=tl.float32)
+        b_l = tl.zeros([BN], dtype=tl.float32)
+        for i_p in range(0, P):  # i_p · N stays in int32: P·N·8 ≤ 256 MiB (_panels)
+            b_pm = tl.load(p_pm + i_p * N + o_j, mask=m_j, other=float("-inf"))
+            b_pl = tl.load(p_pl + i_p * N + o_j, mask=m_j, other=0.0)
+            b_mn = tl.maximum(b_m, b_pm)
+            b_c = tl.where(b_mn == float("-inf"), 0.0, b_mn)
+            b_l = b_l * tl.exp(b_m - b_c) + b_pl * tl.exp(b_pm - b_c)
+            b_m = b_mn
+        # == 0 exactly when every partial was empty; a NaN partial sum stays NaN
+        b_lse = tl.where(b_l == 0.0, float("-inf"), b_m + tl.log(tl.where(b_l == 0.0, 1.0, b_l)))
+        tl.store(p_lse + o_j, b_lse, mask=m_j)
+
+    # ------------------------------------------------------------------ backward, one recompute (atomics)
+    @triton.jit
+    def _bwd_atomic_kernel(p_q, p_k, p_scale, p_bias, p_lq, p_lk,
+                           p_g, p_r, p_h, p_c, p_ginv, p_dq, p_dk, p_db,
+                           M, N, D, offset, KEY_M, KEY_N,
+                           HAS_BIAS: tl.constexpr, EXCLUDE: tl.constexpr, MASK_MODE: tl.constexpr,
+                           HAS_G: tl.constexpr, HAS_H: tl.constexpr,
+                           WRITE_DB: tl.constexpr, G_NORM: tl.constexpr,
+                           DOT_F32: tl.constexpr, PREC: tl.constexpr,
+                           BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BDV: tl.constexpr):
+        """dq and dk from one recompute of S (FlashAttention-2 style); grid (⌈N/BN⌉, ⌈D/BDV⌉).
+
+        Program (J, d) owns the key block J (BN keys) × features d (BDV) and walks all query
+        blocks I: recompute S[I, J] (full D), form G (BM, BN), then
+            dk[J, d] += G[I, J]ᵀ @ q[I, d]     in registers, stored once (single writer)
+            db[J]    += Σ_i G[i, J]            (feature block 0 only)
+            dq[I, d] += G[I, J] @ k[J, d]      fp32 atomic add into p_dq (zeroed, (M, D))
+        q (M, D), k (N, D); g, r (M,) grad and lse of the row LSE, h, c (N,) of the column LSE.
+        """
+        i_n = tl.program_id(0)
+        i_d = tl.program_id(1)
+        o_j = (i_n * BN + tl.arange(0, BN)).to(tl.int64)
+        m_j = o_j < N
+        o_v = i_d * BDV + tl.arange(0, BDV)
+        m_v = o_v < D
+        b_scale = tl.load(p_scale)
+        b_ginv = 1.0
+        if G_NORM:
+            b_ginv = tl.load(p_ginv)
+        b_yj = tl.zeros([BN], dtype=tl.int64)
+        if MASK_MODE != 0:
+            b_yj = tl.load(p_lk + o_j, mask=m_j, other=0)
+        b_bj = tl.zeros([BN], dtype=tl.float32)
+        if HAS_BIAS:
+            b_bj = tl.load(p_bias + o_j, mask=m_j, other=0.0)
+        b_hj = tl.zeros([BN], dtype=tl.float32)
+        b_cj = tl.zeros([BN], dtype=tl.float32)
+        if HAS_H:
+            b_hj = tl.load(p_h + o_j, mask=m_j, other=0.0)
+            b_cj = _shift(p_c, o_j, m_j)
+        b_acc = tl.zeros([BN, BDV], dtype=tl.float32)
+        b_db = tl.zeros([BN], dtype=tl.float32)
+        for i0 in range(0, M, BM):
+            o_i = (i0 + tl.arange(0, BM)).to(tl.int64)
+            m_i = o_i < M
+            b_s = _s_tile(p_q, p_k, o_i, o_j, m_i, m_j, D, BM, BN, BK, DOT_F32, PREC) * b_scale
+            if HAS_BIAS:
+                b_s += b_bj[None, :]
+            b_yi = tl.zeros([BM], dtype=tl.int64)
+            if MASK_MODE != 0:
+                b_yi = tl.load(p_lq + o_i, mask=m_i, other=0)
+            b_gi = tl.zeros([BM], dtype=tl.float32)
+            b_ri = tl.zeros([BM], dtype=tl.float32)
+            if HAS_G:
+                b_gi = tl.load(p_g + o_i, mask=m_i, other=0.0)
+                b_ri = _shift(p_r, o_i, m_i)
+            b_v = _keep(o_i, o_j, m_i, m_j, b_yi, b_yj, offset, EXCLUDE, MASK_MODE, False)
+            b_G = _g_tile(b_s, b_v, b_gi, b_ri, b_hj, b_cj, HAS_G, HAS_H)
+            if WRITE_DB:
+                b_db += tl.sum(b_G, 0)
+            m_iv = m_i[:, None] & m_v[None, :]
+            b_qv = tl.load(p_q + o_i[:, None] * D + o_v[None, :], mask=m_iv, other=0.0)
+            b_kv = tl.load(p_k + o_j[:, None] * D + o_v[None, :], mask=m_j[:, None] & m_v[None, :], other=0.0)
+            if DOT_F32:
+                b_acc += tl.dot(tl.trans(b_G), b_qv.to(tl.float32), input_precision=PREC)
+                b_dq = tl.dot(b_G, b_kv.to(tl.float32), input_precision=PREC)
+            else:
+                if G_NORM:
+                    b_G = b_G * b_ginv
+                b_Gc = b_G.to(b_qv.dtype)
+                b_acc += tl.dot(tl.trans(b_Gc), b_qv, input_precision=PREC)
+                b_dq = tl.dot(b_Gc, b_kv, input_precision=PREC)
+                if G_NORM:
+                    b_dq = b_dq / b_ginv
+            # fp32 atomics: the order of the ⌈N/BN⌉ additions into dq[i] varies run to run
+            tl.atomic_add(p_dq + o_i[:, None] * D + o_v[None, :], b_dq, mask=m_iv, sem="relaxed")
+        if G_NORM:
+            b_acc = b_acc / b_ginv
+        tl.store(p_dk + o_j[:, None] * D + o_v[None, :], b_acc, mask=m_j[:, None] & m_v[None, :])
+        if WRITE_DB:
+            if i_d == 0:
+                tl.store(p_db + o_j, b_db, mask=m_j)
 
 
-def _default_meta(fwd: bool, D: int) -> dict:
+    # The one-recompute backward holds the key block (BN × BDV fp32) in registers and streams
+    # query blocks of BM: BDV = D (no feature split, so one recompute) needs small BM and 8-16
+    # warps at D = 512; the BDV < D configs trade extra recomputes for register room.
+    _ATOMIC_CFGS = [triton.Config({"BM": bm, "BN": bn, "BK": bk, "BDV": bdv}, num_warps=w, num_stages=s)
+                    for bm, bn, bk, bdv, w, s in [(64, 64, 64, 128, 8, 2), (32, 64, 64, 128, 4, 2),
+                                                  (64, 128, 64, 128, 8, 2), (64, 64, 64, 64, 4, 2),
+                                                  (64, 64, 64, 256, 8, 2), (32, 64, 64, 256, 8, 2),
+                                                  (32, 64, 64, 512, 8, 2), (32, 32, 64, 512, 8, 2),
+                                                  (32, 64, 64, 512, 16, 2), (64, 64, 64, 512, 16, 2)]]
+    _KEY = ["KEY_M", "KEY_N", "D", "HAS_BIAS", "MASK_MODE", "EXCLUDE"]
+    _KERNELS = {  # kind -> (kernel, autotuned kernel)
+        "fwd": (_fwd_kernel, triton.autotune(
+            configs=_cfgs(True), key=_KEY, prune_configs_by={"early_config_prune": _prune})(_fwd_kernel)),
+        "panel": (_fwd_panel_kernel, triton.autotune(
+            configs=_cfgs(True), key=_KEY, prune_configs_by={"early_config_prune": _prune})(_fwd_panel_kernel)),
+        "bwd": (_bwd_kernel, triton.autotune(
+            configs=_cfgs(False), key=_KEY + ["SYM", "HAS_G", "HAS_H"],
+            prune_configs_by={"early_config_prune": _prune})(_bwd_kernel)),
+        # reset_to_zero: the autotuner reruns the kernel, and dq is accumulated with atomics
+        "atomic": (_bwd_atomic_kernel, triton.autotune(
+            configs=_ATOMIC_CFGS, key=_KEY + ["HAS_G", "HAS_H"], reset_to_zero=["p_dq"],
+            prune_configs_by={"early_config_prune": _prune})(_bwd_atomic_kernel)),
+    }
+
+
+# smallest BM of the forward configs: the panel count is sized for it (any BM then works)
+_PANEL_MIN_BM = 16 if triton is not None and _INTERPRET else 64
+
+
+def _default_meta(kind: str, D: int) -> dict:
     """The config used without autotuning; under the interpreter one small config (16-row and
     -column tiles, so the small test shapes cross several tiles and leave tails)."""
+    fwd = kind in ("fwd", "panel")
     if _INTERPRET:
         return dict(BM=16, BN=16, BK=32, num_warps=1) if fwd else dict(BM=16, BN=16, BK=32, BDV=32, num_warps=1)
     dpad = max(16, triton.next_power_of_2(D))
     bk = max(32, min(dpad, 64))
     if fwd:
         return dict(BM=128, BN=64, BK=bk, num_warps=4, num_stages=3)
-    bdv = max(64, dpad)
+    bdv = max(64, dpad) if kind == "bwd" else min(max(64, dpad), 512)
     return dict(BM=32 if bdv > 256 else 64, BN=64, BK=bk, BDV=bdv, num_warps=8, num_stages=2)
 
 
-def _launch(fwd: bool, grid, D: int, *args, **kwargs):
+def _launch(kind: str, grid, D: int, *args, **kwargs):
+    kernel, tuned = _KERNELS[kind]
     if AUTOTUNE:
-        (_fwd_tuned if fwd else _bwd_tuned)[grid](*args, **kwargs)
+        tuned[grid](*args, **kwargs)
     else:
-        (_fwd_kernel if fwd else _bwd_kernel)[grid](*args, **kwargs, **_default_meta(fwd, D))
+        kernel[grid](*args, **kwargs, **_default_meta(kind, D))
 
 
 # ---------------------------------------------------------------------- launchers
@@ -404,7 +619,7 @@ def _lse(x, y, scale, bias, lx, ly, mask_mode, offset, bias_on_row) -> Tensor:
     dot_f32, prec = _dot_args(x.dtype)
     grid = lambda meta: (triton.cdiv(M, meta["BM"]),)
     _launch(
-        True, grid, D, x, y, scale, _dummy(x) if bias is None else bias,
+        "fwd", grid, D, x, y, scale, _dummy(x) if bias is None else bias,
         _dummy(x, torch.int64) if lx is None else lx, _dummy(x, torch.int64) if ly is None else ly, out,
         M, N, D, 0 if offset is None else int(offset), _key(M), _key(N),
         HAS_BIAS=bias is not None, BIAS_ON_ROW=bias_on_row, EXCLUDE=offset is not None,
@@ -420,11 +635,64 @@ def _check(q: Tensor, k: Tensor) -> None:
         raise ValueError("the triton backend needs contiguous q and k")
 
 
+# Forward col_lse: "panel" (one pass over S, P × N fp32 partials) or "transposed" (a second
+# pass over Sᵀ, no extra memory). Tests and comparisons set PANELS / COL_LSE directly.
+COL_LSE = os.environ.get("FASTNCE_TRITON_COL_LSE", "panel")
+PANELS: Optional[int] = None  # fixed panel count (tests); None: _panels() picks it
+_PANEL_SOFT_BYTES = 64 << 20  # aim: P·N·8 within this ...
+_PANEL_MAX_BYTES = 256 << 20  # ... but keep P ≥ #SMs up to this; beyond it, transposed
+
+
+def _panels(M: int, N: int, device: torch.device) -> int:
+    """How many panels (programs) the one-pass forward uses; 0: use the transposed pass.
+
+    P = min(#row blocks, 4·SMs, max(SMs, 64 MiB / 8N)): enough programs to fill the card, as
+    few as that allows since each costs N·8 bytes of partials. P < SMs would leave SMs idle
+    for the whole forward (slower than a second pass at full occupancy once P < SMs/2), so
+    P is not pushed below the SM count to save memory; when SMs·N·8 passes 256 MiB (N > 254k
+    at 132 SMs) the transposed pass (no extra memory) is used instead. At N = 32768: P = 256
+    (64 MiB). Under the interpreter: at most 4 panels, so a panel owns several row blocks.
+    """
+    if PANELS is not None:  # as given, even above the row-block count (programs left idle)
+        return max(1, int(PANELS))
+    n_mb = triton.cdiv(M, _PANEL_MIN_BM)
+    if _INTERPRET or device.type != "cuda":
+        return min(n_mb, 4)
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    p = min(n_mb, 4 * sms, max(sms, _PANEL_SOFT_BYTES // (8 * N)))
+    return p if p * N * 8 <= _PANEL_MAX_BYTES else 0
+
+
+def _lse_panel(q, k, scale, bias, lq, lk, mask_mode, offset, P) -> tuple[Tensor, Tensor]:
+    """(row_lse (M,), col_lse (N,)) fp32 from one pass over S with P panels; M, N > 0."""
+    M, D = q.shape
+    N = k.shape[0]
+    row = torch.empty((M,), dtype=torch.float32, device=q.device)
+    col = torch.empty((N,), dtype=torch.float32, device=q.device)
+    part = torch.empty((2, P, N), dtype=torch.float32, device=q.device)  # (max, sum-exp) per panel
+    dot_f32, prec = _dot_args(q.dtype)
+    _launch(
+        "panel", (P,), D, q, k, scale, _dummy(q) if bias is None else bias,
+        _dummy(q, torch.int64) if lq is None else lq, _dummy(q, torch.int64) if lk is None else lk,
+        row, part[0], part[1], M, N, D, 0 if offset is None else int(offset), P, _key(M), _key(N),
+        HAS_BIAS=bias is not None, EXCLUDE=offset is not None, MASK_MODE=int(mask_mode),
+        DOT_F32=dot_f32, PREC=prec,
+    )
+    bn = 1024 if not _INTERPRET else 64
+    _col_merge_kernel[(triton.cdiv(N, bn),)](part[0], part[1], col, P, N, BN=bn)
+    return row, col
+
+
 def forward(q, k, scale, bias, q_labels, k_labels, mask_mode, exclude_offset, with_col, symmetric):
     """row_lse (M,) fp32 and col_lse (N,) fp32 or None; contract in fastnce/ops/function.py."""
     _check(q, k)
     scale = scale.to(torch.float32).contiguous()
     bias = None if bias is None else bias.to(torch.float32).contiguous()
+    M, N = q.shape[0], k.shape[0]
+    if with_col and COL_LSE == "panel" and M > 0 and N > 0:
+        P = _panels(M, N, q.device)
+        if P > 0:
+            return _lse_panel(q, k, scale, bias, q_labels, k_labels, mask_mode, exclude_offset, P)
     row = _lse(q, k, scale, bias, q_labels, k_labels, mask_mode, exclude_offset, False)
     col = None
     if with_col:
@@ -432,6 +700,19 @@ def forward(q, k, scale, bias, q_labels, k_labels, mask_mode, exclude_offset, wi
         off = None if exclude_offset is None else -int(exclude_offset)
         col = _lse(k, q, scale, bias, k_labels, q_labels, mask_mode, off, True)
     return row, col
+
+
+def _ginv(dtype, g, h) -> Tensor:
+    """(1,) fp32: 1 / max(|g|, |h|) for float16 (G is scaled by it before the cast, so that small
+    gradients do not underflow; G ≤ max|g| + max|h| in size), else an unused placeholder."""
+    ref = g if g is not None else h
+    if dtype != torch.float16:
+        return _dummy(ref)
+    mx = torch.zeros((), dtype=torch.float32, device=ref.device)
+    for t in (g, h):
+        if t is not None and t.numel():
+            mx = torch.maximum(mx, t.abs().max().float())
+    return torch.where(mx > 0, 1.0 / mx, torch.ones_like(mx)).reshape(1)
 
 
 def _grad(x, y, scale, bias, lx, ly, mask_mode, offset, g, r, h, c, bias_on_row, sym, write_db):
@@ -446,18 +727,11 @@ def _grad(x, y, scale, bias, lx, ly, mask_mode, offset, g, r, h, c, bias_on_row,
     db = torch.empty((M,), dtype=torch.float32, device=x.device) if write_db else None
     dot_f32, prec = _dot_args(x.dtype)
     g_norm = x.dtype == torch.float16
-    ginv = _dummy(x)
-    if g_norm:
-        # G ≤ max|g| + max|h| in size: divide by that so fp16 G does not underflow.
-        mx = torch.zeros((), dtype=torch.float32, device=x.device)
-        for t in (g, h):
-            if t is not None and t.numel():
-                mx = torch.maximum(mx, t.abs().max().float())
-        ginv = torch.where(mx > 0, 1.0 / mx, torch.ones_like(mx)).reshape(1)
+    ginv = _ginv(x.dtype, g, h)
     f = _dummy(x)
     grid = lambda meta: (triton.cdiv(M, meta["BM"]), triton.cdiv(D, meta["BDV"]))
     _launch(
-        False, grid, D, x, y, scale, f if bias is None else bias,
+        "bwd", grid, D, x, y, scale, f if bias is None else bias,
         _dummy(x, torch.int64) if lx is None else lx, _dummy(x, torch.int64) if ly is None else ly,
         f if g is None else g, f if r is None else r, f if h is None else h, f if c is None else c,
         ginv, dx, f if db is None else db,
@@ -467,6 +741,38 @@ def _grad(x, y, scale, bias, lx, ly, mask_mode, offset, g, r, h, c, bias_on_row,
         WRITE_DB=write_db, G_NORM=g_norm, DOT_F32=dot_f32, PREC=prec,
     )
     return dx, db
+
+
+def deterministic() -> bool:
+    """Use the atomics-free two-pass backward? (torch's deterministic mode, or FASTNCE_TRITON_DETERMINISTIC=1)."""
+    return torch.are_deterministic_algorithms_enabled() or os.environ.get("FASTNCE_TRITON_DETERMINISTIC", "0") == "1"
+
+
+def _grad_atomic(q, k, scale, bias, lq, lk, mask_mode, offset, g, r, h, c, write_db):
+    """(G @ k (M, D), Gᵀ @ q (N, D), column sums of G (N,) or None), fp32, from one recompute."""
+    M, D = q.shape
+    N = k.shape[0]
+    dq = torch.zeros((M, D), dtype=torch.float32, device=q.device)  # accumulated with atomics
+    if M == 0 or N == 0 or D == 0 or (g is None and h is None):
+        zero = lambda *shape: torch.zeros(shape, dtype=torch.float32, device=q.device)
+        return dq, zero(N, D), (zero(N) if write_db else None)
+    dk = torch.empty((N, D), dtype=torch.float32, device=q.device)
+    db = torch.empty((N,), dtype=torch.float32, device=q.device) if write_db else None
+    dot_f32, prec = _dot_args(q.dtype)
+    ginv = _ginv(q.dtype, g, h)
+    f = _dummy(q)
+    grid = lambda meta: (triton.cdiv(N, meta["BN"]), triton.cdiv(D, meta["BDV"]))
+    _launch(
+        "atomic", grid, D, q, k, scale, f if bias is None else bias,
+        _dummy(q, torch.int64) if lq is None else lq, _dummy(q, torch.int64) if lk is None else lk,
+        f if g is None else g, f if r is None else r, f if h is None else h, f if c is None else c,
+        ginv, dq, dk, f if db is None else db,
+        M, N, D, 0 if offset is None else int(offset), _key(M), _key(N),
+        HAS_BIAS=bias is not None, EXCLUDE=offset is not None, MASK_MODE=int(mask_mode),
+        HAS_G=g is not None, HAS_H=h is not None, WRITE_DB=write_db,
+        G_NORM=q.dtype == torch.float16, DOT_F32=dot_f32, PREC=prec,
+    )
+    return dq, dk, db
 
 
 def backward(q, k, scale, bias, q_labels, k_labels, mask_mode, exclude_offset,
@@ -484,6 +790,9 @@ def backward(q, k, scale, bias, q_labels, k_labels, mask_mode, exclude_offset,
         dq, db = _grad(q, q, scale, bias, q_labels, q_labels if k_labels is None else k_labels, mask_mode,
                        exclude_offset, g, r, h, c, False, True, need_bias)
         return dq, None, db
+    if not deterministic():
+        return _grad_atomic(q, k, scale, bias, q_labels, k_labels, mask_mode, exclude_offset,
+                            g, r, h, c, need_bias)
     dq, _ = _grad(q, k, scale, bias, q_labels, k_labels, mask_mode, exclude_offset, g, r, h, c,
                   False, False, False)
     off = None if exclude_offset is None else -int(exclude_offset)
