@@ -168,6 +168,13 @@ if triton is not None:
         return b_s
 
     @triton.jit
+    def _labels(p_l, o, m, MASK_MODE: tl.constexpr):
+        """int64 labels at o when a label mask is on; zeros (unused) otherwise."""
+        if MASK_MODE != 0:
+            return tl.load(p_l + o, mask=m, other=0)
+        return tl.zeros_like(o)
+
+    @triton.jit
     def _keep(o_i, o_j, m_i, m_j, b_yi, b_yj, offset,
               EXCLUDE: tl.constexpr, MASK_MODE: tl.constexpr, MIRROR: tl.constexpr):
         """(BM, BN) bool: pair (i, j) in range, not excluded, labels as MASK_MODE says.
@@ -204,12 +211,8 @@ if triton is not None:
         o_i = (i_m * BM + tl.arange(0, BM)).to(tl.int64)
         m_i = o_i < M
         b_scale = tl.load(p_scale)
-        b_yi = tl.zeros([BM], dtype=tl.int64)
-        if MASK_MODE != 0:
-            b_yi = tl.load(p_lx + o_i, mask=m_i, other=0)
-        b_brow = tl.zeros([BM], dtype=tl.float32)
-        if HAS_BIAS and BIAS_ON_ROW:
-            b_brow = tl.load(p_bias + o_i, mask=m_i, other=0.0)
+        b_yi = _labels(p_lx, o_i, m_i, MASK_MODE)
+        b_brow = _line(p_bias, o_i, m_i, HAS_BIAS and BIAS_ON_ROW)
         b_m = tl.full([BM], float("-inf"), dtype=tl.float32)
         b_l = tl.zeros([BM], dtype=tl.float32)
         for j0 in range(0, N, BN):
@@ -221,9 +224,7 @@ if triton is not None:
                     b_s += b_brow[:, None]
                 else:
                     b_s += tl.load(p_bias + o_j, mask=m_j, other=0.0)[None, :]
-            b_yj = tl.zeros([BN], dtype=tl.int64)
-            if MASK_MODE != 0:
-                b_yj = tl.load(p_ly + o_j, mask=m_j, other=0)
+            b_yj = _labels(p_ly, o_j, m_j, MASK_MODE)
             b_v = _keep(o_i, o_j, m_i, m_j, b_yi, b_yj, offset, EXCLUDE, MASK_MODE, False)
             b_s = tl.where(b_v, b_s, float("-inf"))
             b_mn = tl.maximum(b_m, tl.max(b_s, 1))
@@ -259,6 +260,21 @@ if triton is not None:
         return tl.where(b == float("-inf"), 0.0, b)
 
     @triton.jit
+    def _line(p, o, m, HAS: tl.constexpr):
+        """fp32 values p[o] of a per-row / per-column vector, zeros when it is absent."""
+        if HAS:
+            return tl.load(p + o, mask=m, other=0.0).to(tl.float32)
+        return tl.zeros_like(o).to(tl.float32)
+
+    @triton.jit
+    def _terms(p_grad, p_lse, o, m, HAS: tl.constexpr):
+        """(gradient, lse shift) at the lines o of one LSE direction; zeros when it has no gradient."""
+        if HAS:
+            return tl.load(p_grad + o, mask=m, other=0.0), _shift(p_lse, o, m)
+        b_zero = tl.zeros_like(o).to(tl.float32)
+        return b_zero, b_zero
+
+    @triton.jit
     def _bwd_kernel(p_x, p_y, p_scale, p_bias, p_lx, p_ly,
                     p_g, p_r, p_h, p_c, p_ginv, p_dx, p_db,
                     M, N, D, offset, KEY_M, KEY_N,
@@ -284,45 +300,21 @@ if triton is not None:
         b_ginv = 1.0
         if G_NORM:
             b_ginv = tl.load(p_ginv)
-        b_yi = tl.zeros([BM], dtype=tl.int64)
-        if MASK_MODE != 0:
-            b_yi = tl.load(p_lx + o_i, mask=m_i, other=0)
-        b_bi = tl.zeros([BM], dtype=tl.float32)
-        if HAS_BIAS and (BIAS_ON_ROW or SYM):
-            b_bi = tl.load(p_bias + o_i, mask=m_i, other=0.0)
+        b_yi = _labels(p_lx, o_i, m_i, MASK_MODE)
+        b_bi = _line(p_bias, o_i, m_i, HAS_BIAS and (BIAS_ON_ROW or SYM))
         # per-row terms of G (and, for the mirror, the per-column terms at the rows)
-        b_gi = tl.zeros([BM], dtype=tl.float32)
-        b_ri = tl.zeros([BM], dtype=tl.float32)
-        b_hi = tl.zeros([BM], dtype=tl.float32)
-        b_ci = tl.zeros([BM], dtype=tl.float32)
-        if HAS_G:
-            b_gi = tl.load(p_g + o_i, mask=m_i, other=0.0)
-            b_ri = _shift(p_r, o_i, m_i)
-        if SYM and HAS_H:
-            b_hi = tl.load(p_h + o_i, mask=m_i, other=0.0)
-            b_ci = _shift(p_c, o_i, m_i)
+        b_gi, b_ri = _terms(p_g, p_r, o_i, m_i, HAS_G)
+        b_hi, b_ci = _terms(p_h, p_c, o_i, m_i, SYM and HAS_H)
         b_acc = tl.zeros([BM, BDV], dtype=tl.float32)
         b_db = tl.zeros([BM], dtype=tl.float32)
         for j0 in range(0, N, BN):
             o_j = (j0 + tl.arange(0, BN)).to(tl.int64)
             m_j = o_j < N
             b_raw = _s_tile(p_x, p_y, o_i, o_j, m_i, m_j, D, BM, BN, BK, DOT_F32, PREC) * b_scale
-            b_bj = tl.zeros([BN], dtype=tl.float32)
-            if HAS_BIAS:
-                b_bj = tl.load(p_bias + o_j, mask=m_j, other=0.0)
-            b_yj = tl.zeros([BN], dtype=tl.int64)
-            if MASK_MODE != 0:
-                b_yj = tl.load(p_ly + o_j, mask=m_j, other=0)
-            b_gj = tl.zeros([BN], dtype=tl.float32)
-            b_rj = tl.zeros([BN], dtype=tl.float32)
-            b_hj = tl.zeros([BN], dtype=tl.float32)
-            b_cj = tl.zeros([BN], dtype=tl.float32)
-            if HAS_H:
-                b_hj = tl.load(p_h + o_j, mask=m_j, other=0.0)
-                b_cj = _shift(p_c, o_j, m_j)
-            if SYM and HAS_G:
-                b_gj = tl.load(p_g + o_j, mask=m_j, other=0.0)
-                b_rj = _shift(p_r, o_j, m_j)
+            b_bj = _line(p_bias, o_j, m_j, HAS_BIAS)
+            b_yj = _labels(p_ly, o_j, m_j, MASK_MODE)
+            b_hj, b_cj = _terms(p_h, p_c, o_j, m_j, HAS_H)
+            b_gj, b_rj = _terms(p_g, p_r, o_j, m_j, SYM and HAS_G)
             # S[i, j]: bias on the column, or on the row for the transposed (dk) launch
             b_s = b_raw
             if HAS_BIAS:
@@ -393,9 +385,7 @@ if triton is not None:
             tl.debug_barrier()
             o_i = (i_m * BM + tl.arange(0, BM)).to(tl.int64)
             m_i = o_i < M
-            b_yi = tl.zeros([BM], dtype=tl.int64)
-            if MASK_MODE != 0:
-                b_yi = tl.load(p_lx + o_i, mask=m_i, other=0)
+            b_yi = _labels(p_lx, o_i, m_i, MASK_MODE)
             b_m = tl.full([BM], float("-inf"), dtype=tl.float32)
             b_l = tl.zeros([BM], dtype=tl.float32)
             # the panel's first row block starts the column partials afresh (no memset needed,
@@ -407,9 +397,7 @@ if triton is not None:
                 b_s = _s_tile(p_x, p_y, o_i, o_j, m_i, m_j, D, BM, BN, BK, DOT_F32, PREC) * b_scale
                 if HAS_BIAS:
                     b_s += tl.load(p_bias + o_j, mask=m_j, other=0.0)[None, :]
-                b_yj = tl.zeros([BN], dtype=tl.int64)
-                if MASK_MODE != 0:
-                    b_yj = tl.load(p_ly + o_j, mask=m_j, other=0)
+                b_yj = _labels(p_ly, o_j, m_j, MASK_MODE)
                 b_v = _keep(o_i, o_j, m_i, m_j, b_yi, b_yj, offset, EXCLUDE, MASK_MODE, False)
                 b_s = tl.where(b_v, b_s, float("-inf"))
                 # rows: the online (max, sum) of _fwd_kernel
@@ -475,17 +463,9 @@ if triton is not None:
         b_ginv = 1.0
         if G_NORM:
             b_ginv = tl.load(p_ginv)
-        b_yj = tl.zeros([BN], dtype=tl.int64)
-        if MASK_MODE != 0:
-            b_yj = tl.load(p_lk + o_j, mask=m_j, other=0)
-        b_bj = tl.zeros([BN], dtype=tl.float32)
-        if HAS_BIAS:
-            b_bj = tl.load(p_bias + o_j, mask=m_j, other=0.0)
-        b_hj = tl.zeros([BN], dtype=tl.float32)
-        b_cj = tl.zeros([BN], dtype=tl.float32)
-        if HAS_H:
-            b_hj = tl.load(p_h + o_j, mask=m_j, other=0.0)
-            b_cj = _shift(p_c, o_j, m_j)
+        b_yj = _labels(p_lk, o_j, m_j, MASK_MODE)
+        b_bj = _line(p_bias, o_j, m_j, HAS_BIAS)
+        b_hj, b_cj = _terms(p_h, p_c, o_j, m_j, HAS_H)
         b_acc = tl.zeros([BN, BDV], dtype=tl.float32)
         b_db = tl.zeros([BN], dtype=tl.float32)
         for i0 in range(0, M, BM):
@@ -494,14 +474,8 @@ if triton is not None:
             b_s = _s_tile(p_q, p_k, o_i, o_j, m_i, m_j, D, BM, BN, BK, DOT_F32, PREC) * b_scale
             if HAS_BIAS:
                 b_s += b_bj[None, :]
-            b_yi = tl.zeros([BM], dtype=tl.int64)
-            if MASK_MODE != 0:
-                b_yi = tl.load(p_lq + o_i, mask=m_i, other=0)
-            b_gi = tl.zeros([BM], dtype=tl.float32)
-            b_ri = tl.zeros([BM], dtype=tl.float32)
-            if HAS_G:
-                b_gi = tl.load(p_g + o_i, mask=m_i, other=0.0)
-                b_ri = _shift(p_r, o_i, m_i)
+            b_yi = _labels(p_lq, o_i, m_i, MASK_MODE)
+            b_gi, b_ri = _terms(p_g, p_r, o_i, m_i, HAS_G)
             b_v = _keep(o_i, o_j, m_i, m_j, b_yi, b_yj, offset, EXCLUDE, MASK_MODE, False)
             b_G = _g_tile(b_s, b_v, b_gi, b_ri, b_hj, b_cj, HAS_G, HAS_H)
             if WRITE_DB:
