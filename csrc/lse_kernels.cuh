@@ -55,8 +55,10 @@ template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float
 // ---------------------------------------------------------------------------------------------
 template <class T, int KIND> struct WarpTile;
 
-template <class T> struct WarpTile<T, kMmaWmma16> {
-  wmma::fragment<wmma::accumulator, 16, 16, 16, float> c[2][2];
+// A 32×32 warp tile as 2×2 WMMA fragments of depth KS; Frag is the fragment element type
+// (T itself for fp16/bf16, wmma::precision::tf32 for fp32 inputs on the tensor cores).
+template <class T, class Frag, int KS> struct WmmaWarpTile {
+  wmma::fragment<wmma::accumulator, 16, 16, KS, float> c[2][2];
 
   __device__ __forceinline__ void zero() {
 #pragma unroll
@@ -75,67 +77,29 @@ template <class T> struct WarpTile<T, kMmaWmma16> {
     for (int i = 0; i < 2; ++i)
 #pragma unroll
       for (int j = 0; j < 2; ++j) wmma::store_matrix_sync(C + 16 * i * ldc + 16 * j, c[i][j], ldc, wmma::mem_row_major);
+  }
+  template <class F> __device__ __forceinline__ static void to_frag(F& f) {
+    if constexpr (std::is_same<Frag, wmma::precision::tf32>::value) {
+#pragma unroll
+      for (int t = 0; t < f.num_elements; ++t) f.x[t] = wmma::__float_to_tf32(f.x[t]);
+    }
   }
   template <bool A_COL, bool B_COL>
   __device__ __forceinline__ void mma(const T* A, int lda, const T* B, int ldb, int K) {
     using LA = typename std::conditional<A_COL, wmma::col_major, wmma::row_major>::type;
     using LB = typename std::conditional<B_COL, wmma::col_major, wmma::row_major>::type;
-    wmma::fragment<wmma::matrix_a, 16, 16, 16, T, LA> a[2];
-    wmma::fragment<wmma::matrix_b, 16, 16, 16, T, LB> b[2];
-    for (int k0 = 0; k0 < K; k0 += 16) {
-#pragma unroll
-      for (int i = 0; i < 2; ++i)
-        wmma::load_matrix_sync(a[i], A_COL ? A + k0 * lda + 16 * i : A + 16 * i * lda + k0, lda);
-#pragma unroll
-      for (int j = 0; j < 2; ++j)
-        wmma::load_matrix_sync(b[j], B_COL ? B + 16 * j * ldb + k0 : B + k0 * ldb + 16 * j, ldb);
-#pragma unroll
-      for (int i = 0; i < 2; ++i)
-#pragma unroll
-        for (int j = 0; j < 2; ++j) wmma::mma_sync(c[i][j], a[i], b[j], c[i][j]);
-    }
-  }
-};
-
-template <> struct WarpTile<float, kMmaTf32> {
-  wmma::fragment<wmma::accumulator, 16, 16, 8, float> c[2][2];
-
-  __device__ __forceinline__ void zero() {
-#pragma unroll
-    for (int i = 0; i < 2; ++i)
-#pragma unroll
-      for (int j = 0; j < 2; ++j) wmma::fill_fragment(c[i][j], 0.0f);
-  }
-  __device__ __forceinline__ void load(const float* C, int ldc) {
-#pragma unroll
-    for (int i = 0; i < 2; ++i)
-#pragma unroll
-      for (int j = 0; j < 2; ++j) wmma::load_matrix_sync(c[i][j], C + 16 * i * ldc + 16 * j, ldc, wmma::mem_row_major);
-  }
-  __device__ __forceinline__ void store(float* C, int ldc) const {
-#pragma unroll
-    for (int i = 0; i < 2; ++i)
-#pragma unroll
-      for (int j = 0; j < 2; ++j) wmma::store_matrix_sync(C + 16 * i * ldc + 16 * j, c[i][j], ldc, wmma::mem_row_major);
-  }
-  template <bool A_COL, bool B_COL>
-  __device__ __forceinline__ void mma(const float* A, int lda, const float* B, int ldb, int K) {
-    using LA = typename std::conditional<A_COL, wmma::col_major, wmma::row_major>::type;
-    using LB = typename std::conditional<B_COL, wmma::col_major, wmma::row_major>::type;
-    wmma::fragment<wmma::matrix_a, 16, 16, 8, wmma::precision::tf32, LA> a[2];
-    wmma::fragment<wmma::matrix_b, 16, 16, 8, wmma::precision::tf32, LB> b[2];
-    for (int k0 = 0; k0 < K; k0 += 8) {
+    wmma::fragment<wmma::matrix_a, 16, 16, KS, Frag, LA> a[2];
+    wmma::fragment<wmma::matrix_b, 16, 16, KS, Frag, LB> b[2];
+    for (int k0 = 0; k0 < K; k0 += KS) {
 #pragma unroll
       for (int i = 0; i < 2; ++i) {
         wmma::load_matrix_sync(a[i], A_COL ? A + k0 * lda + 16 * i : A + 16 * i * lda + k0, lda);
-#pragma unroll
-        for (int t = 0; t < a[i].num_elements; ++t) a[i].x[t] = wmma::__float_to_tf32(a[i].x[t]);
+        to_frag(a[i]);
       }
 #pragma unroll
       for (int j = 0; j < 2; ++j) {
         wmma::load_matrix_sync(b[j], B_COL ? B + 16 * j * ldb + k0 : B + k0 * ldb + 16 * j, ldb);
-#pragma unroll
-        for (int t = 0; t < b[j].num_elements; ++t) b[j].x[t] = wmma::__float_to_tf32(b[j].x[t]);
+        to_frag(b[j]);
       }
 #pragma unroll
       for (int i = 0; i < 2; ++i)
@@ -144,6 +108,9 @@ template <> struct WarpTile<float, kMmaTf32> {
     }
   }
 };
+
+template <class T> struct WarpTile<T, kMmaWmma16> : WmmaWarpTile<T, T, 16> {};
+template <> struct WarpTile<float, kMmaTf32> : WmmaWarpTile<float, wmma::precision::tf32, 8> {};
 
 // Plain FMA: lane l holds rows (l >> 2) + 8 ii and columns (l & 3) + 4 jj of the warp tile
 // (interleaved so that a warp's shared-memory reads fall in distinct banks).
