@@ -170,9 +170,10 @@ if triton is not None:
     @triton.jit
     def _labels(p_l, o, m, MASK_MODE: tl.constexpr):
         """int64 labels at o when a label mask is on; zeros (unused) otherwise."""
+        b = tl.zeros_like(o)
         if MASK_MODE != 0:
-            return tl.load(p_l + o, mask=m, other=0)
-        return tl.zeros_like(o)
+            b = tl.load(p_l + o, mask=m, other=0)
+        return b
 
     @triton.jit
     def _keep(o_i, o_j, m_i, m_j, b_yi, b_yj, offset,
@@ -262,17 +263,20 @@ if triton is not None:
     @triton.jit
     def _line(p, o, m, HAS: tl.constexpr):
         """fp32 values p[o] of a per-row / per-column vector, zeros when it is absent."""
+        b = tl.zeros_like(o).to(tl.float32)
         if HAS:
-            return tl.load(p + o, mask=m, other=0.0).to(tl.float32)
-        return tl.zeros_like(o).to(tl.float32)
+            b = tl.load(p + o, mask=m, other=0.0).to(tl.float32)
+        return b
 
     @triton.jit
     def _terms(p_grad, p_lse, o, m, HAS: tl.constexpr):
         """(gradient, lse shift) at the lines o of one LSE direction; zeros when it has no gradient."""
+        b_grad = tl.zeros_like(o).to(tl.float32)
+        b_shift = tl.zeros_like(o).to(tl.float32)
         if HAS:
-            return tl.load(p_grad + o, mask=m, other=0.0), _shift(p_lse, o, m)
-        b_zero = tl.zeros_like(o).to(tl.float32)
-        return b_zero, b_zero
+            b_grad = tl.load(p_grad + o, mask=m, other=0.0)
+            b_shift = _shift(p_lse, o, m)
+        return b_grad, b_shift
 
     @triton.jit
     def _bwd_kernel(p_x, p_y, p_scale, p_bias, p_lx, p_ly,
