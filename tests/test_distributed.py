@@ -338,3 +338,12 @@ def test_nccl_world_size_one():
         with open(os.path.join(outdir, "rank0.txt")) as f:
             failures = f.read()
     assert not failures, failures
+
+
+def test_same_arguments_as_the_single_process_losses():
+    import inspect
+
+    for name in ("nt_xent", "clip_loss", "info_nce"):
+        single = list(inspect.signature(getattr(fastnce, name)).parameters.values())
+        dist_ = [p for p in inspect.signature(getattr(fd, name)).parameters.values() if p.name not in ("scheme", "group")]
+        assert [(p.name, p.kind, p.default) for p in dist_] == [(p.name, p.kind, p.default) for p in single], name

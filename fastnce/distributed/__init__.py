@@ -5,7 +5,8 @@
     loss = fd.nt_xent(z1, z2, temperature=0.1, scheme="gather")
     loss = fd.info_nce(query, positive_key, negative_keys)
 
-Each rank passes its local rows; the loss is over the global batch (every rank's rows, in
+The arguments are those of fastnce.nt_xent / clip_loss / info_nce, in the same order, plus
+the keyword-only scheme and group. Each rank passes its local rows; the loss is over the global batch (every rank's rows, in
 rank order). The returned value is this rank's share of the global mean, so the mean over
 ranks is the single-process loss and DDP's gradient averaging gives the single-process
 gradient. Two schemes: 'ring' (key blocks travel rank to rank, O(N/W·D) memory per rank) and
