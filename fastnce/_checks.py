@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 from numbers import Real
 
-
 import torch
 from torch import Tensor
 

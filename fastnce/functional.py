@@ -14,7 +14,7 @@ from torch import Tensor
 from ._checks import (
     check_dim_match, check_features, check_reduction, check_same, check_temperature, reduce,
 )
-from .ops import similarity_lse
+from .ops import lse_dtype, similarity_lse
 
 __all__ = ["info_nce", "nt_xent", "clip_loss", "l2_normalize", "paired_logits"]
 
@@ -26,7 +26,7 @@ def l2_normalize(x: Tensor, eps: float = 1e-12) -> Tensor:
     zero with a zero gradient, where F.normalize's gradient is 1/eps (inf in float16, and in
     float16 its eps rounds to zero and the row becomes NaN).
     """
-    acc = torch.promote_types(x.dtype, torch.float32)
+    acc = lse_dtype(x.dtype)
     norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=acc)
     nonzero = ~(norm <= eps)  # NaN norms stay NaN
     return torch.where(nonzero, x.to(acc) / torch.where(nonzero, norm, 1.0), 0.0).to(x.dtype)
@@ -34,7 +34,7 @@ def l2_normalize(x: Tensor, eps: float = 1e-12) -> Tensor:
 
 def paired_logits(a: Tensor, b: Tensor, scale: Union[float, Tensor]) -> Tensor:
     """scale · a[i]·b[i] for every row, in the LSE dtype (float32, float64 for float64)."""
-    acc = torch.promote_types(a.dtype, torch.float32)
+    acc = lse_dtype(a.dtype)
     return scale * (a.to(acc) * b.to(acc)).sum(-1)  # elementwise: autocast leaves it in acc
 
 

@@ -22,7 +22,7 @@ import pytest
 import torch
 
 import fastnce.ops as ops
-from fastnce.ops import cuda_lse, naive, tiled
+from fastnce.ops import cuda_lse, tiled
 from fastnce.ops.function import BackendUnavailable
 
 ROOT = Path(__file__).resolve().parents[1]

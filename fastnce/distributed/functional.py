@@ -40,7 +40,7 @@ from torch import Tensor
 
 from .. import functional as F
 from ..functional import l2_normalize, paired_logits
-from ..ops import similarity_lse
+from ..ops import lse_dtype, similarity_lse
 from ._comm import (
     RankInfo, _comm_device, all_gather_with_grad, exchange, is_active, mean_grad_over_ranks,
 )
@@ -78,7 +78,7 @@ def _scale_tensor(scale, like: Tensor) -> Tensor:
     if isinstance(scale, Tensor):
         return scale.reshape(())
     return torch.tensor(float(scale), device=like.device,
-                        dtype=torch.float64 if like.dtype == torch.float64 else torch.float32)
+                        dtype=lse_dtype(like.dtype))
 
 
 def _row_lse(scheme: str, q: Tensor, k: Tensor, scale, info: RankInfo, backend: str, self_block=False):

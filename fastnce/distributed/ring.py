@@ -42,10 +42,6 @@ from ._comm import RankInfo, RingTransfer
 _TAG_KEYS, _TAG_COL, _TAG_DK = 100, 200, 300
 
 
-def _lse_dtype(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def ring_lse_forward(q: Tensor, k: Tensor, scale: Tensor, info: RankInfo, self_block: bool, with_col: bool,
                      backend: str):
     """Row LSE of q over every rank's k (and, with_col, the column LSE of this rank's k over

@@ -8,14 +8,10 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from .._checks import check_features, check_labels
+from ..ops import lse_dtype
 
 # Entries of one (rows × N) block of distances in the blockwise (non-primitive) losses.
 BLOCK_ELEMS = 1 << 20
-
-
-def acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    """float32 for half inputs, the input dtype otherwise (float64 stays float64)."""
-    return torch.promote_types(dtype, torch.float32)
 
 
 def embeddings_and_labels(embeddings, labels):
@@ -27,7 +23,7 @@ def embeddings_and_labels(embeddings, labels):
 
 def zero_loss(embeddings: Tensor) -> Tensor:
     """0 connected to the graph (pml's zero loss: sum(embeddings * 0))."""
-    return (embeddings * 0).sum().to(acc_dtype(embeddings.dtype))
+    return (embeddings * 0).sum().to(lse_dtype(embeddings.dtype))
 
 
 def class_index(labels: Tensor):

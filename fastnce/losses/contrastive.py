@@ -14,8 +14,8 @@ from torch import Tensor, nn
 from .._checks import check_features, check_reduction, check_same, check_temperature, reduce
 from ..functional import clip_loss, info_nce, l2_normalize, nt_xent, paired_logits
 from .. import distributed as fd
-from ..ops import similarity_lse
-from ._common import acc_dtype, momentum_update
+from ..ops import lse_dtype, similarity_lse
+from ._common import momentum_update
 
 __all__ = [
     "nt_xent_multiview", "NTXentLoss", "MoCoLoss", "momentum_update", "ClipLoss",
@@ -207,7 +207,7 @@ class ClipLoss(nn.Module):
     def forward(self, image_features: Tensor, text_features: Tensor) -> Tensor:
         if self.normalize:
             image_features, text_features = l2_normalize(image_features), l2_normalize(text_features)
-        scale = self.scale().to(acc_dtype(image_features.dtype))
+        scale = self.scale().to(lse_dtype(image_features.dtype))
         if self.distributed:
             return fd.clip_loss(image_features, text_features, scale, reduction=self.reduction,
                                 scheme=self.distributed, backend=self.backend)
@@ -222,7 +222,7 @@ def zero_shot_logits(image_features: Tensor, class_text_features: Tensor, logit_
     """
     check_features("image_features", image_features)
     check_features("class_text_features", class_text_features)
-    acc = acc_dtype(image_features.dtype)
+    acc = lse_dtype(image_features.dtype)
     return logit_scale * (l2_normalize(image_features).to(acc) @ l2_normalize(class_text_features).to(acc).T)
 
 

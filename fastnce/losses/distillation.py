@@ -15,7 +15,8 @@ from torch import Tensor, nn
 
 from .._checks import check_features, check_same, check_temperature
 from ..functional import l2_normalize
-from ._common import acc_dtype, momentum_update
+from ..ops import lse_dtype
+from ._common import momentum_update
 
 __all__ = ["dino_loss", "DINOLoss", "update_teacher", "sinkhorn", "swav_loss", "SwAVLoss", "SwAVPrototypes"]
 
@@ -54,7 +55,7 @@ def dino_loss(teacher_out: Sequence[Tensor], student_out: Sequence[Tensor], cent
     n_terms = Vt * Vs - min(Vt, Vs)
     if n_terms == 0:
         raise ValueError(f"DINO needs two views in total that differ, got {Vt} teacher and {Vs} student view(s)")
-    acc = acc_dtype(t.dtype)
+    acc = lse_dtype(t.dtype)
     p_t = F.softmax((t.detach().to(acc) - center.reshape(1, 1, -1).to(acc)) / teacher_temp, dim=-1)
     log_s = F.log_softmax(s.to(acc) / student_temp, dim=-1)
     # Σ_{t≠s} P_t·log S_s = (Σ_t P_t)·(Σ_s log S_s) − Σ_{i<min} P_i·log S_i, per sample.
@@ -127,7 +128,7 @@ def sinkhorn(scores: Tensor, iterations: int = 3, epsilon: float = 0.05) -> Tens
     domain: the same result as the authors' exp-then-divide loop, without overflow or an
     all-zero row when scores/ε spans more than float range.
     """
-    acc = acc_dtype(scores.dtype)
+    acc = lse_dtype(scores.dtype)
     log_q = (scores.to(acc) / epsilon).T  # (K, B)
     K, B = log_q.shape
     log_q = log_q - torch.logsumexp(log_q.reshape(-1), 0)
@@ -159,7 +160,7 @@ def swav_loss(high_resolution_outputs: Sequence[Tensor], low_resolution_outputs:
     n_crops = len(high) + len(low)
     if n_crops < 2:
         raise ValueError("SwAV needs at least two crops")
-    acc = acc_dtype(high[0].dtype)
+    acc = lse_dtype(high[0].dtype)
     log_p = [F.log_softmax(x.to(acc) / temperature, dim=1) for x in high + low]
     loss = 0.0
     for i, h in enumerate(high):

@@ -20,9 +20,9 @@ from torch import Tensor, nn
 
 from .._checks import check_reduction, check_temperature, reduce
 from ..functional import l2_normalize, paired_logits
-from ..ops import similarity_lse
+from ..ops import lse_dtype, similarity_lse
 from ._common import (
-    acc_dtype, block_distances, blockwise, class_index, embeddings_and_labels, pair_masks, zero_loss,
+    block_distances, blockwise, class_index, embeddings_and_labels, pair_masks, zero_loss,
 )
 
 __all__ = [
@@ -118,7 +118,7 @@ def soft_nearest_neighbor_loss(embeddings: Tensor, labels: Tensor, temperature: 
     has_partner = counts[inverse] > 1
     if reduction == "mean" and not bool(has_partner.any()):
         return zero_loss(embeddings)
-    acc = acc_dtype(embeddings.dtype)
+    acc = lse_dtype(embeddings.dtype)
     sq = embeddings.to(acc).pow(2).sum(1)
     scale = 2.0 / temperature
     bias = -sq / temperature
@@ -149,7 +149,7 @@ class SoftNearestNeighborLoss(nn.Module):
 
 def _prepared(embeddings, labels, normalize_embeddings):
     embeddings, labels = embeddings_and_labels(embeddings, labels)
-    x = embeddings.to(acc_dtype(embeddings.dtype))
+    x = embeddings.to(lse_dtype(embeddings.dtype))
     if normalize_embeddings:
         x = l2_normalize(x)
     return embeddings, labels, x, x.pow(2).sum(1)

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .._checks import check_reduction, check_same, reduce
+from ..ops import lse_dtype
 
 __all__ = ["nce_loss", "NCELoss"]
 
@@ -48,7 +49,7 @@ def nce_loss(data_logits_model: Tensor, data_log_noise: Tensor, noise_logits_mod
     if shape != (N, noise_logits_model.shape[-1]):
         raise ValueError(f"noise_logits_model {tuple(noise_logits_model.shape)} and noise_log_noise "
                          f"{tuple(noise_log_noise.shape)} must broadcast to (N, k) = ({N}, {noise_logits_model.shape[-1]})")
-    acc = torch.promote_types(data_logits_model.dtype, torch.float32)
+    acc = lse_dtype(data_logits_model.dtype)
     log_k = math.log(noise_logits_model.shape[-1])
     g_data = data_logits_model.to(acc) - data_log_noise.to(acc) - log_k
     g_noise = noise_logits_model.to(acc) - noise_log_noise.to(acc) - log_k

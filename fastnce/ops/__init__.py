@@ -23,11 +23,11 @@ from .function import (
     similarity_lse_op,
     unavailable_reason,
 )
-from .naive import MASK_DIFFERENT, MASK_NONE, MASK_SAME, similarity_lse_naive
+from .naive import MASK_DIFFERENT, MASK_NONE, MASK_SAME, lse_dtype, similarity_lse_naive
 
 __all__ = [
     "similarity_lse", "lse_forward", "lse_backward", "available_backends", "resolve_backend",
-    "BackendUnavailable", "BACKENDS", "similarity_lse_naive",
+    "BackendUnavailable", "BACKENDS", "similarity_lse_naive", "lse_dtype",
 ]
 
 _LABEL_MODES = {None: MASK_NONE, "same": MASK_SAME, "different": MASK_DIFFERENT}
@@ -48,7 +48,7 @@ def _prepare(q, k, scale, bias, labels, k_labels, label_mask, exclude_self, diag
     check_same({"q": q, "k": k})
     N = q.shape[0] if k is None else k.shape[0]
     if not isinstance(scale, Tensor):
-        scale = torch.tensor(float(scale), dtype=torch.float64 if q.dtype == torch.float64 else torch.float32, device=q.device)
+        scale = torch.tensor(float(scale), dtype=lse_dtype(q.dtype), device=q.device)
     if scale.numel() != 1:
         raise ValueError(f"scale must be a scalar, got a tensor of shape {tuple(scale.shape)}")
     if scale.device != q.device:
@@ -121,7 +121,7 @@ def similarity_lse(
     if bias is not None and bias.dtype != torch.float64:
         bias = bias.float()  # kernels read bias in float32; autograd casts its gradient back
     row, col = similarity_lse_op(
-        q, k, scale.to(torch.float64 if q.dtype == torch.float64 else torch.float32),
+        q, k, scale.to(lse_dtype(q.dtype)),
         bias, q_labels, k_labels, mask_mode, exclude_offset, col_lse, name,
     )
     return row, (col if col_lse else None)
@@ -152,7 +152,7 @@ def lse_backward(q, k=None, scale=1.0, bias=None, *, row_lse, grad_row=None, col
     name = resolve_backend(backend, q.device, q.dtype)
     if name == "reference":
         name = "torch"  # the reference has no separate backward; the tiled one is exact
-    dt = torch.float64 if q.dtype == torch.float64 else torch.float32
+    dt = lse_dtype(q.dtype)
     cont = lambda t: None if t is None else t.to(dt).contiguous()
     if bias is not None:
         bias = bias.to(dt)

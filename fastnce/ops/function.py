@@ -25,6 +25,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from .naive import lse_dtype
+
 BACKENDS = ("torch", "triton", "cuda")
 _MODULES = {"torch": "fastnce.ops.tiled", "triton": "fastnce.ops.triton_lse", "cuda": "fastnce.ops.cuda_lse"}
 
@@ -84,10 +86,6 @@ def _empty(like: Tensor, dtype=None) -> Tensor:
     return like.new_empty((0,), dtype=dtype or like.dtype)
 
 
-def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 @torch.library.custom_op("fastnce::similarity_lse", mutates_args=())
 def similarity_lse_op(
     q: Tensor, k: Optional[Tensor], scale: Tensor, bias: Optional[Tensor],
@@ -105,7 +103,7 @@ def similarity_lse_op(
 @similarity_lse_op.register_fake
 def _(q, k, scale, bias, q_labels, k_labels, mask_mode, exclude_offset, with_col, backend):
     N = q.shape[0] if k is None else k.shape[0]
-    dt = _lse_dtype(q.dtype)
+    dt = lse_dtype(q.dtype)
     return q.new_empty((q.shape[0],), dtype=dt), q.new_empty((N if with_col else 0,), dtype=dt)
 
 
@@ -128,7 +126,7 @@ def similarity_lse_backward_op(
 @similarity_lse_backward_op.register_fake
 def _(q, k, scale, bias, q_labels, k_labels, mask_mode, exclude_offset, row_lse, col_lse,
       grad_row, grad_col, need_bias, backend):
-    dt = _lse_dtype(q.dtype)
+    dt = lse_dtype(q.dtype)
     N = q.shape[0] if k is None else k.shape[0]
     return (
         q.new_empty(q.shape, dtype=dt),

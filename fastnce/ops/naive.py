@@ -14,6 +14,11 @@ from torch import Tensor
 MASK_NONE, MASK_SAME, MASK_DIFFERENT = 0, 1, 2
 
 
+def lse_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype every backend computes and returns LSEs in: float64 for float64, else float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def valid_mask(
     M: int,
     N: int,
@@ -61,7 +66,7 @@ def similarity_lse_naive(
     products_in_input_dtype: q@kᵀ (and so its gradients) in the inputs' dtype, as eager PyTorch
     under autocast computes it: the baseline error of DESIGN.md §6's criterion.
     """
-    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    acc = lse_dtype(q.dtype)
     with torch.autocast(q.device.type, enabled=False):
         if products_in_input_dtype:
             S = scale.to(acc) * (q @ k.T).to(acc)

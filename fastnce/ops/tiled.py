@@ -11,7 +11,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .naive import MASK_NONE, MASK_SAME
+from .naive import MASK_NONE, MASK_SAME, lse_dtype
 
 TILE_ELEMS = 1 << 20  # 4 MiB of float32 per tile
 COL_BLOCK = 4096  # columns per tile; rows fill the rest of TILE_ELEMS
@@ -22,10 +22,6 @@ def unavailable_reason(device: torch.device, dtype: torch.dtype) -> Optional[str
     if dtype not in SUPPORTED_DTYPES:
         return f"the torch backend supports {SUPPORTED_DTYPES}, got {dtype}"
     return None
-
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _blocks(M: int, N: int):
@@ -84,7 +80,7 @@ def _square_blocks(M: int):
 
 def _forward_mirrored(q, scale, labels, mask_mode, exclude_offset, with_col):
     """Row LSE of a symmetric S from the tiles on and above the diagonal: half the products."""
-    acc = _acc_dtype(q.dtype)
+    acc = lse_dtype(q.dtype)
     row = torch.full((q.shape[0],), float("-inf"), dtype=acc, device=q.device)
     blocks = _square_blocks(q.shape[0])
     for bi, (i0, i1) in enumerate(blocks):
@@ -103,7 +99,7 @@ def _backward_mirrored(q, scale, labels, mask_mode, exclude_offset, row_lse, gra
     With col_lse = row_lse, the (I, J) block of G + Gᵀ is
     w_I·exp(S_IJ − r_I) + w_J·exp(S_IJ − r_J) with w = grad_row + grad_col.
     """
-    acc = _acc_dtype(q.dtype)
+    acc = lse_dtype(q.dtype)
     w = grad_row if grad_col is None else (grad_col if grad_row is None else grad_row + grad_col)
     shift, w = _weighted_shift(row_lse, w)
     dq = torch.zeros(q.shape, dtype=acc, device=q.device)
@@ -126,7 +122,7 @@ def _backward_mirrored(q, scale, labels, mask_mode, exclude_offset, row_lse, gra
 def forward(q, k, scale, bias, q_labels, k_labels, mask_mode, exclude_offset, with_col, symmetric):
     if _mirrored(symmetric, bias, exclude_offset):
         return _forward_mirrored(q, float(scale), q_labels, mask_mode, exclude_offset, with_col)
-    acc = _acc_dtype(q.dtype)
+    acc = lse_dtype(q.dtype)
     M, N = q.shape[0], k.shape[0]
     s = float(scale)
     bias = None if bias is None else bias.to(acc)
@@ -149,7 +145,7 @@ def backward(q, k, scale, bias, q_labels, k_labels, mask_mode, exclude_offset,
     if _mirrored(symmetric, bias, exclude_offset):
         dq = _backward_mirrored(q, float(scale), q_labels, mask_mode, exclude_offset, row_lse, grad_row, grad_col)
         return dq, None, None
-    acc = _acc_dtype(q.dtype)
+    acc = lse_dtype(q.dtype)
     M, N, D = q.shape[0], k.shape[0], q.shape[1]
     s = float(scale)
     bias = None if bias is None else bias.to(acc)
