@@ -6,6 +6,7 @@
 #   2. the `gpu`-marked tests, in what time is left.
 # From the repository root, with the Inf-CL wheel copied into carry/ (an ignored folder):
 #   mkdir -p carry && cp ../shared/anchors/inf_cl-1.2.1-py3-none-any.whl carry/
+#   optional, saves the ~1 min JIT build of csrc/ there: bash benchmarks/build_device_ext.sh
 #   device run: bash benchmarks/gpu_session.sh    carry: ["carry"]    timeout_s: 560
 # Results land in $OUT (the device tool brings them back) and benchmarks/results/.
 set -u
@@ -13,6 +14,14 @@ export PYTHONUNBUFFERED=1
 out=${OUT:-benchmarks/results}
 mkdir -p "$out"
 start=$(date +%s)
+# A fastnce._C built here for the device's Python and torch (benchmarks/build_device_ext.sh) is
+# used if it loads with this torch; else the cuda backend compiles csrc/ on first use.
+for so in carry/_C.cpython-*.so; do
+  [ -f "$so" ] || continue
+  cp "$so" fastnce/
+  if python -c "import torch, fastnce._C" 2>/tmp/ext-load.log; then echo "using the carried $so"
+  else echo "carried $so does not load ($(tail -1 /tmp/ext-load.log)): JIT build"; rm -f fastnce/_C.cpython-*.so; fi
+done
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu-card.txt"
 timeout 380 python -m fastnce.bench gpu --out "$out" 2>&1 | tee "$out/gpu-bench.log"
 left=$((520 - ($(date +%s) - start)))

@@ -17,7 +17,8 @@ LOSSES = {
 def test_batch_of_one_has_no_negatives_and_zero_loss(name):
     a, b = torch.randn(1, 4, requires_grad=True), torch.randn(1, 4, requires_grad=True)
     loss = LOSSES[name](a, b, "torch")
-    assert loss.item() == pytest.approx(0.0, abs=1e-6)
+    # lse of the single logit minus that logit: zero up to float32 rounding of |logit| (≤ 5·|a||b|)
+    assert loss.item() == pytest.approx(0.0, abs=1e-6 * (1 + 5 * a.norm().item() * b.norm().item()))
     loss.backward()
     assert torch.isfinite(a.grad).all()
 
@@ -97,13 +98,32 @@ FAST = [b for b in ops.available_backends("cpu") if b != "reference"]
 @pytest.mark.parametrize("name", LOSSES)
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
 def test_non_finite_inputs_propagate_nan_never_a_finite_number(name, bad, backend):
-    a, b = torch.randn(6, 4, requires_grad=True), torch.randn(6, 4)
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(6, 4, generator=g, requires_grad=True), torch.randn(6, 4, generator=g)
     with torch.no_grad():
         a[3, 1] = bad
     loss = LOSSES[name](a, b, backend)
     assert not torch.isfinite(loss)
     loss.backward()
     assert not torch.isfinite(a.grad).all()
+
+
+@pytest.mark.parametrize("backend", FAST + ["reference"])
+@pytest.mark.parametrize("name", LOSSES)
+def test_infinite_feature_whose_similarities_are_all_minus_inf_gives_nan_gradients(name, backend):
+    """An infinite feature against keys all of the opposite sign: the row of S is all −inf, which
+    must not pass for a fully masked row (−inf, zero gradient) beside a NaN loss."""
+    a = torch.randn(6, 4, generator=torch.Generator().manual_seed(0))
+    b = torch.randn(6, 4, generator=torch.Generator().manual_seed(1))
+    b[:, 1] = -b[:, 1].abs() - 0.1
+    a[3, 1] = float("inf")
+    a.requires_grad_()
+    loss = LOSSES[name](a, b, backend)
+    assert not torch.isfinite(loss)
+    loss.backward()
+    assert not torch.isfinite(a.grad).all()
+    row, col = ops.similarity_lse(a.detach(), b, 1.0, col_lse=True, backend=backend)
+    assert torch.isnan(row[3]) and torch.isfinite(row[[0, 1, 2, 4, 5]]).all()
 
 
 @pytest.mark.parametrize("backend", FAST)

@@ -296,6 +296,23 @@ def test_gpu_large_triton_matches_torch_backend(symmetric, monkeypatch):
         assert err <= 2e-2 * max(scale, 1e-6), f"{name}: {err:.3g} vs max {scale:.3g}"
 
 
+@gpu
+def test_gpu_backward_plan_is_timed_once_per_shape_class(monkeypatch, spy):
+    """auto on a GPU times both plans once for the class, keeps the faster, and is correct."""
+    monkeypatch.setattr(triton_lse, "AUTOTUNE", True)
+    monkeypatch.delenv("FASTNCE_TRITON_BACKWARD", raising=False)
+    monkeypatch.setenv("FASTNCE_TRITON_DETERMINISTIC", "0")
+    monkeypatch.setattr(triton_lse, "_plans", {})
+    spy("_grad_two_pass")
+    check(2000, 1500, 96, torch.bfloat16, False, True, NONE, True)
+    (plan,) = triton_lse.backward_plans().values()
+    assert plan in ("atomic", "two-pass")
+    timed_calls = spy.calls["_grad_two_pass"]
+    assert timed_calls >= 2  # autotune call + do_bench repetitions (+ the real one if it won)
+    run("triton", *make_inputs(2000, 1500, 96, torch.bfloat16, False, True, NONE), True)
+    assert spy.calls["_grad_two_pass"] == timed_calls + (plan == "two-pass")  # not timed again
+
+
 # ---------------------------------------------------------------------------- the GPU script's CPU parts
 def test_bench_gpu_pieces(tmp_path):
     from fastnce.bench import gpu as bench
@@ -428,6 +445,54 @@ def test_backward_row_only_atomic(spy):
     spy("_grad_atomic")
     check(33, 20, 40, torch.float32, False, False, EX3, False)
     assert spy.calls["_grad_atomic"] == 1
+
+
+@pytest.mark.parametrize("plan", ["atomic", "two-pass"])
+def test_backward_plan_forced_by_environment(plan, monkeypatch, spy):
+    """FASTNCE_TRITON_BACKWARD picks the plan, whatever D; both give the reference's gradients."""
+    monkeypatch.setenv("FASTNCE_TRITON_BACKWARD", plan)
+    spy("_grad_atomic")
+    spy("_grad_two_pass")
+    check(40, 29, 300, torch.float32, False, True, EX3, True)
+    assert spy.calls["_grad_atomic"] == (plan == "atomic")
+    assert spy.calls["_grad_two_pass"] == (plan == "two-pass")
+
+
+@pytest.mark.parametrize("D,plan", [(256, "atomic"), (257, "two-pass")])
+def test_backward_plan_untimed_follows_feature_dim(D, plan, monkeypatch):
+    """Without timing (no GPU autotuning): one recompute up to D = 256, two passes above, where
+    every one-recompute kernel candidate spills on sm_90."""
+    monkeypatch.delenv("FASTNCE_TRITON_BACKWARD", raising=False)
+    monkeypatch.setenv("FASTNCE_TRITON_DETERMINISTIC", "0")
+    q = torch.zeros(3, D)
+    args = (q, q, None, None, None, None, 0, None, q[:, 0], q[:, 0], None, None, False)
+    assert triton_lse._backward_plan(args) == plan
+
+
+def test_backward_plan_bad_environment_value_is_named(monkeypatch):
+    monkeypatch.setenv("FASTNCE_TRITON_BACKWARD", "fast")
+    q, k, s, b, kw = make_inputs(5, 4, 8, torch.float32)
+    with pytest.raises(ValueError, match="FASTNCE_TRITON_BACKWARD.*'fast'"):
+        run("triton", q, k, s, b, kw, True)
+
+
+def test_autotuning_past_the_largest_size_class_runs_first_on_a_slice(monkeypatch):
+    """A first call past _TUNE_MOST rows runs once on the leading rows (same class, so the
+    autotuner's choice carries over), then never again for that class."""
+    monkeypatch.setattr(triton_lse, "AUTOTUNE", True)
+    monkeypatch.setattr(triton_lse, "_TUNE_MOST", 8)
+    monkeypatch.setattr(triton_lse, "_tuned_on_slice", set())
+    seen = []
+    run = lambda a: seen.append([None if not isinstance(t, torch.Tensor) else tuple(t.shape) for t in a])
+    q, k, b = torch.zeros(20, 4), torch.zeros(30, 4), torch.zeros(30)
+    args = (q, k, torch.tensor(1.0), b, None, None, 0, None, torch.zeros(20), torch.zeros(20))
+    triton_lse._tune_on_slice(("x",), run, args)
+    assert seen == [[(8, 4), (8, 4), (), (8,), None, None, None, None, (8,), (8,)]]
+    triton_lse._tune_on_slice(("x",), run, args)  # tuned: not again
+    triton_lse._tune_on_slice(("x",), run, (q[:8], k[:8]) + args[2:])  # small: no slice
+    assert len(seen) == 1
+    triton_lse._tune_on_slice(("y",), run, args)  # another kernel kind
+    assert len(seen) == 2
 
 
 def test_deterministic_mode_is_bit_for_bit(monkeypatch, spy):

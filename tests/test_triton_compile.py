@@ -13,3 +13,21 @@ def test_triton_kernels_compile_for_sm90():
     out = subprocess.run([sys.executable, str(script), "90"], capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
     assert out.stdout.count("compiled ") == 11
+
+
+def test_every_benchmark_kernel_has_a_spill_free_autotune_candidate_on_sm90():
+    """What ptxas makes of each autotune candidate at the GPU benchmark's shapes: the autotuner
+    can only pick a fast config if at least one per kernel variant keeps its tiles in registers."""
+    script = pathlib.Path(__file__).with_name("triton_aot.py")
+    out = subprocess.run([sys.executable, str(script), "90", "--configs"], capture_output=True, text=True,
+                         timeout=600)
+    assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
+    spill_free: dict[str, int] = {}
+    for line in out.stdout.splitlines():
+        if line.startswith("config "):
+            variant = line[len("config "):].split("|")[0].strip()
+            spill = int(line.rsplit("spill=", 1)[1].split()[0])
+            spill_free[variant] = spill_free.get(variant, 0) + (spill == 0)
+    assert set(spill_free) == {"simclr fwd", "simclr bwd sym", "clip panel", "clip bwd atomic",
+                               "clip bwd two-pass"}, out.stdout
+    assert all(spill_free.values()), out.stdout

@@ -1,26 +1,52 @@
-"""Compile every Triton kernel of fastnce/ops/triton_lse.py for a GPU target, without a GPU.
+"""Compile the Triton kernels of fastnce/ops/triton_lse.py for a GPU target, without a GPU.
 
-Run as a script in a process without TRITON_INTERPRET (the interpreter replaces the jitted
-kernels): python tests/triton_aot.py [sm] — exits non-zero on the first compile error.
-The interpreter checks what the kernels compute; this checks that the GPU compiler accepts
-them (code the interpreter runs as Python, such as a return inside a constexpr branch or a
-loop with a runtime step, can still fail there).
+    python tests/triton_aot.py [sm]             the default config of every kernel variant
+    python tests/triton_aot.py [sm] --configs   every autotune candidate of the kernel variants
+                                                that the GPU benchmark runs, with the registers,
+                                                spills and shared memory of each
+
+Run in a process without TRITON_INTERPRET (the interpreter replaces the jitted kernels); exits
+non-zero on the first compile error. The interpreter checks what the kernels compute; this
+checks that the GPU compiler accepts them (code the interpreter runs as Python, such as a
+return inside a constexpr branch, can still fail there) and what the compiled code costs.
+
+Arguments are specialised as the JIT specialises them at the benchmark's shapes: pointers
+16-byte aligned, integers divisible by 16. Without that hint the loads are not vectorised and
+every kernel spills, which is not the code that runs on the GPU.
 """
 import os
+import re
+import subprocess
 import sys
+import tempfile
 import time
 
 os.environ.pop("TRITON_INTERPRET", None)
 
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.backends.nvidia.compiler import get_ptxas  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 from fastnce.ops import triton_lse as T  # noqa: E402
 
-D = 512
 INPUTS = {"p_x", "p_y", "p_q", "p_k"}
 LABELS = {"p_lx", "p_ly", "p_lq", "p_lk"}
+
+# The kernel variants of the GPU benchmark (fastnce/bench/gpu.py), bf16: NT-Xent at D = 128
+# (row LSE, symmetric backward), CLIP at D = 512 (one-pass row+col forward, then either the
+# one-recompute atomic backward or the two-pass deterministic one).
+_NO_MASK = dict(HAS_BIAS=False, MASK_MODE=0, DOT_F32=False, PREC="ieee")
+_BWD = dict(HAS_G=True, WRITE_DB=False, G_NORM=False)
+BENCH_VARIANTS = [
+    ("simclr fwd", T._fwd_kernel, 128, dict(_NO_MASK, BIAS_ON_ROW=False, EXCLUDE=True)),
+    ("simclr bwd sym", T._bwd_kernel, 128,
+     dict(_NO_MASK, **_BWD, BIAS_ON_ROW=False, EXCLUDE=True, HAS_H=False, SYM=True)),
+    ("clip panel", T._fwd_panel_kernel, 512, dict(_NO_MASK, EXCLUDE=False)),
+    ("clip bwd atomic", T._bwd_atomic_kernel, 512, dict(_NO_MASK, **_BWD, EXCLUDE=False, HAS_H=True)),
+    ("clip bwd two-pass", T._bwd_kernel, 512,
+     dict(_NO_MASK, **_BWD, BIAS_ON_ROW=False, EXCLUDE=False, HAS_H=True, SYM=False)),
+]
 
 
 def signature(fn, consts, dtype):
@@ -39,20 +65,36 @@ def signature(fn, consts, dtype):
     return sig
 
 
-def compile_one(target, label, fn, consts, dtype, num_warps, num_stages):
-    t = time.time()
-    triton.compile(ASTSource(fn, signature(fn, consts, dtype), consts), target=target,
-                   options=dict(num_warps=num_warps, num_stages=num_stages))
-    print(f"compiled {label} {dtype} ({time.time() - t:.1f} s)", flush=True)
+def compile_one(target, fn, consts, dtype, num_warps, num_stages):
+    sig = signature(fn, consts, dtype)
+    # every pointer and integer argument "divisible by 16", as the JIT marks them at these shapes
+    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names) if sig[n] != "constexpr"}
+    return triton.compile(ASTSource(fn, sig, consts, attrs), target=target,
+                          options=dict(num_warps=num_warps, num_stages=num_stages))
 
 
-def main(sm: int) -> None:
+def resources(kernel, sm: int) -> dict:
+    """Registers and spill bytes per thread (ptxas -v of the kernel's PTX, with the ptxas Triton
+    compiled it with) and shared memory."""
+    with tempfile.TemporaryDirectory() as tmp:
+        ptx = os.path.join(tmp, "k.ptx")
+        with open(ptx, "w") as f:
+            f.write(kernel.asm["ptx"])
+        arch = f"sm_{sm}a" if sm >= 90 else f"sm_{sm}"
+        log = subprocess.run([get_ptxas(sm).path, "-v", f"-arch={arch}", ptx, "-o", os.path.join(tmp, "k.cubin")],
+                             capture_output=True, text=True, check=True).stderr
+    regs = int(re.search(r"Used (\d+) registers", log).group(1))
+    spill = int(re.search(r"(\d+) bytes spill stores", log).group(1))
+    return dict(regs=regs, spill=spill, smem_kib=kernel.metadata.shared // 1024)
+
+
+def default_configs(sm: int) -> None:
     target = GPUTarget("cuda", sm, 32)
     flags = dict(HAS_BIAS=True, EXCLUDE=True, MASK_MODE=1, DOT_F32=False)
     for dtype, prec in (("bf16", "ieee"), ("fp32", "tf32x3")):
         for kind, fn in (("fwd", T._fwd_kernel), ("panel", T._fwd_panel_kernel), ("bwd", T._bwd_kernel),
                          ("atomic", T._bwd_atomic_kernel)):
-            meta = T._default_meta(kind, D)
+            meta = T._default_meta(kind, 512)
             warps, stages = meta.pop("num_warps"), meta.pop("num_stages", 2)
             consts = dict(flags, PREC=prec, **meta)
             variants = [dict()]
@@ -64,10 +106,30 @@ def main(sm: int) -> None:
                 consts["BIAS_ON_ROW"] = False
                 variants = [dict(SYM=False), dict(SYM=True, HAS_H=False, MASK_MODE=2)]
             for v in variants:
-                c = dict(consts, **v)
-                compile_one(target, kind + ("" if not v else f" {v}"), fn, c, dtype, warps, stages)
-    compile_one(target, "merge", T._col_merge_kernel, dict(BN=128), "fp32", 4, 2)
+                t = time.time()
+                compile_one(target, fn, dict(consts, **v), dtype, warps, stages)
+                print(f"compiled {kind}{'' if not v else f' {v}'} {dtype} ({time.time() - t:.1f} s)", flush=True)
+    compile_one(target, T._col_merge_kernel, dict(BN=128), "fp32", 4, 2)
+    print("compiled merge fp32", flush=True)
+
+
+def autotune_candidates(sm: int) -> None:
+    """One line per (benchmark variant, autotune candidate): 'config <variant> | <meta> | regs spill smem'."""
+    target = GPUTarget("cuda", sm, 32)
+    configs = {T._fwd_kernel: T._cfgs(True), T._fwd_panel_kernel: T._cfgs(True),
+               T._bwd_kernel: T._cfgs(False), T._bwd_atomic_kernel: T._ATOMIC_CFGS}
+    for label, fn, D, flags in BENCH_VARIANTS:
+        for c in T._prune(configs[fn], {"D": D}):
+            r = resources(compile_one(target, fn, dict(flags, **c.kwargs), "bf16", c.num_warps, c.num_stages), sm)
+            meta = " ".join(f"{k}={v}" for k, v in c.kwargs.items())
+            print(f"config {label:<17} | {meta:<28} warps={c.num_warps:<2} stages={c.num_stages} | "
+                  f"regs={r['regs']:<3} spill={r['spill']:<4} smem={r['smem_kib']}KiB", flush=True)
 
 
 if __name__ == "__main__":
-    main(int(sys.argv[1]) if len(sys.argv) > 1 else 90)
+    args = [a for a in sys.argv[1:] if not a.startswith("--")]
+    sm = int(args[0]) if args else 90
+    if "--configs" in sys.argv:
+        autotune_candidates(sm)
+    else:
+        default_configs(sm)

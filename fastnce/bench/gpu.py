@@ -1,9 +1,10 @@
 """`fastnce-bench gpu`: the one-call GPU check and benchmark (python -m fastnce.bench gpu).
 
 1. Correctness: every available GPU backend (fastnce.ops.available_backends('cuda', dtype)
-   minus 'reference' and 'torch') in float16, bfloat16 and float32 against the float64
-   reference at a moderate size, by DESIGN.md §6's criterion (error ≤ 2 × the error of the
-   reference computed in that dtype + a small floor), row/col LSE and every gradient.
+   minus 'reference' and 'torch'; triton with each of its two non-symmetric backward plans)
+   in float16, bfloat16 and float32 against the float64 reference at a moderate size, by
+   DESIGN.md §6's criterion (error ≤ 2 × the error of the reference computed in that dtype +
+   a small floor), row/col LSE and every gradient.
 2. The card's bf16 8192³ matmul rate.
 3. Forward + backward of the loss, bf16, median ms (CUDA events) and peak memory above the
    inputs (torch.cuda.max_memory_allocated), for
@@ -301,18 +302,26 @@ def run_checks(n: int) -> list:
             tuned = getattr(triton_lse, "AUTOTUNE", False)
             if be == "triton":
                 triton_lse.AUTOTUNE = False
+            # the triton backend's two non-symmetric backward plans are each checked
+            runs = [(False, p) for p in (("atomic", "two-pass") if be == "triton" else (None,))] + [(True, None)]
             try:
-                for sym in (False, True):
+                for sym, plan in runs:
                     t0 = time.time()
+                    label = be if plan is None else f"{be}/{plan}"
+                    if plan is not None:
+                        os.environ["FASTNCE_TRITON_BACKWARD"] = plan
                     try:
                         r = check_backend(be, dtype, n, sym)
                     except Exception as e:  # a crash is a failed check, not a failed script
                         r = {"backend": be, "dtype": str(dtype), "symmetric": sym, "ok": False, "error": repr(e)[:500]}
+                    finally:
+                        os.environ.pop("FASTNCE_TRITON_BACKWARD", None)
+                    r["backend"] = label
                     r["seconds"] = round(time.time() - t0, 1)
                     results.append(r)
                     worst = "" if "errors" not in r else ", ".join(
                         f"{k} {v['err']:.2g}/{2 * v['ref_err'] + v['floor']:.2g}" for k, v in r["errors"].items())
-                    print(f"check {be:<7} {r['dtype']:<9} {'self' if sym else 'q,k':<4} "
+                    print(f"check {label:<16} {r['dtype']:<9} {'self' if sym else 'q,k':<4} "
                           f"{'PASS' if r['ok'] else 'FAIL'} ({r['seconds']} s) {worst}{r.get('error', '')}", flush=True)
             finally:
                 triton_lse.AUTOTUNE = tuned
@@ -396,6 +405,7 @@ def bench_case(case: str, impls: list, budget: float, card: str, infcl_why: Opti
 def main(argv=None) -> int:
     args = parse_args(argv)
     import torch
+    from fastnce.ops import triton_lse
 
     if not torch.cuda.is_available():
         print("fastnce-bench gpu: needs a CUDA GPU (torch.cuda.is_available() is False)", file=sys.stderr)
@@ -429,6 +439,10 @@ def main(argv=None) -> int:
         records.extend(bench_case(case, args.impls, args.budget, card, infcl_why, notes))
         write_records(records, args.out, card, date)  # keep what we have if a later case dies
         write_records(meta, args.out, card, date, suffix="-meta")
+    # which non-symmetric backward the triton backend timed faster, per shape class
+    meta["triton_backward_plans"] = {str(k): v for k, v in triton_lse.backward_plans().items()}
+    write_records(meta, args.out, card, date, suffix="-meta")
+    print(f"triton backward plans: {meta['triton_backward_plans']}", flush=True)
     path = write_records(records, args.out, card, date)
     print()
     print(format_table(records + notes, tflops))

@@ -25,7 +25,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .naive import lse_dtype
+from .naive import lse_dtype, nan_where_not_finite
 
 BACKENDS = ("torch", "triton", "cuda")
 _MODULES = {"torch": "fastnce.ops.tiled", "triton": "fastnce.ops.triton_lse", "cuda": "fastnce.ops.cuda_lse"}
@@ -97,7 +97,8 @@ def similarity_lse_op(
         row, col = backend_module(backend).forward(
             q, q if symmetric else k, scale, bias, q_labels, k_labels, mask_mode, exclude_offset, with_col, symmetric
         )
-    return row, _empty(row) if col is None else col
+    row = nan_where_not_finite(row, q)
+    return row, _empty(row) if col is None else nan_where_not_finite(col, q if symmetric else k)
 
 
 @similarity_lse_op.register_fake

@@ -76,11 +76,24 @@ def similarity_lse_naive(
         S = S + bias.to(acc)[None, :]
     keep = valid_mask(q.shape[0], k.shape[0], q_labels, k_labels, mask_mode, exclude_offset, q.device)
     if keep is None:
-        return torch.logsumexp(S, 1), torch.logsumexp(S, 0) if with_col else None
-    S = S.masked_fill(~keep, float("-inf"))
-    row = _masked_lse(S, keep, 1)
-    col = _masked_lse(S, keep, 0) if with_col else None
-    return row, col
+        row, col = torch.logsumexp(S, 1), (torch.logsumexp(S, 0) if with_col else None)
+    else:
+        S = S.masked_fill(~keep, float("-inf"))
+        row = _masked_lse(S, keep, 1)
+        col = _masked_lse(S, keep, 0) if with_col else None
+    return nan_where_not_finite(row, q), (None if col is None else nan_where_not_finite(col, k))
+
+
+def nan_where_not_finite(lse: Tensor, x: Tensor) -> Tensor:
+    """lse (L,) with NaN where the feature vector x[l] (x (L, D)) holds an inf or a NaN.
+
+    Infinite features can leave a line of S with nothing but −inf, which would pass for a fully
+    masked line (−inf, zero gradient) and give a finite gradient beside a NaN loss. Every
+    backend applies this rule to its forward (the fused ones inside the op, so that their
+    backward sees the NaN): a non-finite input never yields a finite-looking result.
+    """
+    bad = ~torch.isfinite(x).all(1)
+    return lse + torch.where(bad, float("nan"), 0.0).to(device=lse.device, dtype=lse.dtype)
 
 
 def _masked_lse(S: Tensor, keep: Tensor, dim: int) -> Tensor:

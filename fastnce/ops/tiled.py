@@ -56,7 +56,7 @@ def _weighted_shift(lse: Tensor, weight: Tensor):
     Non-negative weights (every mean or sum of losses) fold into the shift as −log(weight),
     which saves a multiplication per tile entry; a zero weight gives shift +inf and exp() 0.
     """
-    shift = torch.nan_to_num(lse, neginf=0.0)
+    shift = lse.masked_fill(lse == float("-inf"), 0.0)  # not nan_to_num: a NaN lse stays NaN
     if bool((weight >= 0).all()):
         return shift - torch.log(weight), None
     return shift, weight

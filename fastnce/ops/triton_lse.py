@@ -22,10 +22,10 @@ Launcher contract: fastnce/ops/function.py. The kernels:
   and accumulates G @ y_J (y = k for dq). dk = Gᵀ @ q is the same kernel on the transposed
   problem (rows = columns of k, bias on the rows, (g, r) and (h, c) swapped), and its row
   sums of Gᵀ are dbias. Two recomputes of S (4 products), no atomics, bit-for-bit
-  reproducible: the non-symmetric backward when torch.are_deterministic_algorithms_enabled()
-  or FASTNCE_TRITON_DETERMINISTIC=1.
-* `_bwd_atomic_kernel`, grid (⌈N/BN⌉, ⌈D/BDV⌉) (default non-symmetric backward, FlashAttention-2
-  style): program J recomputes S[:, J] once per row block I, accumulates dk_J += Gᵀ @ q_I and
+  reproducible: the non-symmetric backward's "two-pass" plan, always taken when
+  torch.are_deterministic_algorithms_enabled() or FASTNCE_TRITON_DETERMINISTIC=1.
+* `_bwd_atomic_kernel`, grid (⌈N/BN⌉, ⌈D/BDV⌉) (the "atomic" plan, FlashAttention-2 style;
+  which plan runs is timed once per shape class on the GPU, see _backward_plan): program J recomputes S[:, J] once per row block I, accumulates dk_J += Gᵀ @ q_I and
   dbias_J in registers (single writer) and adds dq_I += G @ k_J into a zeroed fp32 (M, D)
   buffer with tl.atomic_add. One recompute (3 products) when BDV = D; the order of the
   ⌈N/BN⌉ additions into each dq element varies, so dq differs run to run in the last bits.
@@ -45,8 +45,10 @@ target of 0.9 × 9.8 ms; 6 products would need 750, the ceiling). Beside the pro
 exponentials in the forward and 2·M·N in the backward (4.3·10⁹, ~1 ms at ~4·10¹²/s if not
 overlapped), the merge (reads 64 MiB, ~0.03 ms), and the dq atomics: M·D·⌈N/BN⌉ fp32 adds,
 34 GB of L2 reduction traffic at BN = 64 (17 GB at BN = 128, which needs BDV ≤ 256 at
-D = 512, i.e. 2 recomputes). That traffic is the open risk of the 4-product path at D = 512:
-unmeasured here (no GPU); if it dominates, the deterministic 5-product path is the fallback.
+D = 512, i.e. 2 recomputes). Also, at D = 512 ptxas spills every one-recompute (BDV = D)
+candidate of the atomic kernel on sm_90 (56 to 1496 bytes a thread), while the two-pass
+kernel has spill-free BDV = 512 candidates (tests/triton_aot.py --configs): the 4-product
+path may lose to the 5-product one there, so the plan is timed per shape class (_backward_plan).
 simclr-16k (NT-Xent, 2N = 32768, D = 128, row LSE only): unchanged, 3 products (forward 1,
 symmetric backward 2), 0.82 TFLOP; with 3·M·N exponentials (~0.8 ms) the exps matter there.
 The GPU benchmark (python -m fastnce.bench gpu) reports achieved TFLOP/s counting 4 products.
@@ -667,10 +669,15 @@ def forward(q, k, scale, bias, q_labels, k_labels, mask_mode, exclude_offset, wi
     scale = scale.to(torch.float32).contiguous()
     bias = None if bias is None else bias.to(torch.float32).contiguous()
     M, N = q.shape[0], k.shape[0]
-    if with_col and COL_LSE == "panel" and M > 0 and N > 0:
-        P = _panels(M, N, q.device)
-        if P > 0:
-            return _lse_panel(q, k, scale, bias, q_labels, k_labels, mask_mode, exclude_offset, P)
+    P = _panels(M, N, q.device) if with_col and COL_LSE == "panel" and M > 0 and N > 0 else 0
+    args = (q, k, scale, bias, q_labels, k_labels, mask_mode, exclude_offset)
+    run = lambda a: _lse_panel(*a, P) if P > 0 else _lse_two_passes(*a, with_col)
+    # the slice takes the same path (P as for the whole problem)
+    _tune_on_slice(("fwd", P > 0), run, args)
+    return run(args)
+
+
+def _lse_two_passes(q, k, scale, bias, q_labels, k_labels, mask_mode, exclude_offset, with_col):
     row = _lse(q, k, scale, bias, q_labels, k_labels, mask_mode, exclude_offset, False)
     col = None
     if with_col:
@@ -678,6 +685,31 @@ def forward(q, k, scale, bias, q_labels, k_labels, mask_mode, exclude_offset, wi
         off = None if exclude_offset is None else -int(exclude_offset)
         col = _lse(k, q, scale, bias, k_labels, q_labels, mask_mode, off, True)
     return row, col
+
+
+# Past 2**15 rows or columns the autotune size class (_key) no longer changes: the first call
+# of a class that is larger tunes its kernels on the leading 2**15 rows and columns, where a
+# candidate runs for milliseconds, not for seconds as at N = 1M.
+_TUNE_MOST = 1 << 15
+_tuned_on_slice: set = set()
+
+
+def _tune_on_slice(kind: tuple, run, args: tuple) -> None:
+    """Before the first run of a size class past _TUNE_MOST, run(args cut to _TUNE_MOST rows)."""
+    q, k, _, bias, _, _, mask_mode, offset = args[:8]
+    if not AUTOTUNE or max(q.shape[0], k.shape[0]) <= _TUNE_MOST:
+        return
+    key = kind + (_key(q.shape[0]), _key(k.shape[0]), q.shape[1], q.dtype, bias is not None, int(mask_mode),
+                  offset is not None)
+    if key not in _tuned_on_slice:
+        run(_leading(args, _TUNE_MOST))
+        _tuned_on_slice.add(key)
+
+
+def _leading(args: tuple, most: int) -> tuple:
+    """args with every tensor of q's rows or k's rows (features, bias, labels, per-row and
+    per-column gradients and LSEs) cut to its first `most` rows; scale and flags as they are."""
+    return tuple(a[:most] if isinstance(a, Tensor) and a.dim() > 0 else a for a in args)
 
 
 def _ginv(dtype, g, h) -> Tensor:
@@ -726,6 +758,49 @@ def deterministic() -> bool:
     return torch.are_deterministic_algorithms_enabled() or os.environ.get("FASTNCE_TRITON_DETERMINISTIC", "0") == "1"
 
 
+# The non-symmetric backward has two plans: "atomic" (one recompute; dq by atomics, dk in
+# registers) and "two-pass" (a recompute for dq and one for dk; no atomics). Which is faster
+# depends on D: the atomic kernel holds a (BN, D) accumulator plus a (BM, D) dq tile, and at
+# D = 512 every one-recompute candidate spills on sm_90 (ptxas, tests/triton_aot.py --configs),
+# so its spill-free candidates split D and recompute S per split (5 products, as two-pass, plus
+# the atomics). FASTNCE_TRITON_BACKWARD = auto (default) | atomic | two-pass. auto on a GPU with
+# autotuning times both once per shape class and keeps the faster (backward_plans() lists the
+# choices); without autotuning it takes atomic up to D = 256 and two-pass above.
+_BACKWARD_PLANS = ("atomic", "two-pass")
+_plans: dict = {}
+
+
+def backward_plans() -> dict:
+    """The plan chosen by timing for each shape class so far: {key: "atomic" | "two-pass"}."""
+    return dict(_plans)
+
+
+def _backward_plan(args: tuple) -> str:
+    """The plan for a non-symmetric backward; args are _grad_atomic's / _grad_two_pass's."""
+    if deterministic():
+        return "two-pass"
+    want = os.environ.get("FASTNCE_TRITON_BACKWARD", "auto")
+    if want in _BACKWARD_PLANS:
+        return want
+    if want != "auto":
+        raise ValueError(f"FASTNCE_TRITON_BACKWARD must be one of auto, atomic, two-pass; got {want!r}")
+    q, k, _, bias, _, _, mask_mode, offset, g, _, h, _, _ = args
+    D = q.shape[1]
+    if _INTERPRET or not AUTOTUNE or q.device.type != "cuda":
+        return "atomic" if D <= 256 else "two-pass"
+    key = (_key(q.shape[0]), _key(k.shape[0]), D, str(q.dtype).replace("torch.", ""), bias is not None,
+           int(mask_mode), offset is not None, g is not None, h is not None)
+    if key not in _plans:
+        # timed on the leading rows and columns (_TUNE_MOST), which autotunes the kernels there too
+        part = _leading(args, _TUNE_MOST)
+        ms = {}
+        for plan in _BACKWARD_PLANS:
+            _run_plan(plan, part)  # the first call autotunes this plan's kernel
+            ms[plan] = triton.testing.do_bench(lambda: _run_plan(plan, part))
+        _plans[key] = min(ms, key=ms.get)
+    return _plans[key]
+
+
 def _grad_atomic(q, k, scale, bias, lq, lk, mask_mode, offset, g, r, h, c, write_db):
     """(G @ k (M, D), Gᵀ @ q (N, D), column sums of G (N,) or None), fp32, from one recompute."""
     M, D = q.shape
@@ -764,16 +839,28 @@ def backward(q, k, scale, bias, q_labels, k_labels, mask_mode, exclude_offset,
     h, c = (f32(grad_col), f32(col_lse)) if grad_col is not None else (None, None)
     if g is None:
         r = None
+    args = (q, k, scale, bias, q_labels, k_labels, mask_mode, exclude_offset, g, r, h, c, need_bias)
     if symmetric:
-        dq, db = _grad(q, q, scale, bias, q_labels, q_labels if k_labels is None else k_labels, mask_mode,
-                       exclude_offset, g, r, h, c, False, True, need_bias)
-        return dq, None, db
-    if not deterministic():
-        return _grad_atomic(q, k, scale, bias, q_labels, k_labels, mask_mode, exclude_offset,
-                            g, r, h, c, need_bias)
-    dq, _ = _grad(q, k, scale, bias, q_labels, k_labels, mask_mode, exclude_offset, g, r, h, c,
-                  False, False, False)
-    off = None if exclude_offset is None else -int(exclude_offset)
-    dk, db = _grad(k, q, scale, bias, k_labels, q_labels, mask_mode, off, h, c, g, r,
-                   True, False, need_bias)
+        run = lambda a: _grad_symmetric(*a)
+        _tune_on_slice(("sym", g is not None, h is not None), run, args)
+        return run(args)
+    return _run_plan(_backward_plan(args), args)
+
+
+def _grad_symmetric(q, k, scale, bias, lq, lk, mask_mode, offset, g, r, h, c, write_db):
+    """((G + Gᵀ) @ q (M, D), None, row sums of Gᵀ (M,) or None), fp32; k is q."""
+    dq, db = _grad(q, q, scale, bias, lq, lq if lk is None else lk, mask_mode, offset, g, r, h, c,
+                   False, True, write_db)
+    return dq, None, db
+
+
+def _grad_two_pass(q, k, scale, bias, lq, lk, mask_mode, offset, g, r, h, c, write_db):
+    """(G @ k (M, D), Gᵀ @ q (N, D), column sums of G (N,) or None), fp32, without atomics."""
+    dq, _ = _grad(q, k, scale, bias, lq, lk, mask_mode, offset, g, r, h, c, False, False, False)
+    off = None if offset is None else -int(offset)
+    dk, db = _grad(k, q, scale, bias, lk, lq, mask_mode, off, h, c, g, r, True, False, write_db)
     return dq, dk, db
+
+
+def _run_plan(plan: str, args: tuple):
+    return _grad_atomic(*args) if plan == "atomic" else _grad_two_pass(*args)
