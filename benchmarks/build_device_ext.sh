@@ -12,6 +12,7 @@ if [ ! -x "$venv/bin/python" ]; then
 fi
 build=$(mktemp -d)
 git ls-files -z | xargs -0 cp --parents -t "$build"
+[ -z "${CUDA_HOME:-}" ] && [ -x /usr/local/cuda/bin/nvcc ] && export CUDA_HOME=/usr/local/cuda
 (cd "$build" && FASTNCE_BUILD_CUDA=1 TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=2 "$venv/bin/python" setup.py -q build_ext --inplace)
 mkdir -p carry
 cp "$build"/fastnce/_C.cpython-312-*.so carry/
