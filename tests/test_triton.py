@@ -43,7 +43,7 @@ def mask_id(m):
     return ",".join(f"{k}={v}" for k, v in m.items()) or "none"
 
 
-def make_inputs(M, N, D, dtype, symmetric=False, bias=False, mask=None, classes=3, seed=0, device=DEV):
+def make_inputs(M, N, D, dtype, symmetric=False, bias=False, mask=None, classes=3, seed=0, device=DEV, scale=0.9):
     """q, k (None when symmetric), scale, bias, mask kwargs; q, k, bias rounded to dtype."""
     g = torch.Generator().manual_seed(seed)
     q = torch.randn(M, D, generator=g, dtype=torch.float64).to(dtype)
@@ -55,7 +55,7 @@ def make_inputs(M, N, D, dtype, symmetric=False, bias=False, mask=None, classes=
         if not symmetric:
             kw["k_labels"] = torch.randint(0, classes, (N,), generator=g).to(device)
     mv = lambda t: None if t is None else t.to(device)
-    return mv(q), mv(k), torch.tensor(0.9, device=device), mv(b), kw
+    return mv(q), mv(k), torch.tensor(scale, device=device), mv(b), kw
 
 
 def run(backend, q, k, scale, b, kw, col, as_dtype=None, seed=1):
@@ -87,9 +87,9 @@ def names(k, b, col):
     return [n for n in NAMES if (n != "col_lse" or col) and (n != "dk" or k is not None) and (n != "dbias" or b is not None)]
 
 
-def check(M, N, D, dtype, symmetric, bias, mask, col, backend="triton", floor_scale=1.0):
+def check(M, N, D, dtype, symmetric, bias, mask, col, backend="triton", floor_scale=1.0, scale=0.9):
     """backend in dtype vs the float64 reference: DESIGN §6's criterion, −inf where the reference has it."""
-    q, k, s, b, kw = make_inputs(M, N, D, dtype, symmetric, bias, mask)
+    q, k, s, b, kw = make_inputs(M, N, D, dtype, symmetric, bias, mask, scale=scale)
     fast = run(backend, q, k, s, b, kw, col)
     low = run("reference", q, k, s, b, kw, col)
     exact = run("reference", q, k, s, b, kw, col, as_dtype=torch.float64)
@@ -493,6 +493,32 @@ def test_autotuning_past_the_largest_size_class_runs_first_on_a_slice(monkeypatc
     assert len(seen) == 1
     triton_lse._tune_on_slice(("y",), run, args)  # another kernel kind
     assert len(seen) == 2
+
+
+# ---------------------------------------------------------------------------- backward: one exponential or two
+ONE_EXP_CASES = [(70, 70, 24, True, EX0), (70, 70, 24, True, DIFF_EX), (70, 53, 24, False, NONE),
+                 (53, 70, 24, False, SAME)]
+
+
+@pytest.mark.parametrize("spread", [40.0, -1.0], ids=["shared-exp", "own-exps"])
+@pytest.mark.parametrize("col", [True, False], ids=["row+col", "row"])
+@pytest.mark.parametrize("case", ONE_EXP_CASES, ids=["self-ex0", "self-diff-ex1", "qk", "qk-same"])
+def test_backward_terms_with_shared_or_own_exponentials(case, col, spread, monkeypatch):
+    """The backward's G from one exponential per entry (tile LSEs within ONE_EXP_SPREAD), and
+    with that switched off (-1: every tile takes one exponential per term), both vs float64."""
+    monkeypatch.setattr(triton_lse, "ONE_EXP_SPREAD", spread)
+    M, N, D, symmetric, mask = case
+    for plan in ("atomic", "two-pass"):
+        monkeypatch.setenv("FASTNCE_TRITON_BACKWARD", plan)
+        check(M, N, D, torch.float32, symmetric, False, mask, col)
+
+
+@pytest.mark.parametrize("symmetric", [True, False], ids=["self", "qk"])
+def test_backward_wide_lse_spread_keeps_own_exponentials(symmetric):
+    """Scale 40 on unnormalised features: a tile's LSEs lie hundreds apart, past ONE_EXP_SPREAD,
+    where one shared exponential would underflow and lose whole rows."""
+    check(70, 70 if symmetric else 53, 24, torch.float32, symmetric, False, EX0 if symmetric else NONE, True,
+          scale=40.0)
 
 
 def test_deterministic_mode_is_bit_for_bit(monkeypatch, spy):

@@ -37,7 +37,7 @@ LABELS = {"p_lx", "p_ly", "p_lq", "p_lk"}
 # (row LSE, symmetric backward), CLIP at D = 512 (one-pass row+col forward, then either the
 # one-recompute atomic backward or the two-pass deterministic one).
 _NO_MASK = dict(HAS_BIAS=False, MASK_MODE=0, DOT_F32=False, PREC="ieee")
-_BWD = dict(HAS_G=True, WRITE_DB=False, G_NORM=False)
+_BWD = dict(HAS_G=True, WRITE_DB=False, G_NORM=False, SPREAD=T.ONE_EXP_SPREAD)
 BENCH_VARIANTS = [
     ("simclr fwd", T._fwd_kernel, 128, dict(_NO_MASK, BIAS_ON_ROW=False, EXCLUDE=True)),
     ("simclr bwd sym", T._bwd_kernel, 128,
@@ -101,7 +101,7 @@ def default_configs(sm: int) -> None:
             if kind == "fwd":
                 consts["BIAS_ON_ROW"] = False
             if kind in ("bwd", "atomic"):
-                consts.update(HAS_G=True, HAS_H=True, WRITE_DB=True, G_NORM=dtype == "fp16")
+                consts.update(HAS_G=True, HAS_H=True, WRITE_DB=True, G_NORM=dtype == "fp16", SPREAD=T.ONE_EXP_SPREAD)
             if kind == "bwd":
                 consts["BIAS_ON_ROW"] = False
                 variants = [dict(SYM=False), dict(SYM=True, HAS_H=False, MASK_MODE=2)]

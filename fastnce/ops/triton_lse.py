@@ -25,7 +25,8 @@ Launcher contract: fastnce/ops/function.py. The kernels:
   reproducible: the non-symmetric backward's "two-pass" plan, always taken when
   torch.are_deterministic_algorithms_enabled() or FASTNCE_TRITON_DETERMINISTIC=1.
 * `_bwd_atomic_kernel`, grid (⌈N/BN⌉, ⌈D/BDV⌉) (the "atomic" plan, FlashAttention-2 style;
-  which plan runs is timed once per shape class on the GPU, see _backward_plan): program J recomputes S[:, J] once per row block I, accumulates dk_J += Gᵀ @ q_I and
+  which plan runs is timed once per shape class on the GPU, see _backward_plan): program J
+  recomputes S[:, J] once per row block I, accumulates dk_J += Gᵀ @ q_I and
   dbias_J in registers (single writer) and adds dq_I += G @ k_J into a zeroed fp32 (M, D)
   buffer with tl.atomic_add. One recompute (3 products) when BDV = D; the order of the
   ⌈N/BN⌉ additions into each dq element varies, so dq differs run to run in the last bits.
@@ -36,21 +37,29 @@ Launcher contract: fastnce/ops/function.py. The kernels:
   deterministic. TODO(perf): visiting only tiles I ≤ J (the mirror trick of DESIGN §5)
   would halve the forward and the recompute again but needs cross-program reductions.
 
+* Exponentials: G has two terms (row and column LSE; or G and its mirror for NT-Xent) and
+  both come from ONE exponential per entry when the tile's LSEs lie within ONE_EXP_SPREAD
+  (40) of each other: a·e^(S − l) = e^(S − hi)·(a·e^(hi − l)) with hi the tile's largest LSE
+  (_span says why that is exact in fp32); else one each. At D = 128 an exponential costs
+  about one product per entry (16 MUFU results vs 4096 tensor-core flops a clock per SM), so
+  this takes the NT-Xent backward from 2 exponentials per entry to 1.
+
 Cost per training step for CLIP (q ≠ k, row and column LSE, both gradients), in products
 of 2·M·N·D: before, 6 (forward row pass + transposed col pass, dq pass + dk pass with a
 recompute each); now 4 (panel forward 1; one recompute, dq, dk), 5 in deterministic mode.
 clip-32k (N = 32768, D = 512, bf16): one product is 1.10 TFLOP, so 6.60 → 4.40 TFLOP a step:
 at an achieved T TFLOP/s that is 6600/T → 4400/T ms (T = 500: 13.2 → 8.8 ms, just the
 target of 0.9 × 9.8 ms; 6 products would need 750, the ceiling). Beside the products: 2·M·N
-exponentials in the forward and 2·M·N in the backward (4.3·10⁹, ~1 ms at ~4·10¹²/s if not
-overlapped), the merge (reads 64 MiB, ~0.03 ms), and the dq atomics: M·D·⌈N/BN⌉ fp32 adds,
+exponentials in the forward and M·N in the backward (3.2·10⁹, ~0.8 ms at ~4·10¹²/s if not
+overlapped; 2·M·N in the backward before the shared exponential), the merge (reads 64 MiB, ~0.03 ms), and the dq atomics: M·D·⌈N/BN⌉ fp32 adds,
 34 GB of L2 reduction traffic at BN = 64 (17 GB at BN = 128, which needs BDV ≤ 256 at
 D = 512, i.e. 2 recomputes). Also, at D = 512 ptxas spills every one-recompute (BDV = D)
 candidate of the atomic kernel on sm_90 (56 to 1496 bytes a thread), while the two-pass
 kernel has spill-free BDV = 512 candidates (tests/triton_aot.py --configs): the 4-product
 path may lose to the 5-product one there, so the plan is timed per shape class (_backward_plan).
-simclr-16k (NT-Xent, 2N = 32768, D = 128, row LSE only): unchanged, 3 products (forward 1,
-symmetric backward 2), 0.82 TFLOP; with 3·M·N exponentials (~0.8 ms) the exps matter there.
+simclr-16k (NT-Xent, 2N = 32768, D = 128, row LSE only): 3 products (forward 1, symmetric
+backward 2), 0.82 TFLOP; exponentials 3·M·N → 2·M·N with the shared one (~0.8 → ~0.55 ms
+at ~4·10¹²/s): at D = 128 they cost as much as the products.
 The GPU benchmark (python -m fastnce.bench gpu) reports achieved TFLOP/s counting 4 products.
 
 Dtypes: float16, bfloat16, float32 in, fp32 accumulation and LSEs out. The second product
@@ -84,6 +93,9 @@ except ImportError as e:  # pragma: no cover - triton is a Linux dependency
     _IMPORT_ERROR = str(e)
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# The backward's terms share one exponential per entry of S when a tile's LSEs lie within this
+# of each other (_span); tests set it to -1 to check the two-exponential path against it.
+ONE_EXP_SPREAD = 40.0
 # tl.dot precision for float32 inputs when torch.backends.cuda.matmul.allow_tf32 is False.
 _FP32_PRECISION = os.environ.get("FASTNCE_TRITON_FP32_PRECISION", "tf32x3")
 
@@ -242,19 +254,78 @@ if triton is not None:
 
     # ------------------------------------------------------------------ backward
     @triton.jit
-    def _g_tile(b_s, b_v, b_a, b_la, b_b, b_lb, HAS_A: tl.constexpr, HAS_B: tl.constexpr):
+    def _g_tile(b_s, b_v, b_a, b_la, b_b, b_lb, HAS_A: tl.constexpr, HAS_B: tl.constexpr, SPREAD: tl.constexpr):
         """G = a[i]·exp(S − la[i]) + b[j]·exp(S − lb[j]) on valid pairs, 0 elsewhere (fp32).
 
         (a, la) are the gradient and lse of the LSE taken along the rows of this tile,
         (b, lb) those of the LSE along its columns; lse shifts of −inf were replaced by 0.
+        With both terms, one exponential serves both where the tile allows it (_span).
         """
         b_s = tl.where(b_v, b_s, float("-inf"))
         b_gt = tl.zeros_like(b_s)
-        if HAS_A:
-            b_gt += b_a[:, None] * tl.exp(b_s - b_la[:, None])
-        if HAS_B:
-            b_gt += b_b[None, :] * tl.exp(b_s - b_lb[None, :])
+        if HAS_A and HAS_B:
+            b_width, b_hi = _span(b_la, b_lb, b_la, b_lb)
+            if b_width <= SPREAD:
+                b_gt = tl.exp(b_s - b_hi) * ((b_a * tl.exp(b_hi - b_la))[:, None] + (b_b * tl.exp(b_hi - b_lb))[None, :])
+            else:
+                b_gt = b_a[:, None] * tl.exp(b_s - b_la[:, None]) + b_b[None, :] * tl.exp(b_s - b_lb[None, :])
+        else:
+            if HAS_A:
+                b_gt = b_a[:, None] * tl.exp(b_s - b_la[:, None])
+            if HAS_B:
+                b_gt = b_b[None, :] * tl.exp(b_s - b_lb[None, :])
         return b_gt
+
+    @triton.jit
+    def _span(b_up1, b_up2, b_low1, b_low2):
+        """(max − min, max) of LSE shifts: the max over b_up1, b_up2, the min over b_low1, b_low2
+        (per row and per column vectors of a tile; up and low differ where a line has two).
+
+        The exponentials' budget (FlashAttention-3's point: at D = 128 one exp costs about as
+        much as one product per entry). Every valid S[i, j] is at most the LSEs of its row and
+        its column, so with hi = the largest LSE of the tile, a·exp(S − l) = exp(S − hi)·(a·exp(hi − l))
+        where exp(S − hi) ≤ 1 and, if every l is within 40 of hi, exp(hi − l) ≤ e^40: no
+        overflow, and a term whose exp(S − hi) underflows is below e^−47 of its line's sum. So
+        when max − min ≤ 40 (the usual case: LSEs sit near log N) several terms share one
+        exponential per entry; otherwise each keeps its own. A NaN shift gives NaN either way.
+        """
+        b_hi = tl.maximum(tl.max(b_up1, 0), tl.max(b_up2, 0))
+        b_lo = tl.minimum(tl.min(b_low1, 0), tl.min(b_low2, 0))
+        return b_hi - b_lo, b_hi
+
+    @triton.jit
+    def _g_sym_tile(b_raw, b_v, b_vm, b_gi, b_ri, b_hj, b_cj, b_hi, b_ci, b_gj, b_rj,
+                    HAS_G: tl.constexpr, HAS_H: tl.constexpr, SPREAD: tl.constexpr):
+        """(G, Gm) of a symmetric tile without bias, Gm[i, j] = G[j, i] (S[j, i] = S[i, j]).
+
+        G = g_i·e^(S − r_i) + h_j·e^(S − c_j) on b_v, Gm = h_i·e^(S − c_i) + g_j·e^(S − r_j) on
+        b_vm: one exponential per entry for all the terms when _span allows, else as _g_tile.
+        """
+        if HAS_G and HAS_H:
+            b_width, b_top = _span(tl.maximum(b_ri, b_ci), tl.maximum(b_rj, b_cj),
+                                   tl.minimum(b_ri, b_ci), tl.minimum(b_rj, b_cj))
+        elif HAS_G:
+            b_width, b_top = _span(b_ri, b_rj, b_ri, b_rj)
+        else:
+            b_width, b_top = _span(b_ci, b_cj, b_ci, b_cj)
+        if b_width <= SPREAD:
+            b_e = tl.exp(tl.where(b_v | b_vm, b_raw, float("-inf")) - b_top)
+            b_a1 = tl.zeros_like(b_ri)  # row and column factors of G (1) and Gm (2)
+            b_b1 = tl.zeros_like(b_rj)
+            b_a2 = tl.zeros_like(b_ri)
+            b_b2 = tl.zeros_like(b_rj)
+            if HAS_G:
+                b_a1 = b_gi * tl.exp(b_top - b_ri)
+                b_b2 = b_gj * tl.exp(b_top - b_rj)
+            if HAS_H:
+                b_b1 = b_hj * tl.exp(b_top - b_cj)
+                b_a2 = b_hi * tl.exp(b_top - b_ci)
+            b_G = b_e * tl.where(b_v, b_a1[:, None] + b_b1[None, :], 0.0)
+            b_Gm = b_e * tl.where(b_vm, b_a2[:, None] + b_b2[None, :], 0.0)
+        else:
+            b_G = _g_tile(b_raw, b_v, b_gi, b_ri, b_hj, b_cj, HAS_G, HAS_H, SPREAD)
+            b_Gm = _g_tile(b_raw, b_vm, b_hi, b_ci, b_gj, b_rj, HAS_H, HAS_G, SPREAD)
+        return b_G, b_Gm
 
     @triton.jit
     def _shift(p_lse, o, m):
@@ -287,7 +358,7 @@ if triton is not None:
                     HAS_BIAS: tl.constexpr, BIAS_ON_ROW: tl.constexpr,
                     EXCLUDE: tl.constexpr, MASK_MODE: tl.constexpr,
                     HAS_G: tl.constexpr, HAS_H: tl.constexpr, SYM: tl.constexpr,
-                    WRITE_DB: tl.constexpr, G_NORM: tl.constexpr,
+                    WRITE_DB: tl.constexpr, G_NORM: tl.constexpr, SPREAD: tl.constexpr,
                     DOT_F32: tl.constexpr, PREC: tl.constexpr,
                     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BDV: tl.constexpr):
         """dx = G @ y (M, D) fp32, and db[i] = Σ_j G[i, j] when WRITE_DB (only the d-block 0 writes).
@@ -329,21 +400,24 @@ if triton is not None:
                 else:
                     b_s = b_raw + b_bj[None, :]
             b_v = _keep(o_i, o_j, m_i, m_j, b_yi, b_yj, offset, EXCLUDE, MASK_MODE, False)
-            b_G = _g_tile(b_s, b_v, b_gi, b_ri, b_hj, b_cj, HAS_G, HAS_H)
-            if WRITE_DB and not SYM:
-                b_db += tl.sum(b_G, 1)
             if SYM:
                 # mirror: Gm[i, j] = G[j, i], from S[j, i] = raw + b[i]; pair (j, i) is dropped
                 # when i == j + offset. Row terms come from j, column terms from i.
-                b_sm = b_raw
-                if HAS_BIAS:
-                    b_sm = b_raw + b_bi[:, None]
                 b_vm = _keep(o_i, o_j, m_i, m_j, b_yi, b_yj, offset, EXCLUDE, MASK_MODE, True)
-                # Gm's row LSE runs along this tile's columns: (h_i, c_i) act per row, (g_j, r_j) per column
-                b_Gm = _g_tile(b_sm, b_vm, b_hi, b_ci, b_gj, b_rj, HAS_H, HAS_G)
+                if HAS_BIAS:
+                    b_G = _g_tile(b_s, b_v, b_gi, b_ri, b_hj, b_cj, HAS_G, HAS_H, SPREAD)
+                    # Gm's row LSE runs along this tile's columns: (h_i, c_i) act per row, (g_j, r_j) per column
+                    b_Gm = _g_tile(b_raw + b_bi[:, None], b_vm, b_hi, b_ci, b_gj, b_rj, HAS_H, HAS_G, SPREAD)
+                else:  # S[j, i] = S[i, j]: one exponential for G and its mirror
+                    b_G, b_Gm = _g_sym_tile(b_raw, b_v, b_vm, b_gi, b_ri, b_hj, b_cj, b_hi, b_ci, b_gj, b_rj,
+                                            HAS_G, HAS_H, SPREAD)
                 if WRITE_DB:
                     b_db += tl.sum(b_Gm, 1)
                 b_G += b_Gm
+            else:
+                b_G = _g_tile(b_s, b_v, b_gi, b_ri, b_hj, b_cj, HAS_G, HAS_H, SPREAD)
+                if WRITE_DB:
+                    b_db += tl.sum(b_G, 1)
             b_yv = tl.load(p_y + o_j[:, None] * D + o_v[None, :], mask=m_j[:, None] & m_v[None, :], other=0.0)
             if DOT_F32:
                 b_acc += tl.dot(b_G, b_yv.to(tl.float32), input_precision=PREC)
@@ -447,7 +521,7 @@ if triton is not None:
                            M, N, D, offset, KEY_M, KEY_N,
                            HAS_BIAS: tl.constexpr, EXCLUDE: tl.constexpr, MASK_MODE: tl.constexpr,
                            HAS_G: tl.constexpr, HAS_H: tl.constexpr,
-                           WRITE_DB: tl.constexpr, G_NORM: tl.constexpr,
+                           WRITE_DB: tl.constexpr, G_NORM: tl.constexpr, SPREAD: tl.constexpr,
                            DOT_F32: tl.constexpr, PREC: tl.constexpr,
                            BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BDV: tl.constexpr):
         """dq and dk from one recompute of S (FlashAttention-2 style); grid (⌈N/BN⌉, ⌈D/BDV⌉).
@@ -483,7 +557,7 @@ if triton is not None:
             b_yi = _labels(p_lq, o_i, m_i, MASK_MODE)
             b_gi, b_ri = _terms(p_g, p_r, o_i, m_i, HAS_G)
             b_v = _keep(o_i, o_j, m_i, m_j, b_yi, b_yj, offset, EXCLUDE, MASK_MODE, False)
-            b_G = _g_tile(b_s, b_v, b_gi, b_ri, b_hj, b_cj, HAS_G, HAS_H)
+            b_G = _g_tile(b_s, b_v, b_gi, b_ri, b_hj, b_cj, HAS_G, HAS_H, SPREAD)
             if WRITE_DB:
                 b_db += tl.sum(b_G, 0)
             m_iv = m_i[:, None] & m_v[None, :]
@@ -748,7 +822,7 @@ def _grad(x, y, scale, bias, lx, ly, mask_mode, offset, g, r, h, c, bias_on_row,
         M, N, D, 0 if offset is None else int(offset), _key(M), _key(N),
         HAS_BIAS=bias is not None, BIAS_ON_ROW=bias_on_row, EXCLUDE=offset is not None,
         MASK_MODE=int(mask_mode), HAS_G=g is not None, HAS_H=h is not None, SYM=sym,
-        WRITE_DB=write_db, G_NORM=g_norm, DOT_F32=dot_f32, PREC=prec,
+        WRITE_DB=write_db, G_NORM=g_norm, SPREAD=ONE_EXP_SPREAD, DOT_F32=dot_f32, PREC=prec,
     )
     return dx, db
 
@@ -823,7 +897,7 @@ def _grad_atomic(q, k, scale, bias, lq, lk, mask_mode, offset, g, r, h, c, write
         M, N, D, 0 if offset is None else int(offset), _key(M), _key(N),
         HAS_BIAS=bias is not None, EXCLUDE=offset is not None, MASK_MODE=int(mask_mode),
         HAS_G=g is not None, HAS_H=h is not None, WRITE_DB=write_db,
-        G_NORM=q.dtype == torch.float16, DOT_F32=dot_f32, PREC=prec,
+        G_NORM=q.dtype == torch.float16, SPREAD=ONE_EXP_SPREAD, DOT_F32=dot_f32, PREC=prec,
     )
     return dq, dk, db
 
