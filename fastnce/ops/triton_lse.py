@@ -53,10 +53,12 @@ target of 0.9 × 9.8 ms; 6 products would need 750, the ceiling). Beside the pro
 exponentials in the forward and M·N in the backward (3.2·10⁹, ~0.8 ms at ~4·10¹²/s if not
 overlapped; 2·M·N in the backward before the shared exponential), the merge (reads 64 MiB, ~0.03 ms), and the dq atomics: M·D·⌈N/BN⌉ fp32 adds,
 34 GB of L2 reduction traffic at BN = 64 (17 GB at BN = 128, which needs BDV ≤ 256 at
-D = 512, i.e. 2 recomputes). Also, at D = 512 ptxas spills every one-recompute (BDV = D)
-candidate of the atomic kernel on sm_90 (56 to 1496 bytes a thread), while the two-pass
-kernel has spill-free BDV = 512 candidates (tests/triton_aot.py --configs): the 4-product
-path may lose to the 5-product one there, so the plan is timed per shape class (_backward_plan).
+D = 512, i.e. 2 recomputes). Registers are the other risk at D = 512: the one-recompute
+(BDV = D) atomic kernel holds a (BN, 512) fp32 accumulator; with dq formed in 128-feature
+chunks one of its candidates is spill-free on sm_90 and one spills 32 bytes (before the
+chunks, all spilled, 56-1496 bytes), while the two-pass kernel has two spill-free BDV = 512
+candidates (tests/triton_aot.py --configs). Which plan wins is timed per shape class
+(_backward_plan).
 simclr-16k (NT-Xent, 2N = 32768, D = 128, row LSE only): 3 products (forward 1, symmetric
 backward 2), 0.82 TFLOP; exponentials 3·M·N → 2·M·N with the shared one (~0.8 → ~0.55 ms
 at ~4·10¹²/s): at D = 128 they cost as much as the products.
@@ -523,7 +525,8 @@ if triton is not None:
                            HAS_G: tl.constexpr, HAS_H: tl.constexpr,
                            WRITE_DB: tl.constexpr, G_NORM: tl.constexpr, SPREAD: tl.constexpr,
                            DOT_F32: tl.constexpr, PREC: tl.constexpr,
-                           BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BDV: tl.constexpr):
+                           BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BDV: tl.constexpr,
+                           DQC: tl.constexpr):
         """dq and dk from one recompute of S (FlashAttention-2 style); grid (⌈N/BN⌉, ⌈D/BDV⌉).
 
         Program (J, d) owns the key block J (BN keys) × features d (BDV) and walks all query
@@ -560,22 +563,29 @@ if triton is not None:
             b_G = _g_tile(b_s, b_v, b_gi, b_ri, b_hj, b_cj, HAS_G, HAS_H, SPREAD)
             if WRITE_DB:
                 b_db += tl.sum(b_G, 0)
-            m_iv = m_i[:, None] & m_v[None, :]
-            b_qv = tl.load(p_q + o_i[:, None] * D + o_v[None, :], mask=m_iv, other=0.0)
-            b_kv = tl.load(p_k + o_j[:, None] * D + o_v[None, :], mask=m_j[:, None] & m_v[None, :], other=0.0)
+            b_qv = tl.load(p_q + o_i[:, None] * D + o_v[None, :], mask=m_i[:, None] & m_v[None, :], other=0.0)
             if DOT_F32:
-                b_acc += tl.dot(tl.trans(b_G), b_qv.to(tl.float32), input_precision=PREC)
-                b_dq = tl.dot(b_G, b_kv.to(tl.float32), input_precision=PREC)
+                b_Gc = b_G
+                b_acc += tl.dot(tl.trans(b_Gc), b_qv.to(tl.float32), input_precision=PREC)
             else:
                 if G_NORM:
                     b_G = b_G * b_ginv
                 b_Gc = b_G.to(b_qv.dtype)
                 b_acc += tl.dot(tl.trans(b_Gc), b_qv, input_precision=PREC)
-                b_dq = tl.dot(b_Gc, b_kv, input_precision=PREC)
+            # dq[I, d] += G @ k[J, d] in feature chunks of DQC: a (BM, BDV) fp32 tile beside the
+            # (BN, BDV) accumulator is what made the BDV = 512 configs spill
+            for c0 in tl.static_range(0, BDV, DQC):
+                o_c = i_d * BDV + c0 + tl.arange(0, DQC)
+                m_c = o_c < D
+                b_kc = tl.load(p_k + o_j[:, None] * D + o_c[None, :], mask=m_j[:, None] & m_c[None, :], other=0.0)
+                if DOT_F32:
+                    b_kc = b_kc.to(tl.float32)
+                b_dq = tl.dot(b_Gc, b_kc, input_precision=PREC)
                 if G_NORM:
                     b_dq = b_dq / b_ginv
-            # fp32 atomics: the order of the ⌈N/BN⌉ additions into dq[i] varies run to run
-            tl.atomic_add(p_dq + o_i[:, None] * D + o_v[None, :], b_dq, mask=m_iv, sem="relaxed")
+                # fp32 atomics: the order of the ⌈N/BN⌉ additions into dq[i] varies run to run
+                tl.atomic_add(p_dq + o_i[:, None] * D + o_c[None, :], b_dq, mask=m_i[:, None] & m_c[None, :],
+                              sem="relaxed")
         if G_NORM:
             b_acc = b_acc / b_ginv
         tl.store(p_dk + o_j[:, None] * D + o_v[None, :], b_acc, mask=m_j[:, None] & m_v[None, :])
@@ -587,7 +597,8 @@ if triton is not None:
     # The one-recompute backward holds the key block (BN × BDV fp32) in registers and streams
     # query blocks of BM: BDV = D (no feature split, so one recompute) needs small BM and 8-16
     # warps at D = 512; the BDV < D configs trade extra recomputes for register room.
-    _ATOMIC_CFGS = [triton.Config({"BM": bm, "BN": bn, "BK": bk, "BDV": bdv}, num_warps=w, num_stages=s)
+    _ATOMIC_CFGS = [triton.Config({"BM": bm, "BN": bn, "BK": bk, "BDV": bdv, "DQC": min(bdv, 128)},
+                                  num_warps=w, num_stages=s)
                     for bm, bn, bk, bdv, w, s in [(64, 64, 64, 128, 8, 2), (32, 64, 64, 128, 4, 2),
                                                   (64, 128, 64, 128, 8, 2), (64, 64, 64, 64, 4, 2),
                                                   (64, 64, 64, 256, 8, 2), (32, 64, 64, 256, 8, 2),
@@ -617,14 +628,17 @@ def _default_meta(kind: str, D: int) -> dict:
     """The config used without autotuning; under the interpreter one small config (16-row and
     -column tiles, so the small test shapes cross several tiles and leave tails)."""
     fwd = kind in ("fwd", "panel")
+    atomic = dict(DQC=16) if kind == "atomic" else {}  # two dq chunks per feature block under the interpreter
     if _INTERPRET:
-        return dict(BM=16, BN=16, BK=32, num_warps=1) if fwd else dict(BM=16, BN=16, BK=32, BDV=32, num_warps=1)
+        return dict(BM=16, BN=16, BK=32, num_warps=1) if fwd else dict(BM=16, BN=16, BK=32, BDV=32, num_warps=1, **atomic)
     dpad = max(16, triton.next_power_of_2(D))
     bk = max(32, min(dpad, 64))
     if fwd:
         return dict(BM=128, BN=64, BK=bk, num_warps=4, num_stages=3)
     bdv = max(64, dpad) if kind == "bwd" else min(max(64, dpad), 512)
-    return dict(BM=32 if bdv > 256 else 64, BN=64, BK=bk, BDV=bdv, num_warps=8, num_stages=2)
+    if kind == "atomic":
+        atomic = dict(DQC=min(bdv, 128))
+    return dict(BM=32 if bdv > 256 else 64, BN=64, BK=bk, BDV=bdv, num_warps=8, num_stages=2, **atomic)
 
 
 def _launch(kind: str, grid, D: int, *args, **kwargs):
@@ -834,12 +848,12 @@ def deterministic() -> bool:
 
 # The non-symmetric backward has two plans: "atomic" (one recompute; dq by atomics, dk in
 # registers) and "two-pass" (a recompute for dq and one for dk; no atomics). Which is faster
-# depends on D: the atomic kernel holds a (BN, D) accumulator plus a (BM, D) dq tile, and at
-# D = 512 every one-recompute candidate spills on sm_90 (ptxas, tests/triton_aot.py --configs),
-# so its spill-free candidates split D and recompute S per split (5 products, as two-pass, plus
-# the atomics). FASTNCE_TRITON_BACKWARD = auto (default) | atomic | two-pass. auto on a GPU with
-# autotuning times both once per shape class and keeps the faster (backward_plans() lists the
-# choices); without autotuning it takes atomic up to D = 256 and two-pass above.
+# depends on D: at D = 512 the atomic kernel's (BN, D) accumulator leaves it one spill-free
+# candidate on sm_90 (BM = BN = 32, small tiles) where two-pass has two at BM = 64
+# (tests/triton_aot.py --configs): 4 products with atomics against 5 without.
+# FASTNCE_TRITON_BACKWARD = auto (default) | atomic | two-pass. auto on a GPU with autotuning
+# times both once per shape class and keeps the faster (backward_plans() lists the choices);
+# without autotuning it takes atomic up to D = 256 and two-pass above.
 _BACKWARD_PLANS = ("atomic", "two-pass")
 _plans: dict = {}
 
