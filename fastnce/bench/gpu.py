@@ -122,6 +122,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--skip-check", action="store_true", help="skip the correctness check")
     p.add_argument("--check-size", type=int, default=2048, help="rows of the correctness check")
     p.add_argument("--budget", type=float, default=1.5, help="seconds of timed repetitions per point")
+    p.add_argument("--gemm-size", type=int, default=8192, help="n of the n³ bf16 matmul that gives the card's rate")
     args = p.parse_args(argv)
     args.cases = [c for c in args.cases.split(",") if c]
     args.impls = [c for c in args.impls.split(",") if c]
@@ -199,44 +200,63 @@ def _step(loss_fn: Callable, xs: list, arg) -> Callable:
     return run
 
 
-def measure(run: Callable, budget_s: float, max_reps: int = 25):
-    """(median ms, peak MiB above what was allocated before): warm-up, then a peak run, then reps.
+# The bench runs on a CUDA GPU. tests/test_bench_gpu_flow.py runs the whole of main() on the
+# CPU (DEVICE = "cpu", tiny cases, triton under the interpreter) so that a slip in this script
+# shows in CI rather than in the one GPU call a session may get.
+DEVICE = "cuda"
 
-    A step slower than _SLOW_STEP_S is timed once, on the peak run.
-    """
+
+def _on_gpu() -> bool:
+    return DEVICE == "cuda"
+
+
+def _elapsed_ms(run: Callable) -> float:
+    """One call of run, in ms: CUDA events on the GPU, the wall clock on the CPU."""
     import torch
-    run()  # warm-up: compiles, autotunes
-    torch.cuda.synchronize()
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
+    if not _on_gpu():
+        t = time.perf_counter()
+        run()
+        return (time.perf_counter() - t) * 1e3
     s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     s.record()
     run()
     e.record()
     torch.cuda.synchronize()
-    peak = (torch.cuda.max_memory_allocated() - base) / 2**20
-    t = s.elapsed_time(e)
+    return s.elapsed_time(e)
+
+
+def _release() -> None:
+    import torch
+    if _on_gpu():
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+
+
+def measure(run: Callable, budget_s: float, max_reps: int = 25):
+    """(median ms, peak MiB above what was allocated before, None on the CPU): warm-up, then a
+    peak run, then reps. A step slower than _SLOW_STEP_S is timed once, on the peak run."""
+    import torch
+    run()  # warm-up: compiles, autotunes
+    _release()
+    if _on_gpu():
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    t = _elapsed_ms(run)
+    peak = (torch.cuda.max_memory_allocated() - base) / 2**20 if _on_gpu() else None
     if t > _SLOW_STEP_S * 1e3:
         return t, peak
     reps = max(3, min(max_reps, int(budget_s * 1e3 / max(t, 1e-3))))
-    ts = []
-    for _ in range(reps):
-        s.record()
-        run()
-        e.record()
-        torch.cuda.synchronize()
-        ts.append(s.elapsed_time(e))
-    ts.sort()
+    ts = sorted(_elapsed_ms(run) for _ in range(reps))
     return ts[len(ts) // 2], peak
 
 
-def gemm_tflops() -> float:
+def gemm_tflops(n: int = 8192) -> float:
+    """The card's bf16 n³ matrix-product rate, TFLOP/s."""
     import torch
-    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    a = torch.randn(n, n, device=DEVICE, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=DEVICE, dtype=torch.bfloat16)
     ms, _ = measure(lambda: a @ b, 1.0)
-    return 2 * 8192**3 / (ms * 1e-3) / 1e12
+    return 2 * n**3 / (ms * 1e-3) / 1e12
 
 
 # ----------------------------------------------------------------------------- correctness
@@ -246,22 +266,22 @@ def check_backend(backend: str, dtype, n: int, symmetric: bool) -> dict:
     import torch
     from fastnce import ops
 
-    g = torch.Generator(device="cuda").manual_seed(0)
+    g = torch.Generator(device=DEVICE).manual_seed(0)
     M, N, D = n, (n if symmetric else n - n // 7), 128
-    q0 = torch.nn.functional.normalize(torch.randn(M, D, device="cuda", generator=g), dim=1).to(dtype)
+    q0 = torch.nn.functional.normalize(torch.randn(M, D, device=DEVICE, generator=g), dim=1).to(dtype)
     k0 = None if symmetric else torch.nn.functional.normalize(
-        torch.randn(N, D, device="cuda", generator=g), dim=1).to(dtype)
-    b0 = torch.randn(N, device="cuda", generator=g).to(dtype)
+        torch.randn(N, D, device=DEVICE, generator=g), dim=1).to(dtype)
+    b0 = torch.randn(N, device=DEVICE, generator=g).to(dtype)
     kw = dict(exclude_self=True)
     if symmetric:
-        kw.update(labels=torch.randint(0, 50, (M,), device="cuda", generator=g), label_mask="different")
-    w_row = torch.randn(M, device="cuda", generator=g, dtype=torch.float64)
-    w_col = torch.randn(N, device="cuda", generator=g, dtype=torch.float64)
+        kw.update(labels=torch.randint(0, 50, (M,), device=DEVICE, generator=g), label_mask="different")
+    w_row = torch.randn(M, device=DEVICE, generator=g, dtype=torch.float64)
+    w_col = torch.randn(N, device=DEVICE, generator=g, dtype=torch.float64)
 
     def run(be, as_dtype=None):
         cast = lambda t: None if t is None else (t if as_dtype is None else t.to(as_dtype)).detach().requires_grad_()
         q, k, b = cast(q0), cast(k0), cast(b0)
-        s = torch.tensor(10.0, device="cuda", dtype=torch.float64 if as_dtype == torch.float64 else torch.float32,
+        s = torch.tensor(10.0, device=DEVICE, dtype=torch.float64 if as_dtype == torch.float64 else torch.float32,
                          requires_grad=True)
         row, col = ops.similarity_lse(q, k, s, b, col_lse=True, backend=be, **kw)
         fin = lambda t, w: (torch.where(torch.isfinite(t), t, 0).double() * w).sum()
@@ -297,7 +317,7 @@ def run_checks(n: int) -> list:
 
     results = []
     for dtype in (torch.bfloat16, torch.float16, torch.float32):
-        backends = [b for b in ops.available_backends("cuda", dtype) if b not in ("reference", "torch")]
+        backends = [b for b in ops.available_backends(DEVICE, dtype) if b not in ("reference", "torch")]
         for be in backends:
             # Checked with autotuning off (one fixed config per kernel variant): tuning each dtype
             # and mask variant here would cost minutes of compiles. The kernel code is the same
@@ -342,22 +362,22 @@ def bench_case(case: str, impls: list, budget: float, card: str, infcl_why: Opti
     c = CASES[case]
     N, D = c["N"], c["D"]
     dt = torch.bfloat16
-    free, total = torch.cuda.mem_get_info()
-    g = torch.Generator(device="cuda").manual_seed(0)
+    free = torch.cuda.mem_get_info()[0] if _on_gpu() else float("inf")
+    g = torch.Generator(device=DEVICE).manual_seed(0)
     if c["kind"] == "ntxent":
-        xs = [torch.randn(N, D, device="cuda", generator=g).to(dt).requires_grad_() for _ in range(2)]
+        xs = [torch.randn(N, D, device=DEVICE, generator=g).to(dt).requires_grad_() for _ in range(2)]
         arg = TEMPERATURE
         rows = 2 * N
     else:
-        xs = [F.normalize(torch.randn(N, D, device="cuda", generator=g), dim=1).to(dt).requires_grad_()
+        xs = [F.normalize(torch.randn(N, D, device=DEVICE, generator=g), dim=1).to(dt).requires_grad_()
               for _ in range(2)]
-        arg = torch.tensor(CLIP_SCALE, device="cuda", requires_grad=True)
+        arg = torch.tensor(CLIP_SCALE, device=DEVICE, requires_grad=True)
         rows = N
     out = []
     for impl in impls:
         note, fn = None, None
         if impl in FUSED:
-            why = fastnce.ops.unavailable_reason(FUSED[impl], torch.device("cuda"), dt)
+            why = fastnce.ops.unavailable_reason(FUSED[impl], torch.device(DEVICE), dt)
             if why:
                 note = f"unavailable: {why}"
             elif impl == "fastnce-cuda" and N > _CUDA_MAX_N:
@@ -398,12 +418,12 @@ def bench_case(case: str, impls: list, budget: float, card: str, infcl_why: Opti
             r = record(case, impl, "bf16", None, None, card, f"error: {repr(e)[:300]}")
         for x in xs:
             x.grad = None
-        torch.cuda.empty_cache()
+        _release()
         (notes if r["ms"] is None else out).append(r)
         print(f"{case:<11} {impl:<15} {r['ms']} ms, {r['peak_mib']} MiB {r.get('note', '')} "
               f"({time.time() - t0:.0f} s with warm-up)", flush=True)
     del xs
-    torch.cuda.empty_cache()
+    _release()
     return out
 
 
@@ -412,11 +432,11 @@ def main(argv=None) -> int:
     import torch
     from fastnce.ops import triton_lse
 
-    if not torch.cuda.is_available():
+    if _on_gpu() and not torch.cuda.is_available():
         print("fastnce-bench gpu: needs a CUDA GPU (torch.cuda.is_available() is False)", file=sys.stderr)
         return 2
     t_start = time.time()
-    name = torch.cuda.get_device_name()
+    name = torch.cuda.get_device_name() if _on_gpu() else "CPU (smoke test)"
     card = card_slug(name)
     try:
         import triton
@@ -433,10 +453,10 @@ def main(argv=None) -> int:
         print(f"correctness: {len(checks) - len(bad)}/{len(checks)} passed -> {path}", flush=True)
 
     records, notes = [], []
-    tflops = gemm_tflops()
-    print(f"bf16 8192^3 matmul: {tflops:.0f} TFLOP/s", flush=True)
+    tflops = gemm_tflops(args.gemm_size)
+    print(f"bf16 {args.gemm_size}^3 matmul: {tflops:.0f} TFLOP/s", flush=True)
     meta = {"device": name, "card": card, "date": date, "torch": torch.__version__, "cuda": torch.version.cuda,
-            "triton": tv, "bf16_matmul_8192_tflops": round(tflops, 1), "not_measured": notes}
+            "triton": tv, f"bf16_matmul_{args.gemm_size}_tflops": round(tflops, 1), "not_measured": notes}
     infcl_why = ensure_infcl(args.infcl_wheel) if "inf-cl" in args.impls else None
     if infcl_why:
         print(f"inf-cl: {infcl_why}", flush=True)

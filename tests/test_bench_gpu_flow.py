@@ -1,0 +1,75 @@
+"""The whole GPU benchmark script (fastnce/bench/gpu.py main()) on the CPU, at toy sizes.
+
+A session gets a GPU rarely and for minutes: a slip in the script's own Python (a typo in a
+branch, a key, a file name) must show here, in CI, not there. The flow runs with DEVICE =
+"cpu", the triton backend under the interpreter, tiny cases and thresholds lowered so that
+every skip branch is taken; the GPU-only parts (CUDA events, memory statistics) are the few
+lines behind gpu._on_gpu().
+"""
+import json
+
+import pytest
+import torch
+
+from fastnce.bench import gpu as bench
+from fastnce.ops import triton_lse
+
+
+@pytest.fixture
+def cpu_bench(monkeypatch):
+    if triton_lse.unavailable_reason("cpu", torch.float32) is not None:
+        pytest.skip("needs triton under TRITON_INTERPRET=1")
+    monkeypatch.setattr(bench, "DEVICE", "cpu")
+    monkeypatch.setattr(bench, "CASES", {
+        "simclr-16k": dict(kind="ntxent", N=12, D=16),
+        "clip-32k": dict(kind="clip", N=40, D=24),
+        "clip-1m": dict(kind="clip", N=48, D=24),  # past both thresholds below
+    })
+    monkeypatch.setattr(bench, "_INFCL_MAX_N", 44)
+    monkeypatch.setattr(bench, "_CUDA_MAX_N", 44)
+    monkeypatch.setattr(triton_lse, "_plans", {})
+    return bench
+
+
+def test_gpu_bench_main_runs_end_to_end_on_the_cpu(cpu_bench, tmp_path, capsys):
+    rc = cpu_bench.main(["--out", str(tmp_path), "--impls", "fastnce-triton,fastnce-cuda,eager,inf-cl",
+                         "--check-size", "40", "--gemm-size", "64", "--budget", "0.01",
+                         "--infcl-wheel", str(tmp_path / "no-such.whl")])
+    assert rc == 0
+    jsons = sorted(tmp_path.glob("gpu-cpu-smoke-test-*.json"))
+    meta_file = next(p for p in jsons if p.name.endswith("-meta.json"))
+    checks_file = next(p for p in jsons if p.name.endswith("-checks.json"))
+    (records_file,) = [p for p in jsons if p not in (meta_file, checks_file)]
+    records = json.loads(records_file.read_text())
+    measured = {(r["case"], r["impl"]) for r in records}
+    assert measured == {(c, i) for c in ("simclr-16k", "clip-32k", "clip-1m") for i in ("fastnce-triton", "eager")}
+    for r in records:
+        assert set(r) == {"case", "impl", "dtype", "ms", "peak_mib", "card"} and r["ms"] > 0
+        assert r["card"] == "cpu-smoke-test" and r["dtype"] == "bf16"
+
+    meta = json.loads(meta_file.read_text())
+    assert meta["device"] == "CPU (smoke test)" and "bf16_matmul_64_tflops" in meta
+    notes = {(n["case"], n["impl"]): n["note"] for n in meta["not_measured"]}
+    assert notes[("clip-32k", "fastnce-cuda")].startswith("unavailable: ")
+    assert notes[("simclr-16k", "inf-cl")] == "skipped: Inf-CL cannot mask the diagonal"
+    assert notes[("clip-32k", "inf-cl")].startswith("skipped: inf_cl not importable")
+    # the clip cases asked for the non-symmetric backward plan; on the CPU it is not timed
+    assert meta["triton_backward_plans"] == {}
+
+    checks = json.loads(checks_file.read_text())
+    labels = {(c["backend"], c["dtype"], c["symmetric"]) for c in checks}
+    for dt in ("bfloat16", "float16", "float32"):
+        assert {("triton/atomic", dt, False), ("triton/two-pass", dt, False), ("triton", dt, True)} <= labels
+    assert all(c["ok"] for c in checks), [c for c in checks if not c["ok"]]
+
+    out = capsys.readouterr().out
+    assert "correctness: " in out and "wrote " in out and "fastnce-triton" in out
+
+
+def test_gpu_bench_skips_the_cuda_backend_past_its_size(cpu_bench, tmp_path, monkeypatch):
+    """The clip-1m branch that keeps fastnce-cuda out, with the backend reported available."""
+    import fastnce.ops
+    monkeypatch.setattr(fastnce.ops, "unavailable_reason", lambda *a: None)
+    notes = []
+    out = cpu_bench.bench_case("clip-1m", ["fastnce-cuda"], 0.01, "cpu", None, notes)
+    assert out == [] and notes[0]["note"].startswith("skipped: the cuda backend is timed up to N = 44")
