@@ -521,6 +521,19 @@ def test_backward_wide_lse_spread_keeps_own_exponentials(symmetric):
           scale=40.0)
 
 
+@pytest.mark.parametrize("D", [24, 32, 40], ids=["one-k", "one-k-full", "k-loop"])
+@pytest.mark.parametrize("dqc", [16, 32], ids=["dq-chunks", "dq-whole"])
+def test_single_k_step_and_dq_chunks(D, dqc, monkeypatch):
+    """D ≤ BK (32 under the interpreter) takes the one-K-step kernels (held operand, the tile
+    rows reused for the second product); the atomic kernel's dq in chunks of DQC or whole."""
+    default = triton_lse._default_meta
+    monkeypatch.setattr(triton_lse, "_default_meta",
+                        lambda kind, d: dict(default(kind, d), **({"DQC": dqc} if kind == "atomic" else {})))
+    monkeypatch.setenv("FASTNCE_TRITON_BACKWARD", "atomic")
+    check(37, 29, D, torch.float32, False, True, EX3, True)
+    check(37, 37, D, torch.float16, True, False, DIFF_EX, True)
+
+
 def test_deterministic_mode_is_bit_for_bit(monkeypatch, spy):
     spy("_grad_atomic")
     q, k, s, b, kw = make_inputs(130, 47, 33, torch.float16, False, True, DIFF)

@@ -65,7 +65,9 @@ def signature(fn, consts, dtype):
     return sig
 
 
-def compile_one(target, fn, consts, dtype, num_warps, num_stages):
+def compile_one(target, fn, consts, dtype, num_warps, num_stages, D=512):
+    if "ONE_K" in fn.arg_names:  # as the launch's heuristic sets it
+        consts = dict(consts, ONE_K=D <= consts["BK"])
     sig = signature(fn, consts, dtype)
     # every pointer and integer argument "divisible by 16", as the JIT marks them at these shapes
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names) if sig[n] != "constexpr"}
@@ -120,7 +122,7 @@ def autotune_candidates(sm: int) -> None:
                T._bwd_kernel: T._cfgs(False), T._bwd_atomic_kernel: T._ATOMIC_CFGS}
     for label, fn, D, flags in BENCH_VARIANTS:
         for c in T._prune(configs[fn], {"D": D}):
-            r = resources(compile_one(target, fn, dict(flags, **c.kwargs), "bf16", c.num_warps, c.num_stages), sm)
+            r = resources(compile_one(target, fn, dict(flags, **c.kwargs), "bf16", c.num_warps, c.num_stages, D), sm)
             meta = " ".join(f"{k}={v}" for k, v in c.kwargs.items())
             print(f"config {label:<17} | {meta:<28} warps={c.num_warps:<2} stages={c.num_stages} | "
                   f"regs={r['regs']:<3} spill={r['spill']:<4} smem={r['smem_kib']}KiB", flush=True)

@@ -37,6 +37,13 @@ Launcher contract: fastnce/ops/function.py. The kernels:
   deterministic. TODO(perf): visiting only tiles I ≤ J (the mirror trick of DESIGN §5)
   would halve the forward and the recompute again but needs cross-program reductions.
 
+* Pipelining: each kernel walks tiles of S in a loop. Where D fits in one BK chunk (ONE_K,
+  a heuristic on the config's BK; the BK = 128 and 512 candidates at D = 128, 512), the
+  loop-invariant operand (the program's own rows) is loaded once and the loop body is one
+  load and one product with no inner loop over D, so Triton software-pipelines it
+  (num_stages: the next tile's load overlaps this tile's work), as it does only for innermost
+  loops; the same tile rows then also feed the second product. With BK < D each tile loops
+  over D and pays its load latency (seen in the TTGIR: the outer loop is not pipelined).
 * Exponentials: G has two terms (row and column LSE; or G and its mirror for NT-Xent) and
   both come from ONE exponential per entry when the tile's LSEs lie within ONE_EXP_SPREAD
   (40) of each other: a·e^(S − l) = e^(S − hi)·(a·e^(hi − l)) with hi the tile's largest LSE
@@ -133,10 +140,15 @@ if triton is not None:
 
     def _cfgs(fwd: bool):
         out = []
+        # BK ≥ D (one K step, ONE_K): the tile loop is innermost and software-pipelined; the
+        # BK = 128 and 512 candidates are those (D = 128, 512), spill-free on sm_90 with ptxas.
         if fwd:
             for bm, bn, bk, w, s in [(128, 128, 64, 8, 3), (128, 64, 64, 4, 3), (128, 128, 128, 8, 2),
                                      (64, 128, 64, 4, 3), (128, 64, 128, 4, 2), (64, 64, 64, 4, 4),
-                                     (64, 64, 32, 4, 4)]:
+                                     (64, 64, 32, 4, 4),
+                                     (128, 64, 128, 4, 3), (128, 64, 128, 8, 3), (128, 128, 128, 8, 3),
+                                     (64, 128, 128, 4, 3), (64, 64, 512, 8, 2), (64, 64, 512, 4, 2),
+                                     (64, 32, 512, 4, 3)]:
                 out.append(triton.Config({"BM": bm, "BN": bn, "BK": bk}, num_warps=w, num_stages=s))
         else:
             # BDV = D keeps one S recompute per program; D = 512 needs BM = 32..64 for the
@@ -147,7 +159,11 @@ if triton is not None:
                                           (64, 128, 64, 128, 8, 2), (64, 64, 64, 64, 4, 2),
                                           (64, 32, 64, 64, 4, 3), (128, 64, 64, 64, 8, 2),
                                           (64, 64, 64, 256, 8, 2), (32, 64, 64, 512, 8, 2),
-                                          (64, 32, 64, 512, 8, 2), (64, 64, 64, 512, 16, 2)]:
+                                          (64, 32, 64, 512, 8, 2), (64, 64, 64, 512, 16, 2),
+                                          (64, 64, 128, 128, 8, 2), (64, 64, 128, 128, 8, 3),
+                                          (128, 64, 128, 128, 8, 2), (64, 128, 128, 128, 8, 2),
+                                          (64, 32, 128, 128, 4, 3), (32, 64, 512, 512, 8, 2),
+                                          (64, 32, 512, 512, 8, 2)]:
                 out.append(triton.Config({"BM": bm, "BN": bn, "BK": bk, "BDV": bdv}, num_warps=w, num_stages=s))
         return out
 
@@ -184,6 +200,26 @@ if triton is not None:
         return b_s
 
     @triton.jit
+    def _rows_tile(p, o_r, m_r, D, BK: tl.constexpr, DOT_F32: tl.constexpr):
+        """p[o_r, :D] as one (len(o_r), BK) tile, zero past D (BK ≥ D), fp32 when DOT_F32."""
+        o_d = tl.arange(0, BK)
+        b = tl.load(p + o_r[:, None] * D + o_d[None, :], mask=m_r[:, None] & (o_d < D)[None, :], other=0.0)
+        if DOT_F32:
+            b = b.to(tl.float32)
+        return b
+
+    @triton.jit
+    def _held(p, o_r, m_r, D, BK: tl.constexpr, DOT_F32: tl.constexpr, ONE_K: tl.constexpr):
+        """The loop-invariant operand of the S tiles, loaded once when ONE_K (D ≤ BK): then the
+        loop over the other operand's tiles holds no inner loop over D, and Triton software-
+        pipelines it (prefetching the next tile while this one computes), which it does only
+        for innermost loops. Without ONE_K a placeholder (the tiles loop over D, _s_tile)."""
+        b = 0.0
+        if ONE_K:
+            b = _rows_tile(p, o_r, m_r, D, BK, DOT_F32)
+        return b
+
+    @triton.jit
     def _labels(p_l, o, m, MASK_MODE: tl.constexpr):
         """int64 labels at o when a label mask is on; zeros (unused) otherwise."""
         b = tl.zeros_like(o)
@@ -218,7 +254,7 @@ if triton is not None:
                     HAS_BIAS: tl.constexpr, BIAS_ON_ROW: tl.constexpr,
                     EXCLUDE: tl.constexpr, MASK_MODE: tl.constexpr,
                     DOT_F32: tl.constexpr, PREC: tl.constexpr,
-                    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+                    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, ONE_K: tl.constexpr):
         """lse[i] = log Σ_j exp(scale·x[i]·y[j] + bias), masked; x (M, D), y (N, D), lse (M,) fp32.
 
         bias is indexed by the column j, or by the row i when BIAS_ON_ROW (the transposed
@@ -232,10 +268,15 @@ if triton is not None:
         b_brow = _line(p_bias, o_i, m_i, HAS_BIAS and BIAS_ON_ROW)
         b_m = tl.full([BM], float("-inf"), dtype=tl.float32)
         b_l = tl.zeros([BM], dtype=tl.float32)
+        b_xi = _held(p_x, o_i, m_i, D, BK, DOT_F32, ONE_K)
         for j0 in range(0, N, BN):
             o_j = (j0 + tl.arange(0, BN)).to(tl.int64)
             m_j = o_j < N
-            b_s = _s_tile(p_x, p_y, o_i, o_j, m_i, m_j, D, BM, BN, BK, DOT_F32, PREC) * b_scale
+            if ONE_K:
+                b_s = tl.dot(b_xi, tl.trans(_rows_tile(p_y, o_j, m_j, D, BK, DOT_F32)), input_precision=PREC)
+            else:
+                b_s = _s_tile(p_x, p_y, o_i, o_j, m_i, m_j, D, BM, BN, BK, DOT_F32, PREC)
+            b_s = b_s * b_scale
             if HAS_BIAS:
                 if BIAS_ON_ROW:
                     b_s += b_brow[:, None]
@@ -362,7 +403,8 @@ if triton is not None:
                     HAS_G: tl.constexpr, HAS_H: tl.constexpr, SYM: tl.constexpr,
                     WRITE_DB: tl.constexpr, G_NORM: tl.constexpr, SPREAD: tl.constexpr,
                     DOT_F32: tl.constexpr, PREC: tl.constexpr,
-                    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BDV: tl.constexpr):
+                    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BDV: tl.constexpr,
+                    ONE_K: tl.constexpr):
         """dx = G @ y (M, D) fp32, and db[i] = Σ_j G[i, j] when WRITE_DB (only the d-block 0 writes).
 
         x (M, D), y (N, D); g, r per row (grad and lse of the row LSE), h, c per column.
@@ -386,10 +428,16 @@ if triton is not None:
         b_hi, b_ci = _terms(p_h, p_c, o_i, m_i, SYM and HAS_H)
         b_acc = tl.zeros([BM, BDV], dtype=tl.float32)
         b_db = tl.zeros([BM], dtype=tl.float32)
+        b_xi = _held(p_x, o_i, m_i, D, BK, DOT_F32, ONE_K)
         for j0 in range(0, N, BN):
             o_j = (j0 + tl.arange(0, BN)).to(tl.int64)
             m_j = o_j < N
-            b_raw = _s_tile(p_x, p_y, o_i, o_j, m_i, m_j, D, BM, BN, BK, DOT_F32, PREC) * b_scale
+            if ONE_K:
+                b_yt = _rows_tile(p_y, o_j, m_j, D, BK, DOT_F32)
+                b_raw = tl.dot(b_xi, tl.trans(b_yt), input_precision=PREC)
+            else:
+                b_raw = _s_tile(p_x, p_y, o_i, o_j, m_i, m_j, D, BM, BN, BK, DOT_F32, PREC)
+            b_raw = b_raw * b_scale
             b_bj = _line(p_bias, o_j, m_j, HAS_BIAS)
             b_yj = _labels(p_ly, o_j, m_j, MASK_MODE)
             b_hj, b_cj = _terms(p_h, p_c, o_j, m_j, HAS_H)
@@ -420,7 +468,10 @@ if triton is not None:
                 b_G = _g_tile(b_s, b_v, b_gi, b_ri, b_hj, b_cj, HAS_G, HAS_H, SPREAD)
                 if WRITE_DB:
                     b_db += tl.sum(b_G, 1)
-            b_yv = tl.load(p_y + o_j[:, None] * D + o_v[None, :], mask=m_j[:, None] & m_v[None, :], other=0.0)
+            if ONE_K and BDV == BK:  # one feature block, the whole tile: the rows of y just loaded
+                b_yv = b_yt
+            else:
+                b_yv = tl.load(p_y + o_j[:, None] * D + o_v[None, :], mask=m_j[:, None] & m_v[None, :], other=0.0)
             if DOT_F32:
                 b_acc += tl.dot(b_G, b_yv.to(tl.float32), input_precision=PREC)
             else:
@@ -441,7 +492,7 @@ if triton is not None:
                           M, N, D, offset, P, KEY_M, KEY_N,
                           HAS_BIAS: tl.constexpr, EXCLUDE: tl.constexpr, MASK_MODE: tl.constexpr,
                           DOT_F32: tl.constexpr, PREC: tl.constexpr,
-                          BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+                          BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, ONE_K: tl.constexpr):
         """Row lse (M,) and this panel's column partials, from one pass over S; grid (P,).
 
         Program p owns the row blocks p, p + P, p + 2P, … and keeps, in row p of pm, pl (P, N)
@@ -473,10 +524,15 @@ if triton is not None:
             # the panel's first row block starts the column partials afresh (no memset needed,
             # and autotuning may rerun the kernel on the same buffers)
             b_seen = (tl.zeros([BN], dtype=tl.int32) + i_m) != i_p  # (BN,): a mask must be a tensor
+            b_xi = _held(p_x, o_i, m_i, D, BK, DOT_F32, ONE_K)
             for j0 in range(0, N, BN):
                 o_j = (j0 + tl.arange(0, BN)).to(tl.int64)
                 m_j = o_j < N
-                b_s = _s_tile(p_x, p_y, o_i, o_j, m_i, m_j, D, BM, BN, BK, DOT_F32, PREC) * b_scale
+                if ONE_K:
+                    b_s = tl.dot(b_xi, tl.trans(_rows_tile(p_y, o_j, m_j, D, BK, DOT_F32)), input_precision=PREC)
+                else:
+                    b_s = _s_tile(p_x, p_y, o_i, o_j, m_i, m_j, D, BM, BN, BK, DOT_F32, PREC)
+                b_s = b_s * b_scale
                 if HAS_BIAS:
                     b_s += tl.load(p_bias + o_j, mask=m_j, other=0.0)[None, :]
                 b_yj = _labels(p_ly, o_j, m_j, MASK_MODE)
@@ -526,7 +582,7 @@ if triton is not None:
                            WRITE_DB: tl.constexpr, G_NORM: tl.constexpr, SPREAD: tl.constexpr,
                            DOT_F32: tl.constexpr, PREC: tl.constexpr,
                            BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BDV: tl.constexpr,
-                           DQC: tl.constexpr):
+                           DQC: tl.constexpr, ONE_K: tl.constexpr):
         """dq and dk from one recompute of S (FlashAttention-2 style); grid (⌈N/BN⌉, ⌈D/BDV⌉).
 
         Program (J, d) owns the key block J (BN keys) × features d (BDV) and walks all query
@@ -551,10 +607,16 @@ if triton is not None:
         b_hj, b_cj = _terms(p_h, p_c, o_j, m_j, HAS_H)
         b_acc = tl.zeros([BN, BDV], dtype=tl.float32)
         b_db = tl.zeros([BN], dtype=tl.float32)
+        b_kj = _held(p_k, o_j, m_j, D, BK, DOT_F32, ONE_K)
         for i0 in range(0, M, BM):
             o_i = (i0 + tl.arange(0, BM)).to(tl.int64)
             m_i = o_i < M
-            b_s = _s_tile(p_q, p_k, o_i, o_j, m_i, m_j, D, BM, BN, BK, DOT_F32, PREC) * b_scale
+            if ONE_K:
+                b_qi = _rows_tile(p_q, o_i, m_i, D, BK, DOT_F32)
+                b_s = tl.dot(b_qi, tl.trans(b_kj), input_precision=PREC)
+            else:
+                b_s = _s_tile(p_q, p_k, o_i, o_j, m_i, m_j, D, BM, BN, BK, DOT_F32, PREC)
+            b_s = b_s * b_scale
             if HAS_BIAS:
                 b_s += b_bj[None, :]
             b_yi = _labels(p_lq, o_i, m_i, MASK_MODE)
@@ -563,7 +625,10 @@ if triton is not None:
             b_G = _g_tile(b_s, b_v, b_gi, b_ri, b_hj, b_cj, HAS_G, HAS_H, SPREAD)
             if WRITE_DB:
                 b_db += tl.sum(b_G, 0)
-            b_qv = tl.load(p_q + o_i[:, None] * D + o_v[None, :], mask=m_i[:, None] & m_v[None, :], other=0.0)
+            if ONE_K and BDV == BK:  # one feature block, the whole tile: the rows of q just loaded
+                b_qv = b_qi
+            else:
+                b_qv = tl.load(p_q + o_i[:, None] * D + o_v[None, :], mask=m_i[:, None] & m_v[None, :], other=0.0)
             if DOT_F32:
                 b_Gc = b_G
                 b_acc += tl.dot(tl.trans(b_Gc), b_qv.to(tl.float32), input_precision=PREC)
@@ -577,9 +642,13 @@ if triton is not None:
             for c0 in tl.static_range(0, BDV, DQC):
                 o_c = i_d * BDV + c0 + tl.arange(0, DQC)
                 m_c = o_c < D
-                b_kc = tl.load(p_k + o_j[:, None] * D + o_c[None, :], mask=m_j[:, None] & m_c[None, :], other=0.0)
-                if DOT_F32:
-                    b_kc = b_kc.to(tl.float32)
+                if ONE_K and DQC == BK:  # one chunk spanning the held rows of k
+                    b_kc = b_kj
+                else:
+                    b_kc = tl.load(p_k + o_j[:, None] * D + o_c[None, :], mask=m_j[:, None] & m_c[None, :],
+                                   other=0.0)
+                    if DOT_F32:
+                        b_kc = b_kc.to(tl.float32)
                 b_dq = tl.dot(b_Gc, b_kc, input_precision=PREC)
                 if G_NORM:
                     b_dq = b_dq / b_ginv
@@ -603,20 +672,25 @@ if triton is not None:
                                                   (64, 128, 64, 128, 8, 2), (64, 64, 64, 64, 4, 2),
                                                   (64, 64, 64, 256, 8, 2), (32, 64, 64, 256, 8, 2),
                                                   (32, 64, 64, 512, 8, 2), (32, 32, 64, 512, 8, 2),
-                                                  (32, 64, 64, 512, 16, 2), (64, 64, 64, 512, 16, 2)]]
+                                                  (32, 64, 64, 512, 16, 2), (64, 64, 64, 512, 16, 2),
+                                                  (64, 64, 128, 128, 8, 2), (32, 32, 512, 512, 8, 2),
+                                                  (32, 64, 512, 512, 8, 2)]]
     _KEY = ["KEY_M", "KEY_N", "D", "HAS_BIAS", "MASK_MODE", "EXCLUDE"]
+    # ONE_K (D fits in one BK chunk) follows from the launch's D and the config's BK
+    _one_k = triton.heuristics({"ONE_K": lambda args: args["D"] <= args["BK"]})
+    _fwd, _panel, _bwd, _atomic = (_one_k(k) for k in (_fwd_kernel, _fwd_panel_kernel, _bwd_kernel, _bwd_atomic_kernel))
     _KERNELS = {  # kind -> (kernel, autotuned kernel)
-        "fwd": (_fwd_kernel, triton.autotune(
-            configs=_cfgs(True), key=_KEY, prune_configs_by={"early_config_prune": _prune})(_fwd_kernel)),
-        "panel": (_fwd_panel_kernel, triton.autotune(
-            configs=_cfgs(True), key=_KEY, prune_configs_by={"early_config_prune": _prune})(_fwd_panel_kernel)),
-        "bwd": (_bwd_kernel, triton.autotune(
+        "fwd": (_fwd, triton.autotune(
+            configs=_cfgs(True), key=_KEY, prune_configs_by={"early_config_prune": _prune})(_fwd)),
+        "panel": (_panel, triton.autotune(
+            configs=_cfgs(True), key=_KEY, prune_configs_by={"early_config_prune": _prune})(_panel)),
+        "bwd": (_bwd, triton.autotune(
             configs=_cfgs(False), key=_KEY + ["SYM", "HAS_G", "HAS_H"],
-            prune_configs_by={"early_config_prune": _prune})(_bwd_kernel)),
+            prune_configs_by={"early_config_prune": _prune})(_bwd)),
         # reset_to_zero: the autotuner reruns the kernel, and dq is accumulated with atomics
-        "atomic": (_bwd_atomic_kernel, triton.autotune(
+        "atomic": (_atomic, triton.autotune(
             configs=_ATOMIC_CFGS, key=_KEY + ["HAS_G", "HAS_H"], reset_to_zero=["p_dq"],
-            prune_configs_by={"early_config_prune": _prune})(_bwd_atomic_kernel)),
+            prune_configs_by={"early_config_prune": _prune})(_atomic)),
     }
 
 
@@ -632,7 +706,7 @@ def _default_meta(kind: str, D: int) -> dict:
     if _INTERPRET:
         return dict(BM=16, BN=16, BK=32, num_warps=1) if fwd else dict(BM=16, BN=16, BK=32, BDV=32, num_warps=1, **atomic)
     dpad = max(16, triton.next_power_of_2(D))
-    bk = max(32, min(dpad, 64))
+    bk = max(32, dpad) if dpad <= 128 else 64  # one K step (ONE_K) up to D = 128
     if fwd:
         return dict(BM=128, BN=64, BK=bk, num_warps=4, num_stages=3)
     bdv = max(64, dpad) if kind == "bwd" else min(max(64, dpad), 512)
