@@ -91,12 +91,14 @@ def resources(kernel, sm: int) -> dict:
 
 
 def default_configs(sm: int) -> None:
+    """The config used without autotuning, of every kernel, at D = 128 (one K step: BK = D) and
+    D = 512 (a loop over D), bf16 and fp32, and the merge: 21 kernels."""
     target = GPUTarget("cuda", sm, 32)
     flags = dict(HAS_BIAS=True, EXCLUDE=True, MASK_MODE=1, DOT_F32=False)
-    for dtype, prec in (("bf16", "ieee"), ("fp32", "tf32x3")):
+    for D, dtype, prec in ((128, "bf16", "ieee"), (512, "bf16", "ieee"), (128, "fp32", "tf32x3"), (512, "fp32", "tf32x3")):
         for kind, fn in (("fwd", T._fwd_kernel), ("panel", T._fwd_panel_kernel), ("bwd", T._bwd_kernel),
                          ("atomic", T._bwd_atomic_kernel)):
-            meta = T._default_meta(kind, 512)
+            meta = T._default_meta(kind, D)
             warps, stages = meta.pop("num_warps"), meta.pop("num_stages", 2)
             consts = dict(flags, PREC=prec, **meta)
             variants = [dict()]
@@ -109,8 +111,8 @@ def default_configs(sm: int) -> None:
                 variants = [dict(SYM=False), dict(SYM=True, HAS_H=False, MASK_MODE=2)]
             for v in variants:
                 t = time.time()
-                compile_one(target, fn, dict(consts, **v), dtype, warps, stages)
-                print(f"compiled {kind}{'' if not v else f' {v}'} {dtype} ({time.time() - t:.1f} s)", flush=True)
+                compile_one(target, fn, dict(consts, **v), dtype, warps, stages, D)
+                print(f"compiled {kind}{'' if not v else f' {v}'} {dtype} D={D} ({time.time() - t:.1f} s)", flush=True)
     compile_one(target, T._col_merge_kernel, dict(BN=128), "fp32", 4, 2)
     print("compiled merge fp32", flush=True)
 
