@@ -305,7 +305,7 @@ def test_gpu_backward_plan_is_timed_once_per_shape_class(monkeypatch, spy):
     monkeypatch.setattr(triton_lse, "_plans", {})
     spy("_grad_two_pass")
     check(2000, 1500, 96, torch.bfloat16, False, True, NONE, True)
-    (plan,) = triton_lse.backward_plans().values()
+    (plan,) = [v for k, v in triton_lse.timed_plans().items() if k[0] == "backward"]
     assert plan in ("atomic", "two-pass")
     timed_calls = spy.calls["_grad_two_pass"]
     assert timed_calls >= 2  # autotune call + do_bench repetitions (+ the real one if it won)
@@ -504,20 +504,29 @@ ONE_EXP_CASES = [(70, 70, 24, True, EX0), (70, 70, 24, True, DIFF_EX), (70, 53, 
 @pytest.mark.parametrize("col", [True, False], ids=["row+col", "row"])
 @pytest.mark.parametrize("case", ONE_EXP_CASES, ids=["self-ex0", "self-diff-ex1", "qk", "qk-same"])
 def test_backward_terms_with_shared_or_own_exponentials(case, col, spread, monkeypatch):
-    """The backward's G from one exponential per entry (tile LSEs within ONE_EXP_SPREAD), and
-    with that switched off (-1: every tile takes one exponential per term), both vs float64."""
+    """The backward's G from one exponential per entry (tile LSEs within ONE_EXP_SPREAD; float16
+    inputs), and with that switched off (-1: one exponential per term), both vs float64."""
     monkeypatch.setattr(triton_lse, "ONE_EXP_SPREAD", spread)
+    assert triton_lse._spread(torch.float16) == spread
     M, N, D, symmetric, mask = case
     for plan in ("atomic", "two-pass"):
         monkeypatch.setenv("FASTNCE_TRITON_BACKWARD", plan)
-        check(M, N, D, torch.float32, symmetric, False, mask, col)
+        check(M, N, D, torch.float16, symmetric, False, mask, col)
+
+
+def test_full_fp32_products_never_share_an_exponential():
+    """A shared exponential's rounding grows with the spread (up to 40·2⁻²⁴ in G): fine beside
+    16-bit or tf32 products, not beside fp32 ones (it showed in the scale gradient)."""
+    assert triton_lse._spread(torch.float32) == -1.0
+    assert triton_lse._spread(torch.bfloat16) == triton_lse._spread(torch.float16) == triton_lse.ONE_EXP_SPREAD
+    check(48, 48, 24, torch.float32, True, False, SAME, True)  # failed its dscale bound when shared
 
 
 @pytest.mark.parametrize("symmetric", [True, False], ids=["self", "qk"])
 def test_backward_wide_lse_spread_keeps_own_exponentials(symmetric):
     """Scale 40 on unnormalised features: a tile's LSEs lie hundreds apart, past ONE_EXP_SPREAD,
     where one shared exponential would underflow and lose whole rows."""
-    check(70, 70 if symmetric else 53, 24, torch.float32, symmetric, False, EX0 if symmetric else NONE, True,
+    check(70, 70 if symmetric else 53, 24, torch.float16, symmetric, False, EX0 if symmetric else NONE, True,
           scale=40.0)
 
 
@@ -532,6 +541,50 @@ def test_single_k_step_and_dq_chunks(D, dqc, monkeypatch):
     monkeypatch.setenv("FASTNCE_TRITON_BACKWARD", "atomic")
     check(37, 29, D, torch.float32, False, True, EX3, True)
     check(37, 37, D, torch.float16, True, False, DIFF_EX, True)
+
+
+# ---------------------------------------------------------------------------- symmetric forward: all tiles or half
+HALF_MASKS = [NONE, EX0, SAME, DIFF, dict(label_mask="different", exclude_self=True)]
+
+
+@pytest.mark.parametrize("plan", ["half", "rows"])
+@pytest.mark.parametrize("M,D", [(1, 8), (16, 16), (17, 33), (48, 24), (63, 40), (100, 16)],
+                         ids=lambda v: str(v))
+@pytest.mark.parametrize("i,mask", list(enumerate(HALF_MASKS)), ids=[mask_id(m) for m in HALF_MASKS])
+def test_symmetric_forward_plans(i, mask, M, D, plan, monkeypatch, spy):
+    """Row LSE (and col = row) of a symmetric S from every tile, or from the tiles on and above
+    the diagonal (odd and even block counts, a program owning several block pairs), vs float64."""
+    monkeypatch.setenv("FASTNCE_TRITON_SYM_FORWARD", plan)
+    spy("_lse_half")
+    dtype = torch.float16 if (i + M) % 3 == 0 else torch.float32
+    check(M, M, D, dtype, True, False, mask, i % 2 == 0)
+    assert spy.calls["_lse_half"] == (plan == "half")
+
+
+@pytest.mark.parametrize("panels", [1, 2, 5])
+def test_half_forward_any_program_count_and_wide_spread(panels, monkeypatch):
+    """Any number of programs gives the same LSEs; scale 40 on unnormalised features puts a
+    tile's line maxima far apart, where the shared exponential must not be used."""
+    monkeypatch.setattr(triton_lse, "_half_panels", lambda M, device: panels)
+    for dtype in (torch.float32, torch.float16):  # one exponential per sum, or shared where allowed
+        check(70, 70, 24, dtype, True, False, EX0, True)
+        check(70, 70, 24, dtype, True, False, EX0, True, scale=40.0)
+
+
+def test_half_forward_nan_and_fully_masked_rows(monkeypatch):
+    monkeypatch.setenv("FASTNCE_TRITON_SYM_FORWARD", "half")
+    q = torch.randn(40, 8, generator=torch.Generator().manual_seed(0))
+    labels = torch.arange(40) % 7
+    labels[5] = 99  # alone in its class: with label_mask="same" and exclude_self, fully masked
+    row, _ = ops.similarity_lse(q, None, 1.0, labels=labels, label_mask="same", exclude_self=True,
+                                backend="triton")
+    ref, _ = ops.similarity_lse(q.double(), None, 1.0, labels=labels, label_mask="same", exclude_self=True,
+                                backend="reference")
+    assert row[5] == float("-inf") and torch.isfinite(row[torch.arange(40) != 5]).all()
+    torch.testing.assert_close(row.double(), ref, rtol=1e-5, atol=1e-5)
+    q[17, 3] = float("nan")
+    row, _ = ops.similarity_lse(q, None, 1.0, backend="triton")
+    assert torch.isnan(row).all()
 
 
 def test_deterministic_mode_is_bit_for_bit(monkeypatch, spy):

@@ -34,12 +34,13 @@ INPUTS = {"p_x", "p_y", "p_q", "p_k"}
 LABELS = {"p_lx", "p_ly", "p_lq", "p_lk"}
 
 # The kernel variants of the GPU benchmark (fastnce/bench/gpu.py), bf16: NT-Xent at D = 128
-# (row LSE, symmetric backward), CLIP at D = 512 (one-pass row+col forward, then either the
+# (row LSE from every tile or half of them, symmetric backward), CLIP at D = 512 (one-pass row+col forward, then either the
 # one-recompute atomic backward or the two-pass deterministic one).
 _NO_MASK = dict(HAS_BIAS=False, MASK_MODE=0, DOT_F32=False, PREC="ieee")
 _BWD = dict(HAS_G=True, WRITE_DB=False, G_NORM=False, SPREAD=T.ONE_EXP_SPREAD)
 BENCH_VARIANTS = [
     ("simclr fwd", T._fwd_kernel, 128, dict(_NO_MASK, BIAS_ON_ROW=False, EXCLUDE=True)),
+    ("simclr fwd half", T._fwd_half_kernel, 128, dict(_NO_MASK, EXCLUDE=True, SPREAD=T.ONE_EXP_SPREAD)),
     ("simclr bwd sym", T._bwd_kernel, 128,
      dict(_NO_MASK, **_BWD, BIAS_ON_ROW=False, EXCLUDE=True, HAS_H=False, SYM=True)),
     ("clip panel", T._fwd_panel_kernel, 512, dict(_NO_MASK, EXCLUDE=False)),
@@ -66,6 +67,7 @@ def signature(fn, consts, dtype):
 
 
 def compile_one(target, fn, consts, dtype, num_warps, num_stages, D=512):
+    consts = {k: v for k, v in consts.items() if k in fn.arg_names}  # the flags this kernel has
     if "ONE_K" in fn.arg_names:  # as the launch's heuristic sets it
         consts = dict(consts, ONE_K=D <= consts["BK"])
     sig = signature(fn, consts, dtype)
@@ -92,20 +94,21 @@ def resources(kernel, sm: int) -> dict:
 
 def default_configs(sm: int) -> None:
     """The config used without autotuning, of every kernel, at D = 128 (one K step: BK = D) and
-    D = 512 (a loop over D), bf16 and fp32, and the merge: 21 kernels."""
+    D = 512 (a loop over D), bf16 and fp32, and the merge: 25 kernels."""
     target = GPUTarget("cuda", sm, 32)
     flags = dict(HAS_BIAS=True, EXCLUDE=True, MASK_MODE=1, DOT_F32=False)
     for D, dtype, prec in ((128, "bf16", "ieee"), (512, "bf16", "ieee"), (128, "fp32", "tf32x3"), (512, "fp32", "tf32x3")):
-        for kind, fn in (("fwd", T._fwd_kernel), ("panel", T._fwd_panel_kernel), ("bwd", T._bwd_kernel),
-                         ("atomic", T._bwd_atomic_kernel)):
+        for kind, fn in (("fwd", T._fwd_kernel), ("panel", T._fwd_panel_kernel), ("half", T._fwd_half_kernel),
+                         ("bwd", T._bwd_kernel), ("atomic", T._bwd_atomic_kernel)):
             meta = T._default_meta(kind, D)
             warps, stages = meta.pop("num_warps"), meta.pop("num_stages", 2)
             consts = dict(flags, PREC=prec, **meta)
             variants = [dict()]
             if kind == "fwd":
                 consts["BIAS_ON_ROW"] = False
+            consts["SPREAD"] = T.ONE_EXP_SPREAD
             if kind in ("bwd", "atomic"):
-                consts.update(HAS_G=True, HAS_H=True, WRITE_DB=True, G_NORM=dtype == "fp16", SPREAD=T.ONE_EXP_SPREAD)
+                consts.update(HAS_G=True, HAS_H=True, WRITE_DB=True, G_NORM=dtype == "fp16")
             if kind == "bwd":
                 consts["BIAS_ON_ROW"] = False
                 variants = [dict(SYM=False), dict(SYM=True, HAS_H=False, MASK_MODE=2)]
@@ -120,7 +123,7 @@ def default_configs(sm: int) -> None:
 def autotune_candidates(sm: int) -> None:
     """One line per (benchmark variant, autotune candidate): 'config <variant> | <meta> | regs spill smem'."""
     target = GPUTarget("cuda", sm, 32)
-    configs = {T._fwd_kernel: T._cfgs(True), T._fwd_panel_kernel: T._cfgs(True),
+    configs = {T._fwd_kernel: T._cfgs(True), T._fwd_panel_kernel: T._cfgs(True), T._fwd_half_kernel: T._HALF_CFGS,
                T._bwd_kernel: T._cfgs(False), T._bwd_atomic_kernel: T._ATOMIC_CFGS}
     for label, fn, D, flags in BENCH_VARIANTS:
         for c in T._prune(configs[fn], {"D": D}):

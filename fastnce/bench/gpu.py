@@ -464,10 +464,10 @@ def main(argv=None) -> int:
         records.extend(bench_case(case, args.impls, args.budget, card, infcl_why, notes))
         write_records(records, args.out, card, date)  # keep what we have if a later case dies
         write_records(meta, args.out, card, date, suffix="-meta")
-    # which non-symmetric backward the triton backend timed faster, per shape class
-    meta["triton_backward_plans"] = {str(k): v for k, v in triton_lse.backward_plans().items()}
+    # which plan (symmetric forward; non-symmetric backward) the triton backend timed faster
+    meta["triton_plans"] = {str(k): v for k, v in triton_lse.timed_plans().items()}
     write_records(meta, args.out, card, date, suffix="-meta")
-    print(f"triton backward plans: {meta['triton_backward_plans']}", flush=True)
+    print(f"triton plans: {meta['triton_plans']}", flush=True)
     path = write_records(records, args.out, card, date)
     print()
     print(format_table(records + notes, tflops))

@@ -30,12 +30,17 @@ Launcher contract: fastnce/ops/function.py. The kernels:
   dbias_J in registers (single writer) and adds dq_I += G @ k_J into a zeroed fp32 (M, D)
   buffer with tl.atomic_add. One recompute (3 products) when BDV = D; the order of the
   ⌈N/BN⌉ additions into each dq element varies, so dq differs run to run in the last bits.
+* `_fwd_half_kernel` + `_col_merge_kernel` (symmetric S without bias, plan "half"): the row
+  LSE from the tiles on and above the diagonal only (half the products); a tile (I, J > I)
+  feeds rows I and, as its transpose, rows J through per-program column partials, and one
+  exponential serves both where the tile allows (_span). Programs own balanced block pairs
+  (k, n − 1 − k). Timed against the all-tiles `_fwd_kernel` per shape class (_plan).
 * Symmetric (k is q, NT-Xent): S is symmetric up to the column bias, so the tile that
   yields G[I, J] also yields the mirror G[J, I]ᵀ (S[j, i] = S[i, j] − b[j] + b[i]; masks
   mirrored). One launch of `_bwd_kernel` with SYM accumulates (G[I,J] + G[J,I]ᵀ) @ q_J and,
   for dbias, the row sums of the mirror: 2 products for the whole backward instead of 4,
-  deterministic. TODO(perf): visiting only tiles I ≤ J (the mirror trick of DESIGN §5)
-  would halve the forward and the recompute again but needs cross-program reductions.
+  deterministic. Visiting only tiles I ≤ J in the backward too would halve its recompute
+  again, at the price of atomics for the J side (not done).
 
 * Pipelining: each kernel walks tiles of S in a loop. Where D fits in one BK chunk (ONE_K,
   a heuristic on the config's BK; the BK = 128 and 512 candidates at D = 128, 512), the
@@ -67,8 +72,9 @@ chunks, all spilled, 56-1496 bytes), while the two-pass kernel has two spill-fre
 candidates (tests/triton_aot.py --configs). Which plan wins is timed per shape class
 (_backward_plan).
 simclr-16k (NT-Xent, 2N = 32768, D = 128, row LSE only): 3 products (forward 1, symmetric
-backward 2), 0.82 TFLOP; exponentials 3·M·N → 2·M·N with the shared one (~0.8 → ~0.55 ms
-at ~4·10¹²/s): at D = 128 they cost as much as the products.
+backward 2), 0.82 TFLOP, or 2.5 with the half forward (0.69 TFLOP); exponentials 3·M·N →
+1.5·M·N with the shared ones and the half forward (~0.8 → ~0.4 ms at ~4·10¹²/s): at D = 128
+they cost as much as the products.
 The GPU benchmark (python -m fastnce.bench gpu) reports achieved TFLOP/s counting 4 products.
 
 Dtypes: float16, bfloat16, float32 in, fp32 accumulation and LSEs out. The second product
@@ -102,8 +108,9 @@ except ImportError as e:  # pragma: no cover - triton is a Linux dependency
     _IMPORT_ERROR = str(e)
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-# The backward's terms share one exponential per entry of S when a tile's LSEs lie within this
-# of each other (_span); tests set it to -1 to check the two-exponential path against it.
+# The backward's terms (and the half forward's row and column sums) share one exponential per
+# entry of S when a tile's LSEs lie within this of each other (_span), for 16-bit inputs or
+# tf32 (_spread); tests set it to -1 to check the one-exponential-per-term path against it.
 ONE_EXP_SPREAD = 40.0
 # tl.dot precision for float32 inputs when torch.backends.cuda.matmul.allow_tf32 is False.
 _FP32_PRECISION = os.environ.get("FASTNCE_TRITON_FP32_PRECISION", "tf32x3")
@@ -555,6 +562,90 @@ if triton is not None:
             tl.store(p_lse + o_i, b_lse, mask=m_i)
 
     @triton.jit
+    def _online(b_m, b_l, b_tmax, b_tsum, b_tshift):
+        """Merge a tile's contribution into running (max, Σ exp(x − max)) pairs: b_tmax the
+        tile's maxima, b_tsum its Σ exp(x − b_tshift), b_tshift ≥ b_tmax. A line whose tile
+        part is all −inf keeps its max, and its (zero, or NaN) sum is scaled by at most 1: a
+        shift shared by the tile may lie far above such a line's max. −inf maxima shift by 0."""
+        b_mn = tl.maximum(b_m, tl.where(b_tmax == float("-inf"), float("-inf"), b_tshift))
+        b_c = tl.where(b_mn == float("-inf"), 0.0, b_mn)
+        b_l = b_l * tl.exp(b_m - b_c) + b_tsum * tl.exp(tl.minimum(b_tshift - b_c, 0.0))
+        return b_mn, b_l
+
+    @triton.jit
+    def _fwd_half_kernel(p_x, p_scale, p_lx, p_row, p_pm, p_pl, M, D, P, KEY_M, KEY_N,
+                         EXCLUDE: tl.constexpr, MASK_MODE: tl.constexpr,
+                         DOT_F32: tl.constexpr, PREC: tl.constexpr, SPREAD: tl.constexpr,
+                         BM: tl.constexpr, BK: tl.constexpr, ONE_K: tl.constexpr):
+        """Row LSE of a symmetric S = scale·x@xᵀ (no bias; only self-pairs excluded; label
+        masks are symmetric) from the tiles on and above the diagonal: half the products.
+
+        Square tiles of BM. A tile (I, J), J > I, holds row I's entries and, transposed, row
+        J's: program p adds it to the online pairs of rows I (registers) and to its column
+        partials of J (row p of pm, pl (P, M), as _fwd_panel_kernel); the diagonal tile adds
+        to rows I only. p_row gets the row part; the caller merges the column partials
+        (_col_merge_kernel) and log-adds them. Program p owns the block pairs (k, n − 1 − k)
+        for k = p, p + P, …: n + 1 tiles a pair, balanced. One exponential per entry serves the
+        row and the column sums where the tile's line maxima lie within SPREAD of its maximum
+        (as _span argues for the backward), else one each.
+        """
+        i_p = tl.program_id(0)
+        n_b = tl.cdiv(M, BM)
+        b_scale = tl.load(p_scale)
+        p_pm_p = p_pm + i_p.to(tl.int64) * M
+        p_pl_p = p_pl + i_p.to(tl.int64) * M
+        for j0 in range(0, M, BM):  # the program's column partials start empty
+            o_j = j0 + tl.arange(0, BM)
+            tl.store(p_pm_p + o_j, tl.full([BM], float("-inf"), dtype=tl.float32), mask=o_j < M)
+            tl.store(p_pl_p + o_j, tl.zeros([BM], dtype=tl.float32), mask=o_j < M)
+        for k in range(i_p, (n_b + 1) // 2, P):
+            n_own = 1 + (n_b - 1 - k > k).to(tl.int32)  # the middle block of an odd count once
+            for t in range(0, n_own):
+                i_b = k + t * (n_b - 1 - 2 * k)
+                tl.debug_barrier()  # column partials stored by other threads of this program
+                o_i = (i_b * BM + tl.arange(0, BM)).to(tl.int64)
+                m_i = o_i < M
+                b_yi = _labels(p_lx, o_i, m_i, MASK_MODE)
+                b_m = tl.full([BM], float("-inf"), dtype=tl.float32)
+                b_l = tl.zeros([BM], dtype=tl.float32)
+                b_xi = _held(p_x, o_i, m_i, D, BK, DOT_F32, ONE_K)
+                for j_b in range(i_b, n_b):
+                    o_j = (j_b * BM + tl.arange(0, BM)).to(tl.int64)
+                    m_j = o_j < M
+                    if ONE_K:
+                        b_s = tl.dot(b_xi, tl.trans(_rows_tile(p_x, o_j, m_j, D, BK, DOT_F32)), input_precision=PREC)
+                    else:
+                        b_s = _s_tile(p_x, p_x, o_i, o_j, m_i, m_j, D, BM, BM, BK, DOT_F32, PREC)
+                    b_s = b_s * b_scale
+                    b_yj = _labels(p_lx, o_j, m_j, MASK_MODE)
+                    b_v = _keep(o_i, o_j, m_i, m_j, b_yi, b_yj, 0, EXCLUDE, MASK_MODE, False)
+                    b_s = tl.where(b_v, b_s, float("-inf"))
+                    b_rmax = tl.max(b_s, 1)
+                    if j_b == i_b:
+                        b_rs = tl.where(b_rmax == float("-inf"), 0.0, b_rmax)
+                        b_m, b_l = _online(b_m, b_l, b_rmax, tl.sum(tl.exp(b_s - b_rs[:, None]), 1), b_rs)
+                    else:
+                        b_cmax = tl.max(b_s, 0)
+                        b_top = tl.max(b_rmax, 0)
+                        b_rlow = tl.min(tl.where(b_rmax == float("-inf"), b_top, b_rmax), 0)
+                        b_clow = tl.min(tl.where(b_cmax == float("-inf"), b_top, b_cmax), 0)
+                        b_cm = tl.load(p_pm_p + o_j, mask=m_j, other=float("-inf"))
+                        b_cl = tl.load(p_pl_p + o_j, mask=m_j, other=0.0)
+                        if (b_top - b_rlow <= SPREAD) and (b_top - b_clow <= SPREAD):
+                            b_e = tl.exp(b_s - b_top)
+                            b_m, b_l = _online(b_m, b_l, b_rmax, tl.sum(b_e, 1), tl.zeros_like(b_rmax) + b_top)
+                            b_cm, b_cl = _online(b_cm, b_cl, b_cmax, tl.sum(b_e, 0), tl.zeros_like(b_cmax) + b_top)
+                        else:
+                            b_rs = tl.where(b_rmax == float("-inf"), 0.0, b_rmax)
+                            b_cs = tl.where(b_cmax == float("-inf"), 0.0, b_cmax)
+                            b_m, b_l = _online(b_m, b_l, b_rmax, tl.sum(tl.exp(b_s - b_rs[:, None]), 1), b_rs)
+                            b_cm, b_cl = _online(b_cm, b_cl, b_cmax, tl.sum(tl.exp(b_s - b_cs[None, :]), 0), b_cs)
+                        tl.store(p_pm_p + o_j, b_cm, mask=m_j)
+                        tl.store(p_pl_p + o_j, b_cl, mask=m_j)
+                b_lse = tl.where(b_l == 0.0, float("-inf"), b_m + tl.log(tl.where(b_l == 0.0, 1.0, b_l)))
+                tl.store(p_row + o_i, b_lse, mask=m_i)
+
+    @triton.jit
     def _col_merge_kernel(p_pm, p_pl, p_lse, P, N, BN: tl.constexpr):
         """col_lse[j] = log Σ_p pl[p, j]·exp(pm[p, j]) (N,) fp32, stably; pm, pl (P, N); grid ⌈N/BN⌉."""
         o_j = (tl.program_id(0) * BN + tl.arange(0, BN)).to(tl.int64)
@@ -678,12 +769,21 @@ if triton is not None:
     _KEY = ["KEY_M", "KEY_N", "D", "HAS_BIAS", "MASK_MODE", "EXCLUDE"]
     # ONE_K (D fits in one BK chunk) follows from the launch's D and the config's BK
     _one_k = triton.heuristics({"ONE_K": lambda args: args["D"] <= args["BK"]})
-    _fwd, _panel, _bwd, _atomic = (_one_k(k) for k in (_fwd_kernel, _fwd_panel_kernel, _bwd_kernel, _bwd_atomic_kernel))
+    _fwd, _panel, _half, _bwd, _atomic = (_one_k(k) for k in (_fwd_kernel, _fwd_panel_kernel, _fwd_half_kernel,
+                                                               _bwd_kernel, _bwd_atomic_kernel))
+    # square tiles (BM = BN) for the half forward
+    _HALF_CFGS = [triton.Config({"BM": bm, "BK": bk}, num_warps=w, num_stages=s)
+                  for bm, bk, w, s in [(64, 128, 4, 3), (64, 128, 8, 3), (128, 128, 8, 3), (128, 128, 8, 2),
+                                       (64, 64, 4, 3), (128, 64, 8, 3), (64, 32, 4, 4), (64, 512, 8, 2),
+                                       (64, 512, 4, 2)]]
     _KERNELS = {  # kind -> (kernel, autotuned kernel)
         "fwd": (_fwd, triton.autotune(
             configs=_cfgs(True), key=_KEY, prune_configs_by={"early_config_prune": _prune})(_fwd)),
         "panel": (_panel, triton.autotune(
             configs=_cfgs(True), key=_KEY, prune_configs_by={"early_config_prune": _prune})(_panel)),
+        "half": (_half, triton.autotune(
+            configs=_HALF_CFGS, key=["KEY_M", "D", "MASK_MODE", "EXCLUDE"],
+            prune_configs_by={"early_config_prune": _prune})(_half)),
         "bwd": (_bwd, triton.autotune(
             configs=_cfgs(False), key=_KEY + ["SYM", "HAS_G", "HAS_H"],
             prune_configs_by={"early_config_prune": _prune})(_bwd)),
@@ -703,6 +803,11 @@ def _default_meta(kind: str, D: int) -> dict:
     -column tiles, so the small test shapes cross several tiles and leave tails)."""
     fwd = kind in ("fwd", "panel")
     atomic = dict(DQC=16) if kind == "atomic" else {}  # two dq chunks per feature block under the interpreter
+    if kind == "half":  # square tiles
+        if _INTERPRET:
+            return dict(BM=16, BK=32, num_warps=1)
+        dpad = max(16, triton.next_power_of_2(D))
+        return dict(BM=64, BK=max(32, dpad) if dpad <= 128 else 64, num_warps=4, num_stages=3)
     if _INTERPRET:
         return dict(BM=16, BN=16, BK=32, num_warps=1) if fwd else dict(BM=16, BN=16, BK=32, BDV=32, num_warps=1, **atomic)
     dpad = max(16, triton.next_power_of_2(D))
@@ -744,6 +849,16 @@ def _dot_args(dtype: torch.dtype) -> tuple[bool, str]:
         # ieee fp32 tl.dot runs on the FMA units, ~10x slower, and compiles for ~20 s a config.
         return False, _FP32_PRECISION
     return False, "ieee"
+
+
+def _spread(dtype: torch.dtype) -> float:
+    """The SPREAD of the kernels: ONE_EXP_SPREAD where the products round G anyway (16-bit
+    inputs, or tf32), else -1 (never shared). A shared exponential's arguments grow with the
+    spread, and so does their rounding (up to 40·2⁻²⁴ relative in G): invisible beside bf16,
+    fp16 or tf32 products (2⁻⁸, 2⁻¹¹), not beside fp32 ones (seen in the scale gradient)."""
+    if dtype == torch.float32 and _dot_args(dtype)[1] != "tf32":
+        return -1.0
+    return ONE_EXP_SPREAD
 
 
 def _dummy(x: Tensor, dtype=torch.float32) -> Tensor:
@@ -825,14 +940,51 @@ def _lse_panel(q, k, scale, bias, lq, lk, mask_mode, offset, P) -> tuple[Tensor,
     return row, col
 
 
+def _half_panels(M: int, device: torch.device) -> int:
+    """Programs of the half forward: P = min(block pairs, 2·SMs, max(SMs, 32 MiB / 8M)), each
+    holding M column partials (8 bytes each): 132 and 33 MiB at M = 32768 on 132 SMs. Under
+    the interpreter at most 3, so a program owns several pairs."""
+    pairs = (triton.cdiv(M, _PANEL_MIN_BM) + 1) // 2
+    if _INTERPRET or device.type != "cuda":
+        return max(1, min(pairs, 3))
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    return max(1, min(pairs, 2 * sms, max(sms, (32 << 20) // (8 * M))))
+
+
+def _lse_half(q, k, scale, bias, lq, lk, mask_mode, offset, P) -> Tensor:
+    """row_lse (M,) fp32 of a symmetric S (k is q, no bias, offset None or 0) from the tiles
+    on and above the diagonal with P programs; M > 0."""
+    M, D = q.shape
+    row = torch.empty((M,), dtype=torch.float32, device=q.device)
+    col = torch.empty((M,), dtype=torch.float32, device=q.device)
+    part = torch.empty((2, P, M), dtype=torch.float32, device=q.device)  # column (max, sum-exp) per program
+    dot_f32, prec = _dot_args(q.dtype)
+    _launch(
+        "half", (P,), D, q, scale, _dummy(q, torch.int64) if lq is None else lq, row, part[0], part[1],
+        M, D, P, _key(M), _key(M), EXCLUDE=offset is not None, MASK_MODE=int(mask_mode),
+        DOT_F32=dot_f32, PREC=prec, SPREAD=_spread(q.dtype),
+    )
+    bn = 1024 if not _INTERPRET else 64
+    _col_merge_kernel[(triton.cdiv(M, bn),)](part[0], part[1], col, P, M, BN=bn)
+    return torch.logaddexp(row, col)
+
+
 def forward(q, k, scale, bias, q_labels, k_labels, mask_mode, exclude_offset, with_col, symmetric):
     """row_lse (M,) fp32 and col_lse (N,) fp32 or None; contract in fastnce/ops/function.py."""
     _check(q, k)
     scale = scale.to(torch.float32).contiguous()
     bias = None if bias is None else bias.to(torch.float32).contiguous()
     M, N = q.shape[0], k.shape[0]
-    P = _panels(M, N, q.device) if with_col and COL_LSE == "panel" and M > 0 and N > 0 else 0
     args = (q, k, scale, bias, q_labels, k_labels, mask_mode, exclude_offset)
+    if symmetric and bias is None and exclude_offset in (None, 0) and M > 0:
+        # S and its masks are symmetric: col_lse is row_lse
+        run_sym = lambda plan, a: (_lse_half(*a, _half_panels(M, q.device)) if plan == "half"
+                                   else _lse(*a, False))
+        run = lambda a: run_sym(_plan("sym-forward", args, run_sym, "half"), a)
+        _tune_on_slice(("sym",), run, args)
+        row = run(args)
+        return row, (row.clone() if with_col else None)
+    P = _panels(M, N, q.device) if with_col and COL_LSE == "panel" and M > 0 and N > 0 else 0
     run = lambda a: _lse_panel(*a, P) if P > 0 else _lse_two_passes(*a, with_col)
     # the slice takes the same path (P as for the whole problem)
     _tune_on_slice(("fwd", P > 0), run, args)
@@ -910,7 +1062,7 @@ def _grad(x, y, scale, bias, lx, ly, mask_mode, offset, g, r, h, c, bias_on_row,
         M, N, D, 0 if offset is None else int(offset), _key(M), _key(N),
         HAS_BIAS=bias is not None, BIAS_ON_ROW=bias_on_row, EXCLUDE=offset is not None,
         MASK_MODE=int(mask_mode), HAS_G=g is not None, HAS_H=h is not None, SYM=sym,
-        WRITE_DB=write_db, G_NORM=g_norm, SPREAD=ONE_EXP_SPREAD, DOT_F32=dot_f32, PREC=prec,
+        WRITE_DB=write_db, G_NORM=g_norm, SPREAD=_spread(x.dtype), DOT_F32=dot_f32, PREC=prec,
     )
     return dx, db
 
@@ -920,47 +1072,60 @@ def deterministic() -> bool:
     return torch.are_deterministic_algorithms_enabled() or os.environ.get("FASTNCE_TRITON_DETERMINISTIC", "0") == "1"
 
 
-# The non-symmetric backward has two plans: "atomic" (one recompute; dq by atomics, dk in
-# registers) and "two-pass" (a recompute for dq and one for dk; no atomics). Which is faster
-# depends on D: at D = 512 the atomic kernel's (BN, D) accumulator leaves it one spill-free
-# candidate on sm_90 (BM = BN = 32, small tiles) where two-pass has two at BM = 64
-# (tests/triton_aot.py --configs): 4 products with atomics against 5 without.
-# FASTNCE_TRITON_BACKWARD = auto (default) | atomic | two-pass. auto on a GPU with autotuning
-# times both once per shape class and keeps the faster (backward_plans() lists the choices);
-# without autotuning it takes atomic up to D = 256 and two-pass above.
-_BACKWARD_PLANS = ("atomic", "two-pass")
+# Where two kernel plans compute the same thing and which is faster depends on the card and
+# the shape, the first call of each shape class on a GPU with autotuning times both (on the
+# leading _TUNE_MOST rows, which autotunes their kernels there too) and keeps the faster;
+# timed_plans() lists the choices. An environment variable fixes a plan; without timing
+# (the interpreter, FASTNCE_TRITON_AUTOTUNE=0) a default applies.
+#
+# * The non-symmetric backward (FASTNCE_TRITON_BACKWARD = auto | atomic | two-pass): "atomic"
+#   (one recompute; dq by atomics, dk in registers) or "two-pass" (a recompute for dq and one
+#   for dk; no atomics). At D = 512 the atomic kernel's (BN, D) accumulator leaves it few
+#   spill-free candidates on sm_90 where two-pass has several (tests/triton_aot.py --configs):
+#   4 products with atomics against 5 without. Untimed: atomic up to D = 256, two-pass above.
+#   Deterministic mode always takes two-pass.
+# * The symmetric forward (FASTNCE_TRITON_SYM_FORWARD = auto | rows | half): "rows" (every
+#   tile, _fwd_kernel) or "half" (the tiles on and above the diagonal, _fwd_half_kernel: half
+#   the products and, mostly, one exponential for a row and a column, for (2, P, M) fp32 of
+#   column partials). Untimed: half.
+_PLANS = {"backward": ("FASTNCE_TRITON_BACKWARD", ("atomic", "two-pass")),
+          "sym-forward": ("FASTNCE_TRITON_SYM_FORWARD", ("rows", "half"))}
 _plans: dict = {}
 
 
-def backward_plans() -> dict:
-    """The plan chosen by timing for each shape class so far: {key: "atomic" | "two-pass"}."""
+def timed_plans() -> dict:
+    """The plan chosen by timing for each shape class so far: {(what, *class): plan}."""
     return dict(_plans)
+
+
+def _plan(what: str, args: tuple, run, untimed: str) -> str:
+    """The plan of `what` for args (run(plan, args) computes it); see the comment above."""
+    env, plans = _PLANS[what]
+    want = os.environ.get(env, "auto")
+    if want in plans:
+        return want
+    if want != "auto":
+        raise ValueError(f"{env} must be one of auto, {', '.join(plans)}; got {want!r}")
+    q, k, _, bias, _, _, mask_mode, offset = args[:8]
+    if _INTERPRET or not AUTOTUNE or q.device.type != "cuda":
+        return untimed
+    key = (what, _key(q.shape[0]), _key(k.shape[0]), q.shape[1], str(q.dtype).replace("torch.", ""),
+           bias is not None, int(mask_mode), offset is not None) + tuple(a is not None for a in args[8:12])
+    if key not in _plans:
+        part = _leading(args, _TUNE_MOST)
+        ms = {}
+        for plan in plans:
+            run(plan, part)  # the first call autotunes this plan's kernels
+            ms[plan] = triton.testing.do_bench(lambda: run(plan, part))
+        _plans[key] = min(ms, key=ms.get)
+    return _plans[key]
 
 
 def _backward_plan(args: tuple) -> str:
     """The plan for a non-symmetric backward; args are _grad_atomic's / _grad_two_pass's."""
     if deterministic():
         return "two-pass"
-    want = os.environ.get("FASTNCE_TRITON_BACKWARD", "auto")
-    if want in _BACKWARD_PLANS:
-        return want
-    if want != "auto":
-        raise ValueError(f"FASTNCE_TRITON_BACKWARD must be one of auto, atomic, two-pass; got {want!r}")
-    q, k, _, bias, _, _, mask_mode, offset, g, _, h, _, _ = args
-    D = q.shape[1]
-    if _INTERPRET or not AUTOTUNE or q.device.type != "cuda":
-        return "atomic" if D <= 256 else "two-pass"
-    key = (_key(q.shape[0]), _key(k.shape[0]), D, str(q.dtype).replace("torch.", ""), bias is not None,
-           int(mask_mode), offset is not None, g is not None, h is not None)
-    if key not in _plans:
-        # timed on the leading rows and columns (_TUNE_MOST), which autotunes the kernels there too
-        part = _leading(args, _TUNE_MOST)
-        ms = {}
-        for plan in _BACKWARD_PLANS:
-            _run_plan(plan, part)  # the first call autotunes this plan's kernel
-            ms[plan] = triton.testing.do_bench(lambda: _run_plan(plan, part))
-        _plans[key] = min(ms, key=ms.get)
-    return _plans[key]
+    return _plan("backward", args, _run_plan, "atomic" if args[0].shape[1] <= 256 else "two-pass")
 
 
 def _grad_atomic(q, k, scale, bias, lq, lk, mask_mode, offset, g, r, h, c, write_db):
@@ -985,7 +1150,7 @@ def _grad_atomic(q, k, scale, bias, lq, lk, mask_mode, offset, g, r, h, c, write
         M, N, D, 0 if offset is None else int(offset), _key(M), _key(N),
         HAS_BIAS=bias is not None, EXCLUDE=offset is not None, MASK_MODE=int(mask_mode),
         HAS_G=g is not None, HAS_H=h is not None, WRITE_DB=write_db,
-        G_NORM=q.dtype == torch.float16, SPREAD=ONE_EXP_SPREAD, DOT_F32=dot_f32, PREC=prec,
+        G_NORM=q.dtype == torch.float16, SPREAD=_spread(q.dtype), DOT_F32=dot_f32, PREC=prec,
     )
     return dq, dk, db
 
