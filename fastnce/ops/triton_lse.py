@@ -227,6 +227,16 @@ if triton is not None:
         return b
 
     @triton.jit
+    def _features(p, o_r, m_r, o_v, m_v, D, b_loaded, REUSE: tl.constexpr):
+        """p[o_r, o_v], the features of the second product: with REUSE (ONE_K and one feature
+        block spanning the tile) the tile of these rows already loaded for S, else a load."""
+        if REUSE:
+            b = b_loaded
+        else:
+            b = tl.load(p + o_r[:, None] * D + o_v[None, :], mask=m_r[:, None] & m_v[None, :], other=0.0)
+        return b
+
+    @triton.jit
     def _labels(p_l, o, m, MASK_MODE: tl.constexpr):
         """int64 labels at o when a label mask is on; zeros (unused) otherwise."""
         b = tl.zeros_like(o)
@@ -443,6 +453,7 @@ if triton is not None:
                 b_yt = _rows_tile(p_y, o_j, m_j, D, BK, DOT_F32)
                 b_raw = tl.dot(b_xi, tl.trans(b_yt), input_precision=PREC)
             else:
+                b_yt = 0.0
                 b_raw = _s_tile(p_x, p_y, o_i, o_j, m_i, m_j, D, BM, BN, BK, DOT_F32, PREC)
             b_raw = b_raw * b_scale
             b_bj = _line(p_bias, o_j, m_j, HAS_BIAS)
@@ -475,10 +486,7 @@ if triton is not None:
                 b_G = _g_tile(b_s, b_v, b_gi, b_ri, b_hj, b_cj, HAS_G, HAS_H, SPREAD)
                 if WRITE_DB:
                     b_db += tl.sum(b_G, 1)
-            if ONE_K and BDV == BK:  # one feature block, the whole tile: the rows of y just loaded
-                b_yv = b_yt
-            else:
-                b_yv = tl.load(p_y + o_j[:, None] * D + o_v[None, :], mask=m_j[:, None] & m_v[None, :], other=0.0)
+            b_yv = _features(p_y, o_j, m_j, o_v, m_v, D, b_yt, ONE_K and BDV == BK)
             if DOT_F32:
                 b_acc += tl.dot(b_G, b_yv.to(tl.float32), input_precision=PREC)
             else:
@@ -706,6 +714,7 @@ if triton is not None:
                 b_qi = _rows_tile(p_q, o_i, m_i, D, BK, DOT_F32)
                 b_s = tl.dot(b_qi, tl.trans(b_kj), input_precision=PREC)
             else:
+                b_qi = 0.0
                 b_s = _s_tile(p_q, p_k, o_i, o_j, m_i, m_j, D, BM, BN, BK, DOT_F32, PREC)
             b_s = b_s * b_scale
             if HAS_BIAS:
@@ -716,10 +725,7 @@ if triton is not None:
             b_G = _g_tile(b_s, b_v, b_gi, b_ri, b_hj, b_cj, HAS_G, HAS_H, SPREAD)
             if WRITE_DB:
                 b_db += tl.sum(b_G, 0)
-            if ONE_K and BDV == BK:  # one feature block, the whole tile: the rows of q just loaded
-                b_qv = b_qi
-            else:
-                b_qv = tl.load(p_q + o_i[:, None] * D + o_v[None, :], mask=m_i[:, None] & m_v[None, :], other=0.0)
+            b_qv = _features(p_q, o_i, m_i, o_v, m_v, D, b_qi, ONE_K and BDV == BK)
             if DOT_F32:
                 b_Gc = b_G
                 b_acc += tl.dot(tl.trans(b_Gc), b_qv.to(tl.float32), input_precision=PREC)
