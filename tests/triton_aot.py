@@ -43,7 +43,7 @@ BENCH_VARIANTS = [
     ("simclr fwd half", T._fwd_half_kernel, 128, dict(_NO_MASK, EXCLUDE=True, SPREAD=T.ONE_EXP_SPREAD)),
     ("simclr bwd sym", T._bwd_kernel, 128,
      dict(_NO_MASK, **_BWD, BIAS_ON_ROW=False, EXCLUDE=True, HAS_H=False, SYM=True)),
-    ("clip panel", T._fwd_panel_kernel, 512, dict(_NO_MASK, EXCLUDE=False)),
+    ("clip panel", T._fwd_panel_kernel, 512, dict(_NO_MASK, EXCLUDE=False, SPREAD=T.ONE_EXP_SPREAD)),
     ("clip bwd atomic", T._bwd_atomic_kernel, 512, dict(_NO_MASK, **_BWD, EXCLUDE=False, HAS_H=True)),
     ("clip bwd two-pass", T._bwd_kernel, 512,
      dict(_NO_MASK, **_BWD, BIAS_ON_ROW=False, EXCLUDE=False, HAS_H=True, SYM=False)),

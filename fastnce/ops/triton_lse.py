@@ -49,22 +49,24 @@ Launcher contract: fastnce/ops/function.py. The kernels:
   (num_stages: the next tile's load overlaps this tile's work), as it does only for innermost
   loops; the same tile rows then also feed the second product. With BK < D each tile loops
   over D and pays its load latency (seen in the TTGIR: the outer loop is not pipelined).
-* Exponentials: G has two terms (row and column LSE; or G and its mirror for NT-Xent) and
-  both come from ONE exponential per entry when the tile's LSEs lie within ONE_EXP_SPREAD
-  (40) of each other: a·e^(S − l) = e^(S − hi)·(a·e^(hi − l)) with hi the tile's largest LSE
-  (_span says why that is exact in fp32); else one each. At D = 128 an exponential costs
-  about one product per entry (16 MUFU results vs 4096 tensor-core flops a clock per SM), so
-  this takes the NT-Xent backward from 2 exponentials per entry to 1.
+* Exponentials: a tile's row and column sums in the one-pass and half forwards, and the two
+  terms of G in the backward (row and column LSE; or G and its mirror for NT-Xent), come from
+  ONE exponential per entry when the tile's maxima (forward) or LSEs (backward) lie within
+  ONE_EXP_SPREAD (40) of each other, for 16-bit inputs or tf32 (_spread): a·e^(S − l) = e^(S − hi)·(a·e^(hi − l)) with hi the tile's largest LSE
+  (_span says why nothing that matters underflows or overflows); else one each. At D = 128
+  an exponential costs about one product per entry (16 MUFU results vs 4096 tensor-core
+  flops a clock per SM): this takes the NT-Xent backward from 2 exponentials per entry to 1,
+  CLIP's forward from 2 to 1 and its backward from 2 to 1.
 
 Cost per training step for CLIP (q ≠ k, row and column LSE, both gradients), in products
 of 2·M·N·D: before, 6 (forward row pass + transposed col pass, dq pass + dk pass with a
 recompute each); now 4 (panel forward 1; one recompute, dq, dk), 5 in deterministic mode.
 clip-32k (N = 32768, D = 512, bf16): one product is 1.10 TFLOP, so 6.60 → 4.40 TFLOP a step:
 at an achieved T TFLOP/s that is 6600/T → 4400/T ms (T = 500: 13.2 → 8.8 ms, just the
-target of 0.9 × 9.8 ms; 6 products would need 750, the ceiling). Beside the products: 2·M·N
-exponentials in the forward and M·N in the backward (3.2·10⁹, ~0.8 ms at ~4·10¹²/s if not
-overlapped; 2·M·N in the backward before the shared exponential), the merge (reads 64 MiB, ~0.03 ms), and the dq atomics: M·D·⌈N/BN⌉ fp32 adds,
-34 GB of L2 reduction traffic at BN = 64 (17 GB at BN = 128, which needs BDV ≤ 256 at
+target of 0.9 × 9.8 ms; 6 products would need 750, the ceiling). Beside the products: M·N
+exponentials in the forward and M·N in the backward with the shared ones (2.1·10⁹, ~0.5 ms
+at ~4·10¹²/s if not overlapped; 4·M·N before), the merge (reads 64 MiB, ~0.03 ms), and the
+dq atomics: M·D·⌈N/BN⌉ fp32 adds, 34 GB of L2 reduction traffic at BN = 64 (17 GB at BN = 128, which needs BDV ≤ 256 at
 D = 512, i.e. 2 recomputes). Registers are the other risk at D = 512: the one-recompute
 (BDV = D) atomic kernel holds a (BN, 512) fp32 accumulator; with dq formed in 128-feature
 chunks one of its candidates is spill-free on sm_90 and one spills 32 bytes (before the
@@ -155,7 +157,7 @@ if triton is not None:
                                      (64, 64, 32, 4, 4),
                                      (128, 64, 128, 4, 3), (128, 64, 128, 8, 3), (128, 128, 128, 8, 3),
                                      (64, 128, 128, 4, 3), (64, 64, 512, 8, 2), (64, 64, 512, 4, 2),
-                                     (64, 32, 512, 4, 3)]:
+                                     (64, 32, 512, 4, 3), (64, 32, 512, 8, 3)]:
                 out.append(triton.Config({"BM": bm, "BN": bn, "BK": bk}, num_warps=w, num_stages=s))
         else:
             # BDV = D keeps one S recompute per program; D = 512 needs BM = 32..64 for the
@@ -266,6 +268,46 @@ if triton is not None:
 
     # ------------------------------------------------------------------ forward
     @triton.jit
+    def _online(b_m, b_l, b_tmax, b_tsum, b_tshift):
+        """Merge a tile's contribution into running (max, Σ exp(x − max)) pairs: b_tmax the
+        tile's maxima, b_tsum its Σ exp(x − b_tshift), b_tshift ≥ b_tmax. A line whose tile
+        part is all −inf keeps its max, and its (zero, or NaN) sum is scaled by at most 1: a
+        shift shared by the tile may lie far above such a line's max. −inf maxima shift by 0."""
+        b_mn = tl.maximum(b_m, tl.where(b_tmax == float("-inf"), float("-inf"), b_tshift))
+        b_c = tl.where(b_mn == float("-inf"), 0.0, b_mn)
+        b_l = b_l * tl.exp(b_m - b_c) + b_tsum * tl.exp(tl.minimum(b_tshift - b_c, 0.0))
+        return b_mn, b_l
+
+    @triton.jit
+    def _row_col_update(b_s, b_m, b_l, b_cm, b_cl, SPREAD: tl.constexpr):
+        """The online (max, sum-exp) pairs of a tile's rows (b_m, b_l) and columns (b_cm, b_cl)
+        after the masked tile b_s. One exponential per entry serves both when the tile's row
+        and column maxima lie within SPREAD of its maximum (then exp(S − top) ≥ e^−SPREAD at
+        every line's largest entry: nothing that matters underflows), else one for each."""
+        b_rmax = tl.max(b_s, 1)
+        b_cmax = tl.max(b_s, 0)
+        b_top = tl.max(b_rmax, 0)
+        b_rlow = tl.min(tl.where(b_rmax == float("-inf"), b_top, b_rmax), 0)
+        b_clow = tl.min(tl.where(b_cmax == float("-inf"), b_top, b_cmax), 0)
+        if (b_top - b_rlow <= SPREAD) and (b_top - b_clow <= SPREAD):
+            b_e = tl.exp(b_s - b_top)
+            b_m, b_l = _online(b_m, b_l, b_rmax, tl.sum(b_e, 1), tl.zeros_like(b_rmax) + b_top)
+            b_cm, b_cl = _online(b_cm, b_cl, b_cmax, tl.sum(b_e, 0), tl.zeros_like(b_cmax) + b_top)
+        else:
+            b_rs = tl.where(b_rmax == float("-inf"), 0.0, b_rmax)
+            b_cs = tl.where(b_cmax == float("-inf"), 0.0, b_cmax)
+            b_m, b_l = _online(b_m, b_l, b_rmax, tl.sum(tl.exp(b_s - b_rs[:, None]), 1), b_rs)
+            b_cm, b_cl = _online(b_cm, b_cl, b_cmax, tl.sum(tl.exp(b_s - b_cs[None, :]), 0), b_cs)
+        return b_m, b_l, b_cm, b_cl
+
+    @triton.jit
+    def _row_update(b_s, b_m, b_l):
+        """The online (max, sum-exp) pairs of a tile's rows after the masked tile b_s."""
+        b_rmax = tl.max(b_s, 1)
+        b_rs = tl.where(b_rmax == float("-inf"), 0.0, b_rmax)
+        return _online(b_m, b_l, b_rmax, tl.sum(tl.exp(b_s - b_rs[:, None]), 1), b_rs)
+
+    @triton.jit
     def _fwd_kernel(p_x, p_y, p_scale, p_bias, p_lx, p_ly, p_lse,
                     M, N, D, offset, KEY_M, KEY_N,
                     HAS_BIAS: tl.constexpr, BIAS_ON_ROW: tl.constexpr,
@@ -301,12 +343,7 @@ if triton is not None:
                     b_s += tl.load(p_bias + o_j, mask=m_j, other=0.0)[None, :]
             b_yj = _labels(p_ly, o_j, m_j, MASK_MODE)
             b_v = _keep(o_i, o_j, m_i, m_j, b_yi, b_yj, offset, EXCLUDE, MASK_MODE, False)
-            b_s = tl.where(b_v, b_s, float("-inf"))
-            b_mn = tl.maximum(b_m, tl.max(b_s, 1))
-            # A row with nothing valid yet keeps max −inf: shift by 0 so exp gives 0, not NaN.
-            b_c = tl.where(b_mn == float("-inf"), 0.0, b_mn)
-            b_l = b_l * tl.exp(b_m - b_c) + tl.sum(tl.exp(b_s - b_c[:, None]), 1)
-            b_m = b_mn
+            b_m, b_l = _row_update(tl.where(b_v, b_s, float("-inf")), b_m, b_l)
         # b_l == 0 exactly when nothing was valid (b_m == −inf): write −inf, without log(0).
         # Compared with == so that a NaN (from a NaN or inf input) stays NaN.
         b_lse = tl.where(b_l == 0.0, float("-inf"), b_m + tl.log(tl.where(b_l == 0.0, 1.0, b_l)))
@@ -506,7 +543,7 @@ if triton is not None:
     def _fwd_panel_kernel(p_x, p_y, p_scale, p_bias, p_lx, p_ly, p_lse, p_pm, p_pl,
                           M, N, D, offset, P, KEY_M, KEY_N,
                           HAS_BIAS: tl.constexpr, EXCLUDE: tl.constexpr, MASK_MODE: tl.constexpr,
-                          DOT_F32: tl.constexpr, PREC: tl.constexpr,
+                          DOT_F32: tl.constexpr, PREC: tl.constexpr, SPREAD: tl.constexpr,
                           BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, ONE_K: tl.constexpr):
         """Row lse (M,) and this panel's column partials, from one pass over S; grid (P,).
 
@@ -553,32 +590,14 @@ if triton is not None:
                 b_yj = _labels(p_ly, o_j, m_j, MASK_MODE)
                 b_v = _keep(o_i, o_j, m_i, m_j, b_yi, b_yj, offset, EXCLUDE, MASK_MODE, False)
                 b_s = tl.where(b_v, b_s, float("-inf"))
-                # rows: the online (max, sum) of _fwd_kernel
-                b_mn = tl.maximum(b_m, tl.max(b_s, 1))
-                b_c = tl.where(b_mn == float("-inf"), 0.0, b_mn)
-                b_l = b_l * tl.exp(b_m - b_c) + tl.sum(tl.exp(b_s - b_c[:, None]), 1)
-                b_m = b_mn
-                # columns: the same update along axis 0, state read from / written to row p
+                # rows in registers; columns read from / written to row p of the partials
                 b_cm = tl.load(p_pm_p + o_j, mask=m_j & b_seen, other=float("-inf"))
                 b_cl = tl.load(p_pl_p + o_j, mask=m_j & b_seen, other=0.0)
-                b_cmn = tl.maximum(b_cm, tl.max(b_s, 0))
-                b_cc = tl.where(b_cmn == float("-inf"), 0.0, b_cmn)
-                b_cl = b_cl * tl.exp(b_cm - b_cc) + tl.sum(tl.exp(b_s - b_cc[None, :]), 0)
-                tl.store(p_pm_p + o_j, b_cmn, mask=m_j)
+                b_m, b_l, b_cm, b_cl = _row_col_update(b_s, b_m, b_l, b_cm, b_cl, SPREAD)
+                tl.store(p_pm_p + o_j, b_cm, mask=m_j)
                 tl.store(p_pl_p + o_j, b_cl, mask=m_j)
             b_lse = tl.where(b_l == 0.0, float("-inf"), b_m + tl.log(tl.where(b_l == 0.0, 1.0, b_l)))
             tl.store(p_lse + o_i, b_lse, mask=m_i)
-
-    @triton.jit
-    def _online(b_m, b_l, b_tmax, b_tsum, b_tshift):
-        """Merge a tile's contribution into running (max, Σ exp(x − max)) pairs: b_tmax the
-        tile's maxima, b_tsum its Σ exp(x − b_tshift), b_tshift ≥ b_tmax. A line whose tile
-        part is all −inf keeps its max, and its (zero, or NaN) sum is scaled by at most 1: a
-        shift shared by the tile may lie far above such a line's max. −inf maxima shift by 0."""
-        b_mn = tl.maximum(b_m, tl.where(b_tmax == float("-inf"), float("-inf"), b_tshift))
-        b_c = tl.where(b_mn == float("-inf"), 0.0, b_mn)
-        b_l = b_l * tl.exp(b_m - b_c) + b_tsum * tl.exp(tl.minimum(b_tshift - b_c, 0.0))
-        return b_mn, b_l
 
     @triton.jit
     def _fwd_half_kernel(p_x, p_scale, p_lx, p_row, p_pm, p_pl, M, D, P, KEY_M, KEY_N,
@@ -628,26 +647,12 @@ if triton is not None:
                     b_yj = _labels(p_lx, o_j, m_j, MASK_MODE)
                     b_v = _keep(o_i, o_j, m_i, m_j, b_yi, b_yj, 0, EXCLUDE, MASK_MODE, False)
                     b_s = tl.where(b_v, b_s, float("-inf"))
-                    b_rmax = tl.max(b_s, 1)
-                    if j_b == i_b:
-                        b_rs = tl.where(b_rmax == float("-inf"), 0.0, b_rmax)
-                        b_m, b_l = _online(b_m, b_l, b_rmax, tl.sum(tl.exp(b_s - b_rs[:, None]), 1), b_rs)
+                    if j_b == i_b:  # the diagonal tile holds both halves of its rows
+                        b_m, b_l = _row_update(b_s, b_m, b_l)
                     else:
-                        b_cmax = tl.max(b_s, 0)
-                        b_top = tl.max(b_rmax, 0)
-                        b_rlow = tl.min(tl.where(b_rmax == float("-inf"), b_top, b_rmax), 0)
-                        b_clow = tl.min(tl.where(b_cmax == float("-inf"), b_top, b_cmax), 0)
                         b_cm = tl.load(p_pm_p + o_j, mask=m_j, other=float("-inf"))
                         b_cl = tl.load(p_pl_p + o_j, mask=m_j, other=0.0)
-                        if (b_top - b_rlow <= SPREAD) and (b_top - b_clow <= SPREAD):
-                            b_e = tl.exp(b_s - b_top)
-                            b_m, b_l = _online(b_m, b_l, b_rmax, tl.sum(b_e, 1), tl.zeros_like(b_rmax) + b_top)
-                            b_cm, b_cl = _online(b_cm, b_cl, b_cmax, tl.sum(b_e, 0), tl.zeros_like(b_cmax) + b_top)
-                        else:
-                            b_rs = tl.where(b_rmax == float("-inf"), 0.0, b_rmax)
-                            b_cs = tl.where(b_cmax == float("-inf"), 0.0, b_cmax)
-                            b_m, b_l = _online(b_m, b_l, b_rmax, tl.sum(tl.exp(b_s - b_rs[:, None]), 1), b_rs)
-                            b_cm, b_cl = _online(b_cm, b_cl, b_cmax, tl.sum(tl.exp(b_s - b_cs[None, :]), 0), b_cs)
+                        b_m, b_l, b_cm, b_cl = _row_col_update(b_s, b_m, b_l, b_cm, b_cl, SPREAD)
                         tl.store(p_pm_p + o_j, b_cm, mask=m_j)
                         tl.store(p_pl_p + o_j, b_cl, mask=m_j)
                 b_lse = tl.where(b_l == 0.0, float("-inf"), b_m + tl.log(tl.where(b_l == 0.0, 1.0, b_l)))
@@ -939,7 +944,7 @@ def _lse_panel(q, k, scale, bias, lq, lk, mask_mode, offset, P) -> tuple[Tensor,
         _dummy(q, torch.int64) if lq is None else lq, _dummy(q, torch.int64) if lk is None else lk,
         row, part[0], part[1], M, N, D, 0 if offset is None else int(offset), P, _key(M), _key(N),
         HAS_BIAS=bias is not None, EXCLUDE=offset is not None, MASK_MODE=int(mask_mode),
-        DOT_F32=dot_f32, PREC=prec,
+        DOT_F32=dot_f32, PREC=prec, SPREAD=_spread(q.dtype),
     )
     bn = 1024 if not _INTERPRET else 64
     _col_merge_kernel[(triton.cdiv(N, bn),)](part[0], part[1], col, P, N, BN=bn)
