@@ -177,14 +177,18 @@ if triton is not None:
         return out
 
     def _prune(configs, named_args, **kwargs):
-        """Drop configs whose feature tiles exceed the padded D (they only waste work), and
-        backward configs that would split D into more than 4 output blocks (each split
-        recomputes S)."""
+        """Drop configs whose feature tiles exceed the padded D (they only waste work), backward
+        configs that would split D into more than 4 output blocks (each split recomputes S),
+        and, up to D = 128, configs that loop over D: with 2 or 4 steps per tile they leave most
+        of each tile's load latency exposed, where one-K-step configs pipeline across tiles
+        (at D = 512 the 8-step loop is pipelined within each tile, and both kinds are tried)."""
         D = named_args["D"]
         dpad = max(16, triton.next_power_of_2(D))
         kept = [c for c in configs
                 if c.kwargs["BK"] <= max(dpad, 32)
                 and min(dpad, 128) <= c.kwargs.get("BDV", dpad) <= max(dpad, 64)]
+        if dpad <= 128:
+            kept = [c for c in kept if c.kwargs["BK"] >= D] or kept
         return kept or configs[:1]
 
     # ------------------------------------------------------------------ jit helpers
