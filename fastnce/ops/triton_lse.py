@@ -233,6 +233,27 @@ if triton is not None:
         return b
 
     @triton.jit
+    def _s_step(b_held, p_h, p_s, o_h, o_s, m_h, m_s, D, BH: tl.constexpr, BS: tl.constexpr,
+                BK: tl.constexpr, DOT_F32: tl.constexpr, PREC: tl.constexpr, ONE_K: tl.constexpr,
+                HELD_ROWS: tl.constexpr):
+        """One tile of the unscaled S between the program's held rows o_h of p_h (b_held, from
+        _held) and the streamed rows o_s of p_s: (BH, BS) when the held rows are S's rows
+        (HELD_ROWS), else (BS, BH); and the streamed tile when ONE_K (else a placeholder)."""
+        b_t = 0.0
+        if ONE_K:
+            b_t = _rows_tile(p_s, o_s, m_s, D, BK, DOT_F32)
+            if HELD_ROWS:
+                b = tl.dot(b_held, tl.trans(b_t), input_precision=PREC)
+            else:
+                b = tl.dot(b_t, tl.trans(b_held), input_precision=PREC)
+        else:
+            if HELD_ROWS:
+                b = _s_tile(p_h, p_s, o_h, o_s, m_h, m_s, D, BH, BS, BK, DOT_F32, PREC)
+            else:
+                b = _s_tile(p_s, p_h, o_s, o_h, m_s, m_h, D, BS, BH, BK, DOT_F32, PREC)
+        return b, b_t
+
+    @triton.jit
     def _features(p, o_r, m_r, o_v, m_v, D, b_loaded, REUSE: tl.constexpr):
         """p[o_r, o_v], the features of the second product: with REUSE (ONE_K and one feature
         block spanning the tile) the tile of these rows already loaded for S, else a load."""
@@ -335,10 +356,7 @@ if triton is not None:
         for j0 in range(0, N, BN):
             o_j = (j0 + tl.arange(0, BN)).to(tl.int64)
             m_j = o_j < N
-            if ONE_K:
-                b_s = tl.dot(b_xi, tl.trans(_rows_tile(p_y, o_j, m_j, D, BK, DOT_F32)), input_precision=PREC)
-            else:
-                b_s = _s_tile(p_x, p_y, o_i, o_j, m_i, m_j, D, BM, BN, BK, DOT_F32, PREC)
+            b_s, _ = _s_step(b_xi, p_x, p_y, o_i, o_j, m_i, m_j, D, BM, BN, BK, DOT_F32, PREC, ONE_K, True)
             b_s = b_s * b_scale
             if HAS_BIAS:
                 if BIAS_ON_ROW:
@@ -490,12 +508,7 @@ if triton is not None:
         for j0 in range(0, N, BN):
             o_j = (j0 + tl.arange(0, BN)).to(tl.int64)
             m_j = o_j < N
-            if ONE_K:
-                b_yt = _rows_tile(p_y, o_j, m_j, D, BK, DOT_F32)
-                b_raw = tl.dot(b_xi, tl.trans(b_yt), input_precision=PREC)
-            else:
-                b_yt = 0.0
-                b_raw = _s_tile(p_x, p_y, o_i, o_j, m_i, m_j, D, BM, BN, BK, DOT_F32, PREC)
+            b_raw, b_yt = _s_step(b_xi, p_x, p_y, o_i, o_j, m_i, m_j, D, BM, BN, BK, DOT_F32, PREC, ONE_K, True)
             b_raw = b_raw * b_scale
             b_bj = _line(p_bias, o_j, m_j, HAS_BIAS)
             b_yj = _labels(p_ly, o_j, m_j, MASK_MODE)
@@ -584,10 +597,7 @@ if triton is not None:
             for j0 in range(0, N, BN):
                 o_j = (j0 + tl.arange(0, BN)).to(tl.int64)
                 m_j = o_j < N
-                if ONE_K:
-                    b_s = tl.dot(b_xi, tl.trans(_rows_tile(p_y, o_j, m_j, D, BK, DOT_F32)), input_precision=PREC)
-                else:
-                    b_s = _s_tile(p_x, p_y, o_i, o_j, m_i, m_j, D, BM, BN, BK, DOT_F32, PREC)
+                b_s, _ = _s_step(b_xi, p_x, p_y, o_i, o_j, m_i, m_j, D, BM, BN, BK, DOT_F32, PREC, ONE_K, True)
                 b_s = b_s * b_scale
                 if HAS_BIAS:
                     b_s += tl.load(p_bias + o_j, mask=m_j, other=0.0)[None, :]
@@ -643,10 +653,7 @@ if triton is not None:
                 for j_b in range(i_b, n_b):
                     o_j = (j_b * BM + tl.arange(0, BM)).to(tl.int64)
                     m_j = o_j < M
-                    if ONE_K:
-                        b_s = tl.dot(b_xi, tl.trans(_rows_tile(p_x, o_j, m_j, D, BK, DOT_F32)), input_precision=PREC)
-                    else:
-                        b_s = _s_tile(p_x, p_x, o_i, o_j, m_i, m_j, D, BM, BM, BK, DOT_F32, PREC)
+                    b_s, _ = _s_step(b_xi, p_x, p_x, o_i, o_j, m_i, m_j, D, BM, BM, BK, DOT_F32, PREC, ONE_K, True)
                     b_s = b_s * b_scale
                     b_yj = _labels(p_lx, o_j, m_j, MASK_MODE)
                     b_v = _keep(o_i, o_j, m_i, m_j, b_yi, b_yj, 0, EXCLUDE, MASK_MODE, False)
@@ -719,12 +726,7 @@ if triton is not None:
         for i0 in range(0, M, BM):
             o_i = (i0 + tl.arange(0, BM)).to(tl.int64)
             m_i = o_i < M
-            if ONE_K:
-                b_qi = _rows_tile(p_q, o_i, m_i, D, BK, DOT_F32)
-                b_s = tl.dot(b_qi, tl.trans(b_kj), input_precision=PREC)
-            else:
-                b_qi = 0.0
-                b_s = _s_tile(p_q, p_k, o_i, o_j, m_i, m_j, D, BM, BN, BK, DOT_F32, PREC)
+            b_s, b_qi = _s_step(b_kj, p_k, p_q, o_j, o_i, m_j, m_i, D, BN, BM, BK, DOT_F32, PREC, ONE_K, False)
             b_s = b_s * b_scale
             if HAS_BIAS:
                 b_s += b_bj[None, :]
