@@ -462,12 +462,11 @@ def main(argv=None) -> int:
         print(f"inf-cl: {infcl_why}", flush=True)
     for case in args.cases:
         records.extend(bench_case(case, args.impls, args.budget, card, infcl_why, notes))
+        # which plan (symmetric forward; non-symmetric backward) the triton backend timed faster
+        meta["triton_plans"] = {str(k): v for k, v in triton_lse.timed_plans().items()}
         write_records(records, args.out, card, date)  # keep what we have if a later case dies
         write_records(meta, args.out, card, date, suffix="-meta")
-    # which plan (symmetric forward; non-symmetric backward) the triton backend timed faster
-    meta["triton_plans"] = {str(k): v for k, v in triton_lse.timed_plans().items()}
-    write_records(meta, args.out, card, date, suffix="-meta")
-    print(f"triton plans: {meta['triton_plans']}", flush=True)
+    print(f"triton plans: {meta.get('triton_plans', {})}", flush=True)
     path = write_records(records, args.out, card, date)
     print()
     print(format_table(records + notes, tflops))

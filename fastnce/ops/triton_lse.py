@@ -326,6 +326,12 @@ if triton is not None:
         return b_m, b_l, b_cm, b_cl
 
     @triton.jit
+    def _lse_of(b_m, b_l):
+        """m + log l of online (max, sum-exp) pairs. l == 0 exactly when nothing was valid
+        (m == −inf): −inf, without log(0). Compared with == so that a NaN stays NaN."""
+        return tl.where(b_l == 0.0, float("-inf"), b_m + tl.log(tl.where(b_l == 0.0, 1.0, b_l)))
+
+    @triton.jit
     def _row_update(b_s, b_m, b_l):
         """The online (max, sum-exp) pairs of a tile's rows after the masked tile b_s."""
         b_rmax = tl.max(b_s, 1)
@@ -366,9 +372,7 @@ if triton is not None:
             b_yj = _labels(p_ly, o_j, m_j, MASK_MODE)
             b_v = _keep(o_i, o_j, m_i, m_j, b_yi, b_yj, offset, EXCLUDE, MASK_MODE, False)
             b_m, b_l = _row_update(tl.where(b_v, b_s, float("-inf")), b_m, b_l)
-        # b_l == 0 exactly when nothing was valid (b_m == −inf): write −inf, without log(0).
-        # Compared with == so that a NaN (from a NaN or inf input) stays NaN.
-        b_lse = tl.where(b_l == 0.0, float("-inf"), b_m + tl.log(tl.where(b_l == 0.0, 1.0, b_l)))
+        b_lse = _lse_of(b_m, b_l)
         tl.store(p_lse + o_i, b_lse, mask=m_i)
 
     # ------------------------------------------------------------------ backward
@@ -610,7 +614,7 @@ if triton is not None:
                 b_m, b_l, b_cm, b_cl = _row_col_update(b_s, b_m, b_l, b_cm, b_cl, SPREAD)
                 tl.store(p_pm_p + o_j, b_cm, mask=m_j)
                 tl.store(p_pl_p + o_j, b_cl, mask=m_j)
-            b_lse = tl.where(b_l == 0.0, float("-inf"), b_m + tl.log(tl.where(b_l == 0.0, 1.0, b_l)))
+            b_lse = _lse_of(b_m, b_l)
             tl.store(p_lse + o_i, b_lse, mask=m_i)
 
     @triton.jit
@@ -666,7 +670,7 @@ if triton is not None:
                         b_m, b_l, b_cm, b_cl = _row_col_update(b_s, b_m, b_l, b_cm, b_cl, SPREAD)
                         tl.store(p_pm_p + o_j, b_cm, mask=m_j)
                         tl.store(p_pl_p + o_j, b_cl, mask=m_j)
-                b_lse = tl.where(b_l == 0.0, float("-inf"), b_m + tl.log(tl.where(b_l == 0.0, 1.0, b_l)))
+                b_lse = _lse_of(b_m, b_l)
                 tl.store(p_row + o_i, b_lse, mask=m_i)
 
     @triton.jit
@@ -683,8 +687,7 @@ if triton is not None:
             b_c = tl.where(b_mn == float("-inf"), 0.0, b_mn)
             b_l = b_l * tl.exp(b_m - b_c) + b_pl * tl.exp(b_pm - b_c)
             b_m = b_mn
-        # == 0 exactly when every partial was empty; a NaN partial sum stays NaN
-        b_lse = tl.where(b_l == 0.0, float("-inf"), b_m + tl.log(tl.where(b_l == 0.0, 1.0, b_l)))
+        b_lse = _lse_of(b_m, b_l)
         tl.store(p_lse + o_j, b_lse, mask=m_j)
 
     # ------------------------------------------------------------------ backward, one recompute (atomics)
@@ -942,7 +945,6 @@ def _lse_panel(q, k, scale, bias, lq, lk, mask_mode, offset, P) -> tuple[Tensor,
     M, D = q.shape
     N = k.shape[0]
     row = torch.empty((M,), dtype=torch.float32, device=q.device)
-    col = torch.empty((N,), dtype=torch.float32, device=q.device)
     part = torch.empty((2, P, N), dtype=torch.float32, device=q.device)  # (max, sum-exp) per panel
     dot_f32, prec = _dot_args(q.dtype)
     _launch(
@@ -952,9 +954,7 @@ def _lse_panel(q, k, scale, bias, lq, lk, mask_mode, offset, P) -> tuple[Tensor,
         HAS_BIAS=bias is not None, EXCLUDE=offset is not None, MASK_MODE=int(mask_mode),
         DOT_F32=dot_f32, PREC=prec, SPREAD=_spread(q.dtype),
     )
-    bn = 1024 if not _INTERPRET else 64
-    _col_merge_kernel[(triton.cdiv(N, bn),)](part[0], part[1], col, P, N, BN=bn)
-    return row, col
+    return row, _merged(part)
 
 
 def _half_panels(M: int, device: torch.device) -> int:
@@ -973,7 +973,6 @@ def _lse_half(q, k, scale, bias, lq, lk, mask_mode, offset, P) -> Tensor:
     on and above the diagonal with P programs; M > 0."""
     M, D = q.shape
     row = torch.empty((M,), dtype=torch.float32, device=q.device)
-    col = torch.empty((M,), dtype=torch.float32, device=q.device)
     part = torch.empty((2, P, M), dtype=torch.float32, device=q.device)  # column (max, sum-exp) per program
     dot_f32, prec = _dot_args(q.dtype)
     _launch(
@@ -981,9 +980,16 @@ def _lse_half(q, k, scale, bias, lq, lk, mask_mode, offset, P) -> Tensor:
         M, D, P, _key(M), _key(M), EXCLUDE=offset is not None, MASK_MODE=int(mask_mode),
         DOT_F32=dot_f32, PREC=prec, SPREAD=_spread(q.dtype),
     )
+    return torch.logaddexp(row, _merged(part))
+
+
+def _merged(part: Tensor) -> Tensor:
+    """(N,) fp32 column LSEs from per-program partials part (2, P, N) of (max, sum-exp)."""
+    _, P, N = part.shape
+    col = torch.empty((N,), dtype=torch.float32, device=part.device)
     bn = 1024 if not _INTERPRET else 64
-    _col_merge_kernel[(triton.cdiv(M, bn),)](part[0], part[1], col, P, M, BN=bn)
-    return torch.logaddexp(row, col)
+    _col_merge_kernel[(triton.cdiv(N, bn),)](part[0], part[1], col, P, N, BN=bn)
+    return col
 
 
 def forward(q, k, scale, bias, q_labels, k_labels, mask_mode, exclude_offset, with_col, symmetric):
