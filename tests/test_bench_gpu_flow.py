@@ -57,9 +57,10 @@ def test_gpu_bench_main_runs_end_to_end_on_the_cpu(cpu_bench, tmp_path, capsys):
     assert meta["triton_plans"] == {}
 
     checks = json.loads(checks_file.read_text())
-    labels = {(c["backend"], c["dtype"], c["symmetric"]) for c in checks}
-    for dt in ("bfloat16", "float16", "float32"):
-        assert {("triton/atomic", dt, False), ("triton/two-pass", dt, False), ("triton", dt, True)} <= labels
+    labels = {(c["backend"], c["dtype"], c["symmetric"], c["bias"]) for c in checks}
+    for dt in ("bfloat16", "float16", "float32"):  # every plan of the triton backend
+        assert {("triton/atomic", dt, False, True), ("triton/two-pass", dt, False, True), ("triton", dt, True, True),
+                ("triton/rows/mirror", dt, True, False), ("triton/half/half", dt, True, False)} <= labels
     assert all(c["ok"] for c in checks), [c for c in checks if not c["ok"]]
 
     out = capsys.readouterr().out

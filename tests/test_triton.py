@@ -313,6 +313,19 @@ def test_gpu_backward_plan_is_timed_once_per_shape_class(monkeypatch, spy):
     assert spy.calls["_grad_two_pass"] == timed_calls + (plan == "two-pass")  # not timed again
 
 
+@gpu
+def test_gpu_symmetric_plans_are_timed_once_per_shape_class(monkeypatch):
+    """auto on a GPU times the symmetric forward's and backward's plans once for the class."""
+    monkeypatch.setattr(triton_lse, "AUTOTUNE", True)
+    for env in ("FASTNCE_TRITON_SYM_FORWARD", "FASTNCE_TRITON_SYM_BACKWARD"):
+        monkeypatch.delenv(env, raising=False)
+    monkeypatch.setenv("FASTNCE_TRITON_DETERMINISTIC", "0")
+    monkeypatch.setattr(triton_lse, "_plans", {})
+    check(2000, 2000, 96, torch.bfloat16, True, False, EX0, False)
+    plans = {k[0]: v for k, v in triton_lse.timed_plans().items()}
+    assert plans["sym-forward"] in ("rows", "half") and plans["sym-backward"] in ("mirror", "half"), plans
+
+
 # ---------------------------------------------------------------------------- the GPU script's CPU parts
 def test_bench_gpu_pieces(tmp_path):
     from fastnce.bench import gpu as bench
@@ -585,6 +598,61 @@ def test_half_forward_nan_and_fully_masked_rows(monkeypatch):
     q[17, 3] = float("nan")
     row, _ = ops.similarity_lse(q, None, 1.0, backend="triton")
     assert torch.isnan(row).all()
+
+
+# ---------------------------------------------------------------------------- symmetric backward: every tile or half
+@pytest.mark.parametrize("M,D", [(1, 8), (16, 16), (17, 33), (48, 24), (63, 40), (100, 16)],
+                         ids=lambda v: str(v))
+@pytest.mark.parametrize("i,mask", list(enumerate(HALF_MASKS)), ids=[mask_id(m) for m in HALF_MASKS])
+def test_symmetric_backward_from_half_the_tiles(i, mask, M, D, monkeypatch, spy):
+    """(G + Gᵀ) @ q from the tiles on and above the diagonal with atomics for the J side (odd and
+    even block counts; one K step with the feature tiles reused or reloaded, and a loop over
+    D; row and row + col gradients; float32, float16 with G scaled, bfloat16) vs float64."""
+    monkeypatch.setenv("FASTNCE_TRITON_SYM_BACKWARD", "half")
+    monkeypatch.setenv("FASTNCE_TRITON_DETERMINISTIC", "0")
+    spy("_grad_half")
+    dtype = (torch.float32, torch.float16, torch.bfloat16)[(i + M) % 3]
+    check(M, M, D, dtype, True, False, mask, i % 2 == 0)
+    assert spy.calls["_grad_half"] == 1
+
+
+@pytest.mark.parametrize("plan", ["half", "mirror"])
+def test_symmetric_backward_of_the_column_lse_alone(plan, monkeypatch):
+    """Only col_lse (= row_lse) gets a gradient: G's column terms alone (HAS_G off)."""
+    monkeypatch.setenv("FASTNCE_TRITON_SYM_BACKWARD", plan)
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(45, 20, generator=g)
+    w = torch.randn(45, generator=g, dtype=torch.float64)
+    grads = []
+    for backend, x in (("triton", q), ("reference", q.double())):
+        x = x.clone().requires_grad_()
+        s = torch.tensor(0.7, dtype=x.dtype, requires_grad=True)
+        _, col = ops.similarity_lse(x, None, s, col_lse=True, exclude_self=True, backend=backend)
+        grads.append(torch.autograd.grad((col.double() * w).sum(), (x, s)))
+    for got, want in zip(*grads):
+        torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("scale", [0.9, 40.0], ids=["shared-exp", "wide-spread"])
+def test_symmetric_backward_half_with_shared_or_own_exponentials(scale, monkeypatch):
+    """float16: one exponential for G and its mirror where the tile's LSEs lie within
+    ONE_EXP_SPREAD; scale 40 on unnormalised features puts them far apart (one each)."""
+    monkeypatch.setenv("FASTNCE_TRITON_SYM_BACKWARD", "half")
+    monkeypatch.setenv("FASTNCE_TRITON_DETERMINISTIC", "0")
+    check(70, 70, 24, torch.float16, True, False, EX0, True, scale=scale)
+
+
+@pytest.mark.parametrize("case", ["bias", "offset", "wide", "deterministic"])
+def test_symmetric_backward_half_only_where_it_applies(case, monkeypatch, spy):
+    """The half plan needs a symmetric S (no bias, only self-pairs excluded), D ≤ 128 (its
+    registers) and atomics (not in deterministic mode); elsewhere the mirror runs, as asked."""
+    monkeypatch.setenv("FASTNCE_TRITON_SYM_BACKWARD", "half")
+    monkeypatch.setenv("FASTNCE_TRITON_DETERMINISTIC", "1" if case == "deterministic" else "0")
+    spy("_grad_half")
+    spy("_grad_symmetric")
+    check(20, 20, 129 if case == "wide" else 16, torch.float32, True, case == "bias", EX3 if case == "offset" else EX0,
+          False)
+    assert (spy.calls["_grad_half"], spy.calls["_grad_symmetric"]) == (0, 1)
 
 
 def test_deterministic_mode_is_bit_for_bit(monkeypatch, spy):

@@ -12,7 +12,8 @@ def test_triton_kernels_compile_for_sm90():
     script = pathlib.Path(__file__).with_name("triton_aot.py")
     out = subprocess.run([sys.executable, str(script), "90"], capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
-    assert out.stdout.count("compiled ") == 25  # 6 kernel variants x (D = 128, 512) x (bf16, fp32), + merge
+    # 6 kernel variants x (D = 128, 512) x (bf16, fp32), the half backward at D = 128 (bf16, fp32), the merge
+    assert out.stdout.count("compiled ") == 27
 
 
 def test_every_benchmark_kernel_has_a_spill_free_autotune_candidate_on_sm90():
@@ -28,6 +29,6 @@ def test_every_benchmark_kernel_has_a_spill_free_autotune_candidate_on_sm90():
             variant = line[len("config "):].split("|")[0].strip()
             spill = int(line.rsplit("spill=", 1)[1].split()[0])
             spill_free[variant] = spill_free.get(variant, 0) + (spill == 0)
-    assert set(spill_free) == {"simclr fwd", "simclr fwd half", "simclr bwd sym", "clip panel",
+    assert set(spill_free) == {"simclr fwd", "simclr fwd half", "simclr bwd sym", "simclr bwd half", "clip panel",
                                "clip bwd atomic", "clip bwd two-pass"}, out.stdout
     assert all(spill_free.values()), out.stdout

@@ -34,7 +34,7 @@ INPUTS = {"p_x", "p_y", "p_q", "p_k"}
 LABELS = {"p_lx", "p_ly", "p_lq", "p_lk"}
 
 # The kernel variants of the GPU benchmark (fastnce/bench/gpu.py), bf16: NT-Xent at D = 128
-# (row LSE from every tile or half of them, symmetric backward), CLIP at D = 512 (one-pass row+col forward, then either the
+# (row LSE from every tile or half of them, symmetric backward from every tile or half of them), CLIP at D = 512 (one-pass row+col forward, then either the
 # one-recompute atomic backward or the two-pass deterministic one).
 _NO_MASK = dict(HAS_BIAS=False, MASK_MODE=0, DOT_F32=False, PREC="ieee")
 _BWD = dict(HAS_G=True, WRITE_DB=False, G_NORM=False, SPREAD=T.ONE_EXP_SPREAD)
@@ -43,6 +43,7 @@ BENCH_VARIANTS = [
     ("simclr fwd half", T._fwd_half_kernel, 128, dict(_NO_MASK, EXCLUDE=True, SPREAD=T.ONE_EXP_SPREAD)),
     ("simclr bwd sym", T._bwd_kernel, 128,
      dict(_NO_MASK, **_BWD, BIAS_ON_ROW=False, EXCLUDE=True, HAS_H=False, SYM=True)),
+    ("simclr bwd half", T._bwd_half_kernel, 128, dict(_NO_MASK, **_BWD, EXCLUDE=True, HAS_H=False, BDV=128)),
     ("clip panel", T._fwd_panel_kernel, 512, dict(_NO_MASK, EXCLUDE=False, SPREAD=T.ONE_EXP_SPREAD)),
     ("clip bwd atomic", T._bwd_atomic_kernel, 512, dict(_NO_MASK, **_BWD, EXCLUDE=False, HAS_H=True)),
     ("clip bwd two-pass", T._bwd_kernel, 512,
@@ -94,7 +95,7 @@ def resources(kernel, sm: int) -> dict:
 
 def default_configs(sm: int) -> None:
     """The config used without autotuning, of every kernel, at D = 128 (one K step: BK = D) and
-    D = 512 (a loop over D), bf16 and fp32, and the merge: 25 kernels."""
+    D = 512 (a loop over D), bf16 and fp32, the half backward (D ≤ 128 only) and the merge: 27 kernels."""
     target = GPUTarget("cuda", sm, 32)
     flags = dict(HAS_BIAS=True, EXCLUDE=True, MASK_MODE=1, DOT_F32=False)
     for D, dtype, prec in ((128, "bf16", "ieee"), (512, "bf16", "ieee"), (128, "fp32", "tf32x3"), (512, "fp32", "tf32x3")):
@@ -116,6 +117,12 @@ def default_configs(sm: int) -> None:
                 t = time.time()
                 compile_one(target, fn, dict(consts, **v), dtype, warps, stages, D)
                 print(f"compiled {kind}{'' if not v else f' {v}'} {dtype} D={D} ({time.time() - t:.1f} s)", flush=True)
+    for dtype, prec in (("bf16", "ieee"), ("fp32", "tf32x3")):
+        meta = T._default_meta("half-bwd", 128)
+        warps, stages = meta.pop("num_warps"), meta.pop("num_stages", 2)
+        consts = dict(flags, PREC=prec, SPREAD=T.ONE_EXP_SPREAD, HAS_G=True, HAS_H=True, G_NORM=False, BDV=128, **meta)
+        compile_one(target, T._bwd_half_kernel, consts, dtype, warps, stages, 128)
+        print(f"compiled half-bwd {dtype} D=128", flush=True)
     compile_one(target, T._col_merge_kernel, dict(BN=128), "fp32", 4, 2)
     print("compiled merge fp32", flush=True)
 
@@ -124,7 +131,8 @@ def autotune_candidates(sm: int) -> None:
     """One line per (benchmark variant, autotune candidate): 'config <variant> | <meta> | regs spill smem'."""
     target = GPUTarget("cuda", sm, 32)
     configs = {T._fwd_kernel: T._cfgs(True), T._fwd_panel_kernel: T._cfgs(True), T._fwd_half_kernel: T._HALF_CFGS,
-               T._bwd_kernel: T._cfgs(False), T._bwd_atomic_kernel: T._ATOMIC_CFGS}
+               T._bwd_kernel: T._cfgs(False), T._bwd_atomic_kernel: T._ATOMIC_CFGS,
+               T._bwd_half_kernel: T._HALF_BWD_CFGS}
     for label, fn, D, flags in BENCH_VARIANTS:
         for c in T._prune(configs[fn], {"D": D}):
             r = resources(compile_one(target, fn, dict(flags, **c.kwargs), "bf16", c.num_warps, c.num_stages, D), sm)

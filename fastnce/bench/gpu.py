@@ -1,7 +1,7 @@
 """`fastnce-bench gpu`: the one-call GPU check and benchmark (python -m fastnce.bench gpu).
 
 1. Correctness: every available GPU backend (fastnce.ops.available_backends('cuda', dtype)
-   minus 'reference' and 'torch'; triton with each of its two non-symmetric backward plans)
+   minus 'reference' and 'torch'; triton with each of its plans, _CHECK_RUNS)
    in float16, bfloat16 and float32 against the float64 reference at a moderate size, by
    DESIGN.md §6's criterion (error ≤ 2 × the error of the reference computed in that dtype +
    a small floor), row/col LSE and every gradient.
@@ -261,7 +261,7 @@ def gemm_tflops(n: int = 8192) -> float:
 
 # ----------------------------------------------------------------------------- correctness
 
-def check_backend(backend: str, dtype, n: int, symmetric: bool) -> dict:
+def check_backend(backend: str, dtype, n: int, symmetric: bool, bias: bool = True) -> dict:
     """One backend, one dtype, vs float64: max error of each output / gradient and pass/fail."""
     import torch
     from fastnce import ops
@@ -271,7 +271,7 @@ def check_backend(backend: str, dtype, n: int, symmetric: bool) -> dict:
     q0 = torch.nn.functional.normalize(torch.randn(M, D, device=DEVICE, generator=g), dim=1).to(dtype)
     k0 = None if symmetric else torch.nn.functional.normalize(
         torch.randn(N, D, device=DEVICE, generator=g), dim=1).to(dtype)
-    b0 = torch.randn(N, device=DEVICE, generator=g).to(dtype)
+    b0 = torch.randn(N, device=DEVICE, generator=g).to(dtype) if bias else None
     kw = dict(exclude_self=True)
     if symmetric:
         kw.update(labels=torch.randint(0, 50, (M,), device=DEVICE, generator=g), label_mask="different")
@@ -288,13 +288,13 @@ def check_backend(backend: str, dtype, n: int, symmetric: bool) -> dict:
         loss = fin(row, w_row) + fin(col, w_col)
         leaves = [t for t in (q, k, s, b) if t is not None]
         grads = torch.autograd.grad(loss, leaves)
-        names = ["dq"] + ([] if symmetric else ["dk"]) + ["dscale", "dbias"]
+        names = ["dq"] + ([] if symmetric else ["dk"]) + ["dscale"] + (["dbias"] if bias else [])
         return dict(zip(["row_lse", "col_lse"] + names, [row, col] + list(grads)))
 
     fast, low, exact = run(backend), run("reference"), run("reference", torch.float64)
     floor_rel = {torch.float16: 1e-3, torch.bfloat16: 1e-2, torch.float32: 1e-5}[dtype]
-    out = {"backend": backend, "dtype": str(dtype).replace("torch.", ""), "symmetric": symmetric, "ok": True,
-           "errors": {}}
+    out = {"backend": backend, "dtype": str(dtype).replace("torch.", ""), "symmetric": symmetric, "bias": bias,
+           "ok": True, "errors": {}}
     for name in exact:
         ex = exact[name].double()
         f, lo = fast[name].double(), low[name].double()
@@ -308,6 +308,19 @@ def check_backend(backend: str, dtype, n: int, symmetric: bool) -> dict:
         out["errors"][name] = {"err": fe, "ref_err": re_, "floor": floor, "ok": ok}
         out["ok"] &= ok
     return out
+
+
+# (symmetric, bias, plans forced through the environment) of each correctness check, for
+# (other backends, triton): every plan of the triton backend (its ops/triton_lse.py _PLANS)
+# runs once per dtype; the half symmetric plans need S without bias, as NT-Xent has it.
+_CHECK_RUNS = {
+    False: [(False, True, ()), (True, True, ()), (True, False, ())],
+    True: [(False, True, (("FASTNCE_TRITON_BACKWARD", "atomic"),)),
+           (False, True, (("FASTNCE_TRITON_BACKWARD", "two-pass"),)),
+           (True, True, ()),
+           (True, False, (("FASTNCE_TRITON_SYM_FORWARD", "rows"), ("FASTNCE_TRITON_SYM_BACKWARD", "mirror"))),
+           (True, False, (("FASTNCE_TRITON_SYM_FORWARD", "half"), ("FASTNCE_TRITON_SYM_BACKWARD", "half")))],
+}
 
 
 def run_checks(n: int) -> list:
@@ -325,26 +338,26 @@ def run_checks(n: int) -> list:
             tuned = getattr(triton_lse, "AUTOTUNE", False)
             if be == "triton":
                 triton_lse.AUTOTUNE = False
-            # the triton backend's two non-symmetric backward plans are each checked
-            runs = [(False, p) for p in (("atomic", "two-pass") if be == "triton" else (None,))] + [(True, None)]
             try:
-                for sym, plan in runs:
+                for sym, bias, plans in _CHECK_RUNS[be == "triton"]:
                     t0 = time.time()
-                    label = be if plan is None else f"{be}/{plan}"
-                    if plan is not None:
-                        os.environ["FASTNCE_TRITON_BACKWARD"] = plan
+                    label = "/".join([be] + [p for _, p in plans])
+                    os.environ.update(plans)
                     try:
-                        r = check_backend(be, dtype, n, sym)
+                        r = check_backend(be, dtype, n, sym, bias)
                     except Exception as e:  # a crash is a failed check, not a failed script
-                        r = {"backend": be, "dtype": str(dtype), "symmetric": sym, "ok": False, "error": repr(e)[:500]}
+                        r = {"backend": be, "dtype": str(dtype), "symmetric": sym, "bias": bias, "ok": False,
+                             "error": repr(e)[:500]}
                     finally:
-                        os.environ.pop("FASTNCE_TRITON_BACKWARD", None)
+                        for env, _ in plans:
+                            os.environ.pop(env, None)
                     r["backend"] = label
                     r["seconds"] = round(time.time() - t0, 1)
                     results.append(r)
                     worst = "" if "errors" not in r else ", ".join(
                         f"{k} {v['err']:.2g}/{2 * v['ref_err'] + v['floor']:.2g}" for k, v in r["errors"].items())
-                    print(f"check {label:<16} {r['dtype']:<9} {'self' if sym else 'q,k':<4} "
+                    what = ("self" if sym else "q,k") + ("+bias" if bias else "")
+                    print(f"check {label:<24} {r['dtype']:<9} {what:<9} "
                           f"{'PASS' if r['ok'] else 'FAIL'} ({r['seconds']} s) {worst}{r.get('error', '')}", flush=True)
             finally:
                 triton_lse.AUTOTUNE = tuned
@@ -462,7 +475,7 @@ def main(argv=None) -> int:
         print(f"inf-cl: {infcl_why}", flush=True)
     for case in args.cases:
         records.extend(bench_case(case, args.impls, args.budget, card, infcl_why, notes))
-        # which plan (symmetric forward; non-symmetric backward) the triton backend timed faster
+        # which plan (symmetric forward and backward; non-symmetric backward) the triton backend timed faster
         meta["triton_plans"] = {str(k): v for k, v in triton_lse.timed_plans().items()}
         write_records(records, args.out, card, date)  # keep what we have if a later case dies
         write_records(meta, args.out, card, date, suffix="-meta")

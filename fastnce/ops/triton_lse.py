@@ -39,8 +39,13 @@ Launcher contract: fastnce/ops/function.py. The kernels:
   yields G[I, J] also yields the mirror G[J, I]ᵀ (S[j, i] = S[i, j] − b[j] + b[i]; masks
   mirrored). One launch of `_bwd_kernel` with SYM accumulates (G[I,J] + G[J,I]ᵀ) @ q_J and,
   for dbias, the row sums of the mirror: 2 products for the whole backward instead of 4,
-  deterministic. Visiting only tiles I ≤ J in the backward too would halve its recompute
-  again, at the price of atomics for the J side (not done).
+  deterministic (plan "mirror").
+* `_bwd_half_kernel` (symmetric S without bias, plan "half", D ≤ 128): the backward from the
+  tiles on and above the diagonal only: a tile (I, J > I) gives Gs = G[I, J] + G[J, I]ᵀ once,
+  dq_I += Gs @ q_J in registers and dq_J += Gsᵀ @ q_I by fp32 atomics. 3 products and one
+  exponential per entry over half of S (1.5 and 0.5 per entry of S, against the mirror's 2
+  and 1), for M²·D/(2·BM) atomic adds (1.1·10⁹, 4.3 GB of L2 reduction traffic, at
+  simclr-16k with BM = 64: whether that costs more than it saves is timed, _plan).
 
 * Pipelining: each kernel walks tiles of S in a loop. Where D fits in one BK chunk (ONE_K,
   a heuristic on the config's BK; the BK = 128 and 512 candidates at D = 128, 512), the
@@ -74,9 +79,10 @@ chunks, all spilled, 56-1496 bytes), while the two-pass kernel has two spill-fre
 candidates (tests/triton_aot.py --configs). Which plan wins is timed per shape class
 (_backward_plan).
 simclr-16k (NT-Xent, 2N = 32768, D = 128, row LSE only): 3 products (forward 1, symmetric
-backward 2), 0.82 TFLOP, or 2.5 with the half forward (0.69 TFLOP); exponentials 3·M·N →
-1.5·M·N with the shared ones and the half forward (~0.8 → ~0.4 ms at ~4·10¹²/s): at D = 128
-they cost as much as the products.
+backward 2), 0.82 TFLOP, or 2.5 with the half forward (0.69 TFLOP), 2 with the half backward
+too (0.55 TFLOP); exponentials 3·M·N → 1.5·M·N with the shared ones and the half forward, M·N
+with the half backward too (~0.8 → ~0.4 → ~0.27 ms at ~4·10¹²/s): at D = 128 they cost as
+much as the products.
 The GPU benchmark (python -m fastnce.bench gpu) reports achieved TFLOP/s counting 4 products.
 
 Dtypes: float16, bfloat16, float32 in, fp32 accumulation and LSEs out. The second product
@@ -254,14 +260,25 @@ if triton is not None:
         return b, b_t
 
     @triton.jit
-    def _features(p, o_r, m_r, o_v, m_v, D, b_loaded, REUSE: tl.constexpr):
+    def _features(p, o_r, m_r, o_v, m_v, D, b_loaded, REUSE: tl.constexpr, DOT_F32: tl.constexpr):
         """p[o_r, o_v], the features of the second product: with REUSE (ONE_K and one feature
-        block spanning the tile) the tile of these rows already loaded for S, else a load."""
+        block spanning the tile) the tile of these rows already loaded for S, else a load;
+        fp32 when DOT_F32."""
         if REUSE:
             b = b_loaded
         else:
             b = tl.load(p + o_r[:, None] * D + o_v[None, :], mask=m_r[:, None] & m_v[None, :], other=0.0)
+            if DOT_F32:
+                b = b.to(tl.float32)
         return b
+
+    @triton.jit
+    def _g_operand(b_G, b_like, b_ginv, G_NORM: tl.constexpr):
+        """G (fp32) as the operand of a product with the features b_like: in their dtype (the
+        tensor cores, as FlashAttention does with P), scaled by ginv first for float16 (G_NORM)."""
+        if G_NORM:
+            b_G = b_G * b_ginv
+        return b_G.to(b_like.dtype)
 
     @triton.jit
     def _labels(p_l, o, m, MASK_MODE: tl.constexpr):
@@ -544,13 +561,8 @@ if triton is not None:
                 b_G = _g_tile(b_s, b_v, b_gi, b_ri, b_hj, b_cj, HAS_G, HAS_H, SPREAD)
                 if WRITE_DB:
                     b_db += tl.sum(b_G, 1)
-            b_yv = _features(p_y, o_j, m_j, o_v, m_v, D, b_yt, ONE_K and BDV == BK)
-            if DOT_F32:
-                b_acc += tl.dot(b_G, b_yv.to(tl.float32), input_precision=PREC)
-            else:
-                if G_NORM:
-                    b_G = b_G * b_ginv
-                b_acc += tl.dot(b_G.to(b_yv.dtype), b_yv, input_precision=PREC)
+            b_yv = _features(p_y, o_j, m_j, o_v, m_v, D, b_yt, ONE_K and BDV == BK, DOT_F32)
+            b_acc += tl.dot(_g_operand(b_G, b_yv, b_ginv, G_NORM), b_yv, input_precision=PREC)
         if G_NORM:
             b_acc = b_acc / b_ginv
         tl.store(p_dx + o_i[:, None] * D + o_v[None, :], b_acc, mask=m_i[:, None] & m_v[None, :])
@@ -739,27 +751,16 @@ if triton is not None:
             b_G = _g_tile(b_s, b_v, b_gi, b_ri, b_hj, b_cj, HAS_G, HAS_H, SPREAD)
             if WRITE_DB:
                 b_db += tl.sum(b_G, 0)
-            b_qv = _features(p_q, o_i, m_i, o_v, m_v, D, b_qi, ONE_K and BDV == BK)
-            if DOT_F32:
-                b_Gc = b_G
-                b_acc += tl.dot(tl.trans(b_Gc), b_qv.to(tl.float32), input_precision=PREC)
-            else:
-                if G_NORM:
-                    b_G = b_G * b_ginv
-                b_Gc = b_G.to(b_qv.dtype)
-                b_acc += tl.dot(tl.trans(b_Gc), b_qv, input_precision=PREC)
+            b_qv = _features(p_q, o_i, m_i, o_v, m_v, D, b_qi, ONE_K and BDV == BK, DOT_F32)
+            b_Gc = _g_operand(b_G, b_qv, b_ginv, G_NORM)
+            b_acc += tl.dot(tl.trans(b_Gc), b_qv, input_precision=PREC)
             # dq[I, d] += G @ k[J, d] in feature chunks of DQC: a (BM, BDV) fp32 tile beside the
             # (BN, BDV) accumulator is what made the BDV = 512 configs spill
             for c0 in tl.static_range(0, BDV, DQC):
                 o_c = i_d * BDV + c0 + tl.arange(0, DQC)
                 m_c = o_c < D
-                if ONE_K and DQC == BK:  # one chunk spanning the held rows of k
-                    b_kc = b_kj
-                else:
-                    b_kc = tl.load(p_k + o_j[:, None] * D + o_c[None, :], mask=m_j[:, None] & m_c[None, :],
-                                   other=0.0)
-                    if DOT_F32:
-                        b_kc = b_kc.to(tl.float32)
+                # with one chunk spanning the held rows of k (ONE_K, DQC == BK), those rows
+                b_kc = _features(p_k, o_j, m_j, o_c, m_c, D, b_kj, ONE_K and DQC == BK, DOT_F32)
                 b_dq = tl.dot(b_Gc, b_kc, input_precision=PREC)
                 if G_NORM:
                     b_dq = b_dq / b_ginv
@@ -774,6 +775,81 @@ if triton is not None:
                 tl.store(p_db + o_j, b_db, mask=m_j)
 
 
+    # ------------------------------------------------------------------ symmetric backward, half the tiles (atomics)
+    @triton.jit
+    def _gs_tile(b_raw, b_scale, o_i, o_j, m_i, m_j, b_yi, b_yj, b_gi, b_ri, b_hi, b_ci,
+                 b_gj, b_rj, b_hj, b_cj, EXCLUDE: tl.constexpr, MASK_MODE: tl.constexpr,
+                 HAS_G: tl.constexpr, HAS_H: tl.constexpr, SPREAD: tl.constexpr):
+        """G[I, J] + G[J, I]ᵀ (BM, BM) fp32 of a symmetric S = scale·x@xᵀ (no bias, only
+        self-pairs excluded: the masks are symmetric too) from the unscaled tile b_raw."""
+        b_v = _keep(o_i, o_j, m_i, m_j, b_yi, b_yj, 0, EXCLUDE, MASK_MODE, False)
+        b_G, b_Gm = _g_sym_tile(b_raw * b_scale, b_v, b_v, b_gi, b_ri, b_hj, b_cj, b_hi, b_ci, b_gj, b_rj,
+                                HAS_G, HAS_H, SPREAD)
+        return b_G + b_Gm
+
+    @triton.jit
+    def _bwd_half_kernel(p_x, p_scale, p_lx, p_g, p_r, p_h, p_c, p_ginv, p_dx, M, D, KEY_M, KEY_N,
+                         EXCLUDE: tl.constexpr, MASK_MODE: tl.constexpr, HAS_G: tl.constexpr,
+                         HAS_H: tl.constexpr, G_NORM: tl.constexpr, SPREAD: tl.constexpr,
+                         DOT_F32: tl.constexpr, PREC: tl.constexpr,
+                         BM: tl.constexpr, BK: tl.constexpr, BDV: tl.constexpr, ONE_K: tl.constexpr):
+        """dx += (G + Gᵀ) @ x (M, D) fp32 (dx zeroed) of a symmetric S from the tiles on and above
+        the diagonal; x (M, D) with D ≤ BDV; grid (⌈n/2⌉,) for n = ⌈M/BM⌉ square row blocks.
+
+        Program k owns the row blocks k and n − 1 − k (n + 1 tiles together, balanced). A tile
+        (I, J ≥ I) yields Gs = G[I, J] + G[J, I]ᵀ once (one product for S, one exponential per
+        entry where _span allows), then
+            dx[I] += Gs @ x[J]     in registers, added to dx once per row block
+            dx[J] += Gsᵀ @ x[I]    fp32 atomic add, for J > I (the diagonal tile feeds I only)
+        3 products over half the tiles where the mirrored `_bwd_kernel` does 2 over all of
+        them, and half its exponentials; the atomics' order varies, so dx's last bits do too.
+        """
+        i_k = tl.program_id(0)
+        n_b = tl.cdiv(M, BM)
+        b_scale = tl.load(p_scale)
+        b_ginv = 1.0
+        if G_NORM:
+            b_ginv = tl.load(p_ginv)
+        o_v = tl.arange(0, BDV)
+        m_v = o_v < D
+        n_own = 1 + (n_b - 1 - i_k > i_k).to(tl.int32)  # the middle block of an odd count once
+        for t in range(0, n_own):
+            i_b = i_k + t * (n_b - 1 - 2 * i_k)
+            o_i = (i_b * BM + tl.arange(0, BM)).to(tl.int64)
+            m_i = o_i < M
+            b_yi = _labels(p_lx, o_i, m_i, MASK_MODE)
+            b_gi, b_ri = _terms(p_g, p_r, o_i, m_i, HAS_G)
+            b_hi, b_ci = _terms(p_h, p_c, o_i, m_i, HAS_H)
+            b_held = _held(p_x, o_i, m_i, D, BK, DOT_F32, ONE_K)
+            b_xi = _features(p_x, o_i, m_i, o_v, m_v, D, b_held, ONE_K and BDV == BK, DOT_F32)
+            # the diagonal tile, its rows streamed as in the forwards (so that S rounds alike)
+            b_raw, b_xt = _s_step(b_held, p_x, p_x, o_i, o_i, m_i, m_i, D, BM, BM, BK, DOT_F32, PREC, ONE_K, True)
+            b_Gs = _gs_tile(b_raw, b_scale, o_i, o_i, m_i, m_i, b_yi, b_yi, b_gi, b_ri, b_hi, b_ci,
+                            b_gi, b_ri, b_hi, b_ci, EXCLUDE, MASK_MODE, HAS_G, HAS_H, SPREAD)
+            b_acc = tl.dot(_g_operand(b_Gs, b_xi, b_ginv, G_NORM), b_xi, input_precision=PREC)
+            for j_b in range(i_b + 1, n_b):
+                o_j = (j_b * BM + tl.arange(0, BM)).to(tl.int64)
+                m_j = o_j < M
+                b_raw, b_xt = _s_step(b_held, p_x, p_x, o_i, o_j, m_i, m_j, D, BM, BM, BK, DOT_F32, PREC, ONE_K,
+                                      True)
+                b_xj = _features(p_x, o_j, m_j, o_v, m_v, D, b_xt, ONE_K and BDV == BK, DOT_F32)
+                b_yj = _labels(p_lx, o_j, m_j, MASK_MODE)
+                b_gj, b_rj = _terms(p_g, p_r, o_j, m_j, HAS_G)
+                b_hj, b_cj = _terms(p_h, p_c, o_j, m_j, HAS_H)
+                b_Gs = _gs_tile(b_raw, b_scale, o_i, o_j, m_i, m_j, b_yi, b_yj, b_gi, b_ri, b_hi, b_ci,
+                                b_gj, b_rj, b_hj, b_cj, EXCLUDE, MASK_MODE, HAS_G, HAS_H, SPREAD)
+                b_Gc = _g_operand(b_Gs, b_xi, b_ginv, G_NORM)
+                b_acc += tl.dot(b_Gc, b_xj, input_precision=PREC)
+                b_dj = tl.dot(tl.trans(b_Gc), b_xi, input_precision=PREC)
+                if G_NORM:
+                    b_dj = b_dj / b_ginv
+                tl.atomic_add(p_dx + o_j[:, None] * D + o_v[None, :], b_dj, mask=m_j[:, None] & m_v[None, :],
+                              sem="relaxed")
+            if G_NORM:
+                b_acc = b_acc / b_ginv
+            tl.atomic_add(p_dx + o_i[:, None] * D + o_v[None, :], b_acc, mask=m_i[:, None] & m_v[None, :],
+                          sem="relaxed")
+
     # The one-recompute backward holds the key block (BN × BDV fp32) in registers and streams
     # query blocks of BM: BDV = D (no feature split, so one recompute) needs small BM and 8-16
     # warps at D = 512; the BDV < D configs trade extra recomputes for register room.
@@ -786,11 +862,18 @@ if triton is not None:
                                                   (32, 64, 64, 512, 16, 2), (64, 64, 64, 512, 16, 2),
                                                   (64, 64, 128, 128, 8, 2), (32, 32, 512, 512, 8, 2),
                                                   (32, 64, 512, 512, 8, 2)]]
+    # Square row tiles for the half backward, which holds x_I, x_J, the (BM, D) accumulator and
+    # the atomics' (BM, D) tile: at D = 128 on sm_90 these are its spill-free candidates (BM = 128
+    # spills 500-900 bytes with 8 or 16 warps, BM = 64 with 4 warps 150). BK ≥ D (_prune).
+    _HALF_BWD_CFGS = [triton.Config({"BM": bm, "BK": bk}, num_warps=w, num_stages=s)
+                      for bk in (32, 64, 128)
+                      for bm, w, s in [(64, 8, 2), (64, 8, 3), (32, 4, 2), (32, 4, 3), (32, 8, 2)]]
     _KEY = ["KEY_M", "KEY_N", "D", "HAS_BIAS", "MASK_MODE", "EXCLUDE"]
     # ONE_K (D fits in one BK chunk) follows from the launch's D and the config's BK
     _one_k = triton.heuristics({"ONE_K": lambda args: args["D"] <= args["BK"]})
-    _fwd, _panel, _half, _bwd, _atomic = (_one_k(k) for k in (_fwd_kernel, _fwd_panel_kernel, _fwd_half_kernel,
-                                                               _bwd_kernel, _bwd_atomic_kernel))
+    _fwd, _panel, _half, _bwd, _atomic, _half_bwd = (
+        _one_k(k) for k in (_fwd_kernel, _fwd_panel_kernel, _fwd_half_kernel, _bwd_kernel, _bwd_atomic_kernel,
+                            _bwd_half_kernel))
     # square tiles (BM = BN) for the half forward
     _HALF_CFGS = [triton.Config({"BM": bm, "BK": bk}, num_warps=w, num_stages=s)
                   for bm, bk, w, s in [(64, 128, 4, 3), (64, 128, 8, 3), (128, 128, 8, 3), (128, 128, 8, 2),
@@ -811,6 +894,9 @@ if triton is not None:
         "atomic": (_atomic, triton.autotune(
             configs=_ATOMIC_CFGS, key=_KEY + ["HAS_G", "HAS_H"], reset_to_zero=["p_dq"],
             prune_configs_by={"early_config_prune": _prune})(_atomic)),
+        "half-bwd": (_half_bwd, triton.autotune(
+            configs=_HALF_BWD_CFGS, key=["KEY_M", "D", "MASK_MODE", "EXCLUDE", "HAS_G", "HAS_H"],
+            reset_to_zero=["p_dx"], prune_configs_by={"early_config_prune": _prune})(_half_bwd)),
     }
 
 
@@ -821,6 +907,10 @@ _PANEL_MIN_BM = 16 if triton is not None and _INTERPRET else 64
 def _default_meta(kind: str, D: int) -> dict:
     """The config used without autotuning; under the interpreter one small config (16-row and
     -column tiles, so the small test shapes cross several tiles and leave tails)."""
+    if kind == "half-bwd":  # square tiles; BDV (the padded D) comes from the launcher
+        if _INTERPRET:
+            return dict(BM=16, BK=32, num_warps=1)
+        return dict(BM=64, BK=max(32, triton.next_power_of_2(D)), num_warps=8, num_stages=2)
     fwd = kind in ("fwd", "panel")
     atomic = dict(DQC=16) if kind == "atomic" else {}  # two dq chunks per feature block under the interpreter
     if kind == "half":  # square tiles
@@ -1111,8 +1201,15 @@ def deterministic() -> bool:
 #   tile, _fwd_kernel) or "half" (the tiles on and above the diagonal, _fwd_half_kernel: half
 #   the products and, mostly, one exponential for a row and a column, for (2, P, M) fp32 of
 #   column partials). Untimed: half.
+# * The symmetric backward (FASTNCE_TRITON_SYM_BACKWARD = auto | mirror | half), where S has no
+#   bias, only self-pairs are excluded and D ≤ 128: "mirror" (every tile, G and its mirror
+#   from one S product: 2 products and 1 exponential per entry of S, no atomics) or "half" (the
+#   tiles on and above the diagonal, _bwd_half_kernel: 3 products and 1 exponential per entry
+#   of half of S, i.e. 1.5 and 0.5, plus M²·D/(2·BM) fp32 atomic adds). Untimed: mirror.
+#   Deterministic mode always takes mirror.
 _PLANS = {"backward": ("FASTNCE_TRITON_BACKWARD", ("atomic", "two-pass")),
-          "sym-forward": ("FASTNCE_TRITON_SYM_FORWARD", ("rows", "half"))}
+          "sym-forward": ("FASTNCE_TRITON_SYM_FORWARD", ("rows", "half")),
+          "sym-backward": ("FASTNCE_TRITON_SYM_BACKWARD", ("mirror", "half"))}
 _plans: dict = {}
 
 
@@ -1191,7 +1288,7 @@ def backward(q, k, scale, bias, q_labels, k_labels, mask_mode, exclude_offset,
         r = None
     args = (q, k, scale, bias, q_labels, k_labels, mask_mode, exclude_offset, g, r, h, c, need_bias)
     if symmetric:
-        run = lambda a: _grad_symmetric(*a)
+        run = lambda a: _run_sym_plan(_sym_backward_plan(a), a)
         _tune_on_slice(("sym", g is not None, h is not None), run, args)
         return run(args)
     return _run_plan(_backward_plan(args), args)
@@ -1202,6 +1299,43 @@ def _grad_symmetric(q, k, scale, bias, lq, lk, mask_mode, offset, g, r, h, c, wr
     dq, db = _grad(q, q, scale, bias, lq, lq if lk is None else lk, mask_mode, offset, g, r, h, c,
                    False, True, write_db)
     return dq, None, db
+
+
+# Up to this D the half backward's (BM, D) accumulator and row tiles fit in registers.
+_HALF_BWD_MOST_D = 128
+
+
+def _sym_backward_plan(args: tuple) -> str:
+    """The plan for a symmetric backward: "mirror" (every tile, no atomics) or "half"."""
+    q, _, _, bias, _, _, _, offset = args[:8]
+    if deterministic() or bias is not None or offset not in (None, 0) or q.shape[1] > _HALF_BWD_MOST_D:
+        return "mirror"
+    return _plan("sym-backward", args, _run_sym_plan, "mirror")
+
+
+def _run_sym_plan(plan: str, args: tuple):
+    return _grad_half(*args) if plan == "half" else _grad_symmetric(*args)
+
+
+def _grad_half(q, k, scale, bias, lq, lk, mask_mode, offset, g, r, h, c, write_db):
+    """((G + Gᵀ) @ q (M, D) fp32, None, None) from the tiles on and above the diagonal; k is q,
+    no bias, offset None or 0 (symmetric masks), D ≤ _HALF_BWD_MOST_D."""
+    M, D = q.shape
+    dq = torch.zeros((M, D), dtype=torch.float32, device=q.device)  # accumulated with atomics
+    if M == 0 or D == 0 or (g is None and h is None):
+        return dq, None, None
+    dot_f32, prec = _dot_args(q.dtype)
+    f = _dummy(q)
+    grid = lambda meta: (triton.cdiv(triton.cdiv(M, meta["BM"]), 2),)
+    _launch(
+        "half-bwd", grid, D, q, scale, _dummy(q, torch.int64) if lq is None else lq,
+        f if g is None else g, f if r is None else r, f if h is None else h, f if c is None else c,
+        _ginv(q.dtype, g, h), dq, M, D, _key(M), _key(M),
+        EXCLUDE=offset is not None, MASK_MODE=int(mask_mode), HAS_G=g is not None, HAS_H=h is not None,
+        G_NORM=q.dtype == torch.float16, SPREAD=_spread(q.dtype), DOT_F32=dot_f32, PREC=prec,
+        BDV=max(16, triton.next_power_of_2(D)),
+    )
+    return dq, None, None
 
 
 def _grad_two_pass(q, k, scale, bias, lq, lk, mask_mode, offset, g, r, h, c, write_db):
