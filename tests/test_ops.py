@@ -165,6 +165,28 @@ def test_torch_compile_fullgraph_sees_through_the_op():
         torch.testing.assert_close(g, w)
 
 
+def test_import_leaves_torch_dynamo_unloaded_and_compile_still_sees_through(tmp_path):
+    """`import fastnce` marks resolve_backend for torch.compile without importing torch._dynamo
+    (0.8 s); a fresh process that compiles afterwards still gets one graph, and the mark is
+    the one torch.compiler.assume_constant_result sets."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "fresh.py"
+    script.write_text(
+        "import sys, torch, fastnce\n"
+        "from fastnce.ops import function\n"
+        "assert 'torch._dynamo' not in sys.modules, 'import fastnce loaded torch._dynamo'\n"
+        "official = vars(torch.compiler.assume_constant_result(lambda: None))\n"
+        "assert vars(function.resolve_backend) == official, (vars(function.resolve_backend), official)\n"
+        "f = lambda a, b, s: fastnce.clip_loss(a, b, s, backend='torch')\n"
+        "a, b, s = torch.randn(5, 3), torch.randn(5, 3), torch.tensor(2.0)\n"
+        "torch.testing.assert_close(torch.compile(f, fullgraph=True, backend='eager')(a, b, s), f(a, b, s))\n"
+    )
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+
+
 def test_expanded_incoming_gradient():
     q = torch.randn(5, 3, requires_grad=True)
     row, _ = ops.similarity_lse(q, None, 1.0, exclude_self=True, backend="torch")
