@@ -13,7 +13,9 @@
 //   into col_lse with an atomic log-add-exp (compare-and-swap on the float); the blocks start at
 //   different column tiles so they rarely meet on the same address.
 // * backward: two launches of one kernel. The row kernel (dq) owns 64 rows and walks column
-//   tiles; the column kernel (dk, dbias) owns 64 columns and walks row tiles. Each recomputes
+//   tiles; the column kernel (dk, dbias) owns 64 columns and walks row tiles. For k == q
+//   without bias (NT-Xent) the row kernel alone, each tile giving G and its mirror (p.mirror):
+//   dq = (G + G^T) @ q from one recompute, 2 products where the two launches take 4. Each recomputes
 //   S per tile, forms G in shared memory, and accumulates G @ k (or G^T @ q) into an fp32
 //   accumulator of 64 x panel in shared memory; when D does not fit (panel < D) the walk is
 //   repeated once per panel of output columns. No atomics unless the grid is split.
@@ -248,7 +250,7 @@ __global__ void __launch_bounds__(kThreads) lse_forward_kernel(const LseParams p
   T* Ks = reinterpret_cast<T*>(smem_raw + L.k_off);
   float* Ss = reinterpret_cast<float*>(smem_raw + L.s_off);
   float* v_bias = reinterpret_cast<float*>(smem_raw + L.vec_off);
-  int64_t* v_klab = reinterpret_cast<int64_t*>(smem_raw + L.vec_off + 5 * 64 * sizeof(float));
+  int64_t* v_klab = reinterpret_cast<int64_t*>(smem_raw + L.vec_off + kVecFloats * 64 * sizeof(float));
 
   const int tid = threadIdx.x;
   const int64_t M = p.M, N = p.N;
@@ -356,7 +358,11 @@ __global__ void __launch_bounds__(kThreads) lse_backward_kernel(const LseParams 
   float* v_bias = v_rlse + 128;
   float* v_clse = v_rlse + 192;
   float* v_gcol = v_rlse + 256;
-  int64_t* v_qlab = reinterpret_cast<int64_t*>(smem_raw + L.vec_off + 5 * 64 * sizeof(float));
+  float* v_rlse_c = v_rlse + 320;  // the mirror's terms: row lse and grad at the columns,
+  float* v_grow_c = v_rlse + 384;
+  float* v_clse_r = v_rlse + 448;  // col lse and grad at the rows
+  float* v_gcol_r = v_rlse + 512;
+  int64_t* v_qlab = reinterpret_cast<int64_t*>(smem_raw + L.vec_off + kVecFloats * 64 * sizeof(float));
   int64_t* v_klab = v_qlab + 64;
   float* acc_s = reinterpret_cast<float*>(smem_raw + L.acc_off);
   const int lda = p.panel + 4;
@@ -373,6 +379,7 @@ __global__ void __launch_bounds__(kThreads) lse_backward_kernel(const LseParams 
   const bool labels = p.mask_mode != kMaskNone;
   const bool has_grow = p.grad_row != nullptr, has_gcol = p.grad_col != nullptr;
   const bool atomic_out = p.splits > 1;
+  const bool mirror = !FOR_K && p.mirror != 0;
   const T* q = static_cast<const T*>(p.q);
   const T* k = static_cast<const T*>(p.k);
   float colsum = 0.0f;  // dbias of column outer0 + tid (FOR_K, tid < 64)
@@ -392,6 +399,10 @@ __global__ void __launch_bounds__(kThreads) lse_backward_kernel(const LseParams 
           v_rlse[tid] = (has_grow && ok) ? p.row_lse_in[i] * kLog2e : FASTNCE_NEG_INF;
           v_grow[tid] = (has_grow && ok) ? p.grad_row[i] : 0.0f;
           v_qlab[tid] = (labels && ok) ? p.q_labels[i] : 0;
+          if (mirror) {
+            v_clse_r[tid] = (has_gcol && ok) ? p.col_lse_in[i] * kLog2e : FASTNCE_NEG_INF;
+            v_gcol_r[tid] = (has_gcol && ok) ? p.grad_col[i] : 0.0f;
+          }
         } else {
           const int c = tid - 64;
           const int64_t j = col0 + c;
@@ -400,18 +411,30 @@ __global__ void __launch_bounds__(kThreads) lse_backward_kernel(const LseParams 
           v_clse[c] = (has_gcol && ok) ? p.col_lse_in[j] * kLog2e : FASTNCE_NEG_INF;
           v_gcol[c] = (has_gcol && ok) ? p.grad_col[j] : 0.0f;
           v_klab[c] = (labels && ok) ? p.k_labels[j] : 0;
+          if (mirror) {
+            v_rlse_c[c] = (has_grow && ok) ? p.row_lse_in[j] * kLog2e : FASTNCE_NEG_INF;
+            v_grow_c[c] = (has_grow && ok) ? p.grad_row[j] : 0.0f;
+          }
         }
       });
 
-      // G in place of S (and its 16-bit copy); 0 where masked or where an lse is -inf.
+      // G in place of S (and its 16-bit copy); 0 where masked or where an lse is -inf. With the
+      // mirror, G[i, j] + G[j, i]: S[j, i] = S[i, j] (k is q, no bias), its row terms at j and
+      // column terms at i, the pair dropped where (j, i) is (keep_pair with the roles swapped).
       for (int e = tid; e < kBM * kBN; e += kThreads) {
         const int r = e / kBN, c = e % kBN;
         const int64_t i = row0 + r, j = col0 + c;
         float g = 0.0f;
-        if (i < M && j < N && keep_pair(p, i, j, v_qlab[r], v_klab[c])) {
+        if (i < M && j < N) {
           const float s = Ss[r * kLdS + c] * scale2 + v_bias[c];
-          if (v_rlse[r] != FASTNCE_NEG_INF) g += v_grow[r] * exp2f(s - v_rlse[r]);
-          if (v_clse[c] != FASTNCE_NEG_INF) g += v_gcol[c] * exp2f(s - v_clse[c]);
+          if (keep_pair(p, i, j, v_qlab[r], v_klab[c])) {
+            if (v_rlse[r] != FASTNCE_NEG_INF) g += v_grow[r] * exp2f(s - v_rlse[r]);
+            if (v_clse[c] != FASTNCE_NEG_INF) g += v_gcol[c] * exp2f(s - v_clse[c]);
+          }
+          if (mirror && keep_pair(p, j, i, v_klab[c], v_qlab[r])) {
+            if (v_rlse_c[c] != FASTNCE_NEG_INF) g += v_grow_c[c] * exp2f(s - v_rlse_c[c]);
+            if (v_clse_r[r] != FASTNCE_NEG_INF) g += v_gcol_r[r] * exp2f(s - v_clse_r[r]);
+          }
         }
         Ss[r * kLdS + c] = g;
         if constexpr (kHalf) Gs[r * kLdG16 + c] = from_f<T>(g);

@@ -165,12 +165,15 @@ std::tuple<Tensor, Tensor, Tensor> lse_backward_cuda(
             need_bias ? at::zeros({N}, f32) : at::empty({0}, f32)};
   }
 
-  // dq = G @ k: one block per 64 rows, walking the column tiles.
+  // dq = G @ k: one block per 64 rows, walking the column tiles; for k == q without bias,
+  // dq = (G + G^T) @ q from the same tiles (the mirror), and no column kernel.
   LseParams pq = p;
+  pq.mirror = symmetric && !bias.has_value();
   choose_splits(pq, (M + kBM - 1) / kBM, (N + kBN - 1) / kBN, dev.num_sms);
   Tensor dq = pq.splits > 1 ? at::zeros({M, D}, f32) : at::empty({M, D}, f32);
   pq.out = dq.data_ptr<float>();
   launch_lse_backward(pq, dt, allow_tf32, /*for_k=*/false, stream);
+  if (pq.mirror) return {dq, at::empty({0}, f32), at::empty({0}, f32)};  // no bias: no dbias
 
   // dk = G^T @ q and dbias: one block per 64 columns, walking the row tiles.
   LseParams pk = p;

@@ -55,6 +55,9 @@ struct LseParams {
   const float* grad_col = nullptr;    // (N,) or null
   float* out = nullptr;             // dq (M, D) for the row kernel, dk (N, D) for the column kernel
   float* dbias = nullptr;           // (N,) or null (column kernel only)
+  // Row kernel with k == q and no bias (NT-Xent): each tile also yields the mirror G[J, I]^T
+  // (S[j, i] = S[i, j]), so one launch gives dq = (G + G^T) @ q, with no column kernel.
+  int mirror = 0;
   int panel = 0;                    // output columns per pass of the backward (multiple of kDK)
 
   // Work split: blockIdx.y takes inner tiles [y * tiles_per_split, (y + 1) * tiles_per_split).
@@ -76,8 +79,10 @@ struct SmemLayout {
   size_t q_off, k_off, s_off, g_off, vec_off, acc_off, total;
 };
 
-// Vector scratch: row lse, row grad, col bias, col lse, col grad (float) + 2 label tiles (int64).
-FASTNCE_HD inline size_t vec_bytes() { return 5 * 64 * sizeof(float) + 2 * 64 * sizeof(int64_t); }
+// Vector scratch: row lse, row grad, col bias, col lse, col grad, and for the mirror the row lse
+// and grad at the columns and the col lse and grad at the rows (float); then 2 label tiles (int64).
+constexpr int kVecFloats = 9;
+FASTNCE_HD inline size_t vec_bytes() { return kVecFloats * 64 * sizeof(float) + 2 * 64 * sizeof(int64_t); }
 
 // elem_bytes: 2 for fp16/bf16, 4 for fp32. panel: 0 for the forward (no accumulator).
 FASTNCE_HD inline SmemLayout smem_layout(int elem_bytes, int panel) {

@@ -137,6 +137,11 @@ EMU_CASES = [
     (1, 67, 129, 8, dict(mask=2, vec=0)),
     (1, 127, 127, 40, dict(sym=True, excl=0, mask=1, bias=True)),
     (2, 100, 150, 200, dict(bias=True, excl=1, smem=70000)),
+    # k is q without bias: the row kernel's mirror (G and G[J, I]^T from each tile), no dk kernel
+    (3, 130, 130, 70, dict(sym=True, excl=0)),
+    (1, 130, 130, 72, dict(sym=True, mask=2, excl=0, grads="col", min_tiles=1)),  # split grid
+    (2, 100, 100, 200, dict(sym=True, excl=-7, grads="row", smem=70000)),  # 2 passes, asymmetric exclusion
+    (0, 70, 70, 8, dict(sym=True, mask=1, min_tiles=1, vec=0)),
 ]
 
 
@@ -237,6 +242,7 @@ GPU_CASES = [
     (1000, 1000, 96, dict(col_lse=True, bias=True)),
     (256, 5000, 128, dict(col_lse=True)),  # split grid (few row blocks)
     (300, None, 40, dict(label_mask="same", exclude_self=True, col_lse=True, bias=True)),
+    (300, None, 40, dict(label_mask="different", exclude_self=True, col_lse=True)),  # the mirror, both terms
     (200, 300, 520, dict(col_lse=True, label_mask="different")),  # D not a multiple of 64, wide
 ]
 

@@ -1,5 +1,5 @@
 // C entry points that run the fastnce kernels under the CPU emulation (cuda_emu.h), with the
-// same orchestration as lse_ops.cpp (splits, -inf / zero pre-fill, symmetric sum). The test
+// same orchestration as lse_ops.cpp (splits, -inf / zero pre-fill, symmetric mirror or sum). The test
 // forces small split sizes and panels so that every path (atomic merges, several backward
 // passes) is taken at small sizes.
 //   g++ -std=c++20 -O1 -shared -fPIC -DFASTNCE_EMULATE -include cuda_emu.h -I<cuda>/include \
@@ -90,7 +90,8 @@ void emu_forward(int kind, const void* q, const void* k, const float* scale, con
   fwd_dispatch(kind, p);
 }
 
-// dq (M, D), dk (N, D) scratch, dbias (N,) or null. symmetric: dq += dk at the end.
+// dq (M, D), dk (N, D) scratch, dbias (N,) or null. symmetric: with bias dq += dk at the end,
+// without it the row kernel's mirror (dk untouched).
 // Returns the number of backward passes used (D / panel, rounded up).
 int emu_backward(int kind, const void* q, const void* k, const float* scale, const float* bias, const int64_t* ql,
                  const int64_t* kl, int mask_mode, int has_excl, int64_t off, int64_t M, int64_t N, int64_t D,
@@ -105,10 +106,12 @@ int emu_backward(int kind, const void* q, const void* k, const float* scale, con
   p.panel = backward_panel(kind <= 1 ? 2 : 4, D, size_t(smem_optin));
 
   LseParams pq = p;
+  pq.mirror = symmetric && bias == nullptr;
   choose_splits(pq, (M + kBM - 1) / kBM, (N + kBN - 1) / kBN, num_sms, min_tiles);
   for (int64_t e = 0; e < M * D; ++e) dq[e] = pq.splits > 1 ? 0.0f : std::nanf("");
   pq.out = dq;
   bwd_dispatch(kind, pq, false);
+  if (pq.mirror) return int((D + p.panel - 1) / p.panel);
 
   LseParams pk = p;
   choose_splits(pk, (N + kBN - 1) / kBN, (M + kBM - 1) / kBM, num_sms, min_tiles);

@@ -10,7 +10,8 @@ sub-tile, D streamed through shared memory 64 columns at a time; fp16/bf16 produ
 cores (WMMA), fp32 by plain FMA, or as tf32 on tensor cores when torch allows tf32 matmuls
 (torch.get_float32_matmul_precision() != 'highest'). Forward: online softmax over column tiles,
 column LSEs merged by an atomic log-add-exp. Backward: a row kernel (dq) and a column kernel
-(dk, dbias) that recompute S per tile.
+(dk, dbias) that recompute S per tile; for k = q without bias (NT-Xent) the row kernel alone,
+each tile giving G and its mirror: dq = (G + Gᵀ) @ q from 2 products instead of 4.
 """
 from __future__ import annotations
 
