@@ -7,7 +7,8 @@
 //
 // Organisation (kBM = kBN = 64, 128 threads = 4 warps, each warp a 32 x 32 sub-tile):
 // * forward: a block owns 64 rows and walks column tiles (a slice of them when the grid is split
-//   along N). Per tile, S is accumulated over D in 64-wide chunks staged in shared memory,
+//   along N; for k == q without bias only the tiles on and above the diagonal, p.upper, the
+//   column LSEs then giving the rows below their part: half the products). Per tile, S is accumulated over D in 64-wide chunks staged in shared memory,
 //   stored as fp32 into shared memory, masked, and folded into a running (max, sum) per row in
 //   base 2 (online softmax). Column LSEs: each tile's 64-row partial LSE per column is merged
 //   into col_lse with an atomic log-add-exp (compare-and-swap on the float); the blocks start at
@@ -267,10 +268,11 @@ __global__ void __launch_bounds__(kThreads) lse_forward_kernel(const LseParams p
   float m_run = FASTNCE_NEG_INF, l_run = 0.0f;
 
   const int64_t ntiles = (N + kBN - 1) / kBN;
-  const int64_t t_begin = int64_t(blockIdx.y) * p.tiles_per_split;
+  int64_t t_begin = int64_t(blockIdx.y) * p.tiles_per_split;
   int64_t t_end = t_begin + p.tiles_per_split;
   if (t_end > ntiles) t_end = ntiles;
-  const int64_t nt = t_end - t_begin;
+  if (p.upper && t_begin < int64_t(blockIdx.x)) t_begin = blockIdx.x;  // tiles on and above the diagonal
+  const int64_t nt = t_end - t_begin;  // may be <= 0 with upper: nothing to do
   for (int64_t it = 0; it < nt; ++it) {
     // Start each block at a different tile: spreads the column atomics.
     const int64_t col0 = (t_begin + (int64_t(blockIdx.x) + it) % nt) * kBN;
@@ -304,7 +306,8 @@ __global__ void __launch_bounds__(kThreads) lse_forward_kernel(const LseParams p
     l_run = l_run * exp2f(m_run - shift) + sum;
     m_run = m_new;
 
-    if (with_col) {
+    // (upper: the diagonal tile holds both halves of its rows, its columns add nothing)
+    if (with_col && !(p.upper && col0 == row0)) {
       __syncthreads();  // the masked tile is complete
       const int c = tid >> 1;  // column c, rows h, h + 2, ...
       float cmax = FASTNCE_NEG_INF;

@@ -1,7 +1,7 @@
 // fastnce CUDA backend: torch op registration (namespace fastnce_cuda).
 //
 //   fastnce_cuda::lse_forward(q, k, scale, bias?, q_labels?, k_labels?, mask_mode, exclude_offset?,
-//                             with_col, allow_tf32) -> (row_lse (M,), col_lse (N,) or (0,))
+//                             with_col, symmetric, allow_tf32) -> (row_lse (M,), col_lse (N,) or (0,))
 //   fastnce_cuda::lse_backward(q, k, scale, bias?, q_labels?, k_labels?, mask_mode, exclude_offset?,
 //                              row_lse, col_lse?, grad_row?, grad_col?, symmetric, need_bias,
 //                              allow_tf32) -> (dq (M, D), dk (N, D) or (0,), dbias (N,) or (0,))
@@ -114,20 +114,30 @@ LseParams make_params(const Tensor& q, const Tensor& k, const Tensor& scale, con
 std::tuple<Tensor, Tensor> lse_forward_cuda(const Tensor& q, const Tensor& k, const Tensor& scale,
                                             const std::optional<Tensor>& bias, const std::optional<Tensor>& q_labels,
                                             const std::optional<Tensor>& k_labels, int64_t mask_mode,
-                                            std::optional<int64_t> exclude_offset, bool with_col, bool allow_tf32) {
+                                            std::optional<int64_t> exclude_offset, bool with_col, bool symmetric,
+                                            bool allow_tf32) {
   LseParams p = make_params(q, k, scale, bias, q_labels, k_labels, mask_mode, exclude_offset);
   c10::cuda::CUDAGuard guard(q.device());
+  TORCH_CHECK(!symmetric || p.N == p.M, "fastnce_cuda: symmetric needs k to be q");
   const auto f32 = q.options().dtype(at::kFloat);
   const float neg_inf = -std::numeric_limits<float>::infinity();
-  Tensor col = with_col ? at::full({p.N}, neg_inf, f32) : at::empty({0}, f32);
+  // S symmetric with symmetric masks: the tiles on and above the diagonal, rows below through
+  // the column LSEs (then log-added into the row LSEs; col_lse, if asked, is the row LSE)
+  p.upper = symmetric && !bias.has_value() && exclude_offset.value_or(0) == 0;
+  const bool cols = with_col || p.upper;
+  Tensor col = cols ? at::full({p.N}, neg_inf, f32) : at::empty({0}, f32);
   if (p.M == 0 || p.N == 0) return {at::full({p.M}, neg_inf, f32), col};
 
   const DeviceInfo dev = device_info(q.get_device());
   choose_splits(p, (p.M + kBM - 1) / kBM, (p.N + kBN - 1) / kBN, dev.num_sms);
   Tensor row = p.splits > 1 ? at::full({p.M}, neg_inf, f32) : at::empty({p.M}, f32);
   p.row_lse = row.data_ptr<float>();
-  p.col_lse = with_col ? col.data_ptr<float>() : nullptr;
+  p.col_lse = cols ? col.data_ptr<float>() : nullptr;
   launch_lse_forward(p, dtype_code(q), allow_tf32, c10::cuda::getCurrentCUDAStream().stream());
+  if (p.upper) {
+    row = at::logaddexp(row, col);
+    col = with_col ? row.clone() : at::empty({0}, f32);
+  }
   return {row, col};
 }
 
@@ -197,7 +207,7 @@ std::tuple<Tensor, Tensor, Tensor> lse_backward_cuda(
 TORCH_LIBRARY(fastnce_cuda, m) {
   m.def(
       "lse_forward(Tensor q, Tensor k, Tensor scale, Tensor? bias, Tensor? q_labels, Tensor? k_labels, "
-      "int mask_mode, int? exclude_offset, bool with_col, bool allow_tf32) -> (Tensor, Tensor)");
+      "int mask_mode, int? exclude_offset, bool with_col, bool symmetric, bool allow_tf32) -> (Tensor, Tensor)");
   m.def(
       "lse_backward(Tensor q, Tensor k, Tensor scale, Tensor? bias, Tensor? q_labels, Tensor? k_labels, "
       "int mask_mode, int? exclude_offset, Tensor row_lse, Tensor? col_lse, Tensor? grad_row, Tensor? grad_col, "

@@ -47,6 +47,10 @@ struct LseParams {
   // forward outputs
   float* row_lse = nullptr;         // (M,)
   float* col_lse = nullptr;         // (N,) pre-filled with -inf, or null
+  // Forward with k == q, no bias, only self-pairs excluded (S and its masks symmetric): only the
+  // tiles on and above the diagonal; a tile (I, J > I) gives rows I their part (row_lse) and,
+  // through col_lse, rows J theirs. The caller log-adds the two: row LSE from half the products.
+  int upper = 0;
 
   // backward inputs / outputs
   const float* row_lse_in = nullptr;  // (M,)

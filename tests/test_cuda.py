@@ -108,7 +108,7 @@ def emu(tmp_path_factory):
     assert r.returncode == 0, r.stderr[-4000:]
     lib = ctypes.CDLL(str(out))
     P, I64, I = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-    lib.emu_forward.argtypes = [I, P, P, P, P, P, P, I, I, I64, I64, I64, I64, I, P, P, I, I64]
+    lib.emu_forward.argtypes = [I, P, P, P, P, P, P, I, I, I64, I64, I64, I64, I, P, P, I, I, I64]
     lib.emu_backward.argtypes = [I, P, P, P, P, P, P, I, I, I64, I64, I64, I64, I,
                                  P, P, P, P, P, P, P, I, I, I64, I64]
     lib.emu_backward.restype = I
@@ -190,7 +190,7 @@ def _emu_case(lib, kind, M, N, D, sym=False, bias=False, mask=0, excl=None, with
     col = torch.empty(N) if with_col else None
     args = (kind, _ptr(q), _ptr(k), _ptr(sc), _ptr(b), _ptr(ql), _ptr(kl), mask, int(excl is not None),
             excl or 0, M, N, D, vec)
-    lib.emu_forward(*args, _ptr(row), _ptr(col), 4, min_tiles)
+    lib.emu_forward(*args, _ptr(row), _ptr(col), int(sym), 4, min_tiles)
     dq, dk = torch.empty(M, D), torch.empty(N, D)
     db = torch.empty(N) if bias else None
     gr32 = None if gr is None else gr.float()  # named: a temporary would be freed before the call
@@ -220,6 +220,13 @@ def test_kernels_emulated_propagate_nan(emu, min_tiles):
     assert torch.isnan(row).all()
     assert torch.isnan(col[77]) and torch.isfinite(col[torch.arange(130) != 77]).all()
     assert torch.isnan(dq).all()
+
+
+@pytest.mark.parametrize("min_tiles", [1000, 1], ids=["one-pass", "split-grid"])
+def test_kernels_emulated_propagate_nan_symmetric(emu, min_tiles):
+    """k is q: a NaN feature reaches every row LSE, also those that get it from the tiles above."""
+    (row, col, dq, _, _), _, _ = _emu_case(emu, 0, 140, 140, 16, sym=True, excl=0, nan_key=100, min_tiles=min_tiles)
+    assert torch.isnan(row).all() and torch.isnan(col).all() and torch.isnan(dq).all()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -335,8 +342,11 @@ def test_gpu_opcheck(dtype):
     bias = torch.randn(90, device="cuda")
     ql = torch.randint(0, 3, (70,), device="cuda")
     kl = torch.randint(0, 3, (90,), device="cuda")
-    fwd = (q, k, scale, bias, ql, kl, 1, 0, True, False)
+    fwd = (q, k, scale, bias, ql, kl, 1, 0, True, False, False)
     torch.library.opcheck(torch.ops.fastnce_cuda.lse_forward.default, fwd)
+    for with_col in (True, False):  # k is q: the tiles on and above the diagonal
+        torch.library.opcheck(torch.ops.fastnce_cuda.lse_forward.default,
+                              (q, q, scale, None, None, None, 0, 0, with_col, True, False))
     row, col = torch.ops.fastnce_cuda.lse_forward(*fwd)
     bwd = (q, k, scale, bias, ql, kl, 1, 0, row, col, torch.randn_like(row), torch.randn_like(col), False, True, False)
     torch.library.opcheck(torch.ops.fastnce_cuda.lse_backward.default, bwd)

@@ -75,19 +75,29 @@ LseParams base(const void* q, const void* k, const float* scale, const float* bi
 
 extern "C" {
 
-// row: (M,), col: (N,) or null. num_sms / min_tiles steer choose_splits.
+// row: (M,), col: (N,) or null. num_sms / min_tiles steer choose_splits. symmetric (k is q):
+// without bias and with only self-pairs excluded, the tiles on and above the diagonal.
 void emu_forward(int kind, const void* q, const void* k, const float* scale, const float* bias, const int64_t* ql,
                  const int64_t* kl, int mask_mode, int has_excl, int64_t off, int64_t M, int64_t N, int64_t D,
-                 int vec, float* row, float* col, int num_sms, int64_t min_tiles) {
+                 int vec, float* row, float* col, int symmetric, int num_sms, int64_t min_tiles) {
   LseParams p = base(q, k, scale, bias, ql, kl, mask_mode, has_excl, off, M, N, D, vec);
   const float ninf = -std::numeric_limits<float>::infinity();
+  p.upper = symmetric && bias == nullptr && (!has_excl || off == 0);
+  std::vector<float> part(p.upper ? N : 0, ninf);  // the rows' parts from the tiles above them
   choose_splits(p, (M + kBM - 1) / kBM, (N + kBN - 1) / kBN, num_sms, min_tiles);
   for (int64_t i = 0; i < M; ++i) row[i] = p.splits > 1 ? ninf : std::nanf("");
   if (col)
     for (int64_t j = 0; j < N; ++j) col[j] = ninf;
   p.row_lse = row;
-  p.col_lse = col;
+  p.col_lse = p.upper ? part.data() : col;
   fwd_dispatch(kind, p);
+  if (p.upper) {
+    for (int64_t i = 0; i < M; ++i) {
+      const float a = row[i], b = part[i], hi = std::fmax(a, b), lo = std::fmin(a, b);
+      row[i] = (std::isnan(a) || std::isnan(b)) ? std::nanf("") : (lo == ninf ? hi : hi + std::log1p(std::exp(lo - hi)));
+      if (col) col[i] = row[i];
+    }
+  }
 }
 
 // dq (M, D), dk (N, D) scratch, dbias (N,) or null. symmetric: with bias dq += dk at the end,

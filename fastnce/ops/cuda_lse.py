@@ -9,7 +9,8 @@ Kernel design (csrc/lse_kernels.cuh): 64 x 64 tiles of S, 4 warps each holding a
 sub-tile, D streamed through shared memory 64 columns at a time; fp16/bf16 products on tensor
 cores (WMMA), fp32 by plain FMA, or as tf32 on tensor cores when torch allows tf32 matmuls
 (torch.get_float32_matmul_precision() != 'highest'). Forward: online softmax over column tiles,
-column LSEs merged by an atomic log-add-exp. Backward: a row kernel (dq) and a column kernel
+column LSEs merged by an atomic log-add-exp; for k = q without bias (NT-Xent) only the tiles on
+and above the diagonal, the rows below getting their part through the column LSEs. Backward: a row kernel (dq) and a column kernel
 (dk, dbias) that recompute S per tile; for k = q without bias (NT-Xent) the row kernel alone,
 each tile giving G and its mirror: dq = (G + Gᵀ) @ q from 2 products instead of 4.
 """
@@ -95,7 +96,7 @@ def _register_fakes() -> None:
         return
 
     @torch.library.register_fake("fastnce_cuda::lse_forward")
-    def _(q, k, scale, bias, q_labels, k_labels, mask_mode, exclude_offset, with_col, allow_tf32):
+    def _(q, k, scale, bias, q_labels, k_labels, mask_mode, exclude_offset, with_col, symmetric, allow_tf32):
         return q.new_empty((q.shape[0],), dtype=torch.float32), q.new_empty(
             (k.shape[0] if with_col else 0,), dtype=torch.float32
         )
@@ -144,7 +145,7 @@ def forward(q, k, scale, bias, q_labels, k_labels, mask_mode, exclude_offset, wi
     _require()
     row, col = torch.ops.fastnce_cuda.lse_forward(
         q, k, scale.to(torch.float32).reshape(()), _f32(bias), q_labels, k_labels, int(mask_mode),
-        exclude_offset, bool(with_col), _allow_tf32(q.dtype),
+        exclude_offset, bool(with_col), bool(symmetric), _allow_tf32(q.dtype),
     )
     return row, (col if with_col else None)
 
