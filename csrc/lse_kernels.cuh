@@ -335,6 +335,20 @@ __global__ void __launch_bounds__(kThreads) lse_forward_kernel(const LseParams p
   }
 }
 
+// The backward's second product for one warp: acc += G @ Ks (the row kernel, dq) or
+// G^T @ Qs (the column kernel, dk), its 32 x 32 part of the 64 x kDK chunk.
+template <class T, int KIND, bool FOR_K>
+__device__ __forceinline__ void accumulate_g_product(WarpTile<T, KIND>& acc, const T* Gs, const T* Qs, const T* Ks) {
+  constexpr int LDO = ld_operand(sizeof(T));
+  constexpr int LDG = sizeof(T) == 2 ? kLdG16 : kLdS;
+  const int warp = threadIdx.x >> 5, wm = warp >> 1, wn = warp & 1;
+  if (FOR_K) {
+    acc.template mma<true, false>(Gs + wm * 32, LDG, Qs + wn * 32, LDO, kBM);
+  } else {
+    acc.template mma<false, false>(Gs + wm * 32 * LDG, LDG, Ks + wn * 32, LDO, kBN);
+  }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Backward: FOR_K = false: grid (ceil(M / 64), splits), out = dq (M, D) = G @ k.
 //           FOR_K = true:  grid (ceil(N / 64), splits), out = dk (N, D) = G^T @ q, dbias.
@@ -349,7 +363,6 @@ __global__ void __launch_bounds__(kThreads) lse_backward_kernel(const LseParams 
 #endif
   constexpr bool kHalf = sizeof(T) == 2;
   constexpr int LDO = ld_operand(sizeof(T));
-  constexpr int LDG = kHalf ? kLdG16 : kLdS;
   const SmemLayout L = smem_layout(sizeof(T), p.panel);
   T* Qs = reinterpret_cast<T*>(smem_raw + L.q_off);
   T* Ks = reinterpret_cast<T*>(smem_raw + L.k_off);
@@ -387,10 +400,20 @@ __global__ void __launch_bounds__(kThreads) lse_backward_kernel(const LseParams 
   const T* k = static_cast<const T*>(p.k);
   float colsum = 0.0f;  // dbias of column outer0 + tid (FOR_K, tid < 64)
 
+  // Up to kRegChunks output chunks (D <= 128: NT-Xent's projections) the warps keep their
+  // accumulator tiles in registers over the whole walk, written to acc_s once at the end;
+  // wider panels accumulate in acc_s, loaded and stored around each chunk's product.
+  const bool reg_acc = p.panel <= kRegChunks * kDK;
+  WarpTile<T, KIND> racc[kRegChunks];
   for (int64_t pass0 = 0; pass0 < D; pass0 += p.panel) {
     const int pw = int((D - pass0) < p.panel ? (D - pass0) : p.panel);
     const int nch = (pw + kDK - 1) / kDK;
-    for (int e = tid; e < 64 * lda; e += kThreads) acc_s[e] = 0.0f;
+    if (reg_acc) {
+#pragma unroll
+      for (int ch = 0; ch < kRegChunks; ++ch) racc[ch].zero();
+    } else {
+      for (int e = tid; e < 64 * lda; e += kThreads) acc_s[e] = 0.0f;
+    }
 
     for (int64_t t = t_begin; t < t_end; ++t) {
       const int64_t row0 = FOR_K ? t * kBM : outer0;
@@ -457,16 +480,23 @@ __global__ void __launch_bounds__(kThreads) lse_backward_kernel(const LseParams 
           load_rows(Ks, LDO, k, col0, N, dd, D, p.vec_loads != 0);
         }
         __syncthreads();
-        float* C = acc_s + wm * 32 * lda + ch * kDK + wn * 32;
-        WarpTile<T, KIND> o;
-        o.load(C, lda);
-        if (FOR_K) {
-          o.template mma<true, false>(Gs + wm * 32, LDG, Qs + wn * 32, LDO, kBM);
+        if (reg_acc) {
+#pragma unroll
+          for (int rc = 0; rc < kRegChunks; ++rc)  // a constant index keeps racc in registers
+            if (rc == ch) accumulate_g_product<T, KIND, FOR_K>(racc[rc], Gs, Qs, Ks);
         } else {
-          o.template mma<false, false>(Gs + wm * 32 * LDG, LDG, Ks + wn * 32, LDO, kBN);
+          float* C = acc_s + wm * 32 * lda + ch * kDK + wn * 32;
+          WarpTile<T, KIND> o;
+          o.load(C, lda);
+          accumulate_g_product<T, KIND, FOR_K>(o, Gs, Qs, Ks);
+          o.store(C, lda);
         }
-        o.store(C, lda);
       }
+    }
+    if (reg_acc) {
+#pragma unroll
+      for (int ch = 0; ch < kRegChunks; ++ch)
+        if (ch < nch) racc[ch].store(acc_s + wm * 32 * lda + ch * kDK + wn * 32, lda);
     }
     __syncthreads();
     for (int e = tid; e < 64 * pw; e += kThreads) {

@@ -21,6 +21,9 @@ constexpr int kBM = 64;
 constexpr int kBN = 64;
 constexpr int kDK = 64;
 constexpr int kThreads = 128;
+// Backward output chunks (of kDK features) that each warp keeps in registers over its walk
+// (panel <= kRegChunks * kDK); wider panels accumulate in shared memory.
+constexpr int kRegChunks = 2;
 
 // Matrix-product flavours.
 enum MmaKind : int {

@@ -142,6 +142,9 @@ EMU_CASES = [
     (1, 130, 130, 72, dict(sym=True, mask=2, excl=0, grads="col", min_tiles=1)),  # split grid
     (2, 100, 100, 200, dict(sym=True, excl=-7, grads="row", smem=70000)),  # 2 passes, asymmetric exclusion
     (0, 70, 70, 8, dict(sym=True, mask=1, min_tiles=1, vec=0)),
+    # a 256-wide panel (D = 200): the backward accumulates in shared memory, not in registers
+    (1, 70, 90, 200, dict(mask=1, bias=True)),
+    (0, 80, 80, 200, dict(sym=True, excl=0, min_tiles=1)),
 ]
 
 
