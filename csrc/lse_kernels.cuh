@@ -471,15 +471,20 @@ __global__ void __launch_bounds__(kThreads) lse_backward_kernel(const LseParams 
       }
 
       // acc[:, chunk] += G @ k[cols, chunk]   or   G^T @ q[rows, chunk]
-      for (int ch = 0; ch < nch; ++ch) {
-        if (ch > 0) __syncthreads();  // the previous chunk's products are done with the operand
+      // Last chunk first: the S product left D's last chunk of these rows staged in Qs / Ks.
+      const int64_t d_last = (D - 1) / kDK * kDK;
+      for (int i = 0; i < nch; ++i) {
+        const int ch = nch - 1 - i;
         const int64_t dd = pass0 + int64_t(ch) * kDK;
-        if (FOR_K) {
-          load_rows(Qs, LDO, q, row0, M, dd, D, p.vec_loads != 0);
-        } else {
-          load_rows(Ks, LDO, k, col0, N, dd, D, p.vec_loads != 0);
+        if (i > 0 || dd != d_last) {
+          if (i > 0) __syncthreads();  // the previous chunk's products are done with the operand
+          if (FOR_K) {
+            load_rows(Qs, LDO, q, row0, M, dd, D, p.vec_loads != 0);
+          } else {
+            load_rows(Ks, LDO, k, col0, N, dd, D, p.vec_loads != 0);
+          }
+          __syncthreads();
         }
-        __syncthreads();
         if (reg_acc) {
 #pragma unroll
           for (int rc = 0; rc < kRegChunks; ++rc)  // a constant index keeps racc in registers
