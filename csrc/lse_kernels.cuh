@@ -335,6 +335,56 @@ __global__ void __launch_bounds__(kThreads) lse_forward_kernel(const LseParams p
   }
 }
 
+// The largest finite LSE (base 2) of a backward tile's G terms (rows' v_rlse, columns' v_clse,
+// and with the mirror the columns' v_rlse_c and rows' v_clse_r), when all its finite LSEs lie
+// within kOneExpSpread2 of it; else -inf (also when there is none), NaN when one is NaN. Block-
+// wide: every thread gets the same value (one barrier; v_red holds 3 floats per warp).
+__device__ __forceinline__ float tile_lse_top(const float* v_rlse, const float* v_clse, const float* v_rlse_c,
+                                              const float* v_clse_r, float* v_red, bool mirror) {
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  float mx = FASTNCE_NEG_INF, mn = -FASTNCE_NEG_INF, nan = 0.0f;
+  auto see = [&](float l) {
+    if (l != l) nan = 1.0f;
+    if (l != FASTNCE_NEG_INF) {
+      mx = fmaxf(mx, l);
+      mn = fminf(mn, l);
+    }
+  };
+  if (tid < 64) {
+    see(v_rlse[tid]);
+    if (mirror) see(v_clse_r[tid]);
+  } else {
+    see(v_clse[tid - 64]);
+    if (mirror) see(v_rlse_c[tid - 64]);
+  }
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) {
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+    mn = fminf(mn, __shfl_xor_sync(0xffffffffu, mn, o));
+    nan = fmaxf(nan, __shfl_xor_sync(0xffffffffu, nan, o));
+  }
+  if (lane == 0) {
+    v_red[3 * warp] = mx;
+    v_red[3 * warp + 1] = mn;
+    v_red[3 * warp + 2] = nan;
+  }
+  __syncthreads();
+  mx = FASTNCE_NEG_INF, mn = -FASTNCE_NEG_INF, nan = 0.0f;
+#pragma unroll
+  for (int w = 0; w < kThreads / 32; ++w) {
+    mx = fmaxf(mx, v_red[3 * w]);
+    mn = fminf(mn, v_red[3 * w + 1]);
+    nan = fmaxf(nan, v_red[3 * w + 2]);
+  }
+  if (nan != 0.0f) return __int_as_float(0x7fc00000);
+  return (mx - mn <= kOneExpSpread2) ? mx : FASTNCE_NEG_INF;
+}
+
+// a·2^(hi − l): a gradient times its shared exponential's correction; 0 for an absent term.
+__device__ __forceinline__ float shared_factor(float a, float l, float hi) {
+  return l == FASTNCE_NEG_INF ? 0.0f : a * exp2f(hi - l);
+}
+
 // The backward's second product for one warp: acc += G @ Ks (the row kernel, dq) or
 // G^T @ Qs (the column kernel, dk), its 32 x 32 part of the 64 x kDK chunk.
 template <class T, int KIND, bool FOR_K>
@@ -378,6 +428,7 @@ __global__ void __launch_bounds__(kThreads) lse_backward_kernel(const LseParams 
   float* v_grow_c = v_rlse + 384;
   float* v_clse_r = v_rlse + 448;  // col lse and grad at the rows
   float* v_gcol_r = v_rlse + 512;
+  float* v_red = v_rlse + 576;  // per-warp (max, min, NaN seen) of the tile's LSEs
   int64_t* v_qlab = reinterpret_cast<int64_t*>(smem_raw + L.vec_off + kVecFloats * 64 * sizeof(float));
   int64_t* v_klab = v_qlab + 64;
   float* acc_s = reinterpret_cast<float*>(smem_raw + L.acc_off);
@@ -444,6 +495,25 @@ __global__ void __launch_bounds__(kThreads) lse_backward_kernel(const LseParams 
         }
       });
 
+      // One exponential per entry for all of G's terms (row and column, G and its mirror)
+      // when the tile's LSEs lie within kOneExpSpread2 of each other: a·2^(s − l) =
+      // 2^(s − hi)·(a·2^(hi − l)), hi the tile's largest LSE; every valid s is at most the LSEs
+      // of its lines, so 2^(s − hi) ≤ 1, a·2^(hi − l) < a·2^58, and a term whose 2^(s − hi)
+      // underflows is below 2^-68 of its line's sum. Not for fp32 FMA products, whose accuracy
+      // the larger arguments' rounding would show (as in the Triton kernels).
+      const float hi = KIND == kMmaSimt ? 0.0f : tile_lse_top(v_rlse, v_clse, v_rlse_c, v_clse_r, v_red, mirror);
+      const bool shared = KIND != kMmaSimt && hi != FASTNCE_NEG_INF && hi == hi;  // (NaN: never)
+      if (shared) {  // the gradients become the factors a·2^(hi − l), in place (this tile's copies)
+        if (tid < 64) {
+          v_grow[tid] = shared_factor(v_grow[tid], v_rlse[tid], hi);
+          if (mirror) v_gcol_r[tid] = shared_factor(v_gcol_r[tid], v_clse_r[tid], hi);
+        } else {
+          v_gcol[tid - 64] = shared_factor(v_gcol[tid - 64], v_clse[tid - 64], hi);
+          if (mirror) v_grow_c[tid - 64] = shared_factor(v_grow_c[tid - 64], v_rlse_c[tid - 64], hi);
+        }
+        __syncthreads();
+      }
+
       // G in place of S (and its 16-bit copy); 0 where masked or where an lse is -inf. With the
       // mirror, G[i, j] + G[j, i]: S[j, i] = S[i, j] (k is q, no bias), its row terms at j and
       // column terms at i, the pair dropped where (j, i) is (keep_pair with the roles swapped).
@@ -453,13 +523,20 @@ __global__ void __launch_bounds__(kThreads) lse_backward_kernel(const LseParams 
         float g = 0.0f;
         if (i < M && j < N) {
           const float s = Ss[r * kLdS + c] * scale2 + v_bias[c];
-          if (keep_pair(p, i, j, v_qlab[r], v_klab[c])) {
-            if (v_rlse[r] != FASTNCE_NEG_INF) g += v_grow[r] * exp2f(s - v_rlse[r]);
-            if (v_clse[c] != FASTNCE_NEG_INF) g += v_gcol[c] * exp2f(s - v_clse[c]);
-          }
-          if (mirror && keep_pair(p, j, i, v_klab[c], v_qlab[r])) {
-            if (v_rlse_c[c] != FASTNCE_NEG_INF) g += v_grow_c[c] * exp2f(s - v_rlse_c[c]);
-            if (v_clse_r[r] != FASTNCE_NEG_INF) g += v_gcol_r[r] * exp2f(s - v_clse_r[r]);
+          const bool keep = keep_pair(p, i, j, v_qlab[r], v_klab[c]);
+          const bool keep_m = mirror && keep_pair(p, j, i, v_klab[c], v_qlab[r]);
+          if (shared) {
+            const float a = (keep ? v_grow[r] + v_gcol[c] : 0.0f) + (keep_m ? v_grow_c[c] + v_gcol_r[r] : 0.0f);
+            if (a != 0.0f) g = a * exp2f(s - hi);
+          } else {
+            if (keep) {
+              if (v_rlse[r] != FASTNCE_NEG_INF) g += v_grow[r] * exp2f(s - v_rlse[r]);
+              if (v_clse[c] != FASTNCE_NEG_INF) g += v_gcol[c] * exp2f(s - v_clse[c]);
+            }
+            if (keep_m) {
+              if (v_rlse_c[c] != FASTNCE_NEG_INF) g += v_grow_c[c] * exp2f(s - v_rlse_c[c]);
+              if (v_clse_r[r] != FASTNCE_NEG_INF) g += v_gcol_r[r] * exp2f(s - v_clse_r[r]);
+            }
           }
         }
         Ss[r * kLdS + c] = g;

@@ -32,6 +32,10 @@ enum MmaKind : int {
   kMmaSimt = 2,    // fp32 operands, plain FMA
 };
 
+// The backward's terms of G share one exponential per entry when the tile's LSEs lie within
+// this (40 nats, in base 2) of each other, as the Triton kernels do (triton_lse._span).
+constexpr float kOneExpSpread2 = 40.0f * 1.4426950408889634f;
+
 enum MaskMode : int { kMaskNone = 0, kMaskSame = 1, kMaskDifferent = 2 };
 
 struct LseParams {
@@ -87,8 +91,9 @@ struct SmemLayout {
 };
 
 // Vector scratch: row lse, row grad, col bias, col lse, col grad, and for the mirror the row lse
-// and grad at the columns and the col lse and grad at the rows (float); then 2 label tiles (int64).
-constexpr int kVecFloats = 9;
+// and grad at the columns and the col lse and grad at the rows, and a reduction scratch
+// (float); then 2 label tiles (int64).
+constexpr int kVecFloats = 10;
 FASTNCE_HD inline size_t vec_bytes() { return kVecFloats * 64 * sizeof(float) + 2 * 64 * sizeof(int64_t); }
 
 // elem_bytes: 2 for fp16/bf16, 4 for fp32. panel: 0 for the forward (no accumulator).

@@ -142,6 +142,9 @@ EMU_CASES = [
     (1, 130, 130, 72, dict(sym=True, mask=2, excl=0, grads="col", min_tiles=1)),  # split grid
     (2, 100, 100, 200, dict(sym=True, excl=-7, grads="row", smem=70000)),  # 2 passes, asymmetric exclusion
     (0, 70, 70, 8, dict(sym=True, mask=1, min_tiles=1, vec=0)),
+    # scale x30: a tile's LSEs lie far apart, G's terms keep one exponential each (16-bit)
+    (0, 70, 90, 8, dict(mask=1, scale_mul=30.0)),
+    (1, 70, 70, 8, dict(sym=True, excl=0, scale_mul=30.0)),
     # a 256-wide panel (D = 200): the backward accumulates in shared memory, not in registers
     (1, 70, 90, 200, dict(mask=1, bias=True)),
     (0, 80, 80, 200, dict(sym=True, excl=0, min_tiles=1)),
@@ -153,7 +156,7 @@ def _ptr(t):
 
 
 def _emu_case(lib, kind, M, N, D, sym=False, bias=False, mask=0, excl=None, with_col=True, grads="both",
-              min_tiles=1000, smem=10**6, vec=None, labels=(0, 3), seed=0, nan_key=None):
+              min_tiles=1000, smem=10**6, vec=None, labels=(0, 3), seed=0, nan_key=None, scale_mul=1.0):
     g = torch.Generator().manual_seed(seed)
     f64 = dict(generator=g, dtype=torch.float64)
     q64 = torch.randn(M, D, **f64)
@@ -161,7 +164,7 @@ def _emu_case(lib, kind, M, N, D, sym=False, bias=False, mask=0, excl=None, with
     if nan_key is not None:
         k64[nan_key, 0] = float("nan")
     N = k64.shape[0]
-    scale = torch.tensor(2.0 / D ** 0.5, dtype=torch.float64)
+    scale = torch.tensor(scale_mul * 2.0 / D ** 0.5, dtype=torch.float64)
     b64 = torch.randn(N, **f64) if bias else None
     ql = kl = None
     if mask:
