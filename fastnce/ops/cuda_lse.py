@@ -10,11 +10,12 @@ sub-tile, D streamed through shared memory 64 columns at a time; fp16/bf16 produ
 cores (WMMA), fp32 by plain FMA, or as tf32 on tensor cores when torch allows tf32 matmuls
 (torch.get_float32_matmul_precision() != 'highest'). Forward: online softmax over column tiles,
 column LSEs merged by an atomic log-add-exp; for k = q without bias (NT-Xent) only the tiles on
-and above the diagonal, the rows below getting their part through the column LSEs. Backward: a row kernel (dq) and a column kernel
-(dk, dbias) that recompute S per tile; for k = q without bias (NT-Xent) the row kernel alone,
-each tile giving G and its mirror: dq = (G + Gᵀ) @ q from 2 products instead of 4. G's terms
-(row and column, G and its mirror) share one exponential per entry where the tile's LSEs lie
-within 40 of each other (16-bit and tf32 products), as in the Triton kernels.
+and above the diagonal, the rows below getting their part through the column LSEs. Backward: a
+row kernel (dq) and a column kernel (dk, dbias) that recompute S per tile; for k = q without
+bias (NT-Xent) the row kernel alone, each tile giving G and its mirror: dq = (G + Gᵀ) @ q from
+2 products instead of 4. G's terms (row and column, G and its mirror) share one exponential
+per entry where the tile's LSEs lie within 40 of each other (16-bit and tf32 products), as in
+the Triton kernels; up to D = 128 the accumulators stay in registers.
 """
 from __future__ import annotations
 

@@ -57,8 +57,9 @@ Launcher contract: fastnce/ops/function.py. The kernels:
 * Exponentials: a tile's row and column sums in the one-pass and half forwards, and the two
   terms of G in the backward (row and column LSE; or G and its mirror for NT-Xent), come from
   ONE exponential per entry when the tile's maxima (forward) or LSEs (backward) lie within
-  ONE_EXP_SPREAD (40) of each other, for 16-bit inputs or tf32 (_spread): a·e^(S − l) = e^(S − hi)·(a·e^(hi − l)) with hi the tile's largest LSE
-  (_span says why nothing that matters underflows or overflows); else one each. At D = 128
+  ONE_EXP_SPREAD (40) of each other, for 16-bit inputs or tf32 (_spread):
+  a·e^(S − l) = e^(S − hi)·(a·e^(hi − l)) with hi the tile's largest LSE (_span says why
+  nothing that matters underflows or overflows); else one each. At D = 128
   an exponential costs about one product per entry (16 MUFU results vs 4096 tensor-core
   flops a clock per SM): this takes the NT-Xent backward from 2 exponentials per entry to 1,
   CLIP's forward from 2 to 1 and its backward from 2 to 1.
@@ -71,8 +72,8 @@ at an achieved T TFLOP/s that is 6600/T → 4400/T ms (T = 500: 13.2 → 8.8 ms,
 target of 0.9 × 9.8 ms; 6 products would need 750, the ceiling). Beside the products: M·N
 exponentials in the forward and M·N in the backward with the shared ones (2.1·10⁹, ~0.5 ms
 at ~4·10¹²/s if not overlapped; 4·M·N before), the merge (reads 64 MiB, ~0.03 ms), and the
-dq atomics: M·D·⌈N/BN⌉ fp32 adds, 34 GB of L2 reduction traffic at BN = 64 (17 GB at BN = 128, which needs BDV ≤ 256 at
-D = 512, i.e. 2 recomputes). Registers are the other risk at D = 512: the one-recompute
+dq atomics: M·D·⌈N/BN⌉ fp32 adds, 34 GB of L2 reduction traffic at BN = 64 (17 GB at
+BN = 128, which needs BDV ≤ 256 at D = 512, i.e. 2 recomputes). Registers are the other risk at D = 512: the one-recompute
 (BDV = D) atomic kernel holds a (BN, 512) fp32 accumulator; with dq formed in 128-feature
 chunks one of its candidates is spill-free on sm_90 and one spills 32 bytes (before the
 chunks, all spilled, 56-1496 bytes), while the two-pass kernel has two spill-free BDV = 512
@@ -1181,7 +1182,8 @@ def _grad(x, y, scale, bias, lx, ly, mask_mode, offset, g, r, h, c, bias_on_row,
 
 
 def deterministic() -> bool:
-    """Use the atomics-free two-pass backward? (torch's deterministic mode, or FASTNCE_TRITON_DETERMINISTIC=1)."""
+    """Only atomics-free backward plans (two-pass, mirror)? torch's deterministic mode, or
+    FASTNCE_TRITON_DETERMINISTIC=1."""
     return torch.are_deterministic_algorithms_enabled() or os.environ.get("FASTNCE_TRITON_DETERMINISTIC", "0") == "1"
 
 
