@@ -32,3 +32,15 @@ def test_every_benchmark_kernel_has_a_spill_free_autotune_candidate_on_sm90():
     assert set(spill_free) == {"simclr fwd", "simclr fwd half", "simclr bwd sym", "simclr bwd half", "clip panel",
                                "clip bwd atomic", "clip bwd two-pass"}, out.stdout
     assert all(spill_free.values()), out.stdout
+
+
+def test_autotuned_kernels_keep_their_choice_in_tritons_disk_cache():
+    """A later process skips the benchmarking of every autotuned kernel (checked without the
+    interpreter, under which Triton turns the disk cache off)."""
+    import os
+
+    code = ("from fastnce.ops import triton_lse as T\n"
+            "assert all(tuned.cache_results for _, tuned in T._KERNELS.values()), T._KERNELS\n")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]

@@ -880,24 +880,22 @@ if triton is not None:
                   for bm, bk, w, s in [(64, 128, 4, 3), (64, 128, 8, 3), (128, 128, 8, 3), (128, 128, 8, 2),
                                        (64, 64, 4, 3), (128, 64, 8, 3), (64, 32, 4, 4), (64, 512, 8, 2),
                                        (64, 512, 4, 2)]]
+    def _tuned(kernel, configs, key, **kwargs):
+        """kernel autotuned over configs (pruned by _prune) per value of key. The choice is cached
+        on disk (Triton's cache directory, keyed by the kernel's source, the GPU target and key):
+        a later process skips the benchmarking and compiles only the chosen config."""
+        return triton.autotune(configs=configs, key=key, prune_configs_by={"early_config_prune": _prune},
+                               cache_results=True, **kwargs)(kernel)
+
     _KERNELS = {  # kind -> (kernel, autotuned kernel)
-        "fwd": (_fwd, triton.autotune(
-            configs=_cfgs(True), key=_KEY, prune_configs_by={"early_config_prune": _prune})(_fwd)),
-        "panel": (_panel, triton.autotune(
-            configs=_cfgs(True), key=_KEY, prune_configs_by={"early_config_prune": _prune})(_panel)),
-        "half": (_half, triton.autotune(
-            configs=_HALF_CFGS, key=["KEY_M", "D", "MASK_MODE", "EXCLUDE"],
-            prune_configs_by={"early_config_prune": _prune})(_half)),
-        "bwd": (_bwd, triton.autotune(
-            configs=_cfgs(False), key=_KEY + ["SYM", "HAS_G", "HAS_H"],
-            prune_configs_by={"early_config_prune": _prune})(_bwd)),
+        "fwd": (_fwd, _tuned(_fwd, _cfgs(True), _KEY)),
+        "panel": (_panel, _tuned(_panel, _cfgs(True), _KEY)),
+        "half": (_half, _tuned(_half, _HALF_CFGS, ["KEY_M", "D", "MASK_MODE", "EXCLUDE"])),
+        "bwd": (_bwd, _tuned(_bwd, _cfgs(False), _KEY + ["SYM", "HAS_G", "HAS_H"])),
         # reset_to_zero: the autotuner reruns the kernel, and dq is accumulated with atomics
-        "atomic": (_atomic, triton.autotune(
-            configs=_ATOMIC_CFGS, key=_KEY + ["HAS_G", "HAS_H"], reset_to_zero=["p_dq"],
-            prune_configs_by={"early_config_prune": _prune})(_atomic)),
-        "half-bwd": (_half_bwd, triton.autotune(
-            configs=_HALF_BWD_CFGS, key=["KEY_M", "D", "MASK_MODE", "EXCLUDE", "HAS_G", "HAS_H"],
-            reset_to_zero=["p_dx"], prune_configs_by={"early_config_prune": _prune})(_half_bwd)),
+        "atomic": (_atomic, _tuned(_atomic, _ATOMIC_CFGS, _KEY + ["HAS_G", "HAS_H"], reset_to_zero=["p_dq"])),
+        "half-bwd": (_half_bwd, _tuned(_half_bwd, _HALF_BWD_CFGS, ["KEY_M", "D", "MASK_MODE", "EXCLUDE", "HAS_G", "HAS_H"],
+                                       reset_to_zero=["p_dx"])),
     }
 
 
