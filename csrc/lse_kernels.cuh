@@ -8,18 +8,20 @@
 // Organisation (kBM = kBN = 64, 128 threads = 4 warps, each warp a 32 x 32 sub-tile):
 // * forward: a block owns 64 rows and walks column tiles (a slice of them when the grid is split
 //   along N; for k == q without bias only the tiles on and above the diagonal, p.upper, the
-//   column LSEs then giving the rows below their part: half the products). Per tile, S is accumulated over D in 64-wide chunks staged in shared memory,
-//   stored as fp32 into shared memory, masked, and folded into a running (max, sum) per row in
-//   base 2 (online softmax). Column LSEs: each tile's 64-row partial LSE per column is merged
+//   column LSEs then giving the rows below their part: half the products). Per tile, S is
+//   accumulated over D in 64-wide chunks staged in shared memory, stored as fp32 into shared
+//   memory, masked, and folded into a running (max, sum) per row in base 2 (online softmax). Column LSEs: each tile's 64-row partial LSE per column is merged
 //   into col_lse with an atomic log-add-exp (compare-and-swap on the float); the blocks start at
 //   different column tiles so they rarely meet on the same address.
 // * backward: two launches of one kernel. The row kernel (dq) owns 64 rows and walks column
 //   tiles; the column kernel (dk, dbias) owns 64 columns and walks row tiles. For k == q
 //   without bias (NT-Xent) the row kernel alone, each tile giving G and its mirror (p.mirror):
-//   dq = (G + G^T) @ q from one recompute, 2 products where the two launches take 4. Each recomputes
-//   S per tile, forms G in shared memory, and accumulates G @ k (or G^T @ q) into an fp32
-//   accumulator of 64 x panel in shared memory; when D does not fit (panel < D) the walk is
-//   repeated once per panel of output columns. No atomics unless the grid is split.
+//   dq = (G + G^T) @ q from one recompute, 2 products where the two launches take 4. Each
+//   recomputes S per tile, forms G in shared memory (one exponential per entry for all its
+//   terms where the tile's LSEs allow), and accumulates G @ k (or G^T @ q) into an fp32
+//   accumulator of 64 x panel, in registers up to 128 features, else in shared memory; when D
+//   does not fit (panel < D) the walk is repeated once per panel of output columns. No
+//   atomics unless the grid is split.
 // All products use fp32 accumulation; fp16/bf16 operands go through WMMA tensor cores, fp32
 // through WMMA tf32 only when the caller allows tf32, else plain FMA.
 #pragma once
