@@ -10,9 +10,10 @@
 //   along N; for k == q without bias only the tiles on and above the diagonal, p.upper, the
 //   column LSEs then giving the rows below their part: half the products). Per tile, S is
 //   accumulated over D in 64-wide chunks staged in shared memory, stored as fp32 into shared
-//   memory, masked, and folded into a running (max, sum) per row in base 2 (online softmax). Column LSEs: each tile's 64-row partial LSE per column is merged
-//   into col_lse with an atomic log-add-exp (compare-and-swap on the float); the blocks start at
-//   different column tiles so they rarely meet on the same address.
+//   memory, masked, and folded into a running (max, sum) per row in base 2 (online softmax).
+//   Column LSEs: each tile's 64-row partial LSE per column is merged into col_lse with an
+//   atomic log-add-exp (compare-and-swap on the float); the blocks start at different column
+//   tiles so they rarely meet on the same address.
 // * backward: two launches of one kernel. The row kernel (dq) owns 64 rows and walks column
 //   tiles; the column kernel (dk, dbias) owns 64 columns and walks row tiles. For k == q
 //   without bias (NT-Xent) the row kernel alone, each tile giving G and its mirror (p.mirror):
