@@ -23,7 +23,7 @@ for so in carry/_C.cpython-*.so; do
   else echo "carried $so does not load ($(tail -1 /tmp/ext-load.log)): JIT build"; rm -f fastnce/_C.cpython-*.so; fi
 done
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu-card.txt"
-timeout 420 python -m fastnce.bench gpu --out "$out" 2>&1 | tee "$out/gpu-bench.log"
+timeout 450 python -m fastnce.bench gpu --out "$out" 2>&1 | tee "$out/gpu-bench.log"
 left=$((530 - ($(date +%s) - start)))
 if [ "$left" -gt 30 ]; then
   # the issues' must-show tests first (NCCL at world size 1, offsets past 2**31), then the rest;
