@@ -73,8 +73,8 @@ target of 0.9 × 9.8 ms; 6 products would need 750, the ceiling). Beside the pro
 exponentials in the forward and M·N in the backward with the shared ones (2.1·10⁹, ~0.5 ms
 at ~4·10¹²/s if not overlapped; 4·M·N before), the merge (reads 64 MiB, ~0.03 ms), and the
 dq atomics: M·D·⌈N/BN⌉ fp32 adds, 34 GB of L2 reduction traffic at BN = 64 (17 GB at
-BN = 128, which needs BDV ≤ 256 at D = 512, i.e. 2 recomputes). Registers are the other risk at D = 512: the one-recompute
-(BDV = D) atomic kernel holds a (BN, 512) fp32 accumulator; with dq formed in 128-feature
+BN = 128, which needs BDV ≤ 256 at D = 512, i.e. 2 recomputes). Registers are the other
+risk at D = 512: the one-recompute (BDV = D) atomic kernel holds a (BN, 512) fp32 accumulator; with dq formed in 128-feature
 chunks one of its candidates is spill-free on sm_90 and one spills 32 bytes (before the
 chunks, all spilled, 56-1496 bytes), while the two-pass kernel has two spill-free BDV = 512
 candidates (tests/triton_aot.py --configs). Which plan wins is timed per shape class
@@ -274,12 +274,27 @@ if triton is not None:
         return b
 
     @triton.jit
+    def _add_tile(p, o_r, m_r, o_c, m_c, D, b, b_ginv, G_NORM: tl.constexpr):
+        """p[o_r, o_c] += b by fp32 atomics (p row-major (·, D); the order of the additions
+        varies run to run), b first freed of G's float16 scaling (G_NORM, see _g_operand)."""
+        if G_NORM:
+            b = b / b_ginv
+        tl.atomic_add(p + o_r[:, None] * D + o_c[None, :], b, mask=m_r[:, None] & m_c[None, :], sem="relaxed")
+
+    @triton.jit
     def _g_operand(b_G, b_like, b_ginv, G_NORM: tl.constexpr):
         """G (fp32) as the operand of a product with the features b_like: in their dtype (the
         tensor cores, as FlashAttention does with P), scaled by ginv first for float16 (G_NORM)."""
         if G_NORM:
             b_G = b_G * b_ginv
         return b_G.to(b_like.dtype)
+
+    @triton.jit
+    def _pair_blocks(k, n_b):
+        """(first, step, count) of the row blocks k and n_b − 1 − k that a program of the half
+        kernels owns (n_b + 1 tiles on and above the diagonal together, balanced): block
+        first + t·step for t < count; the middle block of an odd count once."""
+        return k, n_b - 1 - 2 * k, 1 + (n_b - 1 - k > k).to(tl.int32)
 
     @triton.jit
     def _labels(p_l, o, m, MASK_MODE: tl.constexpr):
@@ -657,9 +672,9 @@ if triton is not None:
             tl.store(p_pm_p + o_j, tl.full([BM], float("-inf"), dtype=tl.float32), mask=o_j < M)
             tl.store(p_pl_p + o_j, tl.zeros([BM], dtype=tl.float32), mask=o_j < M)
         for k in range(i_p, (n_b + 1) // 2, P):
-            n_own = 1 + (n_b - 1 - k > k).to(tl.int32)  # the middle block of an odd count once
+            first, step, n_own = _pair_blocks(k, n_b)
             for t in range(0, n_own):
-                i_b = k + t * (n_b - 1 - 2 * k)
+                i_b = first + t * step
                 tl.debug_barrier()  # column partials stored by other threads of this program
                 o_i = (i_b * BM + tl.arange(0, BM)).to(tl.int64)
                 m_i = o_i < M
@@ -762,12 +777,8 @@ if triton is not None:
                 m_c = o_c < D
                 # with one chunk spanning the held rows of k (ONE_K, DQC == BK), those rows
                 b_kc = _features(p_k, o_j, m_j, o_c, m_c, D, b_kj, ONE_K and DQC == BK, DOT_F32)
-                b_dq = tl.dot(b_Gc, b_kc, input_precision=PREC)
-                if G_NORM:
-                    b_dq = b_dq / b_ginv
                 # fp32 atomics: the order of the ⌈N/BN⌉ additions into dq[i] varies run to run
-                tl.atomic_add(p_dq + o_i[:, None] * D + o_c[None, :], b_dq, mask=m_i[:, None] & m_c[None, :],
-                              sem="relaxed")
+                _add_tile(p_dq, o_i, m_i, o_c, m_c, D, tl.dot(b_Gc, b_kc, input_precision=PREC), b_ginv, G_NORM)
         if G_NORM:
             b_acc = b_acc / b_ginv
         tl.store(p_dk + o_j[:, None] * D + o_v[None, :], b_acc, mask=m_j[:, None] & m_v[None, :])
@@ -813,9 +824,9 @@ if triton is not None:
             b_ginv = tl.load(p_ginv)
         o_v = tl.arange(0, BDV)
         m_v = o_v < D
-        n_own = 1 + (n_b - 1 - i_k > i_k).to(tl.int32)  # the middle block of an odd count once
+        first, step, n_own = _pair_blocks(i_k, n_b)
         for t in range(0, n_own):
-            i_b = i_k + t * (n_b - 1 - 2 * i_k)
+            i_b = first + t * step
             o_i = (i_b * BM + tl.arange(0, BM)).to(tl.int64)
             m_i = o_i < M
             b_yi = _labels(p_lx, o_i, m_i, MASK_MODE)
@@ -841,15 +852,9 @@ if triton is not None:
                                 b_gj, b_rj, b_hj, b_cj, EXCLUDE, MASK_MODE, HAS_G, HAS_H, SPREAD)
                 b_Gc = _g_operand(b_Gs, b_xi, b_ginv, G_NORM)
                 b_acc += tl.dot(b_Gc, b_xj, input_precision=PREC)
-                b_dj = tl.dot(tl.trans(b_Gc), b_xi, input_precision=PREC)
-                if G_NORM:
-                    b_dj = b_dj / b_ginv
-                tl.atomic_add(p_dx + o_j[:, None] * D + o_v[None, :], b_dj, mask=m_j[:, None] & m_v[None, :],
-                              sem="relaxed")
-            if G_NORM:
-                b_acc = b_acc / b_ginv
-            tl.atomic_add(p_dx + o_i[:, None] * D + o_v[None, :], b_acc, mask=m_i[:, None] & m_v[None, :],
-                          sem="relaxed")
+                _add_tile(p_dx, o_j, m_j, o_v, m_v, D, tl.dot(tl.trans(b_Gc), b_xi, input_precision=PREC), b_ginv,
+                          G_NORM)
+            _add_tile(p_dx, o_i, m_i, o_v, m_v, D, b_acc, b_ginv, G_NORM)
 
     # The one-recompute backward holds the key block (BN × BDV fp32) in registers and streams
     # query blocks of BM: BDV = D (no feature split, so one recompute) needs small BM and 8-16
@@ -1081,6 +1086,12 @@ def _merged(part: Tensor) -> Tensor:
     return col
 
 
+def _symmetric_s(bias, offset) -> bool:
+    """With k = q: are S and its masks symmetric (no bias, only self-pairs excluded; label masks
+    are), so that the half kernels' tiles on and above the diagonal hold all of S?"""
+    return bias is None and offset in (None, 0)
+
+
 def forward(q, k, scale, bias, q_labels, k_labels, mask_mode, exclude_offset, with_col, symmetric):
     """row_lse (M,) fp32 and col_lse (N,) fp32 or None; contract in fastnce/ops/function.py."""
     _check(q, k)
@@ -1088,7 +1099,7 @@ def forward(q, k, scale, bias, q_labels, k_labels, mask_mode, exclude_offset, wi
     bias = None if bias is None else bias.to(torch.float32).contiguous()
     M, N = q.shape[0], k.shape[0]
     args = (q, k, scale, bias, q_labels, k_labels, mask_mode, exclude_offset)
-    if symmetric and bias is None and exclude_offset in (None, 0) and M > 0:
+    if symmetric and _symmetric_s(bias, exclude_offset) and M > 0:
         # S and its masks are symmetric: col_lse is row_lse
         run_sym = lambda plan, a: (_lse_half(*a, _half_panels(M, q.device)) if plan == "half"
                                    else _lse(*a, False))
@@ -1308,7 +1319,7 @@ _HALF_BWD_MOST_D = 128
 def _sym_backward_plan(args: tuple) -> str:
     """The plan for a symmetric backward: "mirror" (every tile, no atomics) or "half"."""
     q, _, _, bias, _, _, _, offset = args[:8]
-    if deterministic() or bias is not None or offset not in (None, 0) or q.shape[1] > _HALF_BWD_MOST_D:
+    if deterministic() or not _symmetric_s(bias, offset) or q.shape[1] > _HALF_BWD_MOST_D:
         return "mirror"
     return _plan("sym-backward", args, _run_sym_plan, "mirror")
 
