@@ -28,6 +28,8 @@ import fastnce.ops as ops
 from fastnce.ops import cuda_lse, tiled
 from fastnce.ops.function import BackendUnavailable
 
+from tolerances import g_term_sums
+
 ROOT = Path(__file__).resolve().parents[1]
 CSRC = ROOT / "csrc"
 HAS_CUDA = torch.cuda.is_available()
@@ -219,11 +221,9 @@ def _g_rounding_sums(q64, k64, scale, b64, ql, kl, mask, excl, ref64, gr, gc, sy
     S = scale * q64 @ k64.T + (0.0 if b64 is None else b64[None, :])
     _, Gt, _ = tiled.backward(torch.eye(q64.shape[0], dtype=torch.float64), S.T.contiguous(), one, None, ql, kl, mask,
                               excl, ref64[0], ref64[1], gr, gc, False, False)
-    G = Gt.T.abs()
-    out = {"s": S.abs().max().item() if S.numel() else 0.0, "dbias": G.sum(0)}
-    if sym:
-        return dict(out, dq=(G + G.T) @ q64.abs())
-    return dict(out, dq=G @ k64.abs(), dk=G.T @ q64.abs())
+    G = Gt.T
+    return dict(g_term_sums(G, q64, None if sym else k64), s=S.abs().max().item() if S.numel() else 0.0,
+                dbias=G.abs().sum(0))
 
 
 def check_emulated(emu, kind, M, N, D, opts):
@@ -393,10 +393,7 @@ def _gpu_g_rounding_sums(q64, k64, s64, b64, labels, k_labels, opts):
     eye = torch.eye(q64.shape[0], dtype=torch.float64, device=q64.device)
     one = torch.tensor(1.0, dtype=torch.float64, device=q64.device)
     kl = labels if k64 is None else k_labels
-    G = _gpu_run("reference", eye, S.T.contiguous(), one, None, labels, kl, opts)[3].T.abs()
-    if k64 is None:
-        return {"dq": (G + G.T) @ q64.abs()}
-    return {"dq": G @ k64.abs(), "dk": G.T @ q64.abs()}
+    return g_term_sums(_gpu_run("reference", eye, S.T.contiguous(), one, None, labels, kl, opts)[3].T, q64, k64)
 
 
 @gpu

@@ -17,6 +17,7 @@ import fastnce
 from fastnce import ops
 from fastnce.ops import tiled
 from fastnce.ops import _prepare
+from tolerances import g_term_sums
 
 FAST_BACKENDS = [b for b in ops.available_backends("cpu") if b != "reference"]
 # The Triton interpreter is ~100x slower than the tiled path: fewer, smaller draws.
@@ -109,10 +110,8 @@ def g_rounding_sums(p):
     one = torch.tensor(1.0, dtype=torch.float64)
     row, col = ops.similarity_lse_naive(torch.eye(q.shape[0], dtype=torch.float64), keys, one, None, *_masks(p),
                                         with_col=p["col"])
-    G = torch.autograd.grad(_loss([row] + ([col] if p["col"] else [])), keys)[0].T.abs()
-    if p["k"] is None:
-        return {"dq": (G + G.T) @ q.abs()}
-    return {"dq": G @ k.abs(), "dk": G.T @ q.abs()}
+    G = torch.autograd.grad(_loss([row] + ([col] if p["col"] else [])), keys)[0].T
+    return g_term_sums(G, q, None if p["k"] is None else k)
 
 
 def s_max(p):

@@ -15,3 +15,14 @@ def assert_within_twice_reference_error(fast, low_ref, exact, floor, what=""):
     fast_err = (fast.double() - exact.double()).abs().max().item()
     ref_err = (low_ref.double() - exact.double()).abs().max().item()
     assert fast_err <= 2 * ref_err + floor, f"{what}: error {fast_err:.3g} > 2 × reference error {ref_err:.3g} + {floor:g}"
+
+
+def g_term_sums(G, q, k=None):
+    """{"dq": |G| @ |k|, "dk": |G|ᵀ @ |q|} (k None, symmetric: dq (|G| + |G|ᵀ) @ |q|, no dk),
+    float64: what a relative error of each term of G (one rounding to the input dtype for the
+    second product, as FlashAttention's P) can move the unscaled dq = G @ k and dk = Gᵀ @ q by."""
+    G, q = G.double().abs(), q.double().abs()
+    if k is None:
+        return {"dq": (G + G.T) @ q}
+    k = k.double().abs()
+    return {"dq": G @ k, "dk": G.T @ q}
