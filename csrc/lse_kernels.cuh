@@ -383,9 +383,10 @@ __device__ __forceinline__ float tile_lse_top(const float* v_rlse, const float* 
   return (mx - mn <= kOneExpSpread2) ? mx : FASTNCE_NEG_INF;
 }
 
-// a·2^(hi − l): a gradient times its shared exponential's correction; 0 for an absent term.
-__device__ __forceinline__ float shared_factor(float a, float l, float hi) {
-  return l == FASTNCE_NEG_INF ? 0.0f : a * exp2f(hi - l);
+// a·2^(x − l), base 2: one term of G (x = s) or, for a shared exponential, a gradient times its
+// correction (x = the tile's top LSE); 0 for an absent term (l = -inf: no gradient, or no pair).
+__device__ __forceinline__ float g_term(float a, float x, float l) {
+  return l == FASTNCE_NEG_INF ? 0.0f : a * exp2f(x - l);
 }
 
 // The backward's second product for one warp: acc += G @ Ks (the row kernel, dq) or
@@ -508,11 +509,11 @@ __global__ void __launch_bounds__(kThreads) lse_backward_kernel(const LseParams 
       const bool shared = KIND != kMmaSimt && hi != FASTNCE_NEG_INF && hi == hi;  // (NaN: never)
       if (shared) {  // the gradients become the factors a·2^(hi − l), in place (this tile's copies)
         if (tid < 64) {
-          v_grow[tid] = shared_factor(v_grow[tid], v_rlse[tid], hi);
-          if (mirror) v_gcol_r[tid] = shared_factor(v_gcol_r[tid], v_clse_r[tid], hi);
+          v_grow[tid] = g_term(v_grow[tid], hi, v_rlse[tid]);
+          if (mirror) v_gcol_r[tid] = g_term(v_gcol_r[tid], hi, v_clse_r[tid]);
         } else {
-          v_gcol[tid - 64] = shared_factor(v_gcol[tid - 64], v_clse[tid - 64], hi);
-          if (mirror) v_grow_c[tid - 64] = shared_factor(v_grow_c[tid - 64], v_rlse_c[tid - 64], hi);
+          v_gcol[tid - 64] = g_term(v_gcol[tid - 64], hi, v_clse[tid - 64]);
+          if (mirror) v_grow_c[tid - 64] = g_term(v_grow_c[tid - 64], hi, v_rlse_c[tid - 64]);
         }
         __syncthreads();
       }
@@ -532,14 +533,8 @@ __global__ void __launch_bounds__(kThreads) lse_backward_kernel(const LseParams 
             const float a = (keep ? v_grow[r] + v_gcol[c] : 0.0f) + (keep_m ? v_grow_c[c] + v_gcol_r[r] : 0.0f);
             if (a != 0.0f) g = a * exp2f(s - hi);
           } else {
-            if (keep) {
-              if (v_rlse[r] != FASTNCE_NEG_INF) g += v_grow[r] * exp2f(s - v_rlse[r]);
-              if (v_clse[c] != FASTNCE_NEG_INF) g += v_gcol[c] * exp2f(s - v_clse[c]);
-            }
-            if (keep_m) {
-              if (v_rlse_c[c] != FASTNCE_NEG_INF) g += v_grow_c[c] * exp2f(s - v_rlse_c[c]);
-              if (v_clse_r[r] != FASTNCE_NEG_INF) g += v_gcol_r[r] * exp2f(s - v_clse_r[r]);
-            }
+            if (keep) g += g_term(v_grow[r], s, v_rlse[r]) + g_term(v_gcol[c], s, v_clse[c]);
+            if (keep_m) g += g_term(v_grow_c[c], s, v_rlse_c[c]) + g_term(v_gcol_r[r], s, v_clse_r[r]);
           }
         }
         Ss[r * kLdS + c] = g;
