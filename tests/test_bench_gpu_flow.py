@@ -53,7 +53,7 @@ def test_gpu_bench_main_runs_end_to_end_on_the_cpu(cpu_bench, tmp_path, capsys):
     assert notes[("clip-32k", "fastnce-cuda")].startswith("unavailable: ")
     assert notes[("simclr-16k", "inf-cl")] == "skipped: Inf-CL cannot mask the diagonal"
     assert notes[("clip-32k", "inf-cl")].startswith("skipped: inf_cl not importable")
-    # the cases asked for plans (symmetric forward, non-symmetric backward); on the CPU none is timed
+    # the cases asked for plans (symmetric forward and backward, non-symmetric backward); on the CPU none is timed
     assert meta["triton_plans"] == {}
 
     checks = json.loads(checks_file.read_text())

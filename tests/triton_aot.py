@@ -100,7 +100,9 @@ def default_configs(sm: int) -> None:
     flags = dict(HAS_BIAS=True, EXCLUDE=True, MASK_MODE=1, DOT_F32=False)
     for D, dtype, prec in ((128, "bf16", "ieee"), (512, "bf16", "ieee"), (128, "fp32", "tf32x3"), (512, "fp32", "tf32x3")):
         for kind, fn in (("fwd", T._fwd_kernel), ("panel", T._fwd_panel_kernel), ("half", T._fwd_half_kernel),
-                         ("bwd", T._bwd_kernel), ("atomic", T._bwd_atomic_kernel)):
+                         ("bwd", T._bwd_kernel), ("atomic", T._bwd_atomic_kernel), ("half-bwd", T._bwd_half_kernel)):
+            if kind == "half-bwd" and D > T._HALF_BWD_MOST_D:
+                continue
             meta = T._default_meta(kind, D)
             warps, stages = meta.pop("num_warps"), meta.pop("num_stages", 2)
             consts = dict(flags, PREC=prec, **meta)
@@ -108,8 +110,10 @@ def default_configs(sm: int) -> None:
             if kind == "fwd":
                 consts["BIAS_ON_ROW"] = False
             consts["SPREAD"] = T.ONE_EXP_SPREAD
-            if kind in ("bwd", "atomic"):
+            if kind in ("bwd", "atomic", "half-bwd"):
                 consts.update(HAS_G=True, HAS_H=True, WRITE_DB=True, G_NORM=dtype == "fp16")
+            if kind == "half-bwd":  # the launcher's feature width
+                consts["BDV"] = max(16, triton.next_power_of_2(D))
             if kind == "bwd":
                 consts["BIAS_ON_ROW"] = False
                 variants = [dict(SYM=False), dict(SYM=True, HAS_H=False, MASK_MODE=2)]
@@ -117,12 +121,6 @@ def default_configs(sm: int) -> None:
                 t = time.time()
                 compile_one(target, fn, dict(consts, **v), dtype, warps, stages, D)
                 print(f"compiled {kind}{'' if not v else f' {v}'} {dtype} D={D} ({time.time() - t:.1f} s)", flush=True)
-    for dtype, prec in (("bf16", "ieee"), ("fp32", "tf32x3")):
-        meta = T._default_meta("half-bwd", 128)
-        warps, stages = meta.pop("num_warps"), meta.pop("num_stages", 2)
-        consts = dict(flags, PREC=prec, SPREAD=T.ONE_EXP_SPREAD, HAS_G=True, HAS_H=True, G_NORM=False, BDV=128, **meta)
-        compile_one(target, T._bwd_half_kernel, consts, dtype, warps, stages, 128)
-        print(f"compiled half-bwd {dtype} D=128", flush=True)
     compile_one(target, T._col_merge_kernel, dict(BN=128), "fp32", 4, 2)
     print("compiled merge fp32", flush=True)
 
