@@ -11,7 +11,7 @@ namespace {
 template <class T, int KIND>
 void forward_impl(const LseParams& p, cudaStream_t stream) {
   auto kernel = lse_forward_kernel<T, KIND>;
-  const size_t smem = smem_layout(sizeof(T), 0).total;
+  const size_t smem = smem_layout(sizeof(T), 0, p.resident).total;
   C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
   const dim3 grid(unsigned((p.M + kBM - 1) / kBM), unsigned(p.splits));
   kernel<<<grid, kThreads, smem, stream>>>(p);
@@ -21,7 +21,7 @@ void forward_impl(const LseParams& p, cudaStream_t stream) {
 template <class T, int KIND, bool FOR_K>
 void backward_impl(const LseParams& p, cudaStream_t stream) {
   auto kernel = lse_backward_kernel<T, KIND, FOR_K>;
-  const size_t smem = smem_layout(sizeof(T), p.panel).total;
+  const size_t smem = smem_layout(sizeof(T), p.panel, p.resident).total;
   C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
   const int64_t outer = FOR_K ? p.N : p.M;
   const dim3 grid(unsigned((outer + 63) / 64), unsigned(p.splits));

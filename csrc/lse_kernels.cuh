@@ -23,6 +23,13 @@
 //   accumulator of 64 x panel, in registers up to 128 features, else in shared memory; when D
 //   does not fit (panel < D) the walk is repeated once per panel of output columns. No
 //   atomics unless the grid is split.
+// * operands: a block's operand chunks (64 rows x 64 features) form one stream in the order
+//   they are multiplied, across tiles: double-buffered through two shared-memory slots, chunk
+//   e + 1 copied (cp.async on sm_80+) while chunk e is multiplied, so the loads hide behind the
+//   products and behind the softmax work between tiles. The block's own 64 rows stay resident
+//   in shared memory for the whole walk where that costs no occupancy (lse_plan.h), and then
+//   only the walked tiles' rows stream: half the operand traffic. The backward's second
+//   product streams the panel's chunks last first, reusing D's last chunk left by the S product.
 // All products use fp32 accumulation; fp16/bf16 operands go through WMMA tensor cores, fp32
 // through WMMA tf32 only when the caller allows tf32, else plain FMA.
 #pragma once
@@ -165,9 +172,31 @@ template <> struct WarpTile<float, kMmaSimt> {
 // Helpers
 // ---------------------------------------------------------------------------------------------
 
+// 16 bytes from global to shared memory: asynchronous on sm_80 and later (cp.async, landed
+// once this thread passes copy_wait_all), zeros where !valid (src is then not read).
+__device__ __forceinline__ void copy16(void* dst, const void* src, bool valid) {
+#if defined(FASTNCE_EMULATE)
+  emu::cp_async16(dst, src, valid);
+#elif __CUDA_ARCH__ >= 800
+  const unsigned d = static_cast<unsigned>(__cvta_generic_to_shared(dst));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(d), "l"(src), "r"(valid ? 16 : 0) : "memory");
+#else
+  *reinterpret_cast<uint4*>(dst) = valid ? *reinterpret_cast<const uint4*>(src) : make_uint4(0u, 0u, 0u, 0u);
+#endif
+}
+
+__device__ __forceinline__ void copy_wait_all() {
+#if defined(FASTNCE_EMULATE)
+  emu::cp_async_wait_all();
+#elif __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.wait_all;\n" ::: "memory");
+#endif
+}
+
 // 64 rows x kDK features of src (nrows x D, row-major) from row row0 and feature d0 into dst
-// (leading dimension ld); zeros outside. vec: 16-byte loads (D a multiple of 16 / sizeof(T) and
-// src 16-byte aligned).
+// (leading dimension ld); zeros outside. vec: 16-byte copies (D a multiple of 16 / sizeof(T) and
+// src 16-byte aligned), asynchronous where the GPU has them; else plain loads and stores. Either
+// way visible to the block after copy_wait_all and a barrier.
 template <class T>
 __device__ __forceinline__ void load_rows(T* dst, int ld, const T* __restrict__ src, int64_t row0, int64_t nrows,
                                           int64_t d0, int64_t D, bool vec) {
@@ -177,9 +206,8 @@ __device__ __forceinline__ void load_rows(T* dst, int ld, const T* __restrict__ 
     for (int e = threadIdx.x; e < 64 * PER_ROW; e += kThreads) {
       const int r = e / PER_ROW, c = (e % PER_ROW) * V;
       const int64_t gr = row0 + r, gd = d0 + c;
-      uint4 v = make_uint4(0u, 0u, 0u, 0u);
-      if (gr < nrows && gd < D) v = *reinterpret_cast<const uint4*>(src + gr * D + gd);
-      *reinterpret_cast<uint4*>(dst + r * ld + c) = v;
+      const bool ok = gr < nrows && gd < D;
+      copy16(dst + r * ld + c, ok ? src + gr * D + gd : src, ok);
     }
   } else {
     for (int e = threadIdx.x; e < 64 * kDK; e += kThreads) {
@@ -188,6 +216,30 @@ __device__ __forceinline__ void load_rows(T* dst, int ld, const T* __restrict__ 
       dst[r * ld + c] = (gr < nrows && gd < D) ? src[gr * D + gd] : from_f<T>(0.0f);
     }
   }
+}
+
+// The operand chunks a block multiplies, in the order it multiplies them (its element stream),
+// pass through kSlots = 2 shared-memory slots: element e sits in slot e % 2, and element e + 1
+// loads while element e is multiplied. A slot holds the inner operand's 64 x kDK chunk (the
+// walked tiles' rows) and, when the block's own 64 rows are not resident, their chunk too.
+template <class T>
+struct Slots {
+  unsigned char* base;
+  size_t bytes;  // one 64 x kDK operand buffer
+  bool resident;
+  __device__ __forceinline__ T* inner(int64_t e) const {
+    return reinterpret_cast<T*>(base + (e & 1) * (resident ? 1 : 2) * bytes);
+  }
+  __device__ __forceinline__ T* outer(int64_t e) const { return inner(e) + bytes / sizeof(T); }
+};
+
+// Before multiplying element e: its copies have landed (this thread's, then, past the barrier,
+// everyone's), and every thread is done with element e - 1, whose slot element e + 1 now takes.
+template <class Issue>
+__device__ __forceinline__ void stream_step(int64_t e, int64_t total, Issue&& issue) {
+  copy_wait_all();
+  __syncthreads();
+  if (e + 1 < total) issue(e + 1);
 }
 
 __device__ __forceinline__ bool keep_pair(const LseParams& p, int64_t i, int64_t j, int64_t qlab, int64_t klab) {
@@ -213,29 +265,41 @@ __device__ __forceinline__ void atomic_logaddexp(float* addr, float v) {
   }
 }
 
-// The S tile (64 x 64, rows row0.., columns col0..) as raw dot products q.k, fp32, into Ss.
-// Stages D through Qs / Ks. On entry the previous users of Qs, Ks and Ss must be done (the
-// first __syncthreads below orders Qs / Ks; Ss is written after later barriers). The hook
-// runs once, between the first staging barrier pair, for loading per-tile vectors.
-template <class T, int KIND, class Hook>
-__device__ __forceinline__ void compute_s_tile(const LseParams& p, T* Qs, T* Ks, float* Ss, int64_t row0,
-                                               int64_t col0, Hook&& hook) {
+// The S tile (64 x 64) as raw dot products, fp32, into Ss, from the tile's nc = D / kDK elements
+// of the stream, e onwards (advanced past them). ROWS_INNER: S's rows are the streamed operand
+// (the column kernel: q walks past a block of k), else its columns (k walks past a block of q).
+// The block's own operand is res (leading dimension ld_res) when resident, else in each slot.
+// hook() runs once, after the first element's barrier (every thread is done with the previous
+// tile), for loading per-tile vectors; Ss is written after the last element's barrier and
+// followed by one, so its previous users are done and its new contents visible.
+template <class T, int KIND, bool ROWS_INNER, class Issue, class Hook>
+__device__ __forceinline__ void compute_s_tile(const Slots<T>& sl, const T* res, int ld_res, float* Ss, int nc,
+                                               int64_t& e, int64_t total, Issue&& issue, Hook&& hook) {
   constexpr int LDO = ld_operand(sizeof(T));
   const int warp = threadIdx.x >> 5, wm = warp >> 1, wn = warp & 1;
-  const T* q = static_cast<const T*>(p.q);
-  const T* k = static_cast<const T*>(p.k);
   WarpTile<T, KIND> acc;
   acc.zero();
-  for (int64_t d0 = 0; d0 < p.D; d0 += kDK) {
-    __syncthreads();
-    load_rows(Qs, LDO, q, row0, p.M, d0, p.D, p.vec_loads != 0);
-    load_rows(Ks, LDO, k, col0, p.N, d0, p.D, p.vec_loads != 0);
-    if (d0 == 0) hook();
-    __syncthreads();
-    acc.template mma<false, true>(Qs + wm * 32 * LDO, LDO, Ks + wn * 32 * LDO, LDO, kDK);
+  for (int c = 0; c < nc; ++c, ++e) {
+    stream_step(e, total, issue);
+    if (c == 0) hook();
+    const T* in = sl.inner(e);
+    const T* own = res != nullptr ? res + c * kDK : sl.outer(e);
+    const int ld_own = res != nullptr ? ld_res : LDO;
+    const T* A = ROWS_INNER ? in : own;
+    const T* B = ROWS_INNER ? own : in;
+    const int lda = ROWS_INNER ? LDO : ld_own, ldb = ROWS_INNER ? ld_own : LDO;
+    acc.template mma<false, true>(A + wm * 32 * lda, lda, B + wn * 32 * ldb, ldb, kDK);
   }
   acc.store(Ss + wm * 32 * kLdS + wn * 32, kLdS);
   __syncthreads();
+}
+
+// The block's own 64 rows of src (from row0), all p.resident features, into res: copies issued
+// before the stream's first element, so that element's wait covers them.
+template <class T>
+__device__ __forceinline__ void load_resident(T* res, int ld_res, const T* src, int64_t row0, int64_t nrows,
+                                              const LseParams& p) {
+  for (int c = 0; c < p.resident; c += kDK) load_rows(res + c, ld_res, src, row0, nrows, c, p.D, p.vec_loads != 0);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -249,12 +313,12 @@ __global__ void __launch_bounds__(kThreads) lse_forward_kernel(const LseParams p
 #else
   unsigned char* smem_raw = emu::block_smem();
 #endif
-  const SmemLayout L = smem_layout(sizeof(T), 0);
-  T* Qs = reinterpret_cast<T*>(smem_raw + L.q_off);
-  T* Ks = reinterpret_cast<T*>(smem_raw + L.k_off);
+  const SmemLayout L = smem_layout(sizeof(T), 0, p.resident);
+  const Slots<T> slots{smem_raw + L.slot_off, L.slot_bytes, p.resident > 0};
+  T* res = p.resident > 0 ? reinterpret_cast<T*>(smem_raw + L.res_off) : nullptr;
   float* Ss = reinterpret_cast<float*>(smem_raw + L.s_off);
   float* v_bias = reinterpret_cast<float*>(smem_raw + L.vec_off);
-  int64_t* v_klab = reinterpret_cast<int64_t*>(smem_raw + L.vec_off + kVecFloats * 64 * sizeof(float));
+  int64_t* v_klab = reinterpret_cast<int64_t*>(smem_raw + L.vec_off + kFwdVecFloats * 64 * sizeof(float));
 
   const int tid = threadIdx.x;
   const int64_t M = p.M, N = p.N;
@@ -262,6 +326,8 @@ __global__ void __launch_bounds__(kThreads) lse_forward_kernel(const LseParams p
   const float scale2 = *p.scale * kLog2e;  // S in base-2 units
   const bool labels = p.mask_mode != kMaskNone;
   const bool with_col = p.col_lse != nullptr;
+  const T* q = static_cast<const T*>(p.q);
+  const T* k = static_cast<const T*>(p.k);
 
   // Row pass ownership: thread (r, h) takes row r, columns h, h + 2, h + 4, ...
   const int r = tid >> 1, h = tid & 1;
@@ -276,10 +342,24 @@ __global__ void __launch_bounds__(kThreads) lse_forward_kernel(const LseParams p
   if (t_end > ntiles) t_end = ntiles;
   if (p.upper && t_begin < int64_t(blockIdx.x)) t_begin = blockIdx.x;  // tiles on and above the diagonal
   const int64_t nt = t_end - t_begin;  // may be <= 0 with upper: nothing to do
+  // Start each block at a different tile: spreads the column atomics.
+  auto tile_col0 = [&](int64_t it) { return (t_begin + (int64_t(blockIdx.x) + it) % nt) * kBN; };
+  // The stream: tile it's chunk c is element it * nc + c (the keys' chunk, and the rows' unless resident).
+  const int nc = int((p.D + kDK - 1) / kDK);
+  const int64_t total = nt > 0 ? nt * nc : 0;
+  auto issue = [&](int64_t e) {
+    const int64_t d0 = (e % nc) * kDK;
+    load_rows(slots.inner(e), ld_operand(sizeof(T)), k, tile_col0(e / nc), N, d0, p.D, p.vec_loads != 0);
+    if (res == nullptr) load_rows(slots.outer(e), ld_operand(sizeof(T)), q, row0, M, d0, p.D, p.vec_loads != 0);
+  };
+  if (total > 0) {
+    if (res != nullptr) load_resident(res, L.ld_res, q, row0, M, p);
+    issue(0);
+  }
+  int64_t e = 0;
   for (int64_t it = 0; it < nt; ++it) {
-    // Start each block at a different tile: spreads the column atomics.
-    const int64_t col0 = (t_begin + (int64_t(blockIdx.x) + it) % nt) * kBN;
-    compute_s_tile<T, KIND>(p, Qs, Ks, Ss, row0, col0, [&] {
+    const int64_t col0 = tile_col0(it);
+    compute_s_tile<T, KIND, false>(slots, res, L.ld_res, Ss, nc, e, total, issue, [&] {
       if (tid < kBN) {
         const int64_t j = col0 + tid;
         v_bias[tid] = (p.bias != nullptr && j < N) ? p.bias[j] * kLog2e : 0.0f;
@@ -389,17 +469,17 @@ __device__ __forceinline__ float g_term(float a, float x, float l) {
   return l == FASTNCE_NEG_INF ? 0.0f : a * exp2f(x - l);
 }
 
-// The backward's second product for one warp: acc += G @ Ks (the row kernel, dq) or
-// G^T @ Qs (the column kernel, dk), its 32 x 32 part of the 64 x kDK chunk.
+// The backward's second product for one warp: acc += G @ X (the row kernel, dq; X the chunk of
+// k) or G^T @ X (the column kernel, dk; X the chunk of q), its 32 x 32 part of 64 x kDK.
 template <class T, int KIND, bool FOR_K>
-__device__ __forceinline__ void accumulate_g_product(WarpTile<T, KIND>& acc, const T* Gs, const T* Qs, const T* Ks) {
+__device__ __forceinline__ void accumulate_g_product(WarpTile<T, KIND>& acc, const T* Gs, const T* X) {
   constexpr int LDO = ld_operand(sizeof(T));
   constexpr int LDG = sizeof(T) == 2 ? kLdG16 : kLdS;
   const int warp = threadIdx.x >> 5, wm = warp >> 1, wn = warp & 1;
   if (FOR_K) {
-    acc.template mma<true, false>(Gs + wm * 32, LDG, Qs + wn * 32, LDO, kBM);
+    acc.template mma<true, false>(Gs + wm * 32, LDG, X + wn * 32, LDO, kBM);
   } else {
-    acc.template mma<false, false>(Gs + wm * 32 * LDG, LDG, Ks + wn * 32, LDO, kBN);
+    acc.template mma<false, false>(Gs + wm * 32 * LDG, LDG, X + wn * 32, LDO, kBN);
   }
 }
 
@@ -417,9 +497,9 @@ __global__ void __launch_bounds__(kThreads) lse_backward_kernel(const LseParams 
 #endif
   constexpr bool kHalf = sizeof(T) == 2;
   constexpr int LDO = ld_operand(sizeof(T));
-  const SmemLayout L = smem_layout(sizeof(T), p.panel);
-  T* Qs = reinterpret_cast<T*>(smem_raw + L.q_off);
-  T* Ks = reinterpret_cast<T*>(smem_raw + L.k_off);
+  const SmemLayout L = smem_layout(sizeof(T), p.panel, p.resident);
+  const Slots<T> slots{smem_raw + L.slot_off, L.slot_bytes, p.resident > 0};
+  T* res = p.resident > 0 ? reinterpret_cast<T*>(smem_raw + L.res_off) : nullptr;
   float* Ss = reinterpret_cast<float*>(smem_raw + L.s_off);
   // G as the A operand: a 16-bit copy for the tensor cores, else the fp32 tile itself.
   T* Gs = kHalf ? reinterpret_cast<T*>(smem_raw + L.g_off) : reinterpret_cast<T*>(Ss);
@@ -460,6 +540,13 @@ __global__ void __launch_bounds__(kThreads) lse_backward_kernel(const LseParams 
   // wider panels accumulate in acc_s, loaded and stored around each chunk's product.
   const bool reg_acc = p.panel <= kRegChunks * kDK;
   WarpTile<T, KIND> racc[kRegChunks];
+  // The walked tiles' rows (k for dq, q for dk) and, unless resident, the block's own rows.
+  const T* inner_src = FOR_K ? q : k;
+  const T* own_src = FOR_K ? k : q;
+  const int64_t n_inner = FOR_K ? M : N;
+  const int nc = int((D + kDK - 1) / kDK);
+  const int64_t d_last = int64_t(nc - 1) * kDK;
+  const int64_t ntiles = t_end > t_begin ? t_end - t_begin : 0;
   for (int64_t pass0 = 0; pass0 < D; pass0 += p.panel) {
     const int pw = int((D - pass0) < p.panel ? (D - pass0) : p.panel);
     const int nch = (pw + kDK - 1) / kDK;
@@ -467,13 +554,46 @@ __global__ void __launch_bounds__(kThreads) lse_backward_kernel(const LseParams 
 #pragma unroll
       for (int ch = 0; ch < kRegChunks; ++ch) racc[ch].zero();
     } else {
-      for (int e = tid; e < 64 * lda; e += kThreads) acc_s[e] = 0.0f;
+      for (int x = tid; x < 64 * lda; x += kThreads) acc_s[x] = 0.0f;
     }
+    // The stream of one tile: its nc chunks of D for S, then the panel's chunks for the second
+    // product, last first: the S product leaves D's last chunk in its slot (reuse) when this
+    // panel holds it, so that chunk is not loaded again.
+    const bool reuse = pass0 + int64_t(nch - 1) * kDK == d_last;
+    const int n_g = nch - (reuse ? 1 : 0);
+    const int per_tile = nc + n_g;
+    const int64_t total = ntiles * per_tile;
+    auto g_chunk = [&](int j) { return nch - 1 - (reuse ? j + 1 : j); };  // j-th loaded chunk of the panel
+    auto issue = [&](int64_t e) {
+      const int64_t t = t_begin + e / per_tile;
+      const int local = int(e % per_tile);
+      const int64_t d0 = local < nc ? int64_t(local) * kDK : pass0 + int64_t(g_chunk(local - nc)) * kDK;
+      load_rows(slots.inner(e), LDO, inner_src, t * 64, n_inner, d0, D, p.vec_loads != 0);
+      if (local < nc && res == nullptr) load_rows(slots.outer(e), LDO, own_src, outer0, n_outer, d0, D, p.vec_loads != 0);
+    };
+    if (total > 0) {
+      if (res != nullptr && pass0 == 0) load_resident(res, L.ld_res, own_src, outer0, n_outer, p);
+      issue(0);
+    }
+    auto g_product = [&](int ch, const T* X) {
+      if (reg_acc) {
+#pragma unroll
+        for (int rc = 0; rc < kRegChunks; ++rc)  // a constant index keeps racc in registers
+          if (rc == ch) accumulate_g_product<T, KIND, FOR_K>(racc[rc], Gs, X);
+      } else {
+        float* C = acc_s + wm * 32 * lda + ch * kDK + wn * 32;
+        WarpTile<T, KIND> o;
+        o.load(C, lda);
+        accumulate_g_product<T, KIND, FOR_K>(o, Gs, X);
+        o.store(C, lda);
+      }
+    };
 
+    int64_t e = 0;
     for (int64_t t = t_begin; t < t_end; ++t) {
       const int64_t row0 = FOR_K ? t * kBM : outer0;
       const int64_t col0 = FOR_K ? outer0 : t * kBN;
-      compute_s_tile<T, KIND>(p, Qs, Ks, Ss, row0, col0, [&] {
+      compute_s_tile<T, KIND, FOR_K>(slots, res, L.ld_res, Ss, nc, e, total, issue, [&] {
         if (tid < 64) {
           const int64_t i = row0 + tid;
           const bool ok = i < M;
@@ -521,8 +641,8 @@ __global__ void __launch_bounds__(kThreads) lse_backward_kernel(const LseParams 
       // G in place of S (and its 16-bit copy); 0 where masked or where an lse is -inf. With the
       // mirror, G[i, j] + G[j, i]: S[j, i] = S[i, j] (k is q, no bias), its row terms at j and
       // column terms at i, the pair dropped where (j, i) is (keep_pair with the roles swapped).
-      for (int e = tid; e < kBM * kBN; e += kThreads) {
-        const int r = e / kBN, c = e % kBN;
+      for (int x = tid; x < kBM * kBN; x += kThreads) {
+        const int r = x / kBN, c = x % kBN;
         const int64_t i = row0 + r, j = col0 + c;
         float g = 0.0f;
         if (i < M && j < N) {
@@ -546,41 +666,21 @@ __global__ void __launch_bounds__(kThreads) lse_backward_kernel(const LseParams 
       }
 
       // acc[:, chunk] += G @ k[cols, chunk]   or   G^T @ q[rows, chunk]
-      // Last chunk first: the S product left D's last chunk of these rows staged in Qs / Ks.
-      const int64_t d_last = (D - 1) / kDK * kDK;
-      for (int i = 0; i < nch; ++i) {
-        const int ch = nch - 1 - i;
-        const int64_t dd = pass0 + int64_t(ch) * kDK;
-        if (i > 0 || dd != d_last) {
-          if (i > 0) __syncthreads();  // the previous chunk's products are done with the operand
-          if (FOR_K) {
-            load_rows(Qs, LDO, q, row0, M, dd, D, p.vec_loads != 0);
-          } else {
-            load_rows(Ks, LDO, k, col0, N, dd, D, p.vec_loads != 0);
-          }
-          __syncthreads();
-        }
-        if (reg_acc) {
-#pragma unroll
-          for (int rc = 0; rc < kRegChunks; ++rc)  // a constant index keeps racc in registers
-            if (rc == ch) accumulate_g_product<T, KIND, FOR_K>(racc[rc], Gs, Qs, Ks);
-        } else {
-          float* C = acc_s + wm * 32 * lda + ch * kDK + wn * 32;
-          WarpTile<T, KIND> o;
-          o.load(C, lda);
-          accumulate_g_product<T, KIND, FOR_K>(o, Gs, Qs, Ks);
-          o.store(C, lda);
-        }
+      if (reuse) g_product(nch - 1, slots.inner(e - 1));
+      for (int j = 0; j < n_g; ++j, ++e) {
+        stream_step(e, total, issue);
+        g_product(g_chunk(j), slots.inner(e));
       }
     }
+    __syncthreads();  // the walk's last products are done with the slots and G, where acc_s may lie
     if (reg_acc) {
 #pragma unroll
       for (int ch = 0; ch < kRegChunks; ++ch)
         if (ch < nch) racc[ch].store(acc_s + wm * 32 * lda + ch * kDK + wn * 32, lda);
     }
     __syncthreads();
-    for (int e = tid; e < 64 * pw; e += kThreads) {
-      const int r = e / pw, c = e % pw;
+    for (int x = tid; x < 64 * pw; x += kThreads) {
+      const int r = x / pw, c = x % pw;
       const int64_t o = outer0 + r;
       if (o < n_outer) {
         float* dst = p.out + o * D + pass0 + c;

@@ -29,19 +29,21 @@ namespace {
 
 using at::Tensor;
 
-// Multiprocessor count and opt-in shared memory per block of the current device. (Read with
+// Multiprocessor count, opt-in shared memory per block and shared memory per multiprocessor of
+// the current device. (Read with
 // the runtime API rather than ATen/cuda/CUDAContext.h, which pulls in cuBLAS and cuSPARSE
 // headers that a bare CUDA toolkit may lack.)
 struct DeviceInfo {
   int num_sms;
-  size_t smem_optin;
+  size_t smem_optin, smem_per_sm;
 };
 
 DeviceInfo device_info(int device) {
-  int sms = 0, smem = 0;
+  int sms = 0, smem = 0, smem_sm = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
-  return {sms, size_t(smem)};
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&smem_sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, device));
+  return {sms, size_t(smem), size_t(smem_sm)};
 }
 
 int dtype_code(const Tensor& t) {
@@ -130,6 +132,7 @@ std::tuple<Tensor, Tensor> lse_forward_cuda(const Tensor& q, const Tensor& k, co
 
   const DeviceInfo dev = device_info(q.get_device());
   choose_splits(p, (p.M + kBM - 1) / kBM, (p.N + kBN - 1) / kBN, dev.num_sms);
+  p.resident = forward_resident(int(q.element_size()), p.D, dev.smem_per_sm);
   Tensor row = p.splits > 1 ? at::full({p.M}, neg_inf, f32) : at::empty({p.M}, f32);
   p.row_lse = row.data_ptr<float>();
   p.col_lse = cols ? col.data_ptr<float>() : nullptr;
@@ -168,6 +171,7 @@ std::tuple<Tensor, Tensor, Tensor> lse_backward_cuda(
   p.grad_row = grad_row.has_value() ? grad_row->data_ptr<float>() : nullptr;
   p.grad_col = grad_col.has_value() ? grad_col->data_ptr<float>() : nullptr;
   p.panel = backward_panel(int(q.element_size()), D, dev.smem_optin);
+  p.resident = backward_resident(D, p.panel);
 
   if (M == 0 || N == 0 || (!grad_row.has_value() && !grad_col.has_value())) {
     Tensor dq = at::zeros({M, D}, f32);

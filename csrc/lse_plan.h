@@ -70,6 +70,7 @@ struct LseParams {
   // (S[j, i] = S[i, j]), so one launch gives dq = (G + G^T) @ q, with no column kernel.
   int mirror = 0;
   int panel = 0;                    // output columns per pass of the backward (multiple of kDK)
+  int resident = 0;                 // features of the block's own rows kept in shared memory (smem_layout)
 
   // Work split: blockIdx.y takes inner tiles [y * tiles_per_split, (y + 1) * tiles_per_split).
   // With more than one split the outputs are merged atomically (row_lse by log-add-exp into a
@@ -79,38 +80,90 @@ struct LseParams {
 };
 
 // Leading dimensions (in elements) of the shared-memory tiles; the padding keeps WMMA's
-// 32-byte pointer alignment and spreads rows over the banks.
+// 32-byte pointer alignment and cp.async's 16-byte rows, and spreads rows over the banks.
 FASTNCE_HD constexpr int ld_operand(int elem_bytes) { return elem_bytes == 2 ? kDK + 8 : kDK + 4; }
+FASTNCE_HD constexpr int ld_resident(int elem_bytes, int width) { return width + (elem_bytes == 2 ? 8 : 4); }
 constexpr int kLdS = kBN + 4;  // float S / G tile
 constexpr int kLdG16 = kBN + 8;  // 16-bit copy of G for the tensor-core products
 
 FASTNCE_HD inline size_t align128(size_t x) { return (x + 127) & ~size_t(127); }
 
+// The operand chunks stream through two slots (double buffering: chunk e + 1 loads while chunk e
+// is multiplied). A slot holds the inner operand's 64 x kDK chunk (the walked tiles' rows: k for
+// the forward and the row kernel, q for the column kernel) and, when the block's own rows are
+// not resident, theirs too.
+constexpr int kSlots = 2;
+
 struct SmemLayout {
-  size_t q_off, k_off, s_off, g_off, vec_off, acc_off, total;
+  size_t res_off, slot_off, slot_bytes, s_off, g_off, vec_off, acc_off, total;
+  int ld_res;
 };
 
-// Vector scratch: row lse, row grad, col bias, col lse, col grad, and for the mirror the row lse
-// and grad at the columns and the col lse and grad at the rows, and a reduction scratch
-// (float); then 2 label tiles (int64).
+// Vector scratch of the backward: row lse, row grad, col bias, col lse, col grad, and for the
+// mirror the row lse and grad at the columns and the col lse and grad at the rows, and a
+// reduction scratch (float); then 2 label tiles (int64). The forward's: col bias (float), then
+// the column labels (int64).
 constexpr int kVecFloats = 10;
-FASTNCE_HD inline size_t vec_bytes() { return kVecFloats * 64 * sizeof(float) + 2 * 64 * sizeof(int64_t); }
+constexpr int kFwdVecFloats = 1;
+FASTNCE_HD inline size_t vec_bytes(bool backward) {
+  return backward ? kVecFloats * 64 * sizeof(float) + 2 * 64 * sizeof(int64_t)
+                  : kFwdVecFloats * 64 * sizeof(float) + 64 * sizeof(int64_t);
+}
 
 // elem_bytes: 2 for fp16/bf16, 4 for fp32. panel: 0 for the forward (no accumulator).
-FASTNCE_HD inline SmemLayout smem_layout(int elem_bytes, int panel) {
+// resident: features of the block's own 64 rows held in shared memory for the whole walk
+// (a multiple of kDK covering D), 0 to stream them with the inner operand.
+FASTNCE_HD inline SmemLayout smem_layout(int elem_bytes, int panel, int resident = 0) {
   SmemLayout L;
   const size_t op = size_t(kBM) * ld_operand(elem_bytes) * elem_bytes;  // kBM == kBN
+  L.ld_res = resident > 0 ? ld_resident(elem_bytes, resident) : 0;
   size_t off = 0;
-  L.q_off = off; off = align128(off + op);
-  L.k_off = off; off = align128(off + op);
+  L.res_off = off; off = align128(off + size_t(kBM) * L.ld_res * elem_bytes);
+  L.slot_bytes = op;
+  L.slot_off = off; off = align128(off + size_t(kSlots) * (resident > 0 ? 1 : 2) * op);
   L.s_off = off; off = align128(off + size_t(kBM) * kLdS * sizeof(float));
   L.g_off = off;
   if (panel > 0 && elem_bytes == 2) off = align128(off + size_t(kBM) * kLdG16 * 2);
-  L.vec_off = off; off = align128(off + vec_bytes());
-  L.acc_off = off;
-  if (panel > 0) off = align128(off + size_t(kBM) * (panel + 4) * sizeof(float));
+  L.vec_off = off; off = align128(off + vec_bytes(panel > 0));
+  const size_t acc = size_t(kBM) * (panel + 4) * sizeof(float);
+  // Accumulators kept in registers reach shared memory only after the walk, when the slots and
+  // the S / G tiles are free: they share that space when it is large enough.
+  if (panel > 0 && panel <= kRegChunks * kDK && acc <= L.vec_off - L.slot_off) {
+    L.acc_off = L.slot_off;
+  } else {
+    L.acc_off = off;
+    if (panel > 0) off = align128(off + acc);
+  }
   L.total = off;
   return L;
+}
+
+FASTNCE_HD inline int padded_features(int64_t D) { return int((D + kDK - 1) / kDK * kDK); }
+
+// Blocks of the forward kernel a multiprocessor holds by its shared memory (1 KiB reserved per
+// block), at most kForwardBlocksPerSm: the registers' limit (<= 128 a thread, 128 threads).
+constexpr int kForwardBlocksPerSm = 4;
+inline int forward_blocks_per_sm(size_t smem, size_t smem_per_sm) {
+  const size_t b = smem_per_sm / (smem + 1024);
+  return int(b < size_t(kForwardBlocksPerSm) ? b : size_t(kForwardBlocksPerSm));
+}
+
+// The forward holds its 64 rows in shared memory, so that each tile loads only its 64 keys (half
+// the operand traffic), where that costs no occupancy: as many blocks per multiprocessor as
+// when the rows stream with the keys (H100 / H200: D <= 128, 4 blocks of 16-bit or 2 of fp32;
+// at D = 512 holding them would leave 2 blocks instead of 4).
+inline int forward_resident(int elem_bytes, int64_t D, size_t smem_per_sm) {
+  const int w = padded_features(D);
+  if (w > 1024) return 0;
+  const int held = forward_blocks_per_sm(smem_layout(elem_bytes, 0, w).total, smem_per_sm);
+  return held >= 1 && held >= forward_blocks_per_sm(smem_layout(elem_bytes, 0, 0).total, smem_per_sm) ? w : 0;
+}
+
+// The backward holds the block's own rows when its accumulators live in registers (the panel
+// covers D in at most kRegChunks chunks); wider panels need that shared memory for themselves.
+inline int backward_resident(int64_t D, int panel) {
+  const int w = padded_features(D);
+  return (panel >= w && w <= kRegChunks * kDK) ? w : 0;
 }
 
 // Output columns per backward pass: all of D when the accumulator fits in the shared memory a

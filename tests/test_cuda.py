@@ -113,7 +113,7 @@ def emu(tmp_path_factory):
     assert r.returncode == 0, r.stderr[-4000:]
     lib = ctypes.CDLL(str(out))
     P, I64, I = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-    lib.emu_forward.argtypes = [I, P, P, P, P, P, P, I, I, I64, I64, I64, I64, I, P, P, I, I, I64]
+    lib.emu_forward.argtypes = [I, P, P, P, P, P, P, I, I, I64, I64, I64, I64, I, P, P, I, I, I64, I64]
     lib.emu_backward.argtypes = [I, P, P, P, P, P, P, I, I, I64, I64, I64, I64, I,
                                  P, P, P, P, P, P, P, I, I, I64, I64]
     lib.emu_backward.restype = I
@@ -201,7 +201,7 @@ def _emu_case(lib, kind, M, N, D, sym=False, bias=False, mask=0, excl=None, with
     col = torch.empty(N) if with_col else None
     args = (kind, _ptr(q), _ptr(k), _ptr(sc), _ptr(b), _ptr(ql), _ptr(kl), mask, int(excl is not None),
             excl or 0, M, N, D, vec)
-    lib.emu_forward(*args, _ptr(row), _ptr(col), int(sym), 4, min_tiles)
+    lib.emu_forward(*args, _ptr(row), _ptr(col), int(sym), 4, min_tiles, smem)
     dq, dk = torch.empty(M, D), torch.empty(N, D)
     db = torch.empty(N) if bias else None
     gr32 = None if gr is None else gr.float()  # named: a temporary would be freed before the call

@@ -1,5 +1,5 @@
 // A small CPU emulation of the CUDA features the fastnce kernels use, so that their logic
-// (tiling, masks, online softmax, atomics, barriers) can be tested on machines without a GPU.
+// (tiling, masks, online softmax, atomics, barriers, asynchronous copies) can be tested on machines without a GPU.
 //
 // Compile the kernels with g++ -std=c++20 -DFASTNCE_EMULATE -include this header. Every CUDA
 // thread of a block is a std::thread; __syncthreads is a std::barrier over the block, warp
@@ -15,6 +15,7 @@
 #include <atomic>
 #include <barrier>
 #include <cmath>
+#include <cstdlib>
 #include <cstdint>
 #include <cstring>
 #include <memory>
@@ -48,6 +49,28 @@ inline unsigned char* block_smem() {
   return reinterpret_cast<unsigned char*>((p + 127) & ~uintptr_t(127));
 }
 
+// cp.async: a thread's copies land when it waits for them (cp.async.wait_all), the latest the
+// hardware may land them, so that a kernel reading a slot before waiting reads stale data here.
+struct PendingCopy {
+  void* dst;
+  const void* src;
+  bool valid;
+};
+inline thread_local std::vector<PendingCopy> tl_copies;
+
+inline void cp_async16(void* dst, const void* src, bool valid) { tl_copies.push_back({dst, src, valid}); }
+
+inline void cp_async_wait_all() {
+  for (const PendingCopy& c : tl_copies) {
+    if (c.valid) {
+      std::memcpy(c.dst, c.src, 16);
+    } else {
+      std::memset(c.dst, 0, 16);
+    }
+  }
+  tl_copies.clear();
+}
+
 // Runs kernel(args...) on a grid of (gx, gy) blocks of `threads` threads, all at once.
 template <class F>
 void launch(F kernel, unsigned gx, unsigned gy, int threads, size_t smem_bytes) {
@@ -63,6 +86,7 @@ void launch(F kernel, unsigned gx, unsigned gy, int threads, size_t smem_bytes) 
           threadIdx = make_uint3(unsigned(t), 0u, 0u);
           blockIdx = make_uint3(x, y, 0u);
           kernel();
+          if (!emu::tl_copies.empty()) std::abort();  // copies never waited for
         });
     }
   for (auto& th : pool) th.join();

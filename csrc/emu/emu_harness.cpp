@@ -18,13 +18,14 @@ namespace {
 template <class T, int KIND>
 void run_forward(const LseParams& p) {
   const unsigned gx = unsigned((p.M + kBM - 1) / kBM);
-  emu::launch([p] { lse_forward_kernel<T, KIND>(p); }, gx, unsigned(p.splits), kThreads, smem_layout(sizeof(T), 0).total);
+  emu::launch([p] { lse_forward_kernel<T, KIND>(p); }, gx, unsigned(p.splits), kThreads,
+              smem_layout(sizeof(T), 0, p.resident).total);
 }
 
 template <class T, int KIND>
 void run_backward(const LseParams& p, bool for_k) {
   const unsigned gx = unsigned(((for_k ? p.N : p.M) + 63) / 64);
-  const size_t smem = smem_layout(sizeof(T), p.panel).total;
+  const size_t smem = smem_layout(sizeof(T), p.panel, p.resident).total;
   if (for_k) {
     emu::launch([p] { lse_backward_kernel<T, KIND, true>(p); }, gx, unsigned(p.splits), kThreads, smem);
   } else {
@@ -75,12 +76,15 @@ LseParams base(const void* q, const void* k, const float* scale, const float* bi
 
 extern "C" {
 
-// row: (M,), col: (N,) or null. num_sms / min_tiles steer choose_splits. symmetric (k is q):
-// without bias and with only self-pairs excluded, the tiles on and above the diagonal.
+// row: (M,), col: (N,) or null. num_sms / min_tiles steer choose_splits, smem_per_sm whether the
+// rows are resident. symmetric (k is q): without bias and with only self-pairs excluded, the
+// tiles on and above the diagonal.
 void emu_forward(int kind, const void* q, const void* k, const float* scale, const float* bias, const int64_t* ql,
                  const int64_t* kl, int mask_mode, int has_excl, int64_t off, int64_t M, int64_t N, int64_t D,
-                 int vec, float* row, float* col, int symmetric, int num_sms, int64_t min_tiles) {
+                 int vec, float* row, float* col, int symmetric, int num_sms, int64_t min_tiles,
+                 int64_t smem_per_sm) {
   LseParams p = base(q, k, scale, bias, ql, kl, mask_mode, has_excl, off, M, N, D, vec);
+  p.resident = forward_resident(kind <= 1 ? 2 : 4, D, size_t(smem_per_sm));
   const float ninf = -std::numeric_limits<float>::infinity();
   p.upper = symmetric && bias == nullptr && (!has_excl || off == 0);
   std::vector<float> part(p.upper ? N : 0, ninf);  // the rows' parts from the tiles above them
@@ -114,6 +118,7 @@ int emu_backward(int kind, const void* q, const void* k, const float* scale, con
   p.grad_row = grad_row;
   p.grad_col = grad_col;
   p.panel = backward_panel(kind <= 1 ? 2 : 4, D, size_t(smem_optin));
+  p.resident = backward_resident(D, p.panel);
 
   LseParams pq = p;
   pq.mirror = symmetric && bias == nullptr;
