@@ -16,5 +16,7 @@ git ls-files -z | xargs -0 cp --parents -t "$build"
 (cd "$build" && FASTNCE_BUILD_CUDA=1 TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=2 "$venv/bin/python" setup.py -q build_ext --inplace)
 mkdir -p carry
 cp "$build"/fastnce/_C.cpython-312-*.so carry/
+# the sources it was built from: gpu_session.sh uses it only while csrc/ is unchanged
+bash benchmarks/csrc_sha.sh > carry/_C.csrc-sha256
 rm -rf "$build"
 ls -l carry/_C.cpython-312-*.so

@@ -15,9 +15,14 @@ out=${OUT:-benchmarks/results}
 mkdir -p "$out"
 start=$(date +%s)
 # A fastnce._C built here for the device's Python and torch (benchmarks/build_device_ext.sh) is
-# used if it loads with this torch; else the cuda backend compiles csrc/ on first use.
+# used if it was built from this csrc/ and loads with this torch; else the cuda backend compiles
+# csrc/ on first use (a stale build would time old kernels).
+csrc_sha=$(bash benchmarks/csrc_sha.sh)
 for so in carry/_C.cpython-*.so; do
   [ -f "$so" ] || continue
+  if [ "$(cat carry/_C.csrc-sha256 2>/dev/null)" != "$csrc_sha" ]; then
+    echo "carried $so was built from other csrc/ sources: JIT build"; continue
+  fi
   cp "$so" fastnce/
   if python -c "import torch, fastnce._C" 2>/tmp/ext-load.log; then echo "using the carried $so"
   else echo "carried $so does not load ($(tail -1 /tmp/ext-load.log)): JIT build"; rm -f fastnce/_C.cpython-*.so; fi
