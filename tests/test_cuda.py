@@ -153,6 +153,11 @@ EMU_CASES = [
     # a 256-wide panel (D = 200): the backward accumulates in shared memory, not in registers
     (1, 70, 90, 200, dict(mask=1, bias=True)),
     (0, 80, 80, 200, dict(sym=True, excl=0, min_tiles=1)),
+    # an H100's shared memory (228 KiB a multiprocessor): simclr's D = 128 holds the block's rows
+    # in the forward and the mirrored backward; D = 200 streams them with the keys
+    (1, 130, 130, 128, dict(sym=True, excl=0, smem=233472)),
+    (0, 90, 100, 200, dict(mask=1, bias=True, smem=233472)),
+    (1, 100, 150, 72, dict(mask=1, bias=True, smem=40000)),  # 16-bit, rows streamed, 2 passes
 ]
 
 
