@@ -158,6 +158,9 @@ EMU_CASES = [
     (1, 130, 130, 128, dict(sym=True, excl=0, smem=233472)),
     (0, 90, 100, 200, dict(mask=1, bias=True, smem=233472)),
     (1, 100, 150, 72, dict(mask=1, bias=True, smem=40000)),  # 16-bit, rows streamed, 2 passes
+    # clip's width: 9 chunks a tile over 5 x 5 tiles (H100), and an A100's 164 KiB: 2 passes
+    (1, 300, 260, 520, dict(bias=True, smem=233472)),
+    (0, 200, 130, 512, dict(excl=0, smem=167936)),
 ]
 
 
