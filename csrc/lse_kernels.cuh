@@ -313,6 +313,7 @@ __global__ void __launch_bounds__(kThreads) lse_forward_kernel(const LseParams p
 #else
   unsigned char* smem_raw = emu::block_smem();
 #endif
+  constexpr int LDO = ld_operand(sizeof(T));
   const SmemLayout L = smem_layout(sizeof(T), 0, p.resident);
   const Slots<T> slots{smem_raw + L.slot_off, L.slot_bytes, p.resident > 0};
   T* res = p.resident > 0 ? reinterpret_cast<T*>(smem_raw + L.res_off) : nullptr;
@@ -349,8 +350,8 @@ __global__ void __launch_bounds__(kThreads) lse_forward_kernel(const LseParams p
   const int64_t total = nt > 0 ? nt * nc : 0;
   auto issue = [&](int64_t e) {
     const int64_t d0 = (e % nc) * kDK;
-    load_rows(slots.inner(e), ld_operand(sizeof(T)), k, tile_col0(e / nc), N, d0, p.D, p.vec_loads != 0);
-    if (res == nullptr) load_rows(slots.outer(e), ld_operand(sizeof(T)), q, row0, M, d0, p.D, p.vec_loads != 0);
+    load_rows(slots.inner(e), LDO, k, tile_col0(e / nc), N, d0, p.D, p.vec_loads != 0);
+    if (res == nullptr) load_rows(slots.outer(e), LDO, q, row0, M, d0, p.D, p.vec_loads != 0);
   };
   if (total > 0) {
     if (res != nullptr) load_resident(res, L.ld_res, q, row0, M, p);

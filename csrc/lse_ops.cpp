@@ -30,9 +30,8 @@ namespace {
 using at::Tensor;
 
 // Multiprocessor count, opt-in shared memory per block and shared memory per multiprocessor of
-// the current device. (Read with
-// the runtime API rather than ATen/cuda/CUDAContext.h, which pulls in cuBLAS and cuSPARSE
-// headers that a bare CUDA toolkit may lack.)
+// the current device. (Read with the runtime API rather than ATen/cuda/CUDAContext.h, which
+// pulls in cuBLAS and cuSPARSE headers that a bare CUDA toolkit may lack.)
 struct DeviceInfo {
   int num_sms;
   size_t smem_optin, smem_per_sm;

@@ -48,13 +48,32 @@ def synthetic_pairs(n: int, latent: torch.Tensor, proj_i: torch.Tensor, proj_t: 
             z @ proj_t + 0.1 * torch.randn(n, proj_t.shape[1], generator=g))
 
 
-def train(args, rank: int, world: int, device: torch.device) -> None:
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--batch", type=int, default=64, help="pairs per rank")
+    p.add_argument("--dim", type=int, default=128)
+    p.add_argument("--scheme", choices=fd.SCHEMES, default="ring")
+    p.add_argument("--check", action="store_true", help="compare step 0 with the single-process loss")
+    args = p.parse_args()
+
+    use_cuda = torch.cuda.is_available()
+    dist.init_process_group("nccl" if use_cuda else "gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if use_cuda:
+        local = int(os.environ.get("LOCAL_RANK", 0))
+        torch.cuda.set_device(local)
+        device = torch.device("cuda", local)
+    else:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+        device = torch.device("cpu")
+
     torch.manual_seed(0)  # the same model and data-generating process on every rank
     shared = torch.Generator().manual_seed(0)
     latent = torch.randn(16, 32, generator=shared)
     proj_i, proj_t = torch.randn(32, 64, generator=shared), torch.randn(32, 48, generator=shared)
     model = TwoTowers(64, 48, args.dim).to(device)
-    ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+    ddp = DDP(model, device_ids=[device.index] if use_cuda else None)
     opt = torch.optim.AdamW(ddp.parameters(), lr=1e-3)
     data = torch.Generator().manual_seed(1000 + rank)  # each rank its own pairs
 
@@ -78,28 +97,6 @@ def train(args, rank: int, world: int, device: torch.device) -> None:
         if rank == 0 and (step % 5 == 0 or step == args.steps - 1):
             print(f"step {step:3d}  loss {global_loss.item():.4f}  logit_scale {scale.item():.2f}  "
                   f"(world {world}, {world * args.batch} pairs, scheme {args.scheme})", flush=True)
-
-
-def main():
-    p = argparse.ArgumentParser()
-    p.add_argument("--steps", type=int, default=30)
-    p.add_argument("--batch", type=int, default=64, help="pairs per rank")
-    p.add_argument("--dim", type=int, default=128)
-    p.add_argument("--scheme", choices=fd.SCHEMES, default="ring")
-    p.add_argument("--check", action="store_true", help="compare step 0 with the single-process loss")
-    args = p.parse_args()
-
-    use_cuda = torch.cuda.is_available()
-    dist.init_process_group("nccl" if use_cuda else "gloo")
-    rank, world = dist.get_rank(), dist.get_world_size()
-    if use_cuda:
-        local = int(os.environ.get("LOCAL_RANK", 0))
-        torch.cuda.set_device(local)
-        device = torch.device("cuda", local)
-    else:
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
-        device = torch.device("cpu")
-    train(args, rank, world, device)
     dist.barrier()
     dist.destroy_process_group()
     # With torch 2.13 the gloo process group outlives destroy_process_group (DDP's reducer still

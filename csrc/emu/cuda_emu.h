@@ -1,5 +1,6 @@
 // A small CPU emulation of the CUDA features the fastnce kernels use, so that their logic
-// (tiling, masks, online softmax, atomics, barriers, asynchronous copies) can be tested on machines without a GPU.
+// (tiling, masks, online softmax, atomics, barriers, asynchronous copies) can be tested on
+// machines without a GPU.
 //
 // Compile the kernels with g++ -std=c++20 -DFASTNCE_EMULATE -include this header. Every CUDA
 // thread of a block is a std::thread; __syncthreads is a std::barrier over the block, warp
