@@ -75,6 +75,59 @@ def test_nt_xent_multiview_errors():
         L.nt_xent_multiview([torch.randn(4, 3), torch.randn(5, 3)])
 
 
+# ---------------------------------------------------------------- DCL
+
+@pytest.mark.parametrize("N", [2, 3, 127])
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_dcl_matches_reference(N, weighted, backend):
+    z1, z2 = torch.randn(2, N, 16, generator=_gen(N), dtype=torch.float64).unbind(0)
+    z1.requires_grad_(), z2.requires_grad_()
+    weight_fn = L.vmf_weights if weighted else None
+    ours = L.dcl_loss(z1, z2, 0.2, "none", weight_fn=weight_fn, backend=backend)
+    n1, n2 = torch.nn.functional.normalize(z1, dim=1), torch.nn.functional.normalize(z2, dim=1)
+    w = (L.vmf_weights(n1, n2), L.vmf_weights(n2, n1)) if weighted else (None, None)
+    ref = R.dcl_naive(z1, z2, 0.2, *w)
+    torch.testing.assert_close(ours, ref, **F64)
+    _close_with_grads(ours.sum(), ref.sum(), (z1, z2), F64)
+    module = L.DCLWLoss(0.2, backend=backend) if weighted else L.DCLLoss(0.2, backend=backend)
+    torch.testing.assert_close(module(z1, z2), ours.mean(), **F64)
+    torch.testing.assert_close(L.dcl_loss(z1, z2, 0.2, "sum", weight_fn=weight_fn, backend=backend), ours.sum(), **F64)
+
+
+def test_dcl_takes_the_positive_out_of_nt_xent():
+    """DCL's denominator is NT-Xent's without the positive: their per-anchor losses differ by
+    log(1 − softmax probability of the positive)."""
+    z1, z2 = torch.randn(2, 9, 8, generator=_gen(5), dtype=torch.float64).unbind(0)
+    nt = fastnce.nt_xent(z1, z2, 0.3, "none")
+    dcl = L.dcl_loss(z1, z2, 0.3, "none")
+    torch.testing.assert_close(dcl, nt + torch.log1p(-torch.exp(-nt)), **F64)
+
+
+def test_dcl_gradcheck():
+    """Unweighted, and with a weight that has a gradient (vmf_weights has none by design, which a
+    numerical Jacobian would see)."""
+    z = torch.randn(2, 4, 5, generator=_gen(6), dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda z: L.dcl_loss(z[0], z[1], 0.5, backend="torch"), (z,))
+    weight = lambda a, b: 1 + ((a - b) ** 2).sum(1)
+    assert torch.autograd.gradcheck(lambda z: L.dcl_loss(z[0], z[1], 0.5, weight_fn=weight, backend="torch"), (z,))
+
+
+def test_dcl_errors():
+    with pytest.raises(ValueError, match="at least 2 samples"):
+        L.dcl_loss(torch.randn(1, 4), torch.randn(1, 4))
+    with pytest.raises(ValueError, match="same shape"):
+        L.dcl_loss(torch.randn(3, 4), torch.randn(2, 4))
+    with pytest.raises(ValueError, match=r"weight_fn must return a tensor of shape \(3,\)"):
+        L.dcl_loss(torch.randn(3, 4), torch.randn(3, 4), weight_fn=lambda a, b: torch.ones(2))
+    with pytest.raises(TypeError, match="weight_fn"):
+        L.DCLLoss(weight_fn=1.0)
+    with pytest.raises(ValueError, match="sigma"):
+        L.DCLWLoss(sigma=0.0)
+    with pytest.raises(ValueError, match="temperature"):
+        L.DCLLoss(temperature=float("inf"))
+
+
 # ---------------------------------------------------------------- MoCo
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -227,15 +280,15 @@ def test_swav_matches_reference():
 
 
 def _load_lightly():
-    """lightly's DINOLoss / SwaVLoss source files, loaded without lightly/__init__ (which needs
-    torchvision); None when lightly is not installed."""
+    """lightly's DINO, SwAV and DCL loss source files as {name: module}, loaded without
+    lightly/__init__ (which needs torchvision); None when lightly is not installed."""
     spec = importlib.util.find_spec("lightly")
     if spec is None or spec.origin is None:
         return None
     root = os.path.dirname(spec.origin)
     saved = {k: v for k, v in sys.modules.items() if k == "lightly" or k.startswith("lightly.")}
     try:
-        for name in ["lightly", "lightly.models", "lightly.models.modules", "lightly.loss"]:
+        for name in ["lightly", "lightly.models", "lightly.models.modules", "lightly.loss", "lightly.utils"]:
             mod = types.ModuleType(name)
             mod.__path__ = []
             sys.modules[name] = mod
@@ -248,7 +301,8 @@ def _load_lightly():
             return m
 
         sys.modules["lightly.models.modules"].center = load("lightly.models.modules.center", "models/modules/center.py")
-        return load("lightly.loss.dino_loss", "loss/dino_loss.py"), load("lightly.loss.swav_loss", "loss/swav_loss.py")
+        sys.modules["lightly.utils"].dist = load("lightly.utils.dist", "utils/dist.py")
+        return {name: load(f"lightly.loss.{name}_loss", f"loss/{name}_loss.py") for name in ("dino", "swav", "dcl")}
     finally:
         for k in [k for k in sys.modules if k == "lightly" or k.startswith("lightly.")]:
             del sys.modules[k]
@@ -259,7 +313,7 @@ def test_dino_and_swav_match_lightly():
     mods = _load_lightly()
     if mods is None:
         pytest.skip("lightly is not installed")
-    dino_mod, swav_mod = mods
+    dino_mod, swav_mod = mods["dino"], mods["swav"]
     torch.manual_seed(0)
     ours = L.DINOLoss(output_dim=32, warmup_teacher_temp=0.02, warmup_teacher_temp_epochs=5)
     theirs = dino_mod.DINOLoss(output_dim=32, warmup_teacher_temp=0.02, warmup_teacher_temp_epochs=5)
@@ -271,6 +325,21 @@ def test_dino_and_swav_match_lightly():
     high = [torch.randn(16, 10, requires_grad=True) for _ in range(2)]
     low = [torch.randn(16, 10, requires_grad=True) for _ in range(3)]
     _close_with_grads(L.SwAVLoss()(high, low), swav_mod.SwaVLoss()(high, low).reshape(()), tuple(high + low), F32)
+
+
+@pytest.mark.filterwarnings("ignore:To copy construct from a tensor:UserWarning")  # lightly's weights
+@pytest.mark.parametrize("N", [2, 127])
+def test_dcl_matches_lightly(N):
+    mods = _load_lightly()
+    if mods is None:
+        pytest.skip("lightly is not installed")
+    dcl = mods["dcl"]
+    z1, z2 = torch.randn(2, N, 16, generator=_gen(N)).unbind(0)
+    z1.requires_grad_(), z2.requires_grad_()
+    _close_with_grads(L.DCLLoss(0.07)(z1, z2), dcl.DCLLoss(0.07)(z1, z2), (z1, z2), F32)
+    _close_with_grads(L.DCLWLoss(0.2, sigma=0.3)(z1, z2), dcl.DCLWLoss(0.2, sigma=0.3)(z1, z2), (z1, z2), F32)
+    custom = lambda a, b: ((a - b) ** 2).sum(1)  # lightly's docstring example: a weight with a gradient
+    _close_with_grads(L.DCLLoss(0.1, custom)(z1, z2), dcl.DCLLoss(0.1, custom)(z1, z2), (z1, z2), F32)
 
 
 # ---------------------------------------------------------------- NCE

@@ -7,6 +7,7 @@ quadratic. Reference implementations used by the tests live in fastnce.losses.na
 | module | paper | matches |
 |---|---|---|
 | NTXentLoss | Chen et al. 2020 (SimCLR) | fastnce.nt_xent; pml NTXentLoss with instance labels |
+| DCLLoss, DCLWLoss | Yeh et al. 2022 (decoupled contrastive learning) | lightly DCLLoss / DCLWLoss |
 | MoCoLoss | He et al. 2020 (MoCo) | InfoNCE against a queue |
 | ClipLoss | Radford et al. 2021 (CLIP) | fastnce.clip_loss, learnable clamped logit scale |
 | CPCLoss, GRUContext | van den Oord et al. 2018 (CPC) | formula |
@@ -22,8 +23,8 @@ quadratic. Reference implementations used by the tests live in fastnce.losses.na
 """
 from ._common import momentum_update
 from .contrastive import (
-    ClipLoss, CPCLoss, GRUContext, MoCoLoss, NTXentLoss, cpc_loss, nt_xent_multiview, zero_shot_logits,
-    zero_shot_predict,
+    ClipLoss, CPCLoss, DCLLoss, DCLWLoss, GRUContext, MoCoLoss, NTXentLoss, cpc_loss, dcl_loss, nt_xent_multiview,
+    vmf_weights, zero_shot_logits, zero_shot_predict,
 )
 from .distillation import DINOLoss, SwAVLoss, SwAVPrototypes, dino_loss, sinkhorn, swav_loss, update_teacher
 from .metric import (
@@ -34,7 +35,7 @@ from .metric import (
 from .nce import NCELoss, nce_loss
 
 __all__ = [
-    "NTXentLoss", "nt_xent_multiview", "MoCoLoss", "momentum_update", "ClipLoss", "zero_shot_logits",
+    "NTXentLoss", "nt_xent_multiview", "DCLLoss", "DCLWLoss", "dcl_loss", "vmf_weights", "MoCoLoss", "momentum_update", "ClipLoss", "zero_shot_logits",
     "zero_shot_predict", "CPCLoss", "cpc_loss", "GRUContext", "DINOLoss", "dino_loss", "update_teacher",
     "SwAVLoss", "swav_loss", "sinkhorn", "SwAVPrototypes", "SupConLoss", "supcon_loss",
     "SoftNearestNeighborLoss", "soft_nearest_neighbor_loss", "NCELoss", "nce_loss", "ContrastiveLoss",

@@ -48,6 +48,21 @@ def nt_xent_multiview_naive(views: Tensor, temperature: float = 0.1) -> Tensor:
     return -(log_prob[pos]).mean()
 
 
+def dcl_naive(z1: Tensor, z2: Tensor, temperature: float = 0.1, w1=None, w2=None) -> Tensor:
+    """DCL (Yeh et al. 2022) per anchor of [z1; z2], (2N,): −w·(positive logit) + log Σ exp over
+    the negatives, the rows of the other samples (own row and positive masked out)."""
+    N = len(z1)
+    z = _normalize(torch.cat([z1, z2]))
+    logits = z @ z.T / temperature
+    rows = torch.arange(2 * N, device=z.device)
+    sample = rows % N
+    positive = logits[rows, (rows + N) % (2 * N)]
+    if w1 is not None:
+        positive = positive * torch.cat([w1, w2])
+    negatives = logits.masked_fill(sample[:, None] == sample[None, :], float("-inf"))
+    return negatives.logsumexp(1) - positive
+
+
 def moco_naive(query: Tensor, key: Tensor, queue: Tensor, temperature: float = 0.07) -> Tensor:
     """MoCo (He et al. 2020): logits [q·k, q·queue] / T, cross-entropy with class 0."""
     q, k, queue = _normalize(query), _normalize(key), _normalize(queue)
