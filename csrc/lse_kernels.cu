@@ -29,11 +29,34 @@ void backward_impl(const LseParams& p, cudaStream_t stream) {
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+template <class T, bool FOR_K, int MI_G>
+void backward_wide_impl(const LseParams& p, cudaStream_t stream) {
+  auto kernel = lse_backward_wide_kernel<T, FOR_K, MI_G>;
+  const size_t smem = wide_smem_layout(p.resident).total;
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
+  const int64_t outer = FOR_K ? p.N : p.M;
+  const dim3 grid(unsigned((outer + 63) / 64), unsigned(p.splits));
+  kernel<<<grid, kWideThreads, smem, stream>>>(p);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// 16-bit inputs: the wide kernel where the plan says (p.wide), two warps a chunk up to D = 256.
+template <class T, bool FOR_K>
+void backward_16bit(const LseParams& p, cudaStream_t stream) {
+  if (!p.wide) {
+    backward_impl<T, kMmaWmma16, FOR_K>(p, stream);
+  } else if (p.resident <= 4 * kDK) {
+    backward_wide_impl<T, FOR_K, 2>(p, stream);
+  } else {
+    backward_wide_impl<T, FOR_K, 4>(p, stream);
+  }
+}
+
 template <bool FOR_K>
 void backward_dispatch(const LseParams& p, int dtype, bool allow_tf32, cudaStream_t stream) {
   switch (dtype) {
-    case kFloat16: backward_impl<__half, kMmaWmma16, FOR_K>(p, stream); break;
-    case kBFloat16: backward_impl<__nv_bfloat16, kMmaWmma16, FOR_K>(p, stream); break;
+    case kFloat16: backward_16bit<__half, FOR_K>(p, stream); break;
+    case kBFloat16: backward_16bit<__nv_bfloat16, FOR_K>(p, stream); break;
     default:
       if (allow_tf32) {
         backward_impl<float, kMmaTf32, FOR_K>(p, stream);

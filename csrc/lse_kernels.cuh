@@ -22,7 +22,9 @@
 //   terms where the tile's LSEs allow), and accumulates G @ k (or G^T @ q) into an fp32
 //   accumulator of 64 x panel, in registers up to 128 features, else in shared memory; when D
 //   does not fit (panel < D) the walk is repeated once per panel of output columns. No
-//   atomics unless the grid is split.
+//   atomics unless the grid is split. For 16-bit inputs with 128 < D <= 512 where shared
+//   memory allows (H100 / H200: CLIP's D = 512), the wide kernel instead: 8 warps, the walked
+//   tile staged whole for both products, the 64 x D accumulator in registers (see there).
 // * operands: a block's operand chunks (64 rows x 64 features) form one stream in the order
 //   they are multiplied, across tiles: double-buffered through two shared-memory slots, chunk
 //   e + 1 copied (cp.async on sm_80+) while chunk e is multiplied, so the loads hide behind the
@@ -68,28 +70,29 @@ template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float
 // ---------------------------------------------------------------------------------------------
 template <class T, int KIND> struct WarpTile;
 
-// A 32×32 warp tile as 2×2 WMMA fragments of depth KS; Frag is the fragment element type
-// (T itself for fp16/bf16, wmma::precision::tf32 for fp32 inputs on the tensor cores).
-template <class T, class Frag, int KS> struct WmmaWarpTile {
-  wmma::fragment<wmma::accumulator, 16, 16, KS, float> c[2][2];
+// A (16·MI)×(16·NJ) warp tile as MI×NJ WMMA fragments of depth KS (32×32 unless said); Frag is
+// the fragment element type (T itself for fp16/bf16, wmma::precision::tf32 for fp32 inputs on
+// the tensor cores).
+template <class T, class Frag, int KS, int MI = 2, int NJ = 2> struct WmmaWarpTile {
+  wmma::fragment<wmma::accumulator, 16, 16, KS, float> c[MI][NJ];
 
   __device__ __forceinline__ void zero() {
 #pragma unroll
-    for (int i = 0; i < 2; ++i)
+    for (int i = 0; i < MI; ++i)
 #pragma unroll
-      for (int j = 0; j < 2; ++j) wmma::fill_fragment(c[i][j], 0.0f);
+      for (int j = 0; j < NJ; ++j) wmma::fill_fragment(c[i][j], 0.0f);
   }
   __device__ __forceinline__ void load(const float* C, int ldc) {
 #pragma unroll
-    for (int i = 0; i < 2; ++i)
+    for (int i = 0; i < MI; ++i)
 #pragma unroll
-      for (int j = 0; j < 2; ++j) wmma::load_matrix_sync(c[i][j], C + 16 * i * ldc + 16 * j, ldc, wmma::mem_row_major);
+      for (int j = 0; j < NJ; ++j) wmma::load_matrix_sync(c[i][j], C + 16 * i * ldc + 16 * j, ldc, wmma::mem_row_major);
   }
   __device__ __forceinline__ void store(float* C, int ldc) const {
 #pragma unroll
-    for (int i = 0; i < 2; ++i)
+    for (int i = 0; i < MI; ++i)
 #pragma unroll
-      for (int j = 0; j < 2; ++j) wmma::store_matrix_sync(C + 16 * i * ldc + 16 * j, c[i][j], ldc, wmma::mem_row_major);
+      for (int j = 0; j < NJ; ++j) wmma::store_matrix_sync(C + 16 * i * ldc + 16 * j, c[i][j], ldc, wmma::mem_row_major);
   }
   template <class F> __device__ __forceinline__ static void to_frag(F& f) {
     if constexpr (std::is_same<Frag, wmma::precision::tf32>::value) {
@@ -101,23 +104,21 @@ template <class T, class Frag, int KS> struct WmmaWarpTile {
   __device__ __forceinline__ void mma(const T* A, int lda, const T* B, int ldb, int K) {
     using LA = typename std::conditional<A_COL, wmma::col_major, wmma::row_major>::type;
     using LB = typename std::conditional<B_COL, wmma::col_major, wmma::row_major>::type;
-    wmma::fragment<wmma::matrix_a, 16, 16, KS, Frag, LA> a[2];
-    wmma::fragment<wmma::matrix_b, 16, 16, KS, Frag, LB> b[2];
+    wmma::fragment<wmma::matrix_a, 16, 16, KS, Frag, LA> a[MI];
+    wmma::fragment<wmma::matrix_b, 16, 16, KS, Frag, LB> b;
     for (int k0 = 0; k0 < K; k0 += KS) {
 #pragma unroll
-      for (int i = 0; i < 2; ++i) {
+      for (int i = 0; i < MI; ++i) {
         wmma::load_matrix_sync(a[i], A_COL ? A + k0 * lda + 16 * i : A + 16 * i * lda + k0, lda);
         to_frag(a[i]);
       }
 #pragma unroll
-      for (int j = 0; j < 2; ++j) {
-        wmma::load_matrix_sync(b[j], B_COL ? B + 16 * j * ldb + k0 : B + k0 * ldb + 16 * j, ldb);
-        to_frag(b[j]);
+      for (int j = 0; j < NJ; ++j) {  // one B fragment live at a time: registers for wide tiles
+        wmma::load_matrix_sync(b, B_COL ? B + 16 * j * ldb + k0 : B + k0 * ldb + 16 * j, ldb);
+        to_frag(b);
+#pragma unroll
+        for (int i = 0; i < MI; ++i) wmma::mma_sync(c[i][j], a[i], b, c[i][j]);
       }
-#pragma unroll
-      for (int i = 0; i < 2; ++i)
-#pragma unroll
-        for (int j = 0; j < 2; ++j) wmma::mma_sync(c[i][j], a[i], b[j], c[i][j]);
     }
   }
 };
@@ -197,20 +198,20 @@ __device__ __forceinline__ void copy_wait_all() {
 // (leading dimension ld); zeros outside. vec: 16-byte copies (D a multiple of 16 / sizeof(T) and
 // src 16-byte aligned), asynchronous where the GPU has them; else plain loads and stores. Either
 // way visible to the block after copy_wait_all and a barrier.
-template <class T>
+template <class T, int NT = kThreads>
 __device__ __forceinline__ void load_rows(T* dst, int ld, const T* __restrict__ src, int64_t row0, int64_t nrows,
                                           int64_t d0, int64_t D, bool vec) {
   if (vec) {
     constexpr int V = 16 / sizeof(T);
     constexpr int PER_ROW = kDK / V;
-    for (int e = threadIdx.x; e < 64 * PER_ROW; e += kThreads) {
+    for (int e = threadIdx.x; e < 64 * PER_ROW; e += NT) {
       const int r = e / PER_ROW, c = (e % PER_ROW) * V;
       const int64_t gr = row0 + r, gd = d0 + c;
       const bool ok = gr < nrows && gd < D;
       copy16(dst + r * ld + c, ok ? src + gr * D + gd : src, ok);
     }
   } else {
-    for (int e = threadIdx.x; e < 64 * kDK; e += kThreads) {
+    for (int e = threadIdx.x; e < 64 * kDK; e += NT) {
       const int r = e / kDK, c = e % kDK;
       const int64_t gr = row0 + r, gd = d0 + c;
       dst[r * ld + c] = (gr < nrows && gd < D) ? src[gr * D + gd] : from_f<T>(0.0f);
@@ -296,10 +297,11 @@ __device__ __forceinline__ void compute_s_tile(const Slots<T>& sl, const T* res,
 
 // The block's own 64 rows of src (from row0), all p.resident features, into res: copies issued
 // before the stream's first element, so that element's wait covers them.
-template <class T>
+template <class T, int NT = kThreads>
 __device__ __forceinline__ void load_resident(T* res, int ld_res, const T* src, int64_t row0, int64_t nrows,
                                               const LseParams& p) {
-  for (int c = 0; c < p.resident; c += kDK) load_rows(res + c, ld_res, src, row0, nrows, c, p.D, p.vec_loads != 0);
+  for (int c = 0; c < p.resident; c += kDK)
+    load_rows<T, NT>(res + c, ld_res, src, row0, nrows, c, p.D, p.vec_loads != 0);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -419,12 +421,58 @@ __global__ void __launch_bounds__(kThreads) lse_forward_kernel(const LseParams p
   }
 }
 
-// The largest finite LSE (base 2) of a backward tile's G terms (rows' v_rlse, columns' v_clse,
-// and with the mirror the columns' v_rlse_c and rows' v_clse_r), when all its finite LSEs lie
-// within kOneExpSpread2 of it; else -inf (also when there is none), NaN when one is NaN. Block-
-// wide: every thread gets the same value (one barrier; v_red holds 3 floats per warp).
-__device__ __forceinline__ float tile_lse_top(const float* v_rlse, const float* v_clse, const float* v_rlse_c,
-                                              const float* v_clse_r, float* v_red, bool mirror) {
+// The backward's per-tile vectors in shared memory (vec_bytes(true)): row lse, row grad, col
+// bias, col lse, col grad; for the mirror the row lse and grad at the columns and the col lse
+// and grad at the rows; a reduction scratch; the row and column labels.
+struct BwdVecs {
+  float *rlse, *grow, *bias, *clse, *gcol, *rlse_c, *grow_c, *clse_r, *gcol_r, *red;
+  int64_t *qlab, *klab;
+  __device__ __forceinline__ explicit BwdVecs(unsigned char* base) {
+    float* f = reinterpret_cast<float*>(base);
+    rlse = f, grow = f + 64, bias = f + 128, clse = f + 192, gcol = f + 256;
+    rlse_c = f + 320, grow_c = f + 384, clse_r = f + 448, gcol_r = f + 512, red = f + 576;
+    qlab = reinterpret_cast<int64_t*>(base + kVecFloats * 64 * sizeof(float));
+    klab = qlab + 64;
+  }
+};
+
+// The vectors of the tile (rows row0.., columns col0..), by threads 0..127 (rows, then columns).
+__device__ __forceinline__ void load_tile_vectors(const LseParams& p, const BwdVecs& v, int64_t row0, int64_t col0,
+                                                  bool mirror) {
+  const int tid = threadIdx.x;
+  const bool labels = p.mask_mode != kMaskNone;
+  const bool has_grow = p.grad_row != nullptr, has_gcol = p.grad_col != nullptr;
+  if (tid < 64) {
+    const int64_t i = row0 + tid;
+    const bool ok = i < p.M;
+    v.rlse[tid] = (has_grow && ok) ? p.row_lse_in[i] * kLog2e : FASTNCE_NEG_INF;
+    v.grow[tid] = (has_grow && ok) ? p.grad_row[i] : 0.0f;
+    v.qlab[tid] = (labels && ok) ? p.q_labels[i] : 0;
+    if (mirror) {
+      v.clse_r[tid] = (has_gcol && ok) ? p.col_lse_in[i] * kLog2e : FASTNCE_NEG_INF;
+      v.gcol_r[tid] = (has_gcol && ok) ? p.grad_col[i] : 0.0f;
+    }
+  } else if (tid < 128) {
+    const int c = tid - 64;
+    const int64_t j = col0 + c;
+    const bool ok = j < p.N;
+    v.bias[c] = (p.bias != nullptr && ok) ? p.bias[j] * kLog2e : 0.0f;
+    v.clse[c] = (has_gcol && ok) ? p.col_lse_in[j] * kLog2e : FASTNCE_NEG_INF;
+    v.gcol[c] = (has_gcol && ok) ? p.grad_col[j] : 0.0f;
+    v.klab[c] = (labels && ok) ? p.k_labels[j] : 0;
+    if (mirror) {
+      v.rlse_c[c] = (has_grow && ok) ? p.row_lse_in[j] * kLog2e : FASTNCE_NEG_INF;
+      v.grow_c[c] = (has_grow && ok) ? p.grad_row[j] : 0.0f;
+    }
+  }
+}
+
+// The largest finite LSE (base 2) of a backward tile's G terms (rows' rlse, columns' clse, and
+// with the mirror the columns' rlse_c and rows' clse_r), when all its finite LSEs lie within
+// kOneExpSpread2 of it; else -inf (also when there is none), NaN when one is NaN. Block-wide
+// over NT threads: every thread gets the same value (one barrier; red holds 3 floats per warp).
+template <int NT>
+__device__ __forceinline__ float tile_lse_top(const BwdVecs& v, bool mirror) {
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   float mx = FASTNCE_NEG_INF, mn = -FASTNCE_NEG_INF, nan = 0.0f;
   auto see = [&](float l) {
@@ -435,11 +483,11 @@ __device__ __forceinline__ float tile_lse_top(const float* v_rlse, const float* 
     }
   };
   if (tid < 64) {
-    see(v_rlse[tid]);
-    if (mirror) see(v_clse_r[tid]);
-  } else {
-    see(v_clse[tid - 64]);
-    if (mirror) see(v_rlse_c[tid - 64]);
+    see(v.rlse[tid]);
+    if (mirror) see(v.clse_r[tid]);
+  } else if (tid < 128) {
+    see(v.clse[tid - 64]);
+    if (mirror) see(v.rlse_c[tid - 64]);
   }
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) {
@@ -448,17 +496,17 @@ __device__ __forceinline__ float tile_lse_top(const float* v_rlse, const float* 
     nan = fmaxf(nan, __shfl_xor_sync(0xffffffffu, nan, o));
   }
   if (lane == 0) {
-    v_red[3 * warp] = mx;
-    v_red[3 * warp + 1] = mn;
-    v_red[3 * warp + 2] = nan;
+    v.red[3 * warp] = mx;
+    v.red[3 * warp + 1] = mn;
+    v.red[3 * warp + 2] = nan;
   }
   __syncthreads();
   mx = FASTNCE_NEG_INF, mn = -FASTNCE_NEG_INF, nan = 0.0f;
 #pragma unroll
-  for (int w = 0; w < kThreads / 32; ++w) {
-    mx = fmaxf(mx, v_red[3 * w]);
-    mn = fminf(mn, v_red[3 * w + 1]);
-    nan = fmaxf(nan, v_red[3 * w + 2]);
+  for (int w = 0; w < NT / 32; ++w) {
+    mx = fmaxf(mx, v.red[3 * w]);
+    mn = fminf(mn, v.red[3 * w + 1]);
+    nan = fmaxf(nan, v.red[3 * w + 2]);
   }
   if (nan != 0.0f) return __int_as_float(0x7fc00000);
   return (mx - mn <= kOneExpSpread2) ? mx : FASTNCE_NEG_INF;
@@ -468,6 +516,56 @@ __device__ __forceinline__ float tile_lse_top(const float* v_rlse, const float* 
 // correction (x = the tile's top LSE); 0 for an absent term (l = -inf: no gradient, or no pair).
 __device__ __forceinline__ float g_term(float a, float x, float l) {
   return l == FASTNCE_NEG_INF ? 0.0f : a * exp2f(x - l);
+}
+
+// G of the tile (rows row0.., columns col0..) in place of its raw dot products in Ss, and its
+// 16-bit copy Gs for the tensor cores; 0 where masked or where an lse is -inf. With the mirror,
+// G[i, j] + G[j, i]: S[j, i] = S[i, j] (k is q, no bias), its row terms at j and column terms
+// at i, the pair dropped where (j, i) is (keep_pair with the roles swapped). By NT threads,
+// after the tile's vectors and Ss are complete; ends with a barrier.
+template <class T, int KIND, int NT>
+__device__ __forceinline__ void form_g_tile(const LseParams& p, const BwdVecs& v, float* Ss, T* Gs, int64_t row0,
+                                            int64_t col0, float scale2, bool mirror) {
+  constexpr bool kHalf = sizeof(T) == 2;
+  const int tid = threadIdx.x;
+  // One exponential per entry for all of G's terms (row and column, G and its mirror) when the
+  // tile's LSEs lie within kOneExpSpread2 of each other: a·2^(s − l) = 2^(s − hi)·(a·2^(hi − l)),
+  // hi the tile's largest LSE; every valid s is at most the LSEs of its lines, so 2^(s − hi) ≤ 1,
+  // a·2^(hi − l) < a·2^58, and a term whose 2^(s − hi) underflows is below 2^-68 of its line's
+  // sum. Not for fp32 FMA products, whose accuracy the larger arguments' rounding would show
+  // (as in the Triton kernels).
+  const float hi = KIND == kMmaSimt ? 0.0f : tile_lse_top<NT>(v, mirror);
+  const bool shared = KIND != kMmaSimt && hi != FASTNCE_NEG_INF && hi == hi;  // (NaN: never)
+  if (shared) {  // the gradients become the factors a·2^(hi − l), in place (this tile's copies)
+    if (tid < 64) {
+      v.grow[tid] = g_term(v.grow[tid], hi, v.rlse[tid]);
+      if (mirror) v.gcol_r[tid] = g_term(v.gcol_r[tid], hi, v.clse_r[tid]);
+    } else if (tid < 128) {
+      v.gcol[tid - 64] = g_term(v.gcol[tid - 64], hi, v.clse[tid - 64]);
+      if (mirror) v.grow_c[tid - 64] = g_term(v.grow_c[tid - 64], hi, v.rlse_c[tid - 64]);
+    }
+    __syncthreads();
+  }
+  for (int x = tid; x < kBM * kBN; x += NT) {
+    const int r = x / kBN, c = x % kBN;
+    const int64_t i = row0 + r, j = col0 + c;
+    float g = 0.0f;
+    if (i < p.M && j < p.N) {
+      const float s = Ss[r * kLdS + c] * scale2 + v.bias[c];
+      const bool keep = keep_pair(p, i, j, v.qlab[r], v.klab[c]);
+      const bool keep_m = mirror && keep_pair(p, j, i, v.klab[c], v.qlab[r]);
+      if (shared) {
+        const float a = (keep ? v.grow[r] + v.gcol[c] : 0.0f) + (keep_m ? v.grow_c[c] + v.gcol_r[r] : 0.0f);
+        if (a != 0.0f) g = a * exp2f(s - hi);
+      } else {
+        if (keep) g += g_term(v.grow[r], s, v.rlse[r]) + g_term(v.gcol[c], s, v.clse[c]);
+        if (keep_m) g += g_term(v.grow_c[c], s, v.rlse_c[c]) + g_term(v.gcol_r[r], s, v.clse_r[r]);
+      }
+    }
+    Ss[r * kLdS + c] = g;
+    if constexpr (kHalf) Gs[r * kLdG16 + c] = from_f<T>(g);
+  }
+  __syncthreads();
 }
 
 // The backward's second product for one warp: acc += G @ X (the row kernel, dq; X the chunk of
@@ -504,18 +602,7 @@ __global__ void __launch_bounds__(kThreads) lse_backward_kernel(const LseParams 
   float* Ss = reinterpret_cast<float*>(smem_raw + L.s_off);
   // G as the A operand: a 16-bit copy for the tensor cores, else the fp32 tile itself.
   T* Gs = kHalf ? reinterpret_cast<T*>(smem_raw + L.g_off) : reinterpret_cast<T*>(Ss);
-  float* v_rlse = reinterpret_cast<float*>(smem_raw + L.vec_off);
-  float* v_grow = v_rlse + 64;
-  float* v_bias = v_rlse + 128;
-  float* v_clse = v_rlse + 192;
-  float* v_gcol = v_rlse + 256;
-  float* v_rlse_c = v_rlse + 320;  // the mirror's terms: row lse and grad at the columns,
-  float* v_grow_c = v_rlse + 384;
-  float* v_clse_r = v_rlse + 448;  // col lse and grad at the rows
-  float* v_gcol_r = v_rlse + 512;
-  float* v_red = v_rlse + 576;  // per-warp (max, min, NaN seen) of the tile's LSEs
-  int64_t* v_qlab = reinterpret_cast<int64_t*>(smem_raw + L.vec_off + kVecFloats * 64 * sizeof(float));
-  int64_t* v_klab = v_qlab + 64;
+  const BwdVecs vecs(smem_raw + L.vec_off);
   float* acc_s = reinterpret_cast<float*>(smem_raw + L.acc_off);
   const int lda = p.panel + 4;
 
@@ -528,8 +615,6 @@ __global__ void __launch_bounds__(kThreads) lse_backward_kernel(const LseParams 
   int64_t t_end = t_begin + p.tiles_per_split;
   if (t_end > n_inner_tiles) t_end = n_inner_tiles;
   const float scale2 = *p.scale * kLog2e;
-  const bool labels = p.mask_mode != kMaskNone;
-  const bool has_grow = p.grad_row != nullptr, has_gcol = p.grad_col != nullptr;
   const bool atomic_out = p.splits > 1;
   const bool mirror = !FOR_K && p.mirror != 0;
   const T* q = static_cast<const T*>(p.q);
@@ -594,74 +679,9 @@ __global__ void __launch_bounds__(kThreads) lse_backward_kernel(const LseParams 
     for (int64_t t = t_begin; t < t_end; ++t) {
       const int64_t row0 = FOR_K ? t * kBM : outer0;
       const int64_t col0 = FOR_K ? outer0 : t * kBN;
-      compute_s_tile<T, KIND, FOR_K>(slots, res, L.ld_res, Ss, nc, e, total, issue, [&] {
-        if (tid < 64) {
-          const int64_t i = row0 + tid;
-          const bool ok = i < M;
-          v_rlse[tid] = (has_grow && ok) ? p.row_lse_in[i] * kLog2e : FASTNCE_NEG_INF;
-          v_grow[tid] = (has_grow && ok) ? p.grad_row[i] : 0.0f;
-          v_qlab[tid] = (labels && ok) ? p.q_labels[i] : 0;
-          if (mirror) {
-            v_clse_r[tid] = (has_gcol && ok) ? p.col_lse_in[i] * kLog2e : FASTNCE_NEG_INF;
-            v_gcol_r[tid] = (has_gcol && ok) ? p.grad_col[i] : 0.0f;
-          }
-        } else {
-          const int c = tid - 64;
-          const int64_t j = col0 + c;
-          const bool ok = j < N;
-          v_bias[c] = (p.bias != nullptr && ok) ? p.bias[j] * kLog2e : 0.0f;
-          v_clse[c] = (has_gcol && ok) ? p.col_lse_in[j] * kLog2e : FASTNCE_NEG_INF;
-          v_gcol[c] = (has_gcol && ok) ? p.grad_col[j] : 0.0f;
-          v_klab[c] = (labels && ok) ? p.k_labels[j] : 0;
-          if (mirror) {
-            v_rlse_c[c] = (has_grow && ok) ? p.row_lse_in[j] * kLog2e : FASTNCE_NEG_INF;
-            v_grow_c[c] = (has_grow && ok) ? p.grad_row[j] : 0.0f;
-          }
-        }
-      });
-
-      // One exponential per entry for all of G's terms (row and column, G and its mirror)
-      // when the tile's LSEs lie within kOneExpSpread2 of each other: a·2^(s − l) =
-      // 2^(s − hi)·(a·2^(hi − l)), hi the tile's largest LSE; every valid s is at most the LSEs
-      // of its lines, so 2^(s − hi) ≤ 1, a·2^(hi − l) < a·2^58, and a term whose 2^(s − hi)
-      // underflows is below 2^-68 of its line's sum. Not for fp32 FMA products, whose accuracy
-      // the larger arguments' rounding would show (as in the Triton kernels).
-      const float hi = KIND == kMmaSimt ? 0.0f : tile_lse_top(v_rlse, v_clse, v_rlse_c, v_clse_r, v_red, mirror);
-      const bool shared = KIND != kMmaSimt && hi != FASTNCE_NEG_INF && hi == hi;  // (NaN: never)
-      if (shared) {  // the gradients become the factors a·2^(hi − l), in place (this tile's copies)
-        if (tid < 64) {
-          v_grow[tid] = g_term(v_grow[tid], hi, v_rlse[tid]);
-          if (mirror) v_gcol_r[tid] = g_term(v_gcol_r[tid], hi, v_clse_r[tid]);
-        } else {
-          v_gcol[tid - 64] = g_term(v_gcol[tid - 64], hi, v_clse[tid - 64]);
-          if (mirror) v_grow_c[tid - 64] = g_term(v_grow_c[tid - 64], hi, v_rlse_c[tid - 64]);
-        }
-        __syncthreads();
-      }
-
-      // G in place of S (and its 16-bit copy); 0 where masked or where an lse is -inf. With the
-      // mirror, G[i, j] + G[j, i]: S[j, i] = S[i, j] (k is q, no bias), its row terms at j and
-      // column terms at i, the pair dropped where (j, i) is (keep_pair with the roles swapped).
-      for (int x = tid; x < kBM * kBN; x += kThreads) {
-        const int r = x / kBN, c = x % kBN;
-        const int64_t i = row0 + r, j = col0 + c;
-        float g = 0.0f;
-        if (i < M && j < N) {
-          const float s = Ss[r * kLdS + c] * scale2 + v_bias[c];
-          const bool keep = keep_pair(p, i, j, v_qlab[r], v_klab[c]);
-          const bool keep_m = mirror && keep_pair(p, j, i, v_klab[c], v_qlab[r]);
-          if (shared) {
-            const float a = (keep ? v_grow[r] + v_gcol[c] : 0.0f) + (keep_m ? v_grow_c[c] + v_gcol_r[r] : 0.0f);
-            if (a != 0.0f) g = a * exp2f(s - hi);
-          } else {
-            if (keep) g += g_term(v_grow[r], s, v_rlse[r]) + g_term(v_gcol[c], s, v_clse[c]);
-            if (keep_m) g += g_term(v_grow_c[c], s, v_rlse_c[c]) + g_term(v_gcol_r[r], s, v_clse_r[r]);
-          }
-        }
-        Ss[r * kLdS + c] = g;
-        if constexpr (kHalf) Gs[r * kLdG16 + c] = from_f<T>(g);
-      }
-      __syncthreads();
+      compute_s_tile<T, KIND, FOR_K>(slots, res, L.ld_res, Ss, nc, e, total, issue,
+                                     [&] { load_tile_vectors(p, vecs, row0, col0, mirror); });
+      form_g_tile<T, KIND, kThreads>(p, vecs, Ss, Gs, row0, col0, scale2, mirror);
       if (FOR_K && p.dbias != nullptr && pass0 == 0 && tid < kBN) {
         for (int rr = 0; rr < kBM; ++rr) colsum += Ss[rr * kLdS + tid];
       }
@@ -693,6 +713,128 @@ __global__ void __launch_bounds__(kThreads) lse_backward_kernel(const LseParams 
       }
     }
     __syncthreads();
+  }
+  if (FOR_K && p.dbias != nullptr && tid < kBN && outer0 + tid < N) {
+    if (atomic_out) {
+      atomicAdd(p.dbias + outer0 + tid, colsum);
+    } else {
+      p.dbias[outer0 + tid] = colsum;
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Wide backward (16-bit inputs, 128 < D <= 512; lse_plan.h backward_wide): the outputs of
+// lse_backward_kernel in one pass over D, with 8 warps. The block's own 64 rows stay resident;
+// the walked tile's 64 rows x D are staged whole, double-buffered (tile t + 1 is copied while
+// tile t is worked on), and serve both products, so a tile's operand bytes are loaded once
+// (the 4-warp kernel streams them once per product, and the own rows too at these widths).
+// S: warp w takes a 16 x 32 part. G @ X: each warp owns one 64-feature chunk of the output,
+// all 64 rows (MI_G = 4; for D <= 256, MI_G = 2: two warps a chunk, 32 rows each), in registers
+// for the whole walk, where the 4-warp kernel loads and stores a shared-memory accumulator
+// around every chunk's product.
+// ---------------------------------------------------------------------------------------------
+template <class T, bool FOR_K, int MI_G>
+__global__ void __launch_bounds__(kWideThreads, 1) lse_backward_wide_kernel(const LseParams p) {
+#ifndef FASTNCE_EMULATE
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+#else
+  unsigned char* smem_raw = emu::block_smem();
+#endif
+  static_assert(sizeof(T) == 2, "the wide backward takes 16-bit inputs");
+  const int W = p.resident;  // D padded to kDK
+  const SmemLayout L = wide_smem_layout(W);
+  const int ld = L.ld_res;
+  T* res = reinterpret_cast<T*>(smem_raw + L.res_off);
+  auto tile_buf = [&](int64_t t) { return reinterpret_cast<T*>(smem_raw + L.slot_off + (t & 1) * L.slot_bytes); };
+  float* Ss = reinterpret_cast<float*>(smem_raw + L.s_off);
+  T* Gs = reinterpret_cast<T*>(smem_raw + L.g_off);
+  const BwdVecs vecs(smem_raw + L.vec_off);
+  float* acc_s = reinterpret_cast<float*>(smem_raw + L.acc_off);
+  const int lda = W + 4;
+
+  const int tid = threadIdx.x, warp = tid >> 5;
+  const int64_t M = p.M, N = p.N, D = p.D;
+  const int64_t outer0 = int64_t(blockIdx.x) * 64;
+  const int64_t n_outer = FOR_K ? N : M;
+  const int64_t n_inner_tiles = FOR_K ? (M + kBM - 1) / kBM : (N + kBN - 1) / kBN;
+  const int64_t t_begin = int64_t(blockIdx.y) * p.tiles_per_split;
+  int64_t t_end = t_begin + p.tiles_per_split;
+  if (t_end > n_inner_tiles) t_end = n_inner_tiles;
+  const float scale2 = *p.scale * kLog2e;
+  const bool atomic_out = p.splits > 1;
+  const bool mirror = !FOR_K && p.mirror != 0;
+  const T* q = static_cast<const T*>(p.q);
+  const T* k = static_cast<const T*>(p.k);
+  const T* inner_src = FOR_K ? q : k;  // the walked tiles' rows
+  const T* own_src = FOR_K ? k : q;
+  const int64_t n_inner = FOR_K ? M : N;
+  const int nc = W / kDK;
+  const bool vec = p.vec_loads != 0;
+  float colsum = 0.0f;  // dbias of column outer0 + tid (FOR_K, tid < 64)
+
+  auto issue = [&](int64_t t) {
+    for (int c = 0; c < nc; ++c)
+      load_rows<T, kWideThreads>(tile_buf(t) + c * kDK, ld, inner_src, t * 64, n_inner, int64_t(c) * kDK, D, vec);
+  };
+  constexpr int kRowsG = 16 * MI_G;
+  const int g_chunk = warp / (64 / kRowsG), g_row0 = (warp % (64 / kRowsG)) * kRowsG;
+  const bool g_active = g_chunk < nc;
+  WmmaWarpTile<T, T, 16, MI_G, 4> acc;
+  acc.zero();
+  const int s_row0 = (warp >> 1) * 16, s_col0 = (warp & 1) * 32;
+
+  if (t_end > t_begin) {
+    load_resident<T, kWideThreads>(res, ld, own_src, outer0, n_outer, p);
+    issue(t_begin);
+  }
+  for (int64_t t = t_begin; t < t_end; ++t) {
+    const int64_t row0 = FOR_K ? t * kBM : outer0;
+    const int64_t col0 = FOR_K ? outer0 : t * kBN;
+    // Tile t has landed (this thread's copies, then, past the barrier, everyone's), and every
+    // thread is done with tile t - 1: its buffer takes tile t + 1, its S, G and vectors go.
+    copy_wait_all();
+    __syncthreads();
+    if (t + 1 < t_end) issue(t + 1);
+    load_tile_vectors(p, vecs, row0, col0, mirror);
+    const T* X = tile_buf(t);
+    {
+      WmmaWarpTile<T, T, 16, 1, 2> s;
+      s.zero();
+      const T* A = FOR_K ? X : res;  // S's rows: the walked tile's for dk, the block's own for dq
+      const T* B = FOR_K ? res : X;
+      s.template mma<false, true>(A + s_row0 * ld, ld, B + s_col0 * ld, ld, W);
+      s.store(Ss + s_row0 * kLdS + s_col0, kLdS);
+    }
+    __syncthreads();  // S and the vectors complete
+    form_g_tile<T, kMmaWmma16, kWideThreads>(p, vecs, Ss, Gs, row0, col0, scale2, mirror);
+    if (FOR_K && p.dbias != nullptr && tid < kBN) {
+      for (int rr = 0; rr < kBM; ++rr) colsum += Ss[rr * kLdS + tid];
+    }
+    // acc[:, chunk] += G @ k[cols, chunk]   or   G^T @ q[rows, chunk]
+    if (g_active) {
+      if (FOR_K) {
+        acc.template mma<true, false>(Gs + g_row0, kLdG16, X + g_chunk * kDK, ld, kBM);
+      } else {
+        acc.template mma<false, false>(Gs + g_row0 * kLdG16, kLdG16, X + g_chunk * kDK, ld, kBN);
+      }
+    }
+  }
+  __syncthreads();  // the last products are done with the tiles, whose space acc_s takes
+  if (g_active) acc.store(acc_s + g_row0 * lda + g_chunk * kDK, lda);
+  __syncthreads();
+  const int Di = int(D);  // <= kWideMaxWidth
+  for (int x = tid; x < 64 * Di; x += kWideThreads) {
+    const int r = x / Di, c = x % Di;
+    const int64_t o = outer0 + r;
+    if (o < n_outer) {
+      float* dst = p.out + o * D + c;
+      if (atomic_out) {
+        atomicAdd(dst, acc_s[r * lda + c]);
+      } else {
+        *dst = acc_s[r * lda + c];
+      }
+    }
   }
   if (FOR_K && p.dbias != nullptr && tid < kBN && outer0 + tid < N) {
     if (atomic_out) {

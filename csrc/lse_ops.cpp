@@ -169,8 +169,7 @@ std::tuple<Tensor, Tensor, Tensor> lse_backward_cuda(
   p.col_lse_in = grad_col.has_value() ? col_lse->data_ptr<float>() : nullptr;
   p.grad_row = grad_row.has_value() ? grad_row->data_ptr<float>() : nullptr;
   p.grad_col = grad_col.has_value() ? grad_col->data_ptr<float>() : nullptr;
-  p.panel = backward_panel(int(q.element_size()), D, dev.smem_optin);
-  p.resident = backward_resident(D, p.panel);
+  plan_backward(p, int(q.element_size()), dev.smem_optin);
 
   if (M == 0 || N == 0 || (!grad_row.has_value() && !grad_col.has_value())) {
     Tensor dq = at::zeros({M, D}, f32);

@@ -71,6 +71,7 @@ struct LseParams {
   int mirror = 0;
   int panel = 0;                    // output columns per pass of the backward (multiple of kDK)
   int resident = 0;                 // features of the block's own rows kept in shared memory (smem_layout)
+  int wide = 0;                     // backward by lse_backward_wide_kernel (backward_wide)
 
   // Work split: blockIdx.y takes inner tiles [y * tiles_per_split, (y + 1) * tiles_per_split).
   // With more than one split the outputs are merged atomically (row_lse by log-add-exp into a
@@ -174,6 +175,48 @@ inline int backward_panel(int elem_bytes, int64_t D, size_t smem_optin) {
   if (p > 1024) p = 1024;  // no GPU has shared memory for more
   while (p > kDK && smem_layout(elem_bytes, int(p)).total > smem_optin) p -= kDK;
   return int(p);
+}
+
+// The wide backward (16-bit inputs, 128 < D <= 512: CLIP's widths), lse_backward_wide_kernel:
+// 8 warps; the block's own 64 rows resident; the walked tile's 64 rows x D staged whole and
+// double-buffered, one load serving both products; the 64 x D fp32 accumulator in the warps'
+// registers for the whole walk. Shared memory: own rows, two walked tiles, S, G, vectors; the
+// accumulator is staged through the two tiles' space at the end (64 x (D + 4) fp32 fits).
+constexpr int kWideThreads = 256;
+constexpr int kWideMaxWidth = 512;
+
+FASTNCE_HD inline SmemLayout wide_smem_layout(int width) {
+  SmemLayout L;
+  L.ld_res = ld_resident(2, width);
+  const size_t tile = size_t(kBM) * L.ld_res * 2;
+  size_t off = 0;
+  L.res_off = off; off = align128(off + tile);
+  L.slot_bytes = tile;
+  L.slot_off = off; off = align128(off + 2 * tile);
+  L.s_off = off; off = align128(off + size_t(kBM) * kLdS * sizeof(float));
+  L.g_off = off; off = align128(off + size_t(kBM) * kLdG16 * 2);
+  L.vec_off = off; off = align128(off + vec_bytes(true));
+  L.acc_off = L.slot_off;
+  L.total = off;
+  return L;
+}
+
+// The wide backward's width (D padded to kDK), or 0 where it does not apply: fp32 inputs, D up
+// to 128 (registers hold those accumulators in the 4-warp kernel, whose rows are resident too),
+// D above 512, or too little shared memory (an H100 / H200 holds D = 512, 225 KiB; an A100 up
+// to D = 320).
+inline int backward_wide(int elem_bytes, int64_t D, size_t smem_optin) {
+  const int w = padded_features(D);
+  const bool fits = w > kRegChunks * kDK && w <= kWideMaxWidth && wide_smem_layout(w).total <= smem_optin;
+  return elem_bytes == 2 && fits ? w : 0;
+}
+
+// The backward's plan: p.wide, p.panel and p.resident for D on this device.
+inline void plan_backward(LseParams& p, int elem_bytes, size_t smem_optin) {
+  const int w = backward_wide(elem_bytes, p.D, smem_optin);
+  p.wide = w > 0;
+  p.panel = w > 0 ? w : backward_panel(elem_bytes, p.D, smem_optin);
+  p.resident = w > 0 ? w : backward_resident(p.D, p.panel);
 }
 
 // Split the inner loop over blockIdx.y when the outer dimension alone gives too few blocks

@@ -1,4 +1,5 @@
-"""The public losses of DESIGN.md §3: info_nce (drop-in for info-nce-pytorch), nt_xent, clip_loss.
+"""The public losses of DESIGN.md §3: info_nce (drop-in for info-nce-pytorch), nt_xent, clip_loss;
+and dcl_loss (NT-Xent's decoupled variant, also fastnce.losses.DCLLoss).
 
 Each is a logsumexp from fastnce.ops.similarity_lse minus the positive logits, which cost
 O(N·D). Losses come out in float32 for float16/bfloat16 inputs (as F.cross_entropy under
@@ -6,7 +7,7 @@ autocast) and float64 for float64 inputs.
 """
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import Callable, Optional, Union
 
 import torch
 from torch import Tensor
@@ -16,7 +17,7 @@ from ._checks import (
 )
 from .ops import lse_dtype, similarity_lse
 
-__all__ = ["info_nce", "nt_xent", "clip_loss", "l2_normalize", "paired_logits"]
+__all__ = ["info_nce", "nt_xent", "clip_loss", "dcl_loss", "vmf_weights", "l2_normalize", "paired_logits"]
 
 
 def l2_normalize(x: Tensor, eps: float = 1e-12) -> Tensor:
@@ -152,12 +153,66 @@ def nt_xent(
     negatives, itself excluded. Returns the mean over the 2N anchors, or (2N,) with 'none'.
     """
     check_nt_xent_inputs(z1, z2, temperature, reduction)
-    n = z1.shape[0]
     z = l2_normalize(torch.cat([z1, z2]))
     scale = 1.0 / temperature
     # The positives first: their backward then runs after the LSE's, whose buffers are freed.
-    positive = paired_logits(z, z.roll(n, 0), scale)
+    positive = two_view_positives(z, scale)
     row_lse, _ = similarity_lse(z, None, scale, exclude_self=True, backend=backend)
+    return reduce(row_lse - positive, reduction)
+
+
+def vmf_weights(z1: Tensor, z2: Tensor, sigma: float = 0.5) -> Tensor:
+    """DCLW's weights of the positive pairs (Yeh et al. 2022, the negative von Mises-Fisher
+    weighting): 2 − N·softmax over i of z1[i]·z2[i] / sigma, for z1, z2 (N, D) normalised rows.
+    Computed from detached inputs (a weight, not a path for the gradient). Returns (N,)."""
+    return 2 - z1.shape[0] * torch.softmax(paired_logits(z1.detach(), z2.detach(), 1.0 / sigma), 0)
+
+
+def two_view_positives(z: Tensor, scale, weight_fn=None) -> Tensor:
+    """scale · z[i]·z[p] for the 2n rows of z = [z1; z2] (normalised), p the other view of row i,
+    each times weight_fn(z1, z2) (rows of z1), weight_fn(z2, z1) (rows of z2) when given."""
+    n = z.shape[0] // 2
+    positive = paired_logits(z, z.roll(n, 0), scale)
+    if weight_fn is None:
+        return positive
+    weights = [weight_fn(a, b) for a, b in ((z[:n], z[n:]), (z[n:], z[:n]))]
+    for w in weights:
+        if not isinstance(w, Tensor) or w.shape != (n,):
+            raise ValueError(f"weight_fn must return a tensor of shape ({n},), one weight per positive pair, "
+                             f"got {tuple(w.shape) if isinstance(w, Tensor) else type(w).__name__}")
+    return positive * torch.cat(weights).to(positive.dtype)
+
+
+def dcl_loss(
+    z1: Tensor,
+    z2: Tensor,
+    temperature: Union[float, Tensor] = 0.1,
+    reduction: str = "mean",
+    *,
+    weight_fn: Optional[Callable[[Tensor, Tensor], Tensor]] = None,
+    backend: str = "auto",
+) -> Tensor:
+    """Decoupled contrastive loss (Yeh et al. 2022, "Decoupled Contrastive Learning"): NT-Xent
+    with the positive taken out of the denominator.
+
+    z1, z2 (N, D), N ≥ 2, row i of each a view of sample i; both L2-normalised inside. Every row
+    of Z = [z1; z2] is an anchor; its loss is log Σ exp(Z_i·Z_j / T) over its 2N − 2 negatives
+    (the rows of the other samples, both views) minus w_i·Z_i·Z_p / T, p its other view.
+    weight_fn(a, b) → (N,): the weights w of the positives of a's rows (b their positives),
+    called with the normalised (z1, z2) and then (z2, z1); None: w = 1 (DCL); `vmf_weights`:
+    DCLW. Returns the mean over the 2N anchors, or (2N,) with reduction='none'.
+    """
+    check_nt_xent_inputs(z1, z2, temperature, reduction)
+    n = z1.shape[0]
+    if n < 2:
+        raise ValueError(f"z1 must hold at least 2 samples (an anchor's negatives are the other samples' rows), "
+                         f"got shape {tuple(z1.shape)}")
+    z = l2_normalize(torch.cat([z1, z2]))
+    scale = 1.0 / temperature
+    positive = two_view_positives(z, scale, weight_fn)  # first: see nt_xent
+    # The label mask drops an anchor's own row and its positive: the denominator's decoupling.
+    sample = torch.arange(n, device=z.device).repeat(2)
+    row_lse, _ = similarity_lse(z, None, scale, labels=sample, label_mask="different", backend=backend)
     return reduce(row_lse - positive, reduction)
 
 

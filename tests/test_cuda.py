@@ -117,8 +117,12 @@ def emu(tmp_path_factory):
     lib.emu_backward.argtypes = [I, P, P, P, P, P, P, I, I, I64, I64, I64, I64, I,
                                  P, P, P, P, P, P, P, I, I, I64, I64]
     lib.emu_backward.restype = I
+    lib.emu_backward_plan.argtypes = [I, I64, I64, P]
     return lib
 
+
+# Shared memory a block may opt into: H100 / H200 227 KiB, A100 163 KiB.
+H100_OPTIN, A100_OPTIN = 232448, 166912
 
 # kind: 0 fp16 tensor cores, 1 bf16 tensor cores, 2 fp32 as tf32, 3 fp32 FMA
 KINDS = {0: torch.float16, 1: torch.bfloat16, 2: torch.float32, 3: torch.float32}
@@ -161,6 +165,13 @@ EMU_CASES = [
     # clip's width: 9 chunks a tile over 5 x 5 tiles (H100), and an A100's 164 KiB: 2 passes
     (1, 300, 260, 520, dict(bias=True, smem=233472)),
     (0, 200, 130, 512, dict(excl=0, smem=167936)),
+    # the wide backward (8 warps, whole tiles, accumulators in registers; 128 < D <= 512 on an
+    # H100): clip's width with labels and bias (row and column kernels), the mirror at D = 300
+    # (3 of 8 warps without a chunk), a split grid at D = 200 (two warps a chunk), plain loads
+    (1, 130, 100, 512, dict(mask=1, bias=True, smem=H100_OPTIN)),
+    (0, 150, 150, 300, dict(sym=True, excl=0, smem=H100_OPTIN)),
+    (1, 70, 200, 200, dict(mask=2, min_tiles=1, grads="col", smem=H100_OPTIN)),
+    (0, 90, 70, 130, dict(excl=2, bias=True, vec=0, smem=H100_OPTIN)),
 ]
 
 
@@ -259,6 +270,21 @@ def test_kernels_emulated(emu, case):
     check_emulated(emu, kind, M, N, D, opts)
 
 
+@pytest.mark.parametrize("kind,D,smem,plan", [
+    (1, 512, H100_OPTIN, (1, 512, 512)),  # clip on an H100 / H200: the wide kernel (225 KiB)
+    (0, 130, H100_OPTIN, (1, 192, 192)),
+    (1, 320, A100_OPTIN, (1, 320, 320)),
+    (1, 512, A100_OPTIN, (0, 384, 0)),  # the wide kernel does not fit: 2 passes of 384 and 128
+    (1, 520, H100_OPTIN, (0, 576, 0)),  # past 512
+    (1, 128, H100_OPTIN, (0, 128, 128)),  # accumulators in registers of the 4-warp kernel
+    (2, 512, H100_OPTIN, (0, 512, 0)),  # fp32
+])
+def test_backward_plan(emu, kind, D, smem, plan):
+    out = (ctypes.c_int * 3)()
+    emu.emu_backward_plan(kind, D, smem, out)
+    assert tuple(out) == plan
+
+
 @st.composite
 def emu_problems(draw):
     """Any combination of the kernels' options: kind, odd sizes, k is q (the upper forward and
@@ -275,7 +301,7 @@ def emu_problems(draw):
                 grads=draw(st.sampled_from(["both", "row", "col"] if with_col else ["row"])),
                 min_tiles=draw(st.sampled_from([1, 1000])), smem=draw(st.sampled_from([40000, 233472, 10**6])),
                 scale_mul=draw(st.sampled_from([1.0, 1.0, 8.0])), seed=draw(st.integers(0, 2**16)))
-    return kind, M, N, draw(st.sampled_from([1, 8, 24, 64, 72, 130])), opts
+    return kind, M, N, draw(st.sampled_from([1, 8, 24, 64, 72, 130, 200])), opts
 
 
 @settings(max_examples=int(os.environ.get("FASTNCE_EMU_EXAMPLES", 30)), deadline=None, derandomize=True,

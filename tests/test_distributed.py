@@ -4,7 +4,8 @@ One spawn per world size runs every case (a spawn costs seconds on a small machi
 worker builds the global batch from a fixed seed, computes the single-process loss and
 gradients itself, runs its share distributed, and records what disagrees instead of raising
 mid-way (a rank that raised would leave the others waiting in a collective); the parent
-asserts on the records. Checks, for both schemes and all three losses:
+asserts on the records. Checks, for both schemes and every loss (nt_xent, clip_loss, info_nce,
+dcl_loss):
 
 * mean over ranks of the returned losses == single-process loss on the concatenated batch;
 * each rank's input gradients == world_size × the single-process gradients of its rows;
@@ -146,10 +147,25 @@ def _cases(rank, world, rec):
             rec.close(f"nt_xent reduction=none {t}", per, torch.cat([ref[:N][sl], ref[N:][sl]]))
             per = fd.info_nce(qry[sl], pos[sl], neg[_slices(negs, rank)], reduction="none", **kw)
             rec.close(f"info_nce reduction=none {t}", per, fastnce.info_nce(qry, pos, neg, reduction="none")[sl])
+            _run_case(rec, f"dcl_loss {t}", lambda z1, z2: fastnce.functional.dcl_loss(z1, z2, 0.1),
+                      lambda z1, z2: fd.dcl_loss(z1, z2, 0.1, **kw),
+                      {"z1": (z1, sizes), "z2": (z2, sizes)}, sizes, {}, rank, world)
+            pair_weights = lambda a, b: 1 + (a * b).sum(1)  # per pair, with a gradient
+            _run_case(rec, f"dcl_loss learnable temperature, weighted {t}",
+                      lambda z1, z2, tau: fastnce.functional.dcl_loss(z1, z2, tau, weight_fn=pair_weights),
+                      lambda z1, z2, tau: fd.dcl_loss(z1, z2, tau, weight_fn=pair_weights, **kw),
+                      {"z1": (z1, sizes), "z2": (z2, sizes)}, sizes, {"tau": 0.2}, rank, world)
+            per = fd.dcl_loss(z1[sl], z2[sl], 0.1, reduction="none", **kw)
+            ref = fastnce.functional.dcl_loss(z1, z2, 0.1, "none")
+            rec.close(f"dcl_loss reduction=none {t}", per, torch.cat([ref[:N][sl], ref[N:][sl]]))
             # The modules' distributed flag reaches the same code.
             ntx = fastnce.losses.NTXentLoss(0.1, distributed=scheme)
             _run_case(rec, f"NTXentLoss(distributed) {t}", lambda z1, z2: fastnce.nt_xent(z1, z2, 0.1),
                       lambda z1, z2: ntx(z1, z2),
+                      {"z1": (z1, sizes), "z2": (z2, sizes)}, sizes, {}, rank, world)
+            dcl = fastnce.losses.DCLLoss(0.1, distributed=scheme)
+            _run_case(rec, f"DCLLoss(distributed) {t}", lambda z1, z2: fastnce.functional.dcl_loss(z1, z2, 0.1),
+                      lambda z1, z2: dcl(z1, z2),
                       {"z1": (z1, sizes), "z2": (z2, sizes)}, sizes, {}, rank, world)
             clip = fastnce.losses.ClipLoss(0.2, learnable=False, normalize=False, distributed=scheme)
             _run_case(rec, f"ClipLoss(distributed) {t}", lambda a, b: fastnce.clip_loss(a, b, 5.0),
@@ -253,6 +269,11 @@ def _worker(rank, world, port, outdir):
     with open(os.path.join(outdir, f"rank{rank}.txt"), "w") as f:
         f.write(f"{rec.count}\n" + "\n".join(rec.failures))
     dist.destroy_process_group()
+    # As examples/distributed_clip.py: with torch 2.13 the gloo group that DDP held (_ddp_case)
+    # outlives destroy_process_group, and its threads torn down with the interpreter abort the
+    # process now and then ("terminate called without an active exception", seen in a full run
+    # here). The report is written and closed: leave without the teardown.
+    os._exit(0)
 
 
 @pytest.mark.parametrize("world", [2, 4])
@@ -308,6 +329,8 @@ def _nccl_worker(rank, port, outdir):
                  lambda x, y, s: dfn._clip_loss(x, y, s, scheme, code, None, "auto")),
                 ("info_nce", lambda x, y, s: fastnce.info_nce(x, y, temperature=1 / s),
                  lambda x, y, s: dfn._info_nce(x, y, None, 1 / s, "unpaired", scheme, code, None, "auto")),
+                ("dcl", lambda x, y, s: fastnce.functional.dcl_loss(x, y, 1 / s),
+                 lambda x, y, s: dfn._nt_xent(x, y, 1 / s, scheme, code, None, "auto", decoupled=True)),
             ):
                 x1, y1, s1 = _leaf(a), _leaf(b), torch.tensor(5.0, device="cuda", requires_grad=True)
                 x2, y2, s2 = _leaf(a), _leaf(b), torch.tensor(5.0, device="cuda", requires_grad=True)
@@ -343,7 +366,7 @@ def test_nccl_world_size_one():
 def test_same_arguments_as_the_single_process_losses():
     import inspect
 
-    for name in ("nt_xent", "clip_loss", "info_nce"):
-        single = list(inspect.signature(getattr(fastnce, name)).parameters.values())
+    for name in ("nt_xent", "clip_loss", "info_nce", "dcl_loss"):
+        single = list(inspect.signature(getattr(fastnce.functional, name)).parameters.values())
         dist_ = [p for p in inspect.signature(getattr(fd, name)).parameters.values() if p.name not in ("scheme", "group")]
         assert [(p.name, p.kind, p.default) for p in dist_] == [(p.name, p.kind, p.default) for p in single], name

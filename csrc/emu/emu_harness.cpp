@@ -22,9 +22,29 @@ void run_forward(const LseParams& p) {
               smem_layout(sizeof(T), 0, p.resident).total);
 }
 
+template <class T, bool FOR_K>
+void run_backward_wide(const LseParams& p, unsigned gx) {
+  const size_t smem = wide_smem_layout(p.resident).total;
+  if (p.resident <= 4 * kDK) {
+    emu::launch([p] { lse_backward_wide_kernel<T, FOR_K, 2>(p); }, gx, unsigned(p.splits), kWideThreads, smem);
+  } else {
+    emu::launch([p] { lse_backward_wide_kernel<T, FOR_K, 4>(p); }, gx, unsigned(p.splits), kWideThreads, smem);
+  }
+}
+
 template <class T, int KIND>
 void run_backward(const LseParams& p, bool for_k) {
   const unsigned gx = unsigned(((for_k ? p.N : p.M) + 63) / 64);
+  if constexpr (KIND == kMmaWmma16) {
+    if (p.wide) {
+      if (for_k) {
+        run_backward_wide<T, true>(p, gx);
+      } else {
+        run_backward_wide<T, false>(p, gx);
+      }
+      return;
+    }
+  }
   const size_t smem = smem_layout(sizeof(T), p.panel, p.resident).total;
   if (for_k) {
     emu::launch([p] { lse_backward_kernel<T, KIND, true>(p); }, gx, unsigned(p.splits), kThreads, smem);
@@ -117,8 +137,7 @@ int emu_backward(int kind, const void* q, const void* k, const float* scale, con
   p.col_lse_in = grad_col ? col_lse : nullptr;
   p.grad_row = grad_row;
   p.grad_col = grad_col;
-  p.panel = backward_panel(kind <= 1 ? 2 : 4, D, size_t(smem_optin));
-  p.resident = backward_resident(D, p.panel);
+  plan_backward(p, kind <= 1 ? 2 : 4, size_t(smem_optin));
 
   LseParams pq = p;
   pq.mirror = symmetric && bias == nullptr;
@@ -140,6 +159,17 @@ int emu_backward(int kind, const void* q, const void* k, const float* scale, con
   if (symmetric)
     for (int64_t e = 0; e < M * D; ++e) dq[e] += dk[e];
   return int((D + p.panel - 1) / p.panel);
+}
+
+// The backward's plan for D on a device with smem_optin bytes of shared memory a block:
+// out = {wide, panel, resident}.
+void emu_backward_plan(int kind, int64_t D, int64_t smem_optin, int* out) {
+  LseParams p;
+  p.D = D;
+  plan_backward(p, kind <= 1 ? 2 : 4, size_t(smem_optin));
+  out[0] = p.wide;
+  out[1] = p.panel;
+  out[2] = p.resident;
 }
 
 }  // extern "C"

@@ -1,6 +1,6 @@
-"""nt_xent, clip_loss and info_nce over the global batch of every rank.
+"""nt_xent, clip_loss, info_nce and dcl_loss over the global batch of every rank.
 
-Conventions (all three losses, both schemes):
+Conventions (every loss, both schemes):
 
 * Each rank passes its local rows; the global batch is their concatenation in rank order
   (unpaired negative_keys likewise: the global negative set is every rank's negatives).
@@ -33,20 +33,20 @@ Schemes:
 """
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import Callable, Optional, Union
 
 import torch
 from torch import Tensor
 
 from .. import functional as F
-from ..functional import l2_normalize, paired_logits
+from ..functional import l2_normalize, paired_logits, two_view_positives
 from ..ops import lse_dtype, similarity_lse
 from ._comm import (
     RankInfo, _comm_device, all_gather_with_grad, exchange, is_active, mean_grad_over_ranks,
 )
 from .ring import ring_lse
 
-__all__ = ["nt_xent", "clip_loss", "info_nce"]
+__all__ = ["nt_xent", "clip_loss", "info_nce", "dcl_loss"]
 
 SCHEMES = ("ring", "gather")
 
@@ -81,14 +81,36 @@ def _scale_tensor(scale, like: Tensor) -> Tensor:
                         dtype=lse_dtype(like.dtype))
 
 
-def _row_lse(scheme: str, q: Tensor, k: Tensor, scale, info: RankInfo, backend: str, self_block=False):
-    """Row LSE of this rank's rows q over every rank's keys k."""
+def _two_view_samples(n: int, offset: int, device) -> Tensor:
+    """The sample of each row of [z1; z2] with n rows a view: offset + (0..n−1), twice."""
+    return torch.arange(offset, offset + n, device=device).repeat(2)
+
+
+def _row_lse(scheme: str, q: Tensor, k: Tensor, scale, info: RankInfo, backend: str, own: Optional[str] = None):
+    """Row LSE of this rank's rows q over every rank's keys k.
+
+    own: what is dropped where q meets this rank's own key block (q is k = [z1; z2] there):
+    None nothing; "self" the pairs (i, i) (NT-Xent); "sample" every pair of one sample's
+    views, (i, i) and (i, i ± n) (DCL: the positive leaves the denominator).
+    """
+    n = q.shape[0] // 2
     if scheme == "ring":
-        row, _ = ring_lse(q, k, _scale_tensor(scale, q), info, self_block=self_block, backend=backend)
+        own_mask = {}
+        if own == "self":
+            own_mask = dict(exclude_self=True)
+        elif own == "sample":
+            ids = _two_view_samples(n, 0, q.device)
+            own_mask = dict(labels=ids, k_labels=ids, label_mask="different")
+        row, _ = ring_lse(q, k, _scale_tensor(scale, q), info, own_mask=own_mask, backend=backend)
         return row
     keys = all_gather_with_grad(k, info, info.keys)
-    if self_block:  # q is this rank's block of keys: global row i is key i + key_offset
+    if own == "self":  # q is this rank's block of keys: global row i is key i + key_offset
         row, _ = similarity_lse(q, keys, scale, exclude_self=True, diag_offset=info.key_offset, backend=backend)
+    elif own == "sample":  # global sample ids: rank s's n_s samples follow those of the ranks before it
+        counts = [c // 2 for c in info.keys]
+        ids = torch.cat([_two_view_samples(c, sum(counts[:s]), q.device) for s, c in enumerate(counts)])
+        row, _ = similarity_lse(q, keys, scale, labels=ids[info.key_offset:info.key_offset + 2 * n], k_labels=ids,
+                                label_mask="different", backend=backend)
     else:
         row, _ = similarity_lse(q, keys, scale, backend=backend)
     return row
@@ -119,18 +141,47 @@ def nt_xent(
     return _nt_xent(z1, z2, temperature, scheme, code, group, backend, reduction)
 
 
-def _nt_xent(z1, z2, temperature, scheme, code, group, backend, reduction="mean"):
+def _nt_xent(z1, z2, temperature, scheme, code, group, backend, reduction="mean", decoupled=False, weight_fn=None):
+    """NT-Xent, or with decoupled=True DCL (its positive out of the denominator, weight_fn on
+    this rank's positives), over every rank's views."""
     n = z1.shape[0]
     z = l2_normalize(torch.cat([z1, z2]))  # this rank's 2n anchors, and its 2n keys
-    info = exchange("nt_xent", group, _comm_device(z), 2 * n, 2 * n, z.shape[1], z.dtype, code,
-                    [z.requires_grad, _needs_grad(temperature)], ["z1/z2", "temperature"])
+    info = exchange("dcl_loss" if decoupled else "nt_xent", group, _comm_device(z), 2 * n, 2 * n, z.shape[1],
+                    z.dtype, code, [z.requires_grad, _needs_grad(temperature)], ["z1/z2", "temperature"])
     temperature = mean_grad_over_ranks(temperature, info)
     scale = 1.0 / temperature
     # Positives first: autograd runs the later node's backward first, so the ring's backward
     # then runs before the positives' and their O(n·D) gradients are not held through it.
-    positive = paired_logits(z, z.roll(n, 0), scale)  # a local row's other view is local too
-    row = _row_lse(scheme, z, z, scale, info, backend, self_block=True)
+    positive = two_view_positives(z, scale, weight_fn)  # a local row's other view is local too
+    row = _row_lse(scheme, z, z, scale, info, backend, own="sample" if decoupled else "self")
     return _reduce(row - positive, reduction, info)
+
+
+# ----------------------------------------------------------------------------- dcl_loss
+
+def dcl_loss(
+    z1: Tensor,
+    z2: Tensor,
+    temperature: Union[float, Tensor] = 0.1,
+    reduction: str = "mean",
+    *,
+    weight_fn: Optional[Callable[[Tensor, Tensor], Tensor]] = None,
+    scheme: str = "ring",
+    group=None,
+    backend: str = "auto",
+) -> Tensor:
+    """Decoupled contrastive loss (fastnce.functional.dcl_loss) over the views of every rank.
+
+    z1, z2 (n, D): this rank's two views, as in nt_xent. weight_fn sees this rank's rows (as
+    lightly's DCLLoss with gather_distributed): a per-pair weight gives the single-process
+    loss, a batch-wide one such as vmf_weights (a softmax over the batch) this rank's version.
+    Returns this rank's share of the global mean (see the module docstring).
+    """
+    F.check_nt_xent_inputs(z1, z2, temperature, reduction)
+    code = _check_scheme(scheme)
+    if not is_active(group):
+        return F.dcl_loss(z1, z2, temperature, reduction, weight_fn=weight_fn, backend=backend)
+    return _nt_xent(z1, z2, temperature, scheme, code, group, backend, reduction, decoupled=True, weight_fn=weight_fn)
 
 
 # ----------------------------------------------------------------------------- clip_loss

@@ -33,6 +33,8 @@ global batch of N rows, never O(N·D) and never O(N²).
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import Tensor
 
@@ -42,10 +44,11 @@ from ._comm import RankInfo, RingTransfer
 _TAG_KEYS, _TAG_COL, _TAG_DK = 100, 200, 300
 
 
-def ring_lse_forward(q: Tensor, k: Tensor, scale: Tensor, info: RankInfo, self_block: bool, with_col: bool,
+def ring_lse_forward(q: Tensor, k: Tensor, scale: Tensor, info: RankInfo, own_mask: dict, with_col: bool,
                      backend: str):
     """Row LSE of q over every rank's k (and, with_col, the column LSE of this rank's k over
-    every rank's q). self_block: q is k, and pair (i, i) of this rank's own block is dropped."""
+    every rank's q). own_mask: the primitive's mask arguments where q meets this rank's own key
+    block (NT-Xent: exclude_self; DCL: sample labels); the other blocks are unmasked."""
     D = k.shape[1]
     row, col_x, cur = None, None, k
     for t in range(info.size):
@@ -53,8 +56,7 @@ def ring_lse_forward(q: Tensor, k: Tensor, scale: Tensor, info: RankInfo, self_b
         if t < info.size - 1:  # post the next block before computing this one
             src = info.block(t + 1)
             nxt = RingTransfer(info, [cur], [((info.keys[src], D), k.dtype, k.device)], _TAG_KEYS)
-        r_b, c_b = lse_forward(q, cur, scale, exclude_self=self_block and t == 0, col_lse=with_col,
-                               backend=backend)
+        r_b, c_b = lse_forward(q, cur, scale, col_lse=with_col, backend=backend, **(own_mask if t == 0 else {}))
         row = r_b if row is None else torch.logaddexp(row, r_b)
         if with_col:
             if col_x is not None:  # the accumulator of block info.block(t), from the previous rank
@@ -69,7 +71,7 @@ def ring_lse_forward(q: Tensor, k: Tensor, scale: Tensor, info: RankInfo, self_b
 
 
 def ring_lse_backward(q: Tensor, k: Tensor, scale: Tensor, row: Tensor, col, g_row: Tensor, g_col,
-                      info: RankInfo, self_block: bool, need_k: bool, backend: str):
+                      info: RankInfo, own_mask: dict, need_k: bool, backend: str):
     """Unscaled (Σ_blocks G@k_s for this rank's rows, Σ_ranks Gᵀ@q for this rank's keys or None)."""
     D = k.shape[1]
     with_col = col is not None
@@ -89,7 +91,7 @@ def ring_lse_backward(q: Tensor, k: Tensor, scale: Tensor, row: Tensor, col, g_r
         dq_b, dk_b, _ = lse_backward(
             q, cur_k, scale, row_lse=row, grad_row=g_row,
             col_lse=cur_c[0] if with_col else None, grad_col=cur_c[1] if with_col else None,
-            exclude_self=self_block and t == 0, backend=backend,
+            backend=backend, **(own_mask if t == 0 else {}),
         )
         dq = dq_b if dq is None else dq.add_(dq_b)
         if need_k:
@@ -113,10 +115,10 @@ class _RingLSE(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, q, k, scale, info, self_block, with_col, backend):
-        row, col = ring_lse_forward(q, k, scale.detach(), info, self_block, with_col, backend)
+    def forward(ctx, q, k, scale, info, own_mask, with_col, backend):
+        row, col = ring_lse_forward(q, k, scale.detach(), info, own_mask, with_col, backend)
         ctx.save_for_backward(q, k, scale, row, col)
-        ctx.cfg = (info, self_block, backend)
+        ctx.cfg = (info, own_mask, backend)
         if col is None:
             col = row.new_empty((0,))
             ctx.mark_non_differentiable(col)
@@ -125,12 +127,12 @@ class _RingLSE(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_row, g_col):
         q, k, scale, row, col = ctx.saved_tensors
-        info, self_block, backend = ctx.cfg
+        info, own_mask, backend = ctx.cfg
         need_q, need_k, need_scale = ctx.needs_input_grad[:3]
         s = scale.detach()
         dq_u, dk_u = ring_lse_backward(
             q, k, s, row, col, g_row.contiguous(), None if col is None else g_col.contiguous(),
-            info, self_block, bool(need_k), backend,
+            info, own_mask, bool(need_k), backend,
         )
         dscale = None
         if need_scale:
@@ -142,8 +144,9 @@ class _RingLSE(torch.autograd.Function):
         return dq, dk, dscale, None, None, None, None
 
 
-def ring_lse(q: Tensor, k: Tensor, scale: Tensor, info: RankInfo, *, self_block: bool = False,
+def ring_lse(q: Tensor, k: Tensor, scale: Tensor, info: RankInfo, *, own_mask: Optional[dict] = None,
              with_col: bool = False, backend: str = "auto"):
-    """Differentiable (row_lse, col_lse or None) over the ring; see the module docstring."""
-    row, col = _RingLSE.apply(q, k, scale, info, self_block, with_col, backend)
+    """Differentiable (row_lse, col_lse or None) over the ring; see the module docstring and
+    ring_lse_forward for own_mask."""
+    row, col = _RingLSE.apply(q, k, scale, info, own_mask or {}, with_col, backend)
     return row, (col if with_col else None)

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from .._checks import check_features, check_reduction, check_same, check_temperature, reduce
-from ..functional import check_nt_xent_inputs, clip_loss, info_nce, l2_normalize, nt_xent, paired_logits
+from ..functional import clip_loss, dcl_loss, info_nce, l2_normalize, nt_xent, paired_logits, vmf_weights
 from .. import distributed as fd
 from ..ops import lse_dtype, similarity_lse
 from ._common import momentum_update
@@ -116,64 +116,30 @@ class NTXentLoss(nn.Module):
 
 # ------------------------------------------------------------------------------ DCL
 
-def vmf_weights(z1: Tensor, z2: Tensor, sigma: float = 0.5) -> Tensor:
-    """DCLW's weights of the positive pairs (Yeh et al. 2022, the negative von Mises-Fisher
-    weighting): 2 − N·softmax over i of z1[i]·z2[i] / sigma, for z1, z2 (N, D) normalised rows.
-    Computed from detached inputs (a weight, not a path for the gradient). Returns (N,)."""
-    return 2 - z1.shape[0] * torch.softmax(paired_logits(z1.detach(), z2.detach(), 1.0 / sigma), 0)
-
-
-def dcl_loss(z1: Tensor, z2: Tensor, temperature: Union[float, Tensor] = 0.1, reduction: str = "mean", *,
-             weight_fn: Optional[Callable[[Tensor, Tensor], Tensor]] = None, backend: str = "auto") -> Tensor:
-    """Decoupled contrastive loss (Yeh et al. 2022, "Decoupled Contrastive Learning"): NT-Xent
-    with the positive taken out of the denominator.
-
-    z1, z2 (N, D), N ≥ 2, row i of each a view of sample i; both L2-normalised inside. Every row
-    of Z = [z1; z2] is an anchor; its loss is log Σ exp(Z_i·Z_j / T) over its 2N − 2 negatives
-    (the rows of the other samples, both views) minus w_i·Z_i·Z_p / T, p its other view.
-    weight_fn(a, b) → (N,): the weights w of the positives of a's rows (b their positives),
-    called with the normalised (z1, z2) and then (z2, z1); None: w = 1 (DCL); `vmf_weights`:
-    DCLW. Returns the mean over the 2N anchors, or (2N,) with reduction='none'.
-    """
-    check_nt_xent_inputs(z1, z2, temperature, reduction)
-    n = z1.shape[0]
-    if n < 2:
-        raise ValueError(f"z1 must hold at least 2 samples (an anchor's negatives are the other samples' rows), "
-                         f"got shape {tuple(z1.shape)}")
-    z1, z2 = l2_normalize(z1), l2_normalize(z2)
-    z = torch.cat([z1, z2])
-    scale = 1.0 / temperature
-    positive = paired_logits(z, z.roll(n, 0), scale)  # first: see fastnce.nt_xent
-    if weight_fn is not None:
-        weights = [weight_fn(a, b) for a, b in ((z1, z2), (z2, z1))]
-        for w in weights:
-            if not isinstance(w, Tensor) or w.shape != (n,):
-                raise ValueError(f"weight_fn must return a tensor of shape ({n},), one weight per positive pair, "
-                                 f"got {tuple(w.shape) if isinstance(w, Tensor) else type(w).__name__}")
-        positive = positive * torch.cat(weights).to(positive.dtype)
-    # The label mask drops an anchor's own row and its positive: the denominator's decoupling.
-    sample = torch.arange(n, device=z.device).repeat(2)
-    row_lse, _ = similarity_lse(z, None, scale, labels=sample, label_mask="different", backend=backend)
-    return reduce(row_lse - positive, reduction)
-
-
 class DCLLoss(nn.Module):
     """Decoupled contrastive learning (Yeh et al. 2022): forward(z1, z2) → `dcl_loss`.
 
-    Drop-in for lightly's DCLLoss(temperature, weight_fn): the same values and gradients (its
-    gather_distributed is not offered here). Returns a scalar, or (2N,) with reduction='none'.
+    Drop-in for lightly's DCLLoss(temperature, weight_fn): the same values and gradients.
+    Returns a scalar, or (2N,) with reduction='none'. distributed='ring' or 'gather': over the
+    global batch of all ranks (fastnce.distributed.dcl_loss; lightly's gather_distributed=True
+    is 'gather').
     """
 
     def __init__(self, temperature: float = 0.1, weight_fn: Optional[Callable[[Tensor, Tensor], Tensor]] = None,
-                 reduction: str = "mean", backend: str = "auto"):
+                 reduction: str = "mean", backend: str = "auto", distributed: Optional[str] = None):
         super().__init__()
         check_temperature(temperature)
         check_reduction(reduction)
+        _check_scheme(distributed)
         if weight_fn is not None and not callable(weight_fn):
             raise TypeError(f"weight_fn must be None or a callable (z1, z2) -> (N,) weights, got {type(weight_fn).__name__}")
         self.temperature, self.weight_fn, self.reduction, self.backend = temperature, weight_fn, reduction, backend
+        self.distributed = distributed
 
     def forward(self, z1: Tensor, z2: Tensor) -> Tensor:
+        if self.distributed:
+            return fd.dcl_loss(z1, z2, self.temperature, self.reduction, weight_fn=self.weight_fn,
+                               scheme=self.distributed, backend=self.backend)
         return dcl_loss(z1, z2, self.temperature, self.reduction, weight_fn=self.weight_fn, backend=self.backend)
 
     def extra_repr(self) -> str:
@@ -184,10 +150,11 @@ class DCLWLoss(DCLLoss):
     """Weighted DCL (Yeh et al. 2022): DCLLoss with `vmf_weights`(sigma) on the positives.
     Drop-in for lightly's DCLWLoss(temperature, sigma)."""
 
-    def __init__(self, temperature: float = 0.1, sigma: float = 0.5, reduction: str = "mean", backend: str = "auto"):
+    def __init__(self, temperature: float = 0.1, sigma: float = 0.5, reduction: str = "mean", backend: str = "auto",
+                 distributed: Optional[str] = None):
         if not (isinstance(sigma, (int, float)) and math.isfinite(sigma) and sigma > 0):
             raise ValueError(f"sigma must be a positive finite number, got {sigma!r}")
-        super().__init__(temperature, partial(vmf_weights, sigma=sigma), reduction, backend)
+        super().__init__(temperature, partial(vmf_weights, sigma=sigma), reduction, backend, distributed)
         self.sigma = sigma
 
     def extra_repr(self) -> str:
