@@ -350,7 +350,10 @@ GPU_CASES = [
     (256, 5000, 128, dict(col_lse=True)),  # split grid (few row blocks)
     (300, None, 40, dict(label_mask="same", exclude_self=True, col_lse=True, bias=True)),
     (300, None, 40, dict(label_mask="different", exclude_self=True, col_lse=True)),  # the mirror, both terms
-    (200, 300, 520, dict(col_lse=True, label_mask="different")),  # D not a multiple of 64, wide
+    (200, 300, 520, dict(col_lse=True, label_mask="different")),  # D not a multiple of 64, past 512
+    # the wide backward (16-bit, 128 < D <= 512 on an H100 / H200): clip's width; the mirror
+    (1000, 700, 512, dict(col_lse=True, bias=True)),
+    (500, None, 300, dict(exclude_self=True)),
 ]
 
 
