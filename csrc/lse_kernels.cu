@@ -40,12 +40,12 @@ void backward_wide_impl(const LseParams& p, cudaStream_t stream) {
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-// 16-bit inputs: the wide kernel where the plan says (p.wide), two warps a chunk up to D = 256.
+// 16-bit inputs: the wide kernel where the plan says (p.wide).
 template <class T, bool FOR_K>
 void backward_16bit(const LseParams& p, cudaStream_t stream) {
   if (!p.wide) {
     backward_impl<T, kMmaWmma16, FOR_K>(p, stream);
-  } else if (p.resident <= 4 * kDK) {
+  } else if (wide_two_warps_a_chunk(p.resident)) {
     backward_wide_impl<T, FOR_K, 2>(p, stream);
   } else {
     backward_wide_impl<T, FOR_K, 4>(p, stream);

@@ -211,6 +211,10 @@ inline int backward_wide(int elem_bytes, int64_t D, size_t smem_optin) {
   return elem_bytes == 2 && fits ? w : 0;
 }
 
+// In the wide backward each warp owns a 64-feature chunk of the output: all 64 rows, or up to
+// 256 features (4 chunks for 8 warps) half of them, two warps a chunk.
+inline bool wide_two_warps_a_chunk(int width) { return width <= 4 * kDK; }
+
 // The backward's plan: p.wide, p.panel and p.resident for D on this device.
 inline void plan_backward(LseParams& p, int elem_bytes, size_t smem_optin) {
   const int w = backward_wide(elem_bytes, p.D, smem_optin);

@@ -25,7 +25,7 @@ void run_forward(const LseParams& p) {
 template <class T, bool FOR_K>
 void run_backward_wide(const LseParams& p, unsigned gx) {
   const size_t smem = wide_smem_layout(p.resident).total;
-  if (p.resident <= 4 * kDK) {
+  if (wide_two_warps_a_chunk(p.resident)) {
     emu::launch([p] { lse_backward_wide_kernel<T, FOR_K, 2>(p); }, gx, unsigned(p.splits), kWideThreads, smem);
   } else {
     emu::launch([p] { lse_backward_wide_kernel<T, FOR_K, 4>(p); }, gx, unsigned(p.splits), kWideThreads, smem);

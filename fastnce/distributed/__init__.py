@@ -6,9 +6,9 @@
     loss = fd.info_nce(query, positive_key, negative_keys)
     loss = fd.dcl_loss(z1, z2, temperature=0.1)                          # DCL (fastnce.losses.DCLLoss)
 
-The arguments are those of fastnce.nt_xent / clip_loss / info_nce / functional.dcl_loss, in the same order, plus
-the keyword-only scheme and group. Each rank passes its local rows; the loss is over the global batch (every rank's rows, in
-rank order). The returned value is this rank's share of the global mean, so the mean over
+The arguments are those of fastnce.nt_xent / clip_loss / info_nce / functional.dcl_loss, in
+the same order, plus the keyword-only scheme and group. Each rank passes its local rows; the
+loss is over the global batch (every rank's rows, in rank order). The returned value is this rank's share of the global mean, so the mean over
 ranks is the single-process loss and DDP's gradient averaging gives the single-process
 gradient. Two schemes: 'ring' (key blocks travel rank to rank, O(N/W·D) memory per rank) and
 'gather' (all-gather with gradient, O(N·D) per rank). Details: fastnce/distributed/functional.py

@@ -93,13 +93,12 @@ def _row_lse(scheme: str, q: Tensor, k: Tensor, scale, info: RankInfo, backend: 
     None nothing; "self" the pairs (i, i) (NT-Xent); "sample" every pair of one sample's
     views, (i, i) and (i, i ± n) (DCL: the positive leaves the denominator).
     """
-    n = q.shape[0] // 2
     if scheme == "ring":
         own_mask = {}
         if own == "self":
             own_mask = dict(exclude_self=True)
         elif own == "sample":
-            ids = _two_view_samples(n, 0, q.device)
+            ids = _two_view_samples(q.shape[0] // 2, 0, q.device)
             own_mask = dict(labels=ids, k_labels=ids, label_mask="different")
         row, _ = ring_lse(q, k, _scale_tensor(scale, q), info, own_mask=own_mask, backend=backend)
         return row
@@ -109,8 +108,8 @@ def _row_lse(scheme: str, q: Tensor, k: Tensor, scale, info: RankInfo, backend: 
     elif own == "sample":  # global sample ids: rank s's n_s samples follow those of the ranks before it
         counts = [c // 2 for c in info.keys]
         ids = torch.cat([_two_view_samples(c, sum(counts[:s]), q.device) for s, c in enumerate(counts)])
-        row, _ = similarity_lse(q, keys, scale, labels=ids[info.key_offset:info.key_offset + 2 * n], k_labels=ids,
-                                label_mask="different", backend=backend)
+        mine = ids[info.key_offset:info.key_offset + q.shape[0]]
+        row, _ = similarity_lse(q, keys, scale, labels=mine, k_labels=ids, label_mask="different", backend=backend)
     else:
         row, _ = similarity_lse(q, keys, scale, backend=backend)
     return row

@@ -35,8 +35,8 @@ from .metric import (
 from .nce import NCELoss, nce_loss
 
 __all__ = [
-    "NTXentLoss", "nt_xent_multiview", "DCLLoss", "DCLWLoss", "dcl_loss", "vmf_weights", "MoCoLoss", "momentum_update", "ClipLoss", "zero_shot_logits",
-    "zero_shot_predict", "CPCLoss", "cpc_loss", "GRUContext", "DINOLoss", "dino_loss", "update_teacher",
+    "NTXentLoss", "nt_xent_multiview", "DCLLoss", "DCLWLoss", "dcl_loss", "vmf_weights", "MoCoLoss",
+    "momentum_update", "ClipLoss", "zero_shot_logits", "zero_shot_predict", "CPCLoss", "cpc_loss", "GRUContext", "DINOLoss", "dino_loss", "update_teacher",
     "SwAVLoss", "swav_loss", "sinkhorn", "SwAVPrototypes", "SupConLoss", "supcon_loss",
     "SoftNearestNeighborLoss", "soft_nearest_neighbor_loss", "NCELoss", "nce_loss", "ContrastiveLoss",
     "contrastive_loss", "TripletMarginLoss", "triplet_margin_loss", "NPairsLoss", "npairs_loss",

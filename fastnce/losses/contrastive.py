@@ -20,8 +20,8 @@ from ..ops import lse_dtype, similarity_lse
 from ._common import momentum_update
 
 __all__ = [
-    "nt_xent_multiview", "NTXentLoss", "dcl_loss", "vmf_weights", "DCLLoss", "DCLWLoss", "MoCoLoss", "momentum_update", "ClipLoss",
-    "zero_shot_logits", "zero_shot_predict", "cpc_loss", "CPCLoss", "GRUContext",
+    "nt_xent_multiview", "NTXentLoss", "dcl_loss", "vmf_weights", "DCLLoss", "DCLWLoss", "MoCoLoss",
+    "momentum_update", "ClipLoss", "zero_shot_logits", "zero_shot_predict", "cpc_loss", "CPCLoss", "GRUContext",
 ]
 
 
