@@ -29,8 +29,9 @@
 //   they are multiplied, across tiles: double-buffered through two shared-memory slots, chunk
 //   e + 1 copied (cp.async on sm_80+) while chunk e is multiplied, so the loads hide behind the
 //   products and behind the softmax work between tiles. The block's own 64 rows stay resident
-//   in shared memory for the whole walk where that costs no occupancy (lse_plan.h), and then
-//   only the walked tiles' rows stream: half the operand traffic. The backward's second
+//   in shared memory for the whole walk where the plan allows (lse_plan.h: the forward while 2
+//   blocks a multiprocessor remain), and then only the walked tiles' rows stream: half the
+//   operand traffic. The backward's second
 //   product streams the panel's chunks last first, reusing D's last chunk left by the S product.
 // All products use fp32 accumulation; fp16/bf16 operands go through WMMA tensor cores, fp32
 // through WMMA tf32 only when the caller allows tf32, else plain FMA.

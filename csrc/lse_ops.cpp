@@ -17,8 +17,10 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <cstdlib>
 #include <limits>
 #include <optional>
+#include <string>
 #include <tuple>
 
 #include "lse_launch.h"
@@ -43,6 +45,20 @@ DeviceInfo device_info(int device) {
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&smem_sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, device));
   return {sms, size_t(smem), size_t(smem_sm)};
+}
+
+// The forward's rows: forward_resident's choice, or FASTNCE_CUDA_FORWARD_ROWS=resident|streamed
+// (read per call) to time both on a GPU (fastnce-bench gpu does). Resident needs one block's
+// shared memory to fit.
+int forward_rows(int elem_bytes, int64_t D, const DeviceInfo& dev) {
+  const char* env = std::getenv("FASTNCE_CUDA_FORWARD_ROWS");
+  const std::string want = env != nullptr ? env : "auto";
+  if (want == "auto" || want.empty()) return forward_resident(elem_bytes, D, dev.smem_per_sm);
+  TORCH_CHECK(want == "resident" || want == "streamed",
+              "FASTNCE_CUDA_FORWARD_ROWS must be auto, resident or streamed, got '", want, "'");
+  const int w = padded_features(D);
+  const bool fits = w <= 1024 && smem_layout(elem_bytes, 0, w).total <= dev.smem_optin;
+  return want == "resident" && fits ? w : 0;
 }
 
 int dtype_code(const Tensor& t) {
@@ -131,7 +147,7 @@ std::tuple<Tensor, Tensor> lse_forward_cuda(const Tensor& q, const Tensor& k, co
 
   const DeviceInfo dev = device_info(q.get_device());
   choose_splits(p, (p.M + kBM - 1) / kBM, (p.N + kBN - 1) / kBN, dev.num_sms);
-  p.resident = forward_resident(int(q.element_size()), p.D, dev.smem_per_sm);
+  p.resident = forward_rows(int(q.element_size()), p.D, dev);
   Tensor row = p.splits > 1 ? at::full({p.M}, neg_inf, f32) : at::empty({p.M}, f32);
   p.row_lse = row.data_ptr<float>();
   p.col_lse = cols ? col.data_ptr<float>() : nullptr;

@@ -149,15 +149,20 @@ inline int forward_blocks_per_sm(size_t smem, size_t smem_per_sm) {
   return int(b < size_t(kForwardBlocksPerSm) ? b : size_t(kForwardBlocksPerSm));
 }
 
-// The forward holds its 64 rows in shared memory, so that each tile loads only its 64 keys (half
-// the operand traffic), where that costs no occupancy: as many blocks per multiprocessor as
-// when the rows stream with the keys (H100 / H200: D <= 128, 4 blocks of 16-bit or 2 of fp32;
-// at D = 512 holding them would leave 2 blocks instead of 4).
+// The forward holds its 64 rows in shared memory, so that each tile copies only its 64 keys:
+// half the operand bytes. A 64 x 64 tile's product does 32 FLOP per byte copied from L2 when
+// both operands stream and 64 when the rows stay, and at 32 the copies, not the tensor cores,
+// bound it (about 7 TB/s of L2 on an H100 / H200 feeds ~220 TFLOP/s). So the rows stay while
+// at least kForwardMinBlocks blocks (8 warps) a multiprocessor remain: H100 / H200 up to
+// D = 576 for 16-bit inputs (D <= 128: 4 blocks either way; D = 512: 2 instead of 4), fp32 up
+// to D = 192. FASTNCE_CUDA_FORWARD_ROWS (lse_ops.cpp) overrides this, for timing both.
+constexpr int kForwardMinBlocks = 2;
 inline int forward_resident(int elem_bytes, int64_t D, size_t smem_per_sm) {
   const int w = padded_features(D);
   if (w > 1024) return 0;
   const int held = forward_blocks_per_sm(smem_layout(elem_bytes, 0, w).total, smem_per_sm);
-  return held >= 1 && held >= forward_blocks_per_sm(smem_layout(elem_bytes, 0, 0).total, smem_per_sm) ? w : 0;
+  const int streamed = forward_blocks_per_sm(smem_layout(elem_bytes, 0, 0).total, smem_per_sm);
+  return held >= 1 && held >= (streamed < kForwardMinBlocks ? streamed : kForwardMinBlocks) ? w : 0;
 }
 
 // The backward holds the block's own rows when its accumulators live in registers (the panel

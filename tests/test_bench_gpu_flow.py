@@ -7,6 +7,7 @@ every skip branch is taken; the GPU-only parts (CUDA events, memory statistics) 
 lines behind gpu._on_gpu().
 """
 import json
+import os
 
 import pytest
 import torch
@@ -55,6 +56,7 @@ def test_gpu_bench_main_runs_end_to_end_on_the_cpu(cpu_bench, tmp_path, capsys):
     assert notes[("clip-32k", "inf-cl")].startswith("skipped: inf_cl not importable")
     # the cases asked for plans (symmetric forward and backward, non-symmetric backward); on the CPU none is timed
     assert meta["triton_plans"] == {}
+    assert "not measured" in meta["cuda_forward_rows_ms"]["clip-32k"]
 
     checks = json.loads(checks_file.read_text())
     labels = {(c["backend"], c["dtype"], c["symmetric"], c["bias"]) for c in checks}
@@ -65,6 +67,20 @@ def test_gpu_bench_main_runs_end_to_end_on_the_cpu(cpu_bench, tmp_path, capsys):
 
     out = capsys.readouterr().out
     assert "correctness: " in out and "wrote " in out and "fastnce-triton" in out
+
+
+def test_gpu_bench_times_the_cuda_forward_with_rows_resident_and_streamed(cpu_bench, monkeypatch):
+    import fastnce
+
+    seen = []
+    monkeypatch.setattr(fastnce.ops, "unavailable_reason", lambda *a: None)
+    monkeypatch.setattr(fastnce.ops, "lse_forward", lambda *a, **kw: seen.append(
+        (os.environ.get("FASTNCE_CUDA_FORWARD_ROWS"), kw["backend"], kw["col_lse"])))
+    monkeypatch.setenv("FASTNCE_CUDA_FORWARD_ROWS", "auto")
+    out = cpu_bench.time_cuda_forward_rows("clip-32k", 0.001)
+    assert set(out) == {"resident", "streamed"} and all(isinstance(v, float) for v in out.values())
+    assert {s[0] for s in seen} == {"resident", "streamed"} and {s[1:] for s in seen} == {("cuda", True)}
+    assert os.environ["FASTNCE_CUDA_FORWARD_ROWS"] == "auto"  # the caller's setting is back
 
 
 def test_gpu_bench_skips_the_cuda_backend_past_its_size(cpu_bench, tmp_path, monkeypatch):

@@ -118,11 +118,14 @@ def emu(tmp_path_factory):
                                  P, P, P, P, P, P, P, I, I, I64, I64]
     lib.emu_backward.restype = I
     lib.emu_backward_plan.argtypes = [I, I64, I64, P]
+    lib.emu_forward_resident.argtypes = [I, I64, I64]
+    lib.emu_forward_resident.restype = I
     return lib
 
 
-# Shared memory a block may opt into: H100 / H200 227 KiB, A100 163 KiB.
-H100_OPTIN, A100_OPTIN = 232448, 166912
+# Shared memory a block may opt into: H100 / H200 227 KiB, A100 163 KiB; an H100's a
+# multiprocessor, 228 KiB.
+H100_OPTIN, A100_OPTIN, H100_SM = 232448, 166912, 233472
 
 # kind: 0 fp16 tensor cores, 1 bf16 tensor cores, 2 fp32 as tf32, 3 fp32 FMA
 KINDS = {0: torch.float16, 1: torch.bfloat16, 2: torch.float32, 3: torch.float32}
@@ -268,6 +271,18 @@ def check_emulated(emu, kind, M, N, D, opts):
 def test_kernels_emulated(emu, case):
     kind, M, N, D, opts = case
     check_emulated(emu, kind, M, N, D, opts)
+
+
+@pytest.mark.parametrize("kind,D,rows", [
+    (1, 128, 128),  # 4 blocks a multiprocessor either way
+    (1, 512, 512),  # clip: 2 blocks of 101 KiB with the rows, half the bytes a tile
+    (0, 576, 576),
+    (1, 640, 0),  # the rows would leave one block: streamed (4 blocks)
+    (2, 192, 192),  # fp32: 2 blocks either way
+    (2, 256, 0),
+])
+def test_forward_rows_plan(emu, kind, D, rows):
+    assert emu.emu_forward_resident(kind, D, H100_SM) == rows
 
 
 @pytest.mark.parametrize("kind,D,smem,plan", [

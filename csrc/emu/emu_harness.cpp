@@ -161,6 +161,12 @@ int emu_backward(int kind, const void* q, const void* k, const float* scale, con
   return int((D + p.panel - 1) / p.panel);
 }
 
+// Features of the forward's rows held in shared memory (0: streamed) for D on a device with
+// smem_per_sm bytes of shared memory a multiprocessor.
+int emu_forward_resident(int kind, int64_t D, int64_t smem_per_sm) {
+  return forward_resident(kind <= 1 ? 2 : 4, D, size_t(smem_per_sm));
+}
+
 // The backward's plan for D on a device with smem_optin bytes of shared memory a block:
 // out = {wide, panel, resident}.
 void emu_backward_plan(int kind, int64_t D, int64_t smem_optin, int* out) {

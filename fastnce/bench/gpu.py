@@ -20,7 +20,8 @@
 Prints a table and writes <out>/gpu-<card>-<date>.json: a list of
 {"case", "impl", "dtype", "ms", "peak_mib", "card"}, one per measured point (an impl that
 cannot run a case gets no record); <out>/gpu-<card>-<date>-meta.json: versions, the matmul
-rate and a note for every point skipped, out of memory or failed; and the correctness results
+rate, a note for every point skipped, out of memory or failed, the triton plans chosen and the
+cuda forward timed with its rows resident and streamed (clip-32k); and the correctness results
 to <out>/gpu-<card>-<date>-checks.json.
 Designed to finish in ~6 minutes on an H100.
 
@@ -440,6 +441,40 @@ def bench_case(case: str, impls: list, budget: float, card: str, infcl_why: Opti
     return out
 
 
+def time_cuda_forward_rows(case: str, budget: float) -> dict:
+    """The case's cuda forward (bf16; row and column LSE for clip) with the block's rows held in
+    shared memory and streamed with the keys (FASTNCE_CUDA_FORWARD_ROWS): the measurement for
+    csrc/lse_plan.h forward_resident, which holds them by an L2-traffic argument. {plan: ms}."""
+    import torch
+    import torch.nn.functional as F
+    import fastnce
+
+    why = fastnce.ops.unavailable_reason("cuda", torch.device(DEVICE), torch.bfloat16)
+    if why:
+        return {"not measured": why}
+    c = CASES[case]
+    g = torch.Generator(device=DEVICE).manual_seed(0)
+    a, b = (F.normalize(torch.randn(c["N"], c["D"], device=DEVICE, generator=g), dim=1).to(torch.bfloat16)
+            for _ in range(2))
+    with_col = c["kind"] == "clip"
+    out, env, before = {}, "FASTNCE_CUDA_FORWARD_ROWS", os.environ.get("FASTNCE_CUDA_FORWARD_ROWS")
+    for rows in ("resident", "streamed"):
+        os.environ[env] = rows
+        try:
+            ms, _ = measure(lambda: fastnce.ops.lse_forward(a, b, CLIP_SCALE, col_lse=with_col, backend="cuda"),
+                            budget)
+            out[rows] = round(ms, 3)
+        except Exception as e:  # the benchmark's other numbers matter more
+            out[rows] = f"error: {repr(e)[:200]}"
+    if before is None:
+        del os.environ[env]
+    else:
+        os.environ[env] = before
+    del a, b
+    _release()
+    return out
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     import torch
@@ -480,6 +515,10 @@ def main(argv=None) -> int:
         write_records(records, args.out, card, date)  # keep what we have if a later case dies
         write_records(meta, args.out, card, date, suffix="-meta")
     print(f"triton plans: {meta.get('triton_plans', {})}", flush=True)
+    if "fastnce-cuda" in args.impls and "clip-32k" in args.cases:
+        meta["cuda_forward_rows_ms"] = {"clip-32k": time_cuda_forward_rows("clip-32k", args.budget)}
+        write_records(meta, args.out, card, date, suffix="-meta")
+        print(f"cuda forward, rows resident / streamed: {meta['cuda_forward_rows_ms']}", flush=True)
     path = write_records(records, args.out, card, date)
     print()
     print(format_table(records + notes, tflops))
