@@ -583,6 +583,53 @@ __device__ __forceinline__ void accumulate_g_product(WarpTile<T, KIND>& acc, con
   }
 }
 
+// The block's place in a backward launch: its 64 output rows (outer0.., n_outer of them in
+// all) and the inner tiles [t_begin, t_end) it walks (its split of them, blockIdx.y).
+struct BwdWalk {
+  int64_t outer0, n_outer, t_begin, t_end;
+};
+template <bool FOR_K>
+__device__ __forceinline__ BwdWalk bwd_walk(const LseParams& p) {
+  BwdWalk w;
+  w.outer0 = int64_t(blockIdx.x) * 64;
+  w.n_outer = FOR_K ? p.N : p.M;
+  const int64_t n_inner_tiles = FOR_K ? (p.M + kBM - 1) / kBM : (p.N + kBN - 1) / kBN;
+  w.t_begin = int64_t(blockIdx.y) * p.tiles_per_split;
+  w.t_end = w.t_begin + p.tiles_per_split;
+  if (w.t_end > n_inner_tiles) w.t_end = n_inner_tiles;
+  return w;
+}
+
+// The block's accumulated output columns pass0 .. pass0 + pw of its rows, from acc_s (leading
+// dimension lda) into p.out, added atomically when the grid is split; by NT threads.
+template <int NT>
+__device__ __forceinline__ void write_out_panel(const LseParams& p, const BwdWalk& w, const float* acc_s, int lda,
+                                                int64_t pass0, int pw) {
+  for (int x = threadIdx.x; x < 64 * pw; x += NT) {
+    const int r = x / pw, c = x % pw;
+    const int64_t o = w.outer0 + r;
+    if (o < w.n_outer) {
+      float* dst = p.out + o * p.D + pass0 + c;
+      if (p.splits > 1) {
+        atomicAdd(dst, acc_s[r * lda + c]);
+      } else {
+        *dst = acc_s[r * lda + c];
+      }
+    }
+  }
+}
+
+// The column kernel's dbias: thread tid < 64 holds column outer0 + tid's sum of G.
+__device__ __forceinline__ void write_out_dbias(const LseParams& p, const BwdWalk& w, float colsum) {
+  const int tid = threadIdx.x;
+  if (p.dbias == nullptr || tid >= kBN || w.outer0 + tid >= p.N) return;
+  if (p.splits > 1) {
+    atomicAdd(p.dbias + w.outer0 + tid, colsum);
+  } else {
+    p.dbias[w.outer0 + tid] = colsum;
+  }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Backward: FOR_K = false: grid (ceil(M / 64), splits), out = dq (M, D) = G @ k.
 //           FOR_K = true:  grid (ceil(N / 64), splits), out = dk (N, D) = G^T @ q, dbias.
@@ -609,14 +656,9 @@ __global__ void __launch_bounds__(kThreads) lse_backward_kernel(const LseParams 
 
   const int tid = threadIdx.x, warp = tid >> 5, wm = warp >> 1, wn = warp & 1;
   const int64_t M = p.M, N = p.N, D = p.D;
-  const int64_t outer0 = int64_t(blockIdx.x) * 64;
-  const int64_t n_outer = FOR_K ? N : M;
-  const int64_t n_inner_tiles = FOR_K ? (M + kBM - 1) / kBM : (N + kBN - 1) / kBN;
-  const int64_t t_begin = int64_t(blockIdx.y) * p.tiles_per_split;
-  int64_t t_end = t_begin + p.tiles_per_split;
-  if (t_end > n_inner_tiles) t_end = n_inner_tiles;
+  const BwdWalk walk = bwd_walk<FOR_K>(p);
+  const int64_t outer0 = walk.outer0, n_outer = walk.n_outer, t_begin = walk.t_begin, t_end = walk.t_end;
   const float scale2 = *p.scale * kLog2e;
-  const bool atomic_out = p.splits > 1;
   const bool mirror = !FOR_K && p.mirror != 0;
   const T* q = static_cast<const T*>(p.q);
   const T* k = static_cast<const T*>(p.k);
@@ -701,27 +743,10 @@ __global__ void __launch_bounds__(kThreads) lse_backward_kernel(const LseParams 
         if (ch < nch) racc[ch].store(acc_s + wm * 32 * lda + ch * kDK + wn * 32, lda);
     }
     __syncthreads();
-    for (int x = tid; x < 64 * pw; x += kThreads) {
-      const int r = x / pw, c = x % pw;
-      const int64_t o = outer0 + r;
-      if (o < n_outer) {
-        float* dst = p.out + o * D + pass0 + c;
-        if (atomic_out) {
-          atomicAdd(dst, acc_s[r * lda + c]);
-        } else {
-          *dst = acc_s[r * lda + c];
-        }
-      }
-    }
+    write_out_panel<kThreads>(p, walk, acc_s, lda, pass0, pw);
     __syncthreads();
   }
-  if (FOR_K && p.dbias != nullptr && tid < kBN && outer0 + tid < N) {
-    if (atomic_out) {
-      atomicAdd(p.dbias + outer0 + tid, colsum);
-    } else {
-      p.dbias[outer0 + tid] = colsum;
-    }
-  }
+  if (FOR_K) write_out_dbias(p, walk, colsum);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -756,14 +781,9 @@ __global__ void __launch_bounds__(kWideThreads, 1) lse_backward_wide_kernel(cons
 
   const int tid = threadIdx.x, warp = tid >> 5;
   const int64_t M = p.M, N = p.N, D = p.D;
-  const int64_t outer0 = int64_t(blockIdx.x) * 64;
-  const int64_t n_outer = FOR_K ? N : M;
-  const int64_t n_inner_tiles = FOR_K ? (M + kBM - 1) / kBM : (N + kBN - 1) / kBN;
-  const int64_t t_begin = int64_t(blockIdx.y) * p.tiles_per_split;
-  int64_t t_end = t_begin + p.tiles_per_split;
-  if (t_end > n_inner_tiles) t_end = n_inner_tiles;
+  const BwdWalk walk = bwd_walk<FOR_K>(p);
+  const int64_t outer0 = walk.outer0, n_outer = walk.n_outer, t_begin = walk.t_begin, t_end = walk.t_end;
   const float scale2 = *p.scale * kLog2e;
-  const bool atomic_out = p.splits > 1;
   const bool mirror = !FOR_K && p.mirror != 0;
   const T* q = static_cast<const T*>(p.q);
   const T* k = static_cast<const T*>(p.k);
@@ -824,26 +844,8 @@ __global__ void __launch_bounds__(kWideThreads, 1) lse_backward_wide_kernel(cons
   __syncthreads();  // the last products are done with the tiles, whose space acc_s takes
   if (g_active) acc.store(acc_s + g_row0 * lda + g_chunk * kDK, lda);
   __syncthreads();
-  const int Di = int(D);  // <= kWideMaxWidth
-  for (int x = tid; x < 64 * Di; x += kWideThreads) {
-    const int r = x / Di, c = x % Di;
-    const int64_t o = outer0 + r;
-    if (o < n_outer) {
-      float* dst = p.out + o * D + c;
-      if (atomic_out) {
-        atomicAdd(dst, acc_s[r * lda + c]);
-      } else {
-        *dst = acc_s[r * lda + c];
-      }
-    }
-  }
-  if (FOR_K && p.dbias != nullptr && tid < kBN && outer0 + tid < N) {
-    if (atomic_out) {
-      atomicAdd(p.dbias + outer0 + tid, colsum);
-    } else {
-      p.dbias[outer0 + tid] = colsum;
-    }
-  }
+  write_out_panel<kWideThreads>(p, walk, acc_s, lda, 0, int(D));  // D <= kWideMaxWidth
+  if (FOR_K) write_out_dbias(p, walk, colsum);
 }
 
 }  // namespace fastnce

@@ -183,6 +183,11 @@ def two_view_positives(z: Tensor, scale, weight_fn=None) -> Tensor:
     return positive * torch.cat(weights).to(positive.dtype)
 
 
+def two_view_samples(n: int, offset: int = 0, device=None) -> Tensor:
+    """The sample of each row of [z1; z2] with n rows a view: offset + (0..n−1), twice."""
+    return torch.arange(offset, offset + n, device=device).repeat(2)
+
+
 def dcl_loss(
     z1: Tensor,
     z2: Tensor,
@@ -211,7 +216,7 @@ def dcl_loss(
     scale = 1.0 / temperature
     positive = two_view_positives(z, scale, weight_fn)  # first: see nt_xent
     # The label mask drops an anchor's own row and its positive: the denominator's decoupling.
-    sample = torch.arange(n, device=z.device).repeat(2)
+    sample = two_view_samples(n, device=z.device)
     row_lse, _ = similarity_lse(z, None, scale, labels=sample, label_mask="different", backend=backend)
     return reduce(row_lse - positive, reduction)
 

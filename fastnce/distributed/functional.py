@@ -39,7 +39,7 @@ import torch
 from torch import Tensor
 
 from .. import functional as F
-from ..functional import l2_normalize, paired_logits, two_view_positives
+from ..functional import l2_normalize, paired_logits, two_view_positives, two_view_samples
 from ..ops import lse_dtype, similarity_lse
 from ._comm import (
     RankInfo, _comm_device, all_gather_with_grad, exchange, is_active, mean_grad_over_ranks,
@@ -81,11 +81,6 @@ def _scale_tensor(scale, like: Tensor) -> Tensor:
                         dtype=lse_dtype(like.dtype))
 
 
-def _two_view_samples(n: int, offset: int, device) -> Tensor:
-    """The sample of each row of [z1; z2] with n rows a view: offset + (0..n−1), twice."""
-    return torch.arange(offset, offset + n, device=device).repeat(2)
-
-
 def _row_lse(scheme: str, q: Tensor, k: Tensor, scale, info: RankInfo, backend: str, own: Optional[str] = None):
     """Row LSE of this rank's rows q over every rank's keys k.
 
@@ -98,7 +93,7 @@ def _row_lse(scheme: str, q: Tensor, k: Tensor, scale, info: RankInfo, backend: 
         if own == "self":
             own_mask = dict(exclude_self=True)
         elif own == "sample":
-            ids = _two_view_samples(q.shape[0] // 2, 0, q.device)
+            ids = two_view_samples(q.shape[0] // 2, 0, q.device)
             own_mask = dict(labels=ids, k_labels=ids, label_mask="different")
         row, _ = ring_lse(q, k, _scale_tensor(scale, q), info, own_mask=own_mask, backend=backend)
         return row
@@ -107,7 +102,7 @@ def _row_lse(scheme: str, q: Tensor, k: Tensor, scale, info: RankInfo, backend: 
         row, _ = similarity_lse(q, keys, scale, exclude_self=True, diag_offset=info.key_offset, backend=backend)
     elif own == "sample":  # global sample ids: rank s's n_s samples follow those of the ranks before it
         counts = [c // 2 for c in info.keys]
-        ids = torch.cat([_two_view_samples(c, sum(counts[:s]), q.device) for s, c in enumerate(counts)])
+        ids = torch.cat([two_view_samples(c, sum(counts[:s]), q.device) for s, c in enumerate(counts)])
         mine = ids[info.key_offset:info.key_offset + q.shape[0]]
         row, _ = similarity_lse(q, keys, scale, labels=mine, k_labels=ids, label_mask="different", backend=backend)
     else:
