@@ -35,6 +35,6 @@ if [ "$left" -gt 30 ]; then
   # no -x: a failure must not hide the tests after it
   timeout "$left" python -m pytest -q -m gpu -p no:cacheprovider \
     tests/test_distributed.py::test_nccl_world_size_one tests/test_edges.py tests/test_cuda.py \
-    tests/test_triton.py 2>&1 | tee "$out/gpu-tests.log"
+    tests/test_triton.py tests/test_siglip.py 2>&1 | tee "$out/gpu-tests.log"
 fi
 cp -f "$out"/gpu-* benchmarks/results/ 2>/dev/null || true

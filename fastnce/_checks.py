@@ -62,6 +62,22 @@ def check_temperature(temperature, name: str = "temperature") -> None:
         raise ValueError(f"{name} must be a positive finite number, got {value}")
 
 
+def check_finite_scalar(x, name: str) -> None:
+    """A finite number, or a one-element tensor (its value read only on the CPU, as above)."""
+    if isinstance(x, Tensor):
+        if x.numel() != 1:
+            raise ValueError(f"{name} must be a scalar, got a tensor of shape {tuple(x.shape)}")
+        if x.device.type != "cpu" or torch.compiler.is_compiling():
+            return
+        value = float(x.detach())
+    elif isinstance(x, Real) and not isinstance(x, bool):
+        value = float(x)
+    else:
+        raise TypeError(f"{name} must be a finite number, got {type(x).__name__}")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value}")
+
+
 def check_reduction(reduction: str) -> None:
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")

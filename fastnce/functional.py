@@ -1,8 +1,8 @@
 """The public losses of DESIGN.md §3: info_nce (drop-in for info-nce-pytorch), nt_xent, clip_loss;
-and dcl_loss (NT-Xent's decoupled variant, also fastnce.losses.DCLLoss).
+dcl_loss (NT-Xent's decoupled variant, also fastnce.losses.DCLLoss); siglip_loss.
 
 Each is a logsumexp from fastnce.ops.similarity_lse minus the positive logits, which cost
-O(N·D). Losses come out in float32 for float16/bfloat16 inputs (as F.cross_entropy under
+O(N·D); siglip_loss is fastnce.ops.similarity_sigmoid_nll. Losses come out in float32 for float16/bfloat16 inputs (as F.cross_entropy under
 autocast) and float64 for float64 inputs.
 """
 from __future__ import annotations
@@ -13,11 +13,12 @@ import torch
 from torch import Tensor
 
 from ._checks import (
-    check_dim_match, check_features, check_reduction, check_same, check_temperature, reduce,
+    check_dim_match, check_features, check_finite_scalar, check_reduction, check_same, check_temperature, reduce,
 )
-from .ops import lse_dtype, similarity_lse
+from .ops import lse_dtype, similarity_lse, similarity_sigmoid_nll
 
-__all__ = ["info_nce", "nt_xent", "clip_loss", "dcl_loss", "vmf_weights", "l2_normalize", "paired_logits"]
+__all__ = ["info_nce", "nt_xent", "clip_loss", "siglip_loss", "dcl_loss", "vmf_weights", "l2_normalize",
+           "paired_logits"]
 
 
 def l2_normalize(x: Tensor, eps: float = 1e-12) -> Tensor:
@@ -240,3 +241,32 @@ def clip_loss(
     positive = paired_logits(image_features, text_features, logit_scale)  # first: see nt_xent
     row_lse, col_lse = similarity_lse(image_features, text_features, logit_scale, col_lse=True, backend=backend)
     return reduce(0.5 * ((row_lse - positive) + (col_lse - positive)), reduction)
+
+
+def check_siglip_inputs(image_features, text_features, logit_scale, logit_bias, reduction) -> None:
+    check_clip_inputs(image_features, text_features, logit_scale, reduction)
+    if logit_bias is not None:
+        check_finite_scalar(logit_bias, "logit_bias")
+
+
+def siglip_loss(
+    image_features: Tensor,
+    text_features: Tensor,
+    logit_scale: Union[float, Tensor],
+    logit_bias: Union[None, float, Tensor] = None,
+    reduction: str = "mean",
+    *,
+    backend: str = "auto",
+) -> Tensor:
+    """SigLIP's pairwise sigmoid loss (Zhai et al. 2023, "Sigmoid Loss for Language Image
+    Pre-Training") in OpenCLIP's SigLipLoss convention, without the N×N logits.
+
+    image_features, text_features (N, D), used as given (normalise them first); logit_scale the
+    multiplier (e.g. model.logit_scale.exp()) and logit_bias the scalar bias, both learnable.
+    Every pair (i, j) is a binary classification of logit_scale·a_i·b_j + logit_bias, positive
+    where i == j: Σ_ij −log σ(±logit). 'mean' divides that sum by N, as OpenCLIP does (the mean
+    over images of their row sums); 'sum' returns it; 'none' the (N,) row sums, one per image.
+    """
+    check_siglip_inputs(image_features, text_features, logit_scale, logit_bias, reduction)
+    per_image = similarity_sigmoid_nll(image_features, text_features, logit_scale, logit_bias, backend=backend)
+    return reduce(per_image, reduction)

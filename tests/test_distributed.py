@@ -5,11 +5,13 @@ worker builds the global batch from a fixed seed, computes the single-process lo
 gradients itself, runs its share distributed, and records what disagrees instead of raising
 mid-way (a rank that raised would leave the others waiting in a collective); the parent
 asserts on the records. Checks, for both schemes and every loss (nt_xent, clip_loss, info_nce,
-dcl_loss):
+dcl_loss, siglip_loss):
 
 * mean over ranks of the returned losses == single-process loss on the concatenated batch;
 * each rank's input gradients == world_size × the single-process gradients of its rows;
-* a learnable temperature / logit_scale: every rank's gradient == the single-process one;
+* a learnable temperature / logit_scale / logit_bias: every rank's gradient == the single-process one;
+* siglip_loss, equal local batches: each rank's loss and gradients == OpenCLIP's distributed
+  SigLipLoss (its neighbour exchange), where open_clip is installed;
 * under DDP, the parameters' gradients == the single-process gradients;
 with odd (3 rows per rank) and unequal local batch sizes, rtol 1e-5 in float32 (absolute
 floor 1e-6 × the tensor's largest entry).
@@ -158,6 +160,22 @@ def _cases(rank, world, rec):
             per = fd.dcl_loss(z1[sl], z2[sl], 0.1, reduction="none", **kw)
             ref = fastnce.functional.dcl_loss(z1, z2, 0.1, "none")
             rec.close(f"dcl_loss reduction=none {t}", per, torch.cat([ref[:N][sl], ref[N:][sl]]))
+            _run_case(rec, f"siglip_loss learnable scale and bias {t}",
+                      lambda a, b, s, c: fastnce.siglip_loss(a, b, s, c),
+                      lambda a, b, s, c: fd.siglip_loss(a, b, s, c, **kw),
+                      {"a": (img, sizes), "b": (txt, sizes)}, sizes, {"s": 10.0, "c": -4.0}, rank, world)
+            _run_case(rec, f"siglip_loss no bias, reduction=sum {t}",
+                      lambda a, b: fastnce.siglip_loss(a, b, 3.0, None, "sum"),
+                      lambda a, b: fd.siglip_loss(a, b, 3.0, reduction="sum", **kw),
+                      {"a": (img, sizes), "b": (txt, sizes)}, sizes, {}, rank, world)
+            per = fd.siglip_loss(img[sl], txt[sl], 5.0, -2.0, reduction="none", **kw)
+            rec.close(f"siglip_loss reduction=none {t}", per, fastnce.siglip_loss(img, txt, 5.0, -2.0, "none")[sl])
+            sig = fastnce.losses.SigLipLoss(0.2, -3.0, learnable=False, normalize=False, distributed=scheme)
+            _run_case(rec, f"SigLipLoss(distributed) {t}", lambda a, b: fastnce.siglip_loss(a, b, 5.0, -3.0),
+                      lambda a, b: sig(a, b),
+                      {"a": (img, sizes), "b": (txt, sizes)}, sizes, {}, rank, world)
+            if open_clip_loss is not None and len(set(sizes)) == 1:
+                _open_clip_siglip_case(rec, img, txt, sizes, scheme, rank, world)
             # The modules' distributed flag reaches the same code.
             ntx = fastnce.losses.NTXentLoss(0.1, distributed=scheme)
             _run_case(rec, f"NTXentLoss(distributed) {t}", lambda z1, z2: fastnce.nt_xent(z1, z2, 0.1),
@@ -178,6 +196,47 @@ def _cases(rank, world, rec):
             fd.info_nce(lq, pos[_slices(sizes, rank)], nb, **kw).backward()
             rec.close(f"info_nce unpaired, no-grad negatives dq {t} rank {rank}", lq.grad,
                       world * gq.grad[_slices(sizes, rank)])
+
+
+def _load_open_clip_loss():
+    """open_clip/loss.py on its own (test_siglip.py says why); None without open_clip."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("open_clip")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    s = importlib.util.spec_from_file_location(
+        "_open_clip_loss", os.path.join(list(spec.submodule_search_locations)[0], "loss.py"))
+    module = importlib.util.module_from_spec(s)
+    s.loader.exec_module(module)
+    return module
+
+
+open_clip_loss = _load_open_clip_loss()
+
+
+def _open_clip_siglip_case(rec, img, txt, sizes, scheme, rank, world):
+    """This rank's loss and gradients against OpenCLIP's SigLipLoss(rank, world_size) with its
+    neighbour exchange ('bidir', its default, and 'shift'), the loss our ring is."""
+    sl = _slices(sizes, rank)
+    for impl in ("bidir", "shift"):
+        theirs_in = [_leaf(img[sl]), _leaf(txt[sl]), torch.tensor(8.0, requires_grad=True),
+                     torch.tensor(-2.0, requires_grad=True)]
+        ours_in = [_leaf(x) for x in theirs_in]
+        theirs = open_clip_loss.SigLipLoss(rank=rank, world_size=world, dist_impl=impl)(*theirs_in)
+        theirs.backward()
+        ours = fd.siglip_loss(*ours_in, scheme=scheme)
+        ours.backward()
+        what = f"siglip_loss vs OpenCLIP {impl} [{scheme}] rank {rank}"
+        rec.close(f"{what} loss", ours, theirs.detach())
+        rec.close(f"{what} dimage", ours_in[0].grad, theirs_in[0].grad)
+        rec.close(f"{what} dtext", ours_in[1].grad, theirs_in[1].grad)
+        # OpenCLIP leaves a shared scale's gradient per rank (DDP averages it); ours is already
+        # the average over ranks: the mean of theirs.
+        for i, name in ((2, "dscale"), (3, "dbias")):
+            mean = theirs_in[i].grad.clone()
+            torch.distributed.all_reduce(mean)
+            rec.close(f"{what} {name}", ours_in[i].grad, mean / world)
 
 
 def _ddp_case(rank, world, rec):
@@ -300,6 +359,7 @@ def test_single_process_calls_through():
         assert torch.equal(fd.nt_xent(a, b, 0.2, scheme=scheme), fastnce.nt_xent(a, b, 0.2))
         assert torch.equal(fd.clip_loss(a, b, 3.0, scheme=scheme), fastnce.clip_loss(a, b, 3.0))
         assert torch.equal(fd.info_nce(a, b, neg, scheme=scheme), fastnce.info_nce(a, b, neg))
+        assert torch.equal(fd.siglip_loss(a, b, 3.0, -1.0, scheme=scheme), fastnce.siglip_loss(a, b, 3.0, -1.0))
     assert torch.equal(fd.gather_keys(a), a)
     with pytest.raises(ValueError, match="scheme"):
         fd.clip_loss(a, b, 3.0, scheme="ring2")
@@ -331,6 +391,8 @@ def _nccl_worker(rank, port, outdir):
                  lambda x, y, s: dfn._info_nce(x, y, None, 1 / s, "unpaired", scheme, code, None, "auto")),
                 ("dcl", lambda x, y, s: fastnce.functional.dcl_loss(x, y, 1 / s),
                  lambda x, y, s: dfn._nt_xent(x, y, 1 / s, scheme, code, None, "auto", decoupled=True)),
+                ("siglip", lambda x, y, s: fastnce.siglip_loss(x, y, s, -s),
+                 lambda x, y, s: dfn._siglip_loss(x, y, s, -s, scheme, code, None, "auto")),
             ):
                 x1, y1, s1 = _leaf(a), _leaf(b), torch.tensor(5.0, device="cuda", requires_grad=True)
                 x2, y2, s2 = _leaf(a), _leaf(b), torch.tensor(5.0, device="cuda", requires_grad=True)
@@ -366,7 +428,7 @@ def test_nccl_world_size_one():
 def test_same_arguments_as_the_single_process_losses():
     import inspect
 
-    for name in ("nt_xent", "clip_loss", "info_nce", "dcl_loss"):
+    for name in ("nt_xent", "clip_loss", "info_nce", "dcl_loss", "siglip_loss"):
         single = list(inspect.signature(getattr(fastnce.functional, name)).parameters.values())
         dist_ = [p for p in inspect.signature(getattr(fd, name)).parameters.values() if p.name not in ("scheme", "group")]
         assert [(p.name, p.kind, p.default) for p in dist_] == [(p.name, p.kind, p.default) for p in single], name

@@ -21,6 +21,7 @@ def cases():
         "DCLWLoss": (L.DCLWLoss(), (r(N, D), r(N, D))),
         "MoCoLoss": (L.MoCoLoss(D, 32), (r(N, D), r(N, D))),
         "ClipLoss": (L.ClipLoss(), (r(N, D), r(N, D))),
+        "SigLipLoss": (L.SigLipLoss(), (r(N, D), r(N, D))),
         "CPCLoss": (L.CPCLoss(5, D, 2), (r(3, 7, 5), r(3, 7, D))),
         "DINOLoss": (L.DINOLoss(output_dim=D), ([r(N, D) for _ in range(2)], [r(N, D) for _ in range(3)])),
         "SwAVLoss": (L.SwAVLoss(), ([r(N, D) for _ in range(2)],)),

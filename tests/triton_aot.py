@@ -1,4 +1,5 @@
-"""Compile the Triton kernels of fastnce/ops/triton_lse.py for a GPU target, without a GPU.
+"""Compile the Triton kernels of fastnce/ops/triton_lse.py and triton_sigmoid.py for a GPU
+target, without a GPU.
 
     python tests/triton_aot.py [sm]             the default config of every kernel variant
     python tests/triton_aot.py [sm] --configs   every autotune candidate of the kernel variants
@@ -29,6 +30,7 @@ from triton.backends.nvidia.compiler import get_ptxas  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 from fastnce.ops import triton_lse as T  # noqa: E402
+from fastnce.ops import triton_sigmoid as TS  # noqa: E402
 
 INPUTS = {"p_x", "p_y", "p_q", "p_k"}
 LABELS = {"p_lx", "p_ly", "p_lq", "p_lk"}
@@ -48,6 +50,10 @@ BENCH_VARIANTS = [
     ("clip bwd atomic", T._bwd_atomic_kernel, 512, dict(_NO_MASK, **_BWD, EXCLUDE=False, HAS_H=True)),
     ("clip bwd two-pass", T._bwd_kernel, 512,
      dict(_NO_MASK, **_BWD, BIAS_ON_ROW=False, EXCLUDE=False, HAS_H=True, SYM=False)),
+    # SigLIP at CLIP's width, its two kernels (the backward's dq launch; dk's differs in G_ON_ROW)
+    ("siglip fwd", TS._sig_fwd_kernel, 512, dict(_NO_MASK, HAS_BIAS=True, POSITIVE=True)),
+    ("siglip bwd", TS._sig_bwd_kernel, 512,
+     dict(_NO_MASK, HAS_BIAS=True, POSITIVE=True, G_ON_ROW=True, WRITE_DB=False, G_NORM=False)),
 ]
 
 
@@ -95,7 +101,8 @@ def resources(kernel, sm: int) -> dict:
 
 def default_configs(sm: int) -> None:
     """The config used without autotuning, of every kernel, at D = 128 (one K step: BK = D) and
-    D = 512 (a loop over D), bf16 and fp32, the half backward (D ≤ 128 only) and the merge: 27 kernels."""
+    D = 512 (a loop over D), bf16 and fp32, the half backward (D ≤ 128 only) and the merge: 27 LSE
+    kernels; then SigLIP's forward and backward (dk's launch, with the bias sums) likewise: 8 more."""
     target = GPUTarget("cuda", sm, 32)
     flags = dict(HAS_BIAS=True, EXCLUDE=True, MASK_MODE=1, DOT_F32=False)
     for D, dtype, prec in ((128, "bf16", "ieee"), (512, "bf16", "ieee"), (128, "fp32", "tf32x3"), (512, "fp32", "tf32x3")):
@@ -123,6 +130,14 @@ def default_configs(sm: int) -> None:
                 print(f"compiled {kind}{'' if not v else f' {v}'} {dtype} D={D} ({time.time() - t:.1f} s)", flush=True)
     compile_one(target, T._col_merge_kernel, dict(BN=128), "fp32", 4, 2)
     print("compiled merge fp32", flush=True)
+    for D, dtype, prec in ((128, "bf16", "ieee"), (512, "bf16", "ieee"), (128, "fp16", "ieee"), (512, "fp32", "tf32x3")):
+        for kind, fn in (("fwd", TS._sig_fwd_kernel), ("bwd", TS._sig_bwd_kernel)):
+            meta = T._default_meta(kind, D)
+            warps, stages = meta.pop("num_warps"), meta.pop("num_stages", 2)
+            consts = dict(HAS_BIAS=True, POSITIVE=True, DOT_F32=False, PREC=prec, G_ON_ROW=False, WRITE_DB=True,
+                          G_NORM=dtype == "fp16", **meta)
+            compile_one(target, fn, consts, dtype, warps, stages, D)
+            print(f"compiled siglip {kind} {dtype} D={D}", flush=True)
 
 
 def autotune_candidates(sm: int) -> None:
@@ -130,7 +145,8 @@ def autotune_candidates(sm: int) -> None:
     target = GPUTarget("cuda", sm, 32)
     configs = {T._fwd_kernel: T._cfgs(True), T._fwd_panel_kernel: T._cfgs(True), T._fwd_half_kernel: T._HALF_CFGS,
                T._bwd_kernel: T._cfgs(False), T._bwd_atomic_kernel: T._ATOMIC_CFGS,
-               T._bwd_half_kernel: T._HALF_BWD_CFGS}
+               T._bwd_half_kernel: T._HALF_BWD_CFGS, TS._sig_fwd_kernel: T._cfgs(True),
+               TS._sig_bwd_kernel: T._cfgs(False)}
     for label, fn, D, flags in BENCH_VARIANTS:
         for c in T._prune(configs[fn], {"D": D}):
             r = resources(compile_one(target, fn, dict(flags, **c.kwargs), "bf16", c.num_warps, c.num_stages, D), sm)

@@ -45,11 +45,12 @@ try:
 except ImportError:  # pragma: no cover - not on Windows: no peak-RSS figure there
     resource = None
 
-LOSSES = ("nt_xent", "clip", "info_nce")
+LOSSES = ("nt_xent", "clip", "info_nce", "siglip")
 DTYPES = ("float32", "float64", "float16", "bfloat16")
 EAGER = "eager"
 TEMPERATURE = 0.1
 CLIP_SCALE = 1.0 / 0.07  # OpenCLIP's initial logit_scale.exp()
+SIGLIP_SCALE, SIGLIP_BIAS = 10.0, -10.0  # SigLIP's initialisation
 DEFAULT_SIZES = (512, 1024, 2048, 4096)
 # CPU: eager NT-Xent at N=8192 per view needs ~3.4 GB; at 16384, ~14 GB.
 DEFAULT_SKIP_EAGER_ABOVE_CPU = 8192
@@ -79,17 +80,16 @@ def make_inputs(loss: str, N: int, D: int, dtype: str, device: str, negatives: i
     randn = lambda *shape: torch.randn(*shape, generator=g)  # drawn in fp32 on the CPU: same everywhere
     if loss == "nt_xent":
         xs = [randn(N, D), randn(N, D)]
-    elif loss == "clip":
+    elif loss in ("clip", "siglip"):
         xs = [F.normalize(randn(N, D), dim=1), F.normalize(randn(N, D), dim=1)]
     elif loss == "info_nce":
         xs = [randn(N, D), randn(N, D)] + ([randn(negatives, D)] if negatives else [])
     else:
         raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
     xs = [x.to(device=device, dtype=dt).requires_grad_() for x in xs]
-    if loss == "clip":
-        sdt = torch.float64 if dt == torch.float64 else torch.float32
-        xs.append(torch.tensor(CLIP_SCALE, dtype=sdt, device=device, requires_grad=True))
-    return xs
+    sdt = torch.float64 if dt == torch.float64 else torch.float32
+    scalars = {"clip": [CLIP_SCALE], "siglip": [SIGLIP_SCALE, SIGLIP_BIAS]}.get(loss, [])
+    return xs + [torch.tensor(v, dtype=sdt, device=device, requires_grad=True) for v in scalars]
 
 
 def make_loss_fn(loss: str, impl: str, inputs):
@@ -115,6 +115,14 @@ def make_loss_fn(loss: str, impl: str, inputs):
                 logits = scale * a @ b.T
                 y = torch.arange(a.shape[0], device=a.device)
                 return (F.cross_entropy(logits, y) + F.cross_entropy(logits.T, y)) / 2
+        elif loss == "siglip":  # OpenCLIP's SigLipLoss, one process
+            a, b, scale, bias = inputs
+
+            def f():
+                logits = scale * a @ b.T + bias
+                n = a.shape[0]
+                labels = 2 * torch.eye(n, device=a.device, dtype=a.dtype) - torch.ones(n, n, device=a.device, dtype=a.dtype)
+                return -F.logsigmoid(labels * logits).sum() / n
         else:  # info-nce-pytorch 0.1.4's formula
             q, p, *neg = inputs
 
@@ -139,6 +147,9 @@ def make_loss_fn(loss: str, impl: str, inputs):
     if loss == "clip":
         a, b, scale = inputs
         return lambda: fastnce.clip_loss(a, b, scale, backend=impl)
+    if loss == "siglip":
+        a, b, scale, bias = inputs
+        return lambda: fastnce.siglip_loss(a, b, scale, bias, backend=impl)
     q, p, *neg = inputs
     return lambda: fastnce.info_nce(q, p, neg[0] if neg else None, TEMPERATURE, backend=impl)
 
@@ -310,11 +321,12 @@ def compare(res: dict, ref: dict) -> tuple[float, float]:
 
 # ----------------------------------------------------------------------------- the run
 
-def default_impls(device: str, dtype: str) -> list[str]:
+def default_impls(device: str, dtype: str, loss: str = "nt_xent") -> list[str]:
     import torch
     from fastnce.ops import available_backends
 
-    names = [b for b in available_backends(device, _torch_dtype(dtype)) if b != "reference"]
+    op = "sigmoid" if loss == "siglip" else "lse"
+    names = [b for b in available_backends(device, _torch_dtype(dtype), op) if b != "reference"]
     if torch.device(device).type == "cpu":
         names = [b for b in names if b != "triton"]  # the interpreter is a test path, not a speed path
     return names
@@ -508,7 +520,7 @@ def run_benchmark(args) -> tuple[list[dict], dict]:
         for b in impls:
             resolve_backend(b, torch.device(device), _torch_dtype(args.dtype))  # says why one cannot run
     else:
-        impls = default_impls(device, args.dtype)
+        impls = default_impls(device, args.dtype, args.loss)
     if not args.no_eager:
         impls = [EAGER] + impls
     skip_above = args.skip_eager_above

@@ -5,8 +5,9 @@
     loss = fd.nt_xent(z1, z2, temperature=0.1, scheme="gather")
     loss = fd.info_nce(query, positive_key, negative_keys)
     loss = fd.dcl_loss(z1, z2, temperature=0.1)                          # DCL (fastnce.losses.DCLLoss)
+    loss = fd.siglip_loss(image_features, text_features, logit_scale, logit_bias)  # SigLIP
 
-The arguments are those of fastnce.nt_xent / clip_loss / info_nce / functional.dcl_loss, in
+The arguments are those of fastnce.nt_xent / clip_loss / info_nce / siglip_loss / functional.dcl_loss, in
 the same order, plus the keyword-only scheme and group. Each rank passes its local rows; the
 loss is over the global batch (every rank's rows, in rank order). The returned value is this rank's share of the global mean, so the mean over
 ranks is the single-process loss and DDP's gradient averaging gives the single-process
@@ -22,9 +23,9 @@ import torch.distributed as dist
 from torch import Tensor
 
 from ._comm import _comm_device, all_gather_no_grad, exchange, is_active
-from .functional import SCHEMES, clip_loss, dcl_loss, info_nce, nt_xent
+from .functional import SCHEMES, clip_loss, dcl_loss, info_nce, nt_xent, siglip_loss
 
-__all__ = ["nt_xent", "clip_loss", "info_nce", "dcl_loss", "gather_keys", "is_active", "world_size", "rank", "SCHEMES"]
+__all__ = ["nt_xent", "clip_loss", "info_nce", "dcl_loss", "siglip_loss", "gather_keys", "is_active", "world_size", "rank", "SCHEMES"]
 
 
 def world_size(group=None) -> int:

@@ -1,4 +1,4 @@
-"""nt_xent, clip_loss, info_nce and dcl_loss over the global batch of every rank.
+"""nt_xent, clip_loss, info_nce, dcl_loss and siglip_loss over the global batch of every rank.
 
 Conventions (every loss, both schemes):
 
@@ -16,7 +16,7 @@ Conventions (every loss, both schemes):
   contribution to them), so DDP's averaging gives the parameters exactly the
   single-process gradient: neither lightly #1528 (gather backward not summed over ranks)
   nor lightly #1977 (a raw all_reduce in the forward: gradient off by 1/W).
-* A learnable temperature or logit_scale (a tensor with requires_grad, the same value on
+* A learnable temperature, logit_scale or logit_bias (a tensor with requires_grad, the same value on
   every rank) gets the *single-process* gradient on every rank: W × its 1/W share, i.e.
   the sum over ranks of each rank's local gradient divided by W (one all-reduce of a scalar
   in the backward). The ranks' copies get identical gradients, and DDP's averaging of
@@ -40,13 +40,13 @@ from torch import Tensor
 
 from .. import functional as F
 from ..functional import l2_normalize, paired_logits, two_view_positives, two_view_samples
-from ..ops import lse_dtype, similarity_lse
+from ..ops import lse_dtype, similarity_lse, similarity_sigmoid_nll
 from ._comm import (
     RankInfo, _comm_device, all_gather_with_grad, exchange, is_active, mean_grad_over_ranks,
 )
-from .ring import ring_lse
+from .ring import ring_lse, ring_sigmoid_nll
 
-__all__ = ["nt_xent", "clip_loss", "info_nce", "dcl_loss"]
+__all__ = ["nt_xent", "clip_loss", "info_nce", "dcl_loss", "siglip_loss"]
 
 SCHEMES = ("ring", "gather")
 
@@ -218,6 +218,51 @@ def _clip_loss(a, b, logit_scale, scheme, code, group, backend, reduction="mean"
         img_lse, _ = similarity_lse(a, all_gather_with_grad(b, info, info.keys), scale, backend=backend)
         txt_lse, _ = similarity_lse(b, all_gather_with_grad(a, info, info.rows), scale, backend=backend)
     return _reduce(0.5 * ((img_lse - positive) + (txt_lse - positive)), reduction, info)
+
+
+# ----------------------------------------------------------------------------- siglip_loss
+
+def siglip_loss(
+    image_features: Tensor,
+    text_features: Tensor,
+    logit_scale: Union[float, Tensor],
+    logit_bias: Union[None, float, Tensor] = None,
+    reduction: str = "mean",
+    *,
+    scheme: str = "ring",
+    group=None,
+    backend: str = "auto",
+) -> Tensor:
+    """SigLIP's sigmoid loss over the pairs of every rank (fastnce.siglip_loss on the global batch).
+
+    image_features, text_features (n, D): this rank's pairs, used as given; logit_scale and
+    logit_bias the same on every rank (learnable: each gets the single-process gradient on
+    every rank). This rank's images meet every rank's texts ('ring': the texts travel, as
+    OpenCLIP's neighbour exchange; 'gather': all-gathered). Returns this rank's share of the
+    global loss Σ_ij −log σ(±logit_ij) / N (see the module docstring): with equal local
+    batches, OpenCLIP's SigLipLoss(rank, world_size) value.
+    """
+    F.check_siglip_inputs(image_features, text_features, logit_scale, logit_bias, reduction)
+    code = _check_scheme(scheme)
+    if not is_active(group):
+        return F.siglip_loss(image_features, text_features, logit_scale, logit_bias, reduction, backend=backend)
+    return _siglip_loss(image_features, text_features, logit_scale, logit_bias, scheme, code, group, backend,
+                        reduction)
+
+
+def _siglip_loss(a, b, logit_scale, logit_bias, scheme, code, group, backend, reduction="mean"):
+    n = a.shape[0]
+    info = exchange("siglip_loss", group, _comm_device(a), n, n, a.shape[1], a.dtype,
+                    10 * code + (logit_bias is None), [a.requires_grad, b.requires_grad, _needs_grad(logit_scale), _needs_grad(logit_bias)],
+                    ["image_features", "text_features", "logit_scale", "logit_bias"])
+    scale = _scale_tensor(mean_grad_over_ranks(logit_scale, info), a)
+    bias = None if logit_bias is None else _scale_tensor(mean_grad_over_ranks(logit_bias, info), a)
+    if scheme == "ring":
+        per_image = ring_sigmoid_nll(a, b, scale, bias, info, backend=backend)
+    else:  # image i (global row_offset + i) is paired with global text key_offset + i
+        per_image = similarity_sigmoid_nll(a, all_gather_with_grad(b, info, info.keys), scale, bias,
+                                           positive_offset=info.key_offset, backend=backend)
+    return _reduce(per_image, reduction, info)
 
 
 # ----------------------------------------------------------------------------- info_nce

@@ -38,17 +38,16 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..ops import lse_backward, lse_forward
+from ..ops import lse_backward, lse_forward, sigmoid_nll_backward, sigmoid_nll_forward
 from ._comm import RankInfo, RingTransfer
 
 _TAG_KEYS, _TAG_COL, _TAG_DK = 100, 200, 300
 
 
-def ring_lse_forward(q: Tensor, k: Tensor, scale: Tensor, info: RankInfo, own_mask: dict, with_col: bool,
-                     backend: str):
-    """Row LSE of q over every rank's k (and, with_col, the column LSE of this rank's k over
-    every rank's q). own_mask: the primitive's mask arguments where q meets this rank's own key
-    block (NT-Xent: exclude_self; DCL: sample labels); the other blocks are unmasked."""
+def _walk_forward(k: Tensor, info: RankInfo, block, combine, with_col: bool):
+    """combine-folded block(cur, t) over every rank's key block: block gives this rank's rows'
+    part against the keys cur (block info.block(t); t == 0 is our own) and, with_col, the keys'
+    part over this rank's rows, which travels one hop behind the keys to their owner."""
     D = k.shape[1]
     row, col_x, cur = None, None, k
     for t in range(info.size):
@@ -56,11 +55,11 @@ def ring_lse_forward(q: Tensor, k: Tensor, scale: Tensor, info: RankInfo, own_ma
         if t < info.size - 1:  # post the next block before computing this one
             src = info.block(t + 1)
             nxt = RingTransfer(info, [cur], [((info.keys[src], D), k.dtype, k.device)], _TAG_KEYS)
-        r_b, c_b = lse_forward(q, cur, scale, col_lse=with_col, backend=backend, **(own_mask if t == 0 else {}))
-        row = r_b if row is None else torch.logaddexp(row, r_b)
+        r_b, c_b = block(cur, t)
+        row = r_b if row is None else combine(row, r_b)
         if with_col:
             if col_x is not None:  # the accumulator of block info.block(t), from the previous rank
-                c_b = torch.logaddexp(col_x.wait()[0], c_b)
+                c_b = combine(col_x.wait()[0], c_b)
             nxt_rows = info.keys[info.block(t + 1)]
             col_x = RingTransfer(info, [c_b], [((nxt_rows,), c_b.dtype, c_b.device)], _TAG_COL)
         if nxt is not None:
@@ -70,29 +69,25 @@ def ring_lse_forward(q: Tensor, k: Tensor, scale: Tensor, info: RankInfo, own_ma
     return row, col
 
 
-def ring_lse_backward(q: Tensor, k: Tensor, scale: Tensor, row: Tensor, col, g_row: Tensor, g_col,
-                      info: RankInfo, own_mask: dict, need_k: bool, backend: str):
-    """Unscaled (Σ_blocks G@k_s for this rank's rows, Σ_ranks Gᵀ@q for this rank's keys or None)."""
+def _walk_backward(k: Tensor, info: RankInfo, carried, block, need_k: bool):
+    """(Σ_blocks dq part, Σ_ranks dk part of this rank's keys or None) of block(cur, carried_cur, t)
+    -> (dq part (M, D), dk part (N_s, D)) over every rank's key block. carried: a (c, N) tensor
+    per key that travels with the keys (CLIP's column LSE and its gradient), or None; the dk
+    parts travel one hop behind the keys, summed on the way, and reach their owner complete."""
     D = k.shape[1]
-    with_col = col is not None
     dev = k.device
-    cur_k = k
-    cur_c = torch.stack([col, g_col.to(col.dtype)]) if with_col else None  # global col LSE, its gradient
+    cur_k, cur_c = k, carried
     dq, dk_x = None, None
     for t in range(info.size):
         nxt = None
         if t < info.size - 1:
             n_src = info.keys[info.block(t + 1)]
             send, like = [cur_k], [((n_src, D), k.dtype, dev)]
-            if with_col:
+            if carried is not None:
                 send.append(cur_c)
-                like.append(((2, n_src), cur_c.dtype, dev))
+                like.append(((carried.shape[0], n_src), carried.dtype, dev))
             nxt = RingTransfer(info, send, like, _TAG_KEYS)
-        dq_b, dk_b, _ = lse_backward(
-            q, cur_k, scale, row_lse=row, grad_row=g_row,
-            col_lse=cur_c[0] if with_col else None, grad_col=cur_c[1] if with_col else None,
-            backend=backend, **(own_mask if t == 0 else {}),
-        )
+        dq_b, dk_b = block(cur_k, cur_c, t)
         dq = dq_b if dq is None else dq.add_(dq_b)
         if need_k:
             if dk_x is not None:  # block info.block(t)'s accumulator: the ranks before us
@@ -102,9 +97,36 @@ def ring_lse_backward(q: Tensor, k: Tensor, scale: Tensor, row: Tensor, col, g_r
         if nxt is not None:
             got = nxt.wait()
             cur_k = got[0]
-            cur_c = got[1] if with_col else None
+            cur_c = got[1] if carried is not None else None
     dk = dk_x.wait()[0] if need_k else None  # this rank's block, back home with every rank's share
     return dq, dk
+
+
+def ring_lse_forward(q: Tensor, k: Tensor, scale: Tensor, info: RankInfo, own_mask: dict, with_col: bool,
+                     backend: str):
+    """Row LSE of q over every rank's k (and, with_col, the column LSE of this rank's k over
+    every rank's q). own_mask: the primitive's mask arguments where q meets this rank's own key
+    block (NT-Xent: exclude_self; DCL: sample labels); the other blocks are unmasked."""
+    def block(cur, t):
+        return lse_forward(q, cur, scale, col_lse=with_col, backend=backend, **(own_mask if t == 0 else {}))
+    return _walk_forward(k, info, block, torch.logaddexp, with_col)
+
+
+def ring_lse_backward(q: Tensor, k: Tensor, scale: Tensor, row: Tensor, col, g_row: Tensor, g_col,
+                      info: RankInfo, own_mask: dict, need_k: bool, backend: str):
+    """Unscaled (Σ_blocks G@k_s for this rank's rows, Σ_ranks Gᵀ@q for this rank's keys or None)."""
+    with_col = col is not None
+
+    def block(cur_k, cur_c, t):
+        dq_b, dk_b, _ = lse_backward(
+            q, cur_k, scale, row_lse=row, grad_row=g_row,
+            col_lse=cur_c[0] if with_col else None, grad_col=cur_c[1] if with_col else None,
+            backend=backend, **(own_mask if t == 0 else {}),
+        )
+        return dq_b, dk_b
+
+    carried = torch.stack([col, g_col.to(col.dtype)]) if with_col else None  # global col LSE, its gradient
+    return _walk_backward(k, info, carried, block, need_k)
 
 
 class _RingLSE(torch.autograd.Function):
@@ -150,3 +172,53 @@ def ring_lse(q: Tensor, k: Tensor, scale: Tensor, info: RankInfo, *, own_mask: O
     ring_lse_forward for own_mask."""
     row, col = _RingLSE.apply(q, k, scale, info, own_mask or {}, with_col, backend)
     return row, (col if with_col else None)
+
+
+# ------------------------------------------------------------------ SigLIP's sigmoid rows
+class _RingSigmoidNLL(torch.autograd.Function):
+    """SigLIP's row sums (ops.similarity_sigmoid_nll) of this rank's rows against every rank's
+    keys, the positives on the own block's diagonal. The same trip as _RingLSE without column
+    terms: the blocks' partial sums simply add. Differentiable in q, k, scale and bias; the
+    scale's and bias's gradients are this rank's rows' shares (summed over ranks, the full ones).
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, scale, bias, info, backend):
+        s, b = scale.detach(), None if bias is None else bias.detach()
+
+        def block(cur, t):
+            return sigmoid_nll_forward(q, cur, s, b, positive_offset=0 if t == 0 else None, backend=backend), None
+
+        rows, _ = _walk_forward(k, info, block, torch.add, False)
+        ctx.save_for_backward(q, k, scale, bias)
+        ctx.cfg = (info, backend)
+        return rows
+
+    @staticmethod
+    def backward(ctx, g_row):
+        q, k, scale, bias = ctx.saved_tensors
+        info, backend = ctx.cfg
+        need_q, need_k, need_scale, need_bias = ctx.needs_input_grad[:4]
+        s, b = scale.detach(), None if bias is None else bias.detach()
+        g_row = g_row.contiguous()
+        db = []
+
+        def block(cur_k, _, t):
+            dq_b, dk_b, db_b = sigmoid_nll_backward(q, cur_k, s, b, grad_row=g_row, positive_offset=0 if t == 0 else None,
+                                                    need_bias=bool(need_bias), backend=backend)
+            db.append(db_b)
+            return dq_b, dk_b
+
+        dq_u, dk_u = _walk_backward(k, info, None, block, bool(need_k))
+        dscale = (dq_u * q.to(dq_u.dtype)).sum().to(scale.dtype).reshape(scale.shape) if need_scale else None
+        dbias = torch.stack(db).sum().to(bias.dtype).reshape(bias.shape) if need_bias else None
+        s_acc = s.to(dq_u.dtype)
+        dq = dq_u.mul_(s_acc).to(q.dtype) if need_q else None
+        dk = dk_u.mul_(s_acc).to(k.dtype) if need_k else None
+        return dq, dk, dscale, dbias, None, None
+
+
+def ring_sigmoid_nll(q: Tensor, k: Tensor, scale: Tensor, bias: Optional[Tensor], info: RankInfo, *,
+                     backend: str = "auto") -> Tensor:
+    """Differentiable SigLIP row sums of this rank's rows over the ring (see _RingSigmoidNLL)."""
+    return _RingSigmoidNLL.apply(q, k, scale, bias, info, backend)

@@ -10,6 +10,7 @@ quadratic. Reference implementations used by the tests live in fastnce.losses.na
 | DCLLoss, DCLWLoss | Yeh et al. 2022 (decoupled contrastive learning) | lightly DCLLoss / DCLWLoss |
 | MoCoLoss | He et al. 2020 (MoCo) | InfoNCE against a queue |
 | ClipLoss | Radford et al. 2021 (CLIP) | fastnce.clip_loss, learnable clamped logit scale |
+| SigLipLoss | Zhai et al. 2023 (SigLIP) | OpenCLIP SigLipLoss; learnable scale and bias |
 | CPCLoss, GRUContext | van den Oord et al. 2018 (CPC) | formula |
 | DINOLoss | Caron et al. 2021 (DINO) | lightly DINOLoss |
 | SwAVLoss, SwAVPrototypes | Caron et al. 2020 (SwAV) | lightly SwaVLoss |
@@ -23,8 +24,8 @@ quadratic. Reference implementations used by the tests live in fastnce.losses.na
 """
 from ._common import momentum_update
 from .contrastive import (
-    ClipLoss, CPCLoss, DCLLoss, DCLWLoss, GRUContext, MoCoLoss, NTXentLoss, cpc_loss, dcl_loss, nt_xent_multiview,
-    vmf_weights, zero_shot_logits, zero_shot_predict,
+    ClipLoss, CPCLoss, DCLLoss, DCLWLoss, GRUContext, MoCoLoss, NTXentLoss, SigLipLoss, cpc_loss, dcl_loss,
+    nt_xent_multiview, vmf_weights, zero_shot_logits, zero_shot_predict,
 )
 from .distillation import DINOLoss, SwAVLoss, SwAVPrototypes, dino_loss, sinkhorn, swav_loss, update_teacher
 from .metric import (
@@ -36,7 +37,7 @@ from .nce import NCELoss, nce_loss
 
 __all__ = [
     "NTXentLoss", "nt_xent_multiview", "DCLLoss", "DCLWLoss", "dcl_loss", "vmf_weights", "MoCoLoss",
-    "momentum_update", "ClipLoss", "zero_shot_logits", "zero_shot_predict", "CPCLoss", "cpc_loss", "GRUContext", "DINOLoss", "dino_loss", "update_teacher",
+    "momentum_update", "ClipLoss", "SigLipLoss", "zero_shot_logits", "zero_shot_predict", "CPCLoss", "cpc_loss", "GRUContext", "DINOLoss", "dino_loss", "update_teacher",
     "SwAVLoss", "swav_loss", "sinkhorn", "SwAVPrototypes", "SupConLoss", "supcon_loss",
     "SoftNearestNeighborLoss", "soft_nearest_neighbor_loss", "NCELoss", "nce_loss", "ContrastiveLoss",
     "contrastive_loss", "TripletMarginLoss", "triplet_margin_loss", "NPairsLoss", "npairs_loss",

@@ -1,8 +1,9 @@
 """Self-supervised contrastive losses on the primitive: SimCLR (any number of views), DCL, MoCo,
-CLIP, CPC.
+CLIP, SigLIP, CPC.
 
 Each is `fastnce.ops.similarity_lse` (row logsumexp over all pairs, tile by tile) minus
-positive logits that cost O(N·D). `backend` is passed through to the primitive.
+positive logits that cost O(N·D); SigLIP is `fastnce.ops.similarity_sigmoid_nll`. `backend` is
+passed through to the primitive.
 """
 from __future__ import annotations
 
@@ -13,15 +14,17 @@ from typing import Callable, Optional, Sequence, Union
 import torch
 from torch import Tensor, nn
 
-from .._checks import check_features, check_reduction, check_same, check_temperature, reduce
-from ..functional import clip_loss, dcl_loss, info_nce, l2_normalize, nt_xent, paired_logits, vmf_weights
+from .._checks import check_features, check_finite_scalar, check_reduction, check_same, check_temperature, reduce
+from ..functional import (
+    clip_loss, dcl_loss, info_nce, l2_normalize, nt_xent, paired_logits, siglip_loss, vmf_weights,
+)
 from .. import distributed as fd
 from ..ops import lse_dtype, similarity_lse
 from ._common import momentum_update
 
 __all__ = [
     "nt_xent_multiview", "NTXentLoss", "dcl_loss", "vmf_weights", "DCLLoss", "DCLWLoss", "MoCoLoss",
-    "momentum_update", "ClipLoss", "zero_shot_logits", "zero_shot_predict", "cpc_loss", "CPCLoss", "GRUContext",
+    "momentum_update", "ClipLoss", "SigLipLoss", "zero_shot_logits", "zero_shot_predict", "cpc_loss", "CPCLoss", "GRUContext",
 ]
 
 
@@ -263,6 +266,41 @@ class ClipLoss(nn.Module):
             return fd.clip_loss(image_features, text_features, scale, reduction=self.reduction,
                                 scheme=self.distributed, backend=self.backend)
         return clip_loss(image_features, text_features, scale, self.reduction, backend=self.backend)
+
+
+class SigLipLoss(ClipLoss):
+    """SigLIP's pairwise sigmoid loss with its learnable temperature and bias (Zhai et al. 2023,
+    "Sigmoid Loss for Language Image Pre-Training").
+
+    Parameters `logit_scale` = log(1 / init_temperature) and `logit_bias` = init_bias (the
+    paper's initialisation: temperature 0.1, i.e. a multiplier of 10, and bias −10; buffers if
+    learnable=False); the multiplier is clamped at max_logit_scale as in ClipLoss.
+    forward(image_features, text_features): (N, D) each, L2-normalised inside when normalize=True,
+    then fastnce.siglip_loss. Returns Σ_ij −log σ(±logit_ij) / N (OpenCLIP's SigLipLoss), the
+    sum with reduction='sum', or the (N,) per-image sums with 'none'.
+    distributed='ring' or 'gather': over the global batch of all ranks (fastnce.distributed.siglip_loss).
+    """
+
+    def __init__(self, init_temperature: float = 0.1, init_bias: float = -10.0, learnable: bool = True,
+                 max_logit_scale: float = 100.0, normalize: bool = True, reduction: str = "mean",
+                 backend: str = "auto", distributed: Optional[str] = None):
+        super().__init__(init_temperature, learnable, max_logit_scale, normalize, reduction, backend, distributed)
+        check_finite_scalar(init_bias, "init_bias")
+        value = torch.tensor(float(init_bias))
+        if learnable:
+            self.logit_bias = nn.Parameter(value)
+        else:
+            self.register_buffer("logit_bias", value)
+
+    def forward(self, image_features: Tensor, text_features: Tensor) -> Tensor:
+        if self.normalize:
+            image_features, text_features = l2_normalize(image_features), l2_normalize(text_features)
+        acc = lse_dtype(image_features.dtype)
+        scale, bias = self.scale().to(acc), self.logit_bias.to(acc)
+        if self.distributed:
+            return fd.siglip_loss(image_features, text_features, scale, bias, reduction=self.reduction,
+                                  scheme=self.distributed, backend=self.backend)
+        return siglip_loss(image_features, text_features, scale, bias, self.reduction, backend=self.backend)
 
 
 def zero_shot_logits(image_features: Tensor, class_text_features: Tensor, logit_scale=100.0) -> Tensor:

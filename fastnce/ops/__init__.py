@@ -1,4 +1,4 @@
-"""The primitive every loss is built on (DESIGN.md §1).
+"""The primitive every loss is built on (DESIGN.md §1), and SigLIP's.
 
     S[i, j] = scale · q[i]·k[j] + bias[j],   masked pairs dropped
     row_lse[i] = log Σ_j exp S[i, j]         col_lse[j] = log Σ_i exp S[i, j]
@@ -6,6 +6,9 @@
 `similarity_lse` is differentiable in q, k, scale and bias and never holds S whole except on
 the `reference` backend. `lse_forward` / `lse_backward` are the same computation without
 autograd, for code that combines partial LSEs itself (fastnce.distributed).
+
+`similarity_sigmoid_nll` is the other reduction of the same S that a loss needs, a sum of
+independent binary log-losses (SigLIP): Σ_j −log σ(±S[i, j]), tiled the same way.
 """
 from __future__ import annotations
 
@@ -23,20 +26,27 @@ from .function import (
     similarity_lse_op,
     unavailable_reason,
 )
-from .naive import MASK_DIFFERENT, MASK_NONE, MASK_SAME, lse_dtype, similarity_lse_naive
+from .function import similarity_sigmoid_nll_backward_op, similarity_sigmoid_nll_op
+from .naive import (
+    MASK_DIFFERENT, MASK_NONE, MASK_SAME, lse_dtype, similarity_lse_naive, similarity_sigmoid_nll_naive,
+)
 
 __all__ = [
-    "similarity_lse", "lse_forward", "lse_backward", "available_backends", "resolve_backend",
-    "BackendUnavailable", "BACKENDS", "similarity_lse_naive", "lse_dtype",
+    "similarity_lse", "lse_forward", "lse_backward", "similarity_sigmoid_nll", "sigmoid_nll_forward",
+    "sigmoid_nll_backward", "available_backends",
+    "resolve_backend", "BackendUnavailable", "BACKENDS", "similarity_lse_naive", "similarity_sigmoid_nll_naive",
+    "lse_dtype",
 ]
 
 _LABEL_MODES = {None: MASK_NONE, "same": MASK_SAME, "different": MASK_DIFFERENT}
 
 
-def available_backends(device: Union[str, torch.device] = "cpu", dtype: torch.dtype = torch.float32) -> list[str]:
-    """Names of the backends that can run on this device and dtype, 'reference' included."""
+def available_backends(device: Union[str, torch.device] = "cpu", dtype: torch.dtype = torch.float32,
+                       op: str = "lse") -> list[str]:
+    """Names of the backends that can run primitive op ("lse" or "sigmoid") on this device and
+    dtype, 'reference' included."""
     device = torch.device(device)
-    return ["reference"] + [b for b in BACKENDS if unavailable_reason(b, device, dtype) is None]
+    return ["reference"] + [b for b in BACKENDS if unavailable_reason(b, device, dtype, op) is None]
 
 
 def _prepare(q, k, scale, bias, labels, k_labels, label_mask, exclude_self, diag_offset):
@@ -162,3 +172,76 @@ def lse_backward(q, k=None, scale=1.0, bias=None, *, row_lse, grad_row=None, col
         cont(grad_row), cont(grad_col), need_bias, name,
     )
     return dq, (dk if k is not None else None), (db if need_bias else None)
+
+
+def _prepare_sigmoid(q, k, scale, bias, positive_offset, backend):
+    """Check arguments; return contiguous q, k, 0-dim scale and bias (or None) in the LSE dtype,
+    the offset and the backend that will run."""
+    check_features("q", q)
+    check_features("k", k)
+    check_dim_match("q", q, "k", k)
+    check_same({"q": q, "k": k})
+    acc = lse_dtype(q.dtype)
+    scalars = []
+    for name, x in (("scale", scale), ("bias", bias)):
+        if x is not None:
+            if not isinstance(x, Tensor):
+                x = torch.tensor(float(x), dtype=acc, device=q.device)
+            if x.numel() != 1:
+                raise ValueError(f"{name} must be a scalar, got a tensor of shape {tuple(x.shape)}")
+            if x.device != q.device:
+                raise ValueError(f"{name} must be on the same device as q ({q.device}), got {x.device}")
+            x = x.reshape(())
+        scalars.append(x)
+    scale, bias = scalars
+    if positive_offset is not None:
+        positive_offset = int(positive_offset)
+    name = resolve_backend(backend, q.device, q.dtype, "sigmoid")
+    return q.contiguous(), k.contiguous(), scale, bias, positive_offset, name
+
+
+def similarity_sigmoid_nll(
+    q: Tensor,
+    k: Tensor,
+    scale: Union[float, Tensor] = 1.0,
+    bias: Union[None, float, Tensor] = None,
+    *,
+    positive_offset: Optional[int] = 0,
+    backend: str = "auto",
+) -> Tensor:
+    """Row sums of the pairwise sigmoid log-loss of S = scale · q @ kᵀ + bias, never holding S.
+
+        out[i] = Σ_j −log σ(z[i, j] · S[i, j]),   z = +1 where j == i + positive_offset, else −1
+
+    q (M, D), k (N, D); scale and bias numbers or 0-dim tensors (learnable; bias is one scalar,
+    as SigLIP's); positive_offset None makes every pair a negative. Returns (M,) float32
+    (float64 for float64 inputs). The cuda backend has no kernel for it: 'auto' takes triton on
+    CUDA tensors and the tiled torch path elsewhere.
+    """
+    q, k, scale, bias, positive_offset, name = _prepare_sigmoid(q, k, scale, bias, positive_offset, backend)
+    if name == "reference":
+        return similarity_sigmoid_nll_naive(q, k, scale, bias, positive_offset)
+    acc = lse_dtype(q.dtype)
+    return similarity_sigmoid_nll_op(q, k, scale.to(acc), None if bias is None else bias.to(acc),
+                                     positive_offset, name)
+
+
+def sigmoid_nll_forward(q, k, scale=1.0, bias=None, *, positive_offset=0, backend="auto") -> Tensor:
+    """similarity_sigmoid_nll without autograd: the row sums over one block of keys."""
+    with torch.no_grad():
+        return similarity_sigmoid_nll(q, k, scale, bias, positive_offset=positive_offset, backend=backend)
+
+
+def sigmoid_nll_backward(q, k, scale=1.0, bias=None, *, grad_row, positive_offset=0, need_bias=False,
+                         backend="auto"):
+    """Unscaled gradients of one block: G @ k (M, D), Gᵀ @ q (N, D) and Σ G (0-dim) or None,
+    float32 (float64 for float64 inputs), G[i, j] = −grad_row[i]·z·σ(−z·S[i, j]). Multiply by
+    scale for the gradients of q and k."""
+    q, k, scale, bias, positive_offset, name = _prepare_sigmoid(q, k, scale, bias, positive_offset, backend)
+    if name == "reference":
+        name = "torch"  # the reference has no separate backward; the tiled one is exact
+    dt = lse_dtype(q.dtype)
+    dq, dk, db = similarity_sigmoid_nll_backward_op(
+        q, k, scale.to(dt), None if bias is None else bias.to(dt), positive_offset,
+        grad_row.to(dt).contiguous(), need_bias, name)
+    return dq, dk, (db if need_bias else None)

@@ -29,23 +29,33 @@ from torch import Tensor
 from .naive import lse_dtype, nan_where_not_finite
 
 BACKENDS = ("torch", "triton", "cuda")
-_MODULES = {"torch": "fastnce.ops.tiled", "triton": "fastnce.ops.triton_lse", "cuda": "fastnce.ops.cuda_lse"}
+# Per primitive, the module that implements each backend: "lse" (similarity_lse) and
+# "sigmoid" (similarity_sigmoid_nll, whose launchers are sigmoid_forward / sigmoid_backward).
+_MODULES = {
+    "lse": {"torch": "fastnce.ops.tiled", "triton": "fastnce.ops.triton_lse", "cuda": "fastnce.ops.cuda_lse"},
+    "sigmoid": {"torch": "fastnce.ops.tiled", "triton": "fastnce.ops.triton_sigmoid"},
+}
 
 
 class BackendUnavailable(RuntimeError):
     """A backend that was asked for by name cannot run here; the message says why."""
 
 
-def backend_module(name: str):
+def backend_module(name: str, op: str = "lse"):
+    if name not in _MODULES[op]:
+        raise BackendUnavailable(
+            f"backend {name!r} has no kernel for the sigmoid primitive (the CUDA extension computes "
+            "the logsumexp one); use backend='triton' on CUDA tensors, or 'torch'"
+        )
     try:
-        return importlib.import_module(_MODULES[name])
+        return importlib.import_module(_MODULES[op][name])
     except ImportError as e:  # e.g. triton not installed
         raise BackendUnavailable(f"backend {name!r} cannot be imported: {e}") from e
 
 
-def unavailable_reason(name: str, device: torch.device, dtype: torch.dtype) -> Optional[str]:
+def unavailable_reason(name: str, device: torch.device, dtype: torch.dtype, op: str = "lse") -> Optional[str]:
     try:
-        return backend_module(name).unavailable_reason(device, dtype)
+        return backend_module(name, op).unavailable_reason(device, dtype)
     except BackendUnavailable as e:
         return str(e)
 
@@ -64,8 +74,9 @@ def _constant_under_compile(fn):
 
 
 @_constant_under_compile
-def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype) -> str:
-    """The backend name that will run, or an error that says why the one asked for cannot."""
+def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype, op: str = "lse") -> str:
+    """The backend name that will run for primitive op ("lse" or "sigmoid"), or an error that
+    says why the one asked for cannot."""
     if backend == "reference":
         return backend
     if backend == "auto":
@@ -73,7 +84,7 @@ def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype) -> s
             return "torch"  # no GPU kernel computes in float64: the tiled path is the fast one
         reasons = []
         for name in _gpu_preference():
-            why = unavailable_reason(name, device, dtype)
+            why = unavailable_reason(name, device, dtype, op)
             if why is None:
                 return name
             reasons.append(why)
@@ -84,7 +95,7 @@ def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype) -> s
         )
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {('auto', 'reference') + BACKENDS}, got {backend!r}")
-    why = unavailable_reason(backend, device, dtype)
+    why = unavailable_reason(backend, device, dtype, op)
     if why is not None:
         raise BackendUnavailable(f"backend={backend!r} is unavailable: {why}")
     return backend
@@ -194,3 +205,62 @@ def _no_double_backward(ctx, *grads):
 
 
 similarity_lse_backward_op.register_autograd(_no_double_backward, setup_context=lambda ctx, inputs, output: None)
+
+
+# ---------------------------------------------------------------------- the sigmoid primitive
+@torch.library.custom_op("fastnce::similarity_sigmoid_nll", mutates_args=())
+def similarity_sigmoid_nll_op(
+    q: Tensor, k: Tensor, scale: Tensor, bias: Optional[Tensor], positive_offset: Optional[int], backend: str,
+) -> Tensor:
+    with torch.autocast(q.device.type, enabled=False):
+        row = backend_module(backend, "sigmoid").sigmoid_forward(q, k, scale, bias, positive_offset)
+    # a non-finite feature anywhere must not pass for a finite loss (an S of −inf adds 0)
+    row = nan_where_not_finite(row, q)
+    return row + torch.where(torch.isfinite(k).all(), 0.0, float("nan")).to(row.dtype)
+
+
+@similarity_sigmoid_nll_op.register_fake
+def _(q, k, scale, bias, positive_offset, backend):
+    return q.new_empty((q.shape[0],), dtype=lse_dtype(q.dtype))
+
+
+@torch.library.custom_op("fastnce::similarity_sigmoid_nll_backward", mutates_args=())
+def similarity_sigmoid_nll_backward_op(
+    q: Tensor, k: Tensor, scale: Tensor, bias: Optional[Tensor], positive_offset: Optional[int],
+    grad_row: Tensor, need_bias: bool, backend: str,
+) -> tuple[Tensor, Tensor, Tensor]:
+    with torch.autocast(q.device.type, enabled=False):
+        dq, dk, dbias = backend_module(backend, "sigmoid").sigmoid_backward(
+            q, k, scale, bias, positive_offset, grad_row, need_bias)
+    return dq, dk, _empty(dq) if dbias is None else dbias
+
+
+@similarity_sigmoid_nll_backward_op.register_fake
+def _(q, k, scale, bias, positive_offset, grad_row, need_bias, backend):
+    dt = lse_dtype(q.dtype)
+    return (q.new_empty(q.shape, dtype=dt), k.new_empty(k.shape, dtype=dt),
+            q.new_empty(() if need_bias else (0,), dtype=dt))
+
+
+def _sigmoid_setup_context(ctx, inputs, output):
+    q, k, scale, bias, positive_offset, backend = inputs
+    ctx.save_for_backward(q, k, scale, bias)
+    ctx.args = (positive_offset, backend)
+
+
+def _sigmoid_backward(ctx, grad_row):
+    q, k, scale, bias = ctx.saved_tensors
+    positive_offset, backend = ctx.args
+    need_q, need_k, need_scale, need_bias = ctx.needs_input_grad[:4]
+    dq_u, dk_u, dbias = similarity_sigmoid_nll_backward_op(
+        q, k, scale, bias, positive_offset, grad_row.contiguous(), bool(need_bias), backend)
+    dscale = (dq_u * q.to(dq_u.dtype)).sum().to(scale.dtype) if need_scale else None  # Σ_ij G_ij q_i·k_j
+    dq = dq_u.mul_(scale).to(q.dtype) if need_q else None
+    dk = dk_u.mul_(scale).to(k.dtype) if need_k else None
+    db = dbias.to(bias.dtype) if need_bias else None
+    return dq, dk, dscale, db, None, None
+
+
+similarity_sigmoid_nll_op.register_autograd(_sigmoid_backward, setup_context=_sigmoid_setup_context)
+similarity_sigmoid_nll_backward_op.register_autograd(
+    _no_double_backward, setup_context=lambda ctx, inputs, output: None)

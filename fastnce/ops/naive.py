@@ -105,3 +105,40 @@ def _masked_lse(S: Tensor, keep: Tensor, dim: int) -> Tensor:
     any_valid = keep.any(dim, keepdim=True)
     lse = torch.logsumexp(torch.where(any_valid, S, 0.0), dim)
     return torch.where(any_valid.squeeze(dim), lse, float("-inf"))
+
+
+def positive_signs(M: int, N: int, positive_offset: Optional[int], device, dtype, row_start: int = 0, col_start: int = 0) -> Tensor:
+    """(M, N) of ±1: +1 where j == i + positive_offset (the positive pairs), −1 elsewhere.
+
+    Rows and columns are offset by row_start / col_start as in valid_mask, so a tiled backend
+    can ask for one tile; positive_offset None: every pair is a negative.
+    """
+    sign = torch.full((M, N), -1.0, dtype=dtype, device=device)
+    if positive_offset is not None:
+        d = row_start + positive_offset - col_start
+        if -M < d < N:
+            sign.diagonal(d).fill_(1.0)
+    return sign
+
+
+def similarity_sigmoid_nll_naive(
+    q: Tensor,
+    k: Tensor,
+    scale: Tensor,
+    bias: Optional[Tensor] = None,
+    positive_offset: Optional[int] = 0,
+    products_in_input_dtype: bool = False,
+) -> Tensor:
+    """(M,) row sums of −log σ(z[i, j] · S[i, j]), S = scale·q@kᵀ + bias (a scalar), z from
+    positive_signs: SigLIP's per-image loss. Materialises S; float64 for float64 inputs, else
+    float32; products_in_input_dtype as in similarity_lse_naive."""
+    acc = lse_dtype(q.dtype)
+    with torch.autocast(q.device.type, enabled=False):
+        if products_in_input_dtype:
+            S = scale.to(acc) * (q @ k.T).to(acc)
+        else:
+            S = scale.to(acc) * (q.to(acc) @ k.to(acc).T)
+    if bias is not None:
+        S = S + bias.to(acc)
+    z = positive_signs(q.shape[0], k.shape[0], positive_offset, q.device, acc)
+    return -torch.nn.functional.logsigmoid(z * S).sum(1)

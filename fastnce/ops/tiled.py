@@ -175,3 +175,63 @@ def backward(q, k, scale, bias, q_labels, k_labels, mask_mode, exclude_offset,
             if need_bias:
                 dbias[j0 : j0 + bn] += G.sum(0)
     return dq, dk, dbias
+
+
+# ---------------------------------------------------------------------- the sigmoid primitive
+def _signed_tile(qi, kj, scale, bias, positive_offset, i0, j0):
+    """T = z·S for rows i0.. and columns j0..: S = scale·qi@kjᵀ + bias with its sign flipped
+    everywhere but on the positive pairs j == i + positive_offset (naive.positive_signs)."""
+    T = qi @ kj.T
+    T.mul_(-scale)
+    if bias is not None:
+        T.sub_(bias)
+    if positive_offset is not None:
+        d = i0 + positive_offset - j0
+        if -T.shape[0] < d < T.shape[1]:
+            T.diagonal(d).neg_()
+    return T
+
+
+def sigmoid_forward(q, k, scale, bias, positive_offset):
+    """(M,) row sums of −log σ(z·S) (naive.similarity_sigmoid_nll_naive), tile by tile."""
+    acc = lse_dtype(q.dtype)
+    M, N = q.shape[0], k.shape[0]
+    s = float(scale)
+    bias = None if bias is None else bias.to(acc)
+    row = torch.zeros((M,), dtype=acc, device=q.device)
+    bm, bn = _blocks(M, N)
+    for j0 in range(0, N, bn):
+        kj = k[j0 : j0 + bn].to(acc)
+        for i0 in range(0, M, bm):
+            T = _signed_tile(q[i0 : i0 + bm].to(acc), kj, s, bias, positive_offset, i0, j0)
+            row[i0 : i0 + bm] -= torch.nn.functional.logsigmoid(T).sum(1)
+    return row
+
+
+def sigmoid_backward(q, k, scale, bias, positive_offset, grad_row, need_bias):
+    """Unscaled gradients of the sigmoid rows: G @ k (M, D), Gᵀ @ q (N, D), Σ G (0-dim) or None,
+    with G[i, j] = grad_row[i] · ∂(−log σ(z·S))/∂S = −grad_row[i] · z · σ(−z·S)."""
+    acc = lse_dtype(q.dtype)
+    M, N, D = q.shape[0], k.shape[0], q.shape[1]
+    s = float(scale)
+    bias = None if bias is None else bias.to(acc)
+    dq = torch.zeros((M, D), dtype=acc, device=q.device)
+    dk = torch.zeros((N, D), dtype=acc, device=q.device)
+    dbias = torch.zeros((), dtype=acc, device=q.device) if need_bias else None
+    bm, bn = _blocks(M, N)
+    for j0 in range(0, N, bn):
+        kj = k[j0 : j0 + bn].to(acc)
+        for i0 in range(0, M, bm):
+            qi = q[i0 : i0 + bm].to(acc)
+            G = _signed_tile(qi, kj, s, bias, positive_offset, i0, j0).neg_().sigmoid_()
+            G.mul_(grad_row[i0 : i0 + bm, None])
+            # −z: +1 on the negatives, −1 on the positives
+            if positive_offset is not None:
+                d = i0 + positive_offset - j0
+                if -G.shape[0] < d < G.shape[1]:
+                    G.diagonal(d).neg_()
+            dq[i0 : i0 + bm].addmm_(G, kj)
+            dk[j0 : j0 + bn].addmm_(G.T, qi)
+            if need_bias:
+                dbias += G.sum()
+    return dq, dk, dbias

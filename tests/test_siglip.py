@@ -1,0 +1,295 @@
+"""SigLIP's sigmoid loss: the primitive fastnce.ops.similarity_sigmoid_nll on every backend
+against its materialising reference, and fastnce.siglip_loss / losses.SigLipLoss against
+OpenCLIP's SigLipLoss (values and every gradient).
+
+The triton backend runs in Triton's interpreter without a GPU (16-row/column tiles, so the odd
+shapes cross tiles and leave tails); the torch backend is run with small tiles for the same
+reason. On a GPU the `gpu`-marked test checks every dtype by DESIGN.md §6's criterion.
+"""
+import importlib.util
+import os
+
+import pytest
+import torch
+
+import fastnce
+from fastnce import losses, ops
+from fastnce.ops import tiled, triton_lse
+from fastnce.ops.function import BackendUnavailable
+from fastnce.ops.naive import similarity_sigmoid_nll_naive
+
+from tolerances import ATOL, RTOL, assert_within_twice_reference_error
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+FAST = [b for b in ("torch", "triton") if ops.unavailable_reason(b, torch.device(DEV), torch.float32, "sigmoid") is None]
+# (M, N, D, positive_offset): odd sizes, rectangular both ways, offsets past the edges, no positives
+CASES = [(1, 1, 1, 0), (3, 3, 5, 0), (17, 17, 33, 0), (20, 7, 16, 2), (7, 20, 3, -4), (19, 19, 130, None),
+         (33, 5, 8, 40), (1000, 127, 8, 3)]
+
+
+@pytest.fixture(autouse=True)
+def small_tiles(monkeypatch):
+    """Tiles of the torch backend small enough that these shapes span several; one triton
+    config per kernel (autotuning every small case would compile for minutes on a GPU)."""
+    monkeypatch.setattr(tiled, "TILE_ELEMS", 64)
+    monkeypatch.setattr(tiled, "COL_BLOCK", 8)
+    monkeypatch.setattr(triton_lse, "AUTOTUNE", False, raising=False)
+    from fastnce.ops import triton_sigmoid
+    monkeypatch.setattr(triton_sigmoid, "AUTOTUNE", False, raising=False)
+
+
+def inputs(M, N, D, dtype, seed=0, device=DEV, bias=True):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(M, D, generator=g, dtype=torch.float64)
+    k = torch.randn(N, D, generator=g, dtype=torch.float64)
+    q, k = q / q.norm(dim=1, keepdim=True), k / k.norm(dim=1, keepdim=True)  # SigLIP's features
+    scale = torch.tensor(4.0, dtype=torch.float64)
+    b = torch.tensor(-2.5, dtype=torch.float64) if bias else None
+    w = torch.randn(M, generator=g, dtype=torch.float64)
+    mv = lambda t: None if t is None else t.to(device)
+    return mv(q.to(dtype)), mv(k.to(dtype)), mv(scale), mv(b), mv(w)
+
+
+def run(backend, q, k, scale, b, w, offset, as_dtype=None):
+    """Row sums and the gradients of Σ w·rows in q, k, scale (and bias)."""
+    cast = lambda t: None if t is None else (t if as_dtype is None else t.to(as_dtype)).detach().requires_grad_()
+    acc = torch.float64 if (as_dtype or q.dtype) == torch.float64 else torch.float32
+    q, k = cast(q), cast(k)
+    scale = scale.to(acc).detach().requires_grad_()
+    b = None if b is None else b.to(acc).detach().requires_grad_()
+    rows = ops.similarity_sigmoid_nll(q, k, scale, b, positive_offset=offset, backend=backend)
+    leaves = [t for t in (q, k, scale, b) if t is not None]
+    return [rows] + list(torch.autograd.grad((rows.double() * w).sum(), leaves))
+
+
+@pytest.mark.parametrize("backend", FAST)
+@pytest.mark.parametrize("case", CASES, ids=str)
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+def test_fast_backends_match_the_reference_float32(backend, case, bias):
+    M, N, D, off = case
+    q, k, s, b, w = inputs(M, N, D, torch.float32, seed=M * N + D, bias=bias)
+    exact = run("reference", q, k, s, b, w, off, as_dtype=torch.float64)
+    fast = run(backend, q, k, s, b, w, off)
+    for name, f, e in zip(["rows", "dq", "dk", "dscale", "dbias"], fast, exact):
+        assert f.dtype == (e.dtype if e.dtype != torch.float64 else torch.float32), name
+        torch.testing.assert_close(f.double(), e, rtol=RTOL[torch.float32], atol=ATOL[torch.float32], msg=name)
+
+
+@pytest.mark.parametrize("backend", FAST)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", [(17, 17, 33, 0), (20, 7, 16, 2), (7, 20, 130, None)], ids=str)
+def test_16_bit_inputs_within_twice_the_reference_error(backend, dtype, case):
+    """The fast path's error against float64 at most twice that of the reference computed in the
+    dtype itself (its products rounded to the dtype, as eager PyTorch computes them)."""
+    M, N, D, off = case
+    q, k, s, b, w = inputs(M, N, D, dtype, seed=3)
+    exact = run("reference", q, k, s, b, w, off, as_dtype=torch.float64)
+    fast = run(backend, q, k, s, b, w, off)
+    qq, kk = q.detach().requires_grad_(), k.detach().requires_grad_()
+    ss, bb = s.float().requires_grad_(), b.float().requires_grad_()
+    low_rows = similarity_sigmoid_nll_naive(qq, kk, ss, bb, off, products_in_input_dtype=True)
+    low = [low_rows] + list(torch.autograd.grad((low_rows.double() * w).sum(), [qq, kk, ss, bb]))
+    for name, f, l, e in zip(["rows", "dq", "dk", "dscale", "dbias"], fast, low, exact):
+        floor = ATOL[dtype] * max(1.0, e.abs().max().item())
+        assert_within_twice_reference_error(f, l, e, floor, what=f"{name} {dtype}")
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch"])
+@pytest.mark.parametrize("offset", [0, 1, None])
+def test_gradcheck_float64(backend, offset):
+    q = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(6, 4, dtype=torch.float64, requires_grad=True)
+    s = torch.tensor(1.7, dtype=torch.float64, requires_grad=True)
+    b = torch.tensor(-0.6, dtype=torch.float64, requires_grad=True)
+    f = lambda q, k, s, b: ops.similarity_sigmoid_nll(q, k, s, b, positive_offset=offset, backend=backend)
+    assert torch.autograd.gradcheck(f, (q, k, s, b))
+
+
+def test_the_reference_is_the_binary_log_loss_of_every_pair():
+    """An independent spelling: binary cross-entropy with logits against the identity."""
+    q, k = torch.randn(6, 5, dtype=torch.float64), torch.randn(9, 5, dtype=torch.float64)
+    logits = 1.3 * q @ k.T - 0.4
+    target = torch.zeros(6, 9, dtype=torch.float64)
+    target[torch.arange(6), torch.arange(6) + 2] = 1.0
+    expected = torch.nn.functional.binary_cross_entropy_with_logits(logits, target, reduction="none").sum(1)
+    got = similarity_sigmoid_nll_naive(q, k, torch.tensor(1.3, dtype=torch.float64),
+                                       torch.tensor(-0.4, dtype=torch.float64), 2)
+    torch.testing.assert_close(got, expected)
+
+
+def test_large_logits_stay_exact():
+    """Logits of ±60: softplus must not overflow, and a term of e^−60 must not be lost to
+    1 + e (the series branch of the kernels)."""
+    q = torch.tensor([[1.0], [-1.0]], dtype=torch.float32)
+    k = torch.tensor([[1.0], [1.0]], dtype=torch.float32)
+    for backend in FAST:
+        for scale, bias, offset in [(60.0, 0.0, 0), (3.0, -20.0, 0), (3.0, -20.0, None), (0.5, -3.0, None)]:
+            got = ops.similarity_sigmoid_nll(q.to(DEV), k.to(DEV), scale, bias, positive_offset=offset,
+                                             backend=backend)
+            exact = ops.similarity_sigmoid_nll(q.double(), k.double(), scale, bias, positive_offset=offset,
+                                               backend="reference")
+            torch.testing.assert_close(got.double().cpu(), exact, rtol=1e-6, atol=0)
+
+
+def test_opcheck():
+    q = torch.randn(6, 5, requires_grad=True)
+    k = torch.randn(7, 5, requires_grad=True)
+    s = torch.tensor(1.5, requires_grad=True)
+    b = torch.tensor(-1.0, requires_grad=True)
+    for args in [(q, k, s, b, 0, "torch"), (q, k, s, None, None, "torch"), (q, k, s, b, -2, "torch")]:
+        torch.library.opcheck(torch.ops.fastnce.similarity_sigmoid_nll.default, args)
+
+
+def test_torch_compile_fullgraph():
+    a, b = torch.randn(9, 8, requires_grad=True), torch.randn(9, 8, requires_grad=True)
+    s, t = torch.tensor(5.0, requires_grad=True), torch.tensor(-3.0, requires_grad=True)
+    f = lambda a, b, s, t: fastnce.siglip_loss(a, b, s, t, backend="torch")
+    eager = f(a, b, s, t)
+    g_eager = torch.autograd.grad(eager, [a, b, s, t])
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")(a, b, s, t)
+    g_compiled = torch.autograd.grad(compiled, [a, b, s, t])
+    torch.testing.assert_close(compiled, eager)
+    for x, y in zip(g_compiled, g_eager):
+        torch.testing.assert_close(x, y)
+
+
+def test_non_finite_features_give_nan():
+    """An infinite feature can make every logit of a row −inf, whose terms are 0: the row must
+    read NaN, not a finite loss (as similarity_lse's rule, naive.nan_where_not_finite)."""
+    q, k = torch.randn(3, 4), torch.randn(3, 4)
+    q_inf = q.clone()
+    q_inf[1] = float("inf")
+    for backend in FAST:
+        rows = ops.similarity_sigmoid_nll(q_inf.to(DEV), k.to(DEV), 1.0, positive_offset=None, backend=backend)
+        assert torch.isnan(rows[1]) and torch.isfinite(rows[[0, 2]]).all()
+        k_inf = k.clone()
+        k_inf[0, 0] = float("-inf")
+        assert torch.isnan(ops.similarity_sigmoid_nll(q.to(DEV), k_inf.to(DEV), 1.0, backend=backend)).all()
+
+
+def test_errors_name_the_argument():
+    a, b = torch.randn(4, 8), torch.randn(4, 8)
+    with pytest.raises(ValueError, match="text_features must have the same number of rows"):
+        fastnce.siglip_loss(a, torch.randn(5, 8), 10.0, -10.0)
+    with pytest.raises(ValueError, match="logit_bias must be a finite number"):
+        fastnce.siglip_loss(a, b, 10.0, float("nan"))
+    with pytest.raises(ValueError, match="logit_bias must be a scalar"):
+        fastnce.siglip_loss(a, b, 10.0, torch.zeros(4))
+    with pytest.raises(ValueError, match="logit_scale must be a positive finite number"):
+        fastnce.siglip_loss(a, b, -1.0, -10.0)
+    with pytest.raises(ValueError, match="reduction"):
+        fastnce.siglip_loss(a, b, 10.0, -10.0, reduction="avg")
+    with pytest.raises(ValueError, match="q is an empty batch"):
+        ops.similarity_sigmoid_nll(torch.randn(0, 8), b)
+    with pytest.raises(ValueError, match="scale must be on the same device"):
+        ops.similarity_sigmoid_nll(a, b, torch.tensor(1.0, device="meta"))
+    # the CUDA extension has no sigmoid kernel: asking for it says so, whatever the device
+    with pytest.raises(BackendUnavailable, match="no kernel for the sigmoid primitive"):
+        fastnce.siglip_loss(a, b, 10.0, -10.0, backend="cuda")
+
+
+# ---------------------------------------------------------------------- against OpenCLIP
+def _load_open_clip_loss():
+    """open_clip/loss.py loaded on its own (open_clip/__init__ imports its models, timm and
+    torchvision, which the loss does not need); None when open_clip is not installed."""
+    spec = importlib.util.find_spec("open_clip")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = os.path.join(list(spec.submodule_search_locations)[0], "loss.py")
+    s = importlib.util.spec_from_file_location("_open_clip_loss", path)
+    module = importlib.util.module_from_spec(s)
+    s.loader.exec_module(module)
+    return module
+
+
+open_clip_loss = _load_open_clip_loss()
+needs_open_clip = pytest.mark.skipif(open_clip_loss is None, reason="open_clip_torch is not installed")
+
+
+def _features(n, d, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    a, b = torch.randn(n, d, generator=g), torch.randn(n, d, generator=g)
+    a, b = a / a.norm(dim=1, keepdim=True), b / b.norm(dim=1, keepdim=True)
+    return a.to(dtype), b.to(dtype)
+
+
+@needs_open_clip
+@pytest.mark.parametrize("backend", ["reference"] + FAST)
+@pytest.mark.parametrize("n", [1, 3, 127])
+def test_siglip_loss_equals_open_clip(backend, n):
+    """Value and the gradients of both features, logit_scale and logit_bias, at SigLIP's
+    initialisation (t = 10, b = −10) and at a trained-looking scale."""
+    for scale, bias in [(10.0, -10.0), (30.0, -3.0)]:
+        a, b = _features(n, 16, seed=n)
+        leaves = [a.requires_grad_(), b.requires_grad_(), torch.tensor(scale, requires_grad=True),
+                  torch.tensor(bias, requires_grad=True)]
+        theirs = open_clip_loss.SigLipLoss()(*leaves)
+        g_theirs = torch.autograd.grad(theirs, leaves)
+        ours = fastnce.siglip_loss(*[x.to(DEV) for x in leaves], backend=backend)
+        g_ours = torch.autograd.grad(ours, leaves)
+        torch.testing.assert_close(ours.cpu(), theirs, rtol=2e-6, atol=1e-6)
+        for name, x, y in zip(["image", "text", "logit_scale", "logit_bias"], g_ours, g_theirs):
+            torch.testing.assert_close(x, y, rtol=2e-5, atol=1e-6, msg=name)
+
+
+def test_reductions():
+    a, b = _features(9, 8)
+    s, t = torch.tensor(12.0), torch.tensor(-6.0)
+    per_image = fastnce.siglip_loss(a, b, s, t, reduction="none")
+    assert per_image.shape == (9,)
+    expected = similarity_sigmoid_nll_naive(a, b, s, t, 0)
+    torch.testing.assert_close(per_image, expected)
+    torch.testing.assert_close(fastnce.siglip_loss(a, b, s, t, reduction="sum"), expected.sum())
+    torch.testing.assert_close(fastnce.siglip_loss(a, b, s, t), expected.sum() / 9)
+
+
+@needs_open_clip
+@pytest.mark.parametrize("n", [1, 3, 127])
+def test_clip_loss_equals_open_clip(n):
+    """fastnce.clip_loss against OpenCLIP's ClipLoss, the loss it is the convention of."""
+    a, b = _features(n, 16, seed=n)
+    leaves = [a.requires_grad_(), b.requires_grad_(), torch.tensor(14.0, requires_grad=True)]
+    theirs = open_clip_loss.ClipLoss()(*leaves)
+    g_theirs = torch.autograd.grad(theirs, leaves)
+    for backend in ["reference"] + FAST:
+        ours = fastnce.clip_loss(*[x.to(DEV) for x in leaves], backend=backend)
+        torch.testing.assert_close(ours.cpu(), theirs, rtol=2e-6, atol=1e-6)
+        for name, x, y in zip(["image", "text", "logit_scale"], torch.autograd.grad(ours, leaves), g_theirs):
+            torch.testing.assert_close(x, y, rtol=2e-5, atol=1e-6, msg=name)
+
+
+def test_module_holds_siglips_learnable_scale_and_bias():
+    """SigLipLoss(): t' = log 10 and b = −10 (the paper's initialisation) as parameters; the
+    loss is fastnce.siglip_loss of the normalised features at exp(t') and b."""
+    m = losses.SigLipLoss()
+    assert {n for n, _ in m.named_parameters()} == {"logit_scale", "logit_bias"}
+    torch.testing.assert_close(m.logit_scale.exp(), torch.tensor(10.0))
+    torch.testing.assert_close(m.logit_bias, torch.tensor(-10.0))
+    a, b = torch.randn(6, 8), torch.randn(6, 8)
+    an, bn = a / a.norm(dim=1, keepdim=True), b / b.norm(dim=1, keepdim=True)
+    loss = m(a, b)
+    torch.testing.assert_close(loss, fastnce.siglip_loss(an, bn, torch.tensor(10.0), torch.tensor(-10.0)))
+    loss.backward()
+    assert m.logit_scale.grad is not None and m.logit_bias.grad is not None
+    # the scale's clamp stops its gradient, as ClipLoss's
+    m2 = losses.SigLipLoss(init_temperature=1 / 200.0, max_logit_scale=100.0)
+    m2(a, b).backward()
+    assert m2.logit_scale.grad == 0
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", [(4096, 4096, 512, 0), (3000, 1000, 128, 7), (1000, 3000, 200, None)], ids=str)
+def test_gpu_triton_every_dtype(dtype, case):
+    """Large odd shapes on the GPU (the default configs) against float64 by DESIGN.md §6's criterion."""
+    M, N, D, off = case
+    q, k, s, b, w = inputs(M, N, D, dtype, seed=5)
+    exact = run("reference", q, k, s, b, w, off, as_dtype=torch.float64)
+    fast = run("triton", q, k, s, b, w, off)
+    qq, kk = q.detach().requires_grad_(), k.detach().requires_grad_()
+    ss, bb = s.float().requires_grad_(), b.float().requires_grad_()
+    low_rows = similarity_sigmoid_nll_naive(qq, kk, ss, bb, off, products_in_input_dtype=True)
+    low = [low_rows] + list(torch.autograd.grad((low_rows.double() * w).sum(), [qq, kk, ss, bb]))
+    for name, f, l, e in zip(["rows", "dq", "dk", "dscale", "dbias"], fast, low, exact):
+        floor = ATOL[dtype] * max(1.0, e.abs().max().item())
+        assert_within_twice_reference_error(f, l, e, floor, what=f"{name} {dtype}")
