@@ -3,7 +3,8 @@
 #   1. fastnce-bench gpu: every GPU backend on float16 / bfloat16 / float32 against the float64
 #      reference, the bf16 matmul rate, then simclr-16k, clip-32k, clip-128k and clip-1m for
 #      fastnce-triton, fastnce-cuda, eager, torch.compile and inf-cl;
-#   2. the `gpu`-marked tests, in what time is left.
+#   2. the `gpu`-marked tests, in what time is left;
+#   3. if time is still left, siglip-32k (fastnce-triton, eager, torch.compile) into $OUT/siglip.
 # From the repository root, with the Inf-CL wheel copied into carry/ (an ignored folder):
 #   mkdir -p carry && cp ../shared/anchors/inf_cl-1.2.1-py3-none-any.whl carry/
 #   optional, saves the ~1 min JIT build of csrc/ there: bash benchmarks/build_device_ext.sh
@@ -36,5 +37,11 @@ if [ "$left" -gt 30 ]; then
   timeout "$left" python -m pytest -q -m gpu -p no:cacheprovider \
     tests/test_distributed.py::test_nccl_world_size_one tests/test_edges.py tests/test_cuda.py \
     tests/test_triton.py tests/test_siglip.py 2>&1 | tee "$out/gpu-tests.log"
+fi
+left=$((545 - ($(date +%s) - start)))
+if [ "$left" -gt 90 ]; then
+  # best effort, last: SigLIP's triton kernels against eager and torch.compile (no issue's must-show)
+  timeout "$left" python -m fastnce.bench gpu --skip-check --gemm-size 4096 --cases siglip-32k \
+    --impls fastnce-triton,eager,torch.compile --out "$out/siglip" 2>&1 | tee "$out/gpu-siglip.log"
 fi
 cp -f "$out"/gpu-* benchmarks/results/ 2>/dev/null || true

@@ -25,6 +25,7 @@ def cpu_bench(monkeypatch):
         "simclr-16k": dict(kind="ntxent", N=12, D=16),
         "clip-32k": dict(kind="clip", N=40, D=24),
         "clip-1m": dict(kind="clip", N=48, D=24),  # past both thresholds below
+        "siglip-32k": dict(kind="siglip", N=20, D=24),
     })
     monkeypatch.setattr(bench, "_INFCL_MAX_N", 44)
     monkeypatch.setattr(bench, "_CUDA_MAX_N", 44)
@@ -35,7 +36,8 @@ def cpu_bench(monkeypatch):
 def test_gpu_bench_main_runs_end_to_end_on_the_cpu(cpu_bench, tmp_path, capsys):
     rc = cpu_bench.main(["--out", str(tmp_path), "--impls", "fastnce-triton,fastnce-cuda,eager,inf-cl",
                          "--check-size", "40", "--gemm-size", "64", "--budget", "0.01",
-                         "--infcl-wheel", str(tmp_path / "no-such.whl")])
+                         "--infcl-wheel", str(tmp_path / "no-such.whl"),
+                         "--cases", "simclr-16k,clip-32k,clip-1m,siglip-32k"])
     assert rc == 0
     jsons = sorted(tmp_path.glob("gpu-cpu-smoke-test-*.json"))
     meta_file = next(p for p in jsons if p.name.endswith("-meta.json"))
@@ -43,7 +45,8 @@ def test_gpu_bench_main_runs_end_to_end_on_the_cpu(cpu_bench, tmp_path, capsys):
     (records_file,) = [p for p in jsons if p not in (meta_file, checks_file)]
     records = json.loads(records_file.read_text())
     measured = {(r["case"], r["impl"]) for r in records}
-    assert measured == {(c, i) for c in ("simclr-16k", "clip-32k", "clip-1m") for i in ("fastnce-triton", "eager")}
+    assert measured == {(c, i) for c in ("simclr-16k", "clip-32k", "clip-1m", "siglip-32k")
+                        for i in ("fastnce-triton", "eager")}
     for r in records:
         assert set(r) == {"case", "impl", "dtype", "ms", "peak_mib", "card"} and r["ms"] > 0
         assert r["card"] == "cpu-smoke-test" and r["dtype"] == "bf16"
@@ -54,6 +57,8 @@ def test_gpu_bench_main_runs_end_to_end_on_the_cpu(cpu_bench, tmp_path, capsys):
     assert notes[("clip-32k", "fastnce-cuda")].startswith("unavailable: ")
     assert notes[("simclr-16k", "inf-cl")] == "skipped: Inf-CL cannot mask the diagonal"
     assert notes[("clip-32k", "inf-cl")].startswith("skipped: inf_cl not importable")
+    assert notes[("siglip-32k", "inf-cl")] == "skipped: Inf-CL has no sigmoid loss"
+    assert "no kernel for the sigmoid primitive" in notes[("siglip-32k", "fastnce-cuda")]
     # the cases asked for plans (symmetric forward and backward, non-symmetric backward); on the CPU none is timed
     assert meta["triton_plans"] == {}
     assert "not measured" in meta["cuda_forward_rows_ms"]["clip-32k"]

@@ -10,12 +10,14 @@
    inputs (torch.cuda.max_memory_allocated), for
        simclr-16k  fastnce.nt_xent, N = 16384 per view (2N = 32768 rows), D = 128
        clip-32k / clip-128k / clip-1m  fastnce.clip_loss, N = 32768 / 131072 / 1048576, D = 512
+   (and, when asked for with --cases, siglip-32k: fastnce.siglip_loss, N = 32768, D = 512)
    and impls fastnce-triton, fastnce-cuda (if built; up to clip-128k), eager (the formulas of
    shared/anchors/gpu_anchor_bench.py), compile (torch.compile of the eager formula), inf-cl
    (installed with pip --no-deps from --infcl-wheel or ./carry/ when not importable). Cases
    an impl cannot run, or would not fit / would take too long, are skipped with a note; an
    OOM is caught and recorded. Achieved TFLOP/s of the fused impls counts four products of
-   2·M·N·D (forward, recompute, dQ, dK; NT-Xent has M = N = 2·N_view).
+   2·M·N·D (forward, recompute, dQ, dK; NT-Xent has M = N = 2·N_view); SigLIP's five (its
+   backward recomputes S for dQ and again for dK).
 
 Prints a table and writes <out>/gpu-<card>-<date>.json: a list of
 {"case", "impl", "dtype", "ms", "peak_mib", "card"}, one per measured point (an impl that
@@ -47,11 +49,14 @@ CASES = {
     "clip-32k": dict(kind="clip", N=32768, D=512),
     "clip-128k": dict(kind="clip", N=131072, D=512),
     "clip-1m": dict(kind="clip", N=1 << 20, D=512),
+    "siglip-32k": dict(kind="siglip", N=32768, D=512),
 }
+DEFAULT_CASES = ("simclr-16k", "clip-32k", "clip-128k", "clip-1m")  # the issues' standard cases
 IMPLS = ("fastnce-triton", "fastnce-cuda", "eager", "torch.compile", "inf-cl")
 FUSED = {"fastnce-triton": "triton", "fastnce-cuda": "cuda"}
 TEMPERATURE = 0.1
 CLIP_SCALE = 1.0 / 0.07
+SIGLIP_SCALE, SIGLIP_BIAS = 10.0, -10.0  # SigLIP's initialisation
 # One step of a case takes about this many seconds or more for these impls: time it once.
 _SLOW_STEP_S = 1.0
 # Inf-CL at N=131072 takes ~3.8 s a step on an H200 and scales as N²: 1M would be ~4 min.
@@ -93,10 +98,10 @@ def write_records(records: list, out_dir: str, card: str, date: Optional[str] = 
 
 
 def fused_flops(case: str) -> float:
-    """Four products of 2·M·N·D (forward, recompute, dQ, dK)."""
+    """Four products of 2·M·N·D (forward, recompute, dQ, dK); five for SigLIP (two recomputes)."""
     c = CASES[case]
     n = 2 * c["N"] if c["kind"] == "ntxent" else c["N"]
-    return 4 * 2.0 * n * n * c["D"]
+    return (5 if c["kind"] == "siglip" else 4) * 2.0 * n * n * c["D"]
 
 
 def format_table(records: list, gemm_tflops: Optional[float] = None) -> str:
@@ -118,7 +123,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=os.path.join("benchmarks", "results"), help="directory for the JSON files")
     p.add_argument("--infcl-wheel", default=None, help="path of the inf_cl wheel (default: ./carry/inf_cl-*.whl)")
-    p.add_argument("--cases", default=",".join(CASES), help=f"comma list from {','.join(CASES)}")
+    p.add_argument("--cases", default=",".join(DEFAULT_CASES),
+                   help=f"comma list from {','.join(CASES)} (default {','.join(DEFAULT_CASES)})")
     p.add_argument("--impls", default=",".join(IMPLS), help=f"comma list from {','.join(IMPLS)}")
     p.add_argument("--skip-check", action="store_true", help="skip the correctness check")
     p.add_argument("--check-size", type=int, default=2048, help="rows of the correctness check")
@@ -144,6 +150,16 @@ def clip_naive(a, b, scale):
     logits = scale * a @ b.T
     y = torch.arange(a.shape[0], device=a.device)
     return (F.cross_entropy(logits.float(), y) + F.cross_entropy(logits.T.float(), y)) / 2
+
+
+def siglip_naive(a, b, scale):
+    """OpenCLIP's SigLipLoss, one process, at SigLIP's initial bias."""
+    import torch
+    import torch.nn.functional as F
+    logits = (scale * a @ b.T).float() + SIGLIP_BIAS
+    n = a.shape[0]
+    labels = 2 * torch.eye(n, device=a.device) - 1
+    return -F.logsigmoid(labels * logits).sum() / n
 
 
 def ntxent_naive(z1, z2, tau):
@@ -385,19 +401,22 @@ def bench_case(case: str, impls: list, budget: float, card: str, infcl_why: Opti
     else:
         xs = [F.normalize(torch.randn(N, D, device=DEVICE, generator=g), dim=1).to(dt).requires_grad_()
               for _ in range(2)]
-        arg = torch.tensor(CLIP_SCALE, device=DEVICE, requires_grad=True)
+        arg = torch.tensor(SIGLIP_SCALE if c["kind"] == "siglip" else CLIP_SCALE, device=DEVICE, requires_grad=True)
         rows = N
     out = []
     for impl in impls:
         note, fn = None, None
         if impl in FUSED:
-            why = fastnce.ops.unavailable_reason(FUSED[impl], torch.device(DEVICE), dt)
+            why = fastnce.ops.unavailable_reason(FUSED[impl], torch.device(DEVICE), dt,
+                                                 "sigmoid" if c["kind"] == "siglip" else "lse")
             if why:
                 note = f"unavailable: {why}"
             elif impl == "fastnce-cuda" and N > _CUDA_MAX_N:
                 note = f"skipped: the cuda backend is timed up to N = {_CUDA_MAX_N} (one-call time budget)"
             elif c["kind"] == "ntxent":
                 fn = lambda z1, z2, t, _b=FUSED[impl]: fastnce.nt_xent(z1, z2, t, backend=_b)
+            elif c["kind"] == "siglip":
+                fn = lambda a, b, s, _b=FUSED[impl]: fastnce.siglip_loss(a, b, s, SIGLIP_BIAS, backend=_b)
             else:
                 fn = lambda a, b, s, _b=FUSED[impl]: fastnce.clip_loss(a, b, s, backend=_b)
         elif impl in ("eager", "torch.compile"):
@@ -406,11 +425,13 @@ def bench_case(case: str, impls: list, budget: float, card: str, infcl_why: Opti
             if need > 0.9 * free:
                 note = f"skipped: would need ~{need / 2**30:.0f} GiB"
             else:
-                base = ntxent_naive if c["kind"] == "ntxent" else clip_naive
+                base = {"ntxent": ntxent_naive, "clip": clip_naive, "siglip": siglip_naive}[c["kind"]]
                 fn = base if impl == "eager" else torch.compile(base)
         elif impl == "inf-cl":
             if c["kind"] == "ntxent":
                 note = "skipped: Inf-CL cannot mask the diagonal"
+            elif c["kind"] == "siglip":
+                note = "skipped: Inf-CL has no sigmoid loss"
             elif infcl_why:
                 note = f"skipped: {infcl_why}"
             elif N > _INFCL_MAX_N:

@@ -191,6 +191,14 @@ def _loss_case(loss, backend, dtype, device, N, D, variant, seed=0):
                              device=device, requires_grad=True)
             out = fastnce.clip_loss(a2, b2, s, reduction="none", backend=name)
             ins = [a, b, s]
+        elif loss == "siglip":  # SigLIP's initialisation: scale 10, bias −10 (variant = the scale)
+            a2 = torch.nn.functional.normalize(a, dim=1)
+            b2 = torch.nn.functional.normalize(b, dim=1)
+            sdt = torch.float64 if tdt == torch.float64 else torch.float32
+            s = torch.tensor(variant, dtype=sdt, device=device, requires_grad=True)
+            t = torch.tensor(-variant, dtype=sdt, device=device, requires_grad=True)
+            out = fastnce.siglip_loss(a2, b2, s, t, reduction="none", backend=name)
+            ins = [a, b, s, t]
         else:
             neg = None if variant == "in-batch" else n0.to(device, tdt).requires_grad_()
             out = fastnce.info_nce(a, b, neg, 0.1, reduction="none", backend=name)
@@ -243,6 +251,12 @@ def _gradcheck_cases(backend, device):
     cases.append(("nt_xent", lambda x, y: fastnce.nt_xent(x, y, 0.5, reduction="none", backend=backend), (a1, a2)))
     s2 = torch.tensor(3.0, **dd).requires_grad_()
     cases.append(("clip_loss", lambda x, y, t: fastnce.clip_loss(x, y, t, reduction="none", backend=backend), (a1, a2, s2)))
+    from fastnce.ops.function import unavailable_reason
+
+    if unavailable_reason(backend, torch.device(device), torch.float64, "sigmoid") is None:
+        t2 = torch.tensor(-1.0, **dd).requires_grad_()
+        cases.append(("siglip_loss", lambda x, y, t, c: fastnce.siglip_loss(x, y, t, c, reduction="none",
+                                                                             backend=backend), (a1, a2, s2, t2)))
     negs = r(7, D)
     cases.append(("info_nce unpaired", lambda x, y, n: fastnce.info_nce(x, y, n, 0.5, reduction="none", backend=backend),
                   (a1, a2, negs)))
@@ -311,10 +325,16 @@ def main(argv=None) -> int:
                             chk.run(name, lambda: _lse_case(backend, dt, dev, M, N, D, symmetric, mask, bias, col))
             for N, D in loss_shapes:
                 for loss, variants in (("nt_xent", (0.1, 0.5)), ("clip", (1 / 0.07,)),
-                                       ("info_nce", ("in-batch", "unpaired"))):
+                                       ("info_nce", ("in-batch", "unpaired")), ("siglip", (10.0,))):
+                    if loss == "siglip":
+                        why = unavailable_reason(backend, dev, getattr(torch, dt), "sigmoid")
+                        if why is not None:
+                            chk.report("SKIP", f"siglip {backend} {dt}", why)
+                            continue
                     for v in variants:
-                        vname = f"temperature={v}" if loss == "nt_xent" else (
-                            f"logit_scale={v:.3g}" if loss == "clip" else f"negatives={v}")
+                        vname = (f"temperature={v}" if loss == "nt_xent" else f"logit_scale={v:.3g}" if loss == "clip"
+                                 else f"logit_scale={v:.3g} logit_bias={-v:.3g}" if loss == "siglip"
+                                 else f"negatives={v}")
                         name = f"{loss} {backend} {dt} N={N} D={D} {vname}"
                         chk.run(name, lambda: _loss_case(loss, backend, dt, dev, N, D, v))
         if args.no_autograd_gradcheck:
