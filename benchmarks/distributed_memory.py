@@ -53,6 +53,8 @@ def _reset_peak() -> None:
 def _loss(fd, loss, scheme, a, b):
     if loss == "clip":
         return fd.clip_loss(a, b, torch.tensor(10.0), scheme=scheme)
+    if loss == "siglip":
+        return fd.siglip_loss(a, b, torch.tensor(10.0), torch.tensor(-10.0), scheme=scheme)
     return fd.nt_xent(a, b, 0.1, scheme=scheme)
 
 
@@ -112,7 +114,7 @@ def measure(args, world):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--loss", choices=("clip", "nt_xent"), default="clip")
+    p.add_argument("--loss", choices=("clip", "nt_xent", "siglip"), default="clip")
     p.add_argument("--n", type=int, default=4096, help="global batch: CLIP pairs, or NT-Xent rows per view")
     p.add_argument("--dim", type=int, default=2048)
     p.add_argument("--worlds", type=int, nargs="+", default=[1, 2, 4])

@@ -14,7 +14,7 @@ import torch
 from fastnce.bench.memory import EAGER, make_inputs, make_loss_fn
 
 D = 128
-CASES = [("nt_xent", 512), ("nt_xent", 2048), ("clip", 1024), ("clip", 4096)]
+CASES = [("nt_xent", 512), ("nt_xent", 2048), ("clip", 1024), ("clip", 4096), ("siglip", 1024), ("siglip", 4096)]
 
 
 @pytest.mark.parametrize("impl", [EAGER, "torch"])
