@@ -293,3 +293,54 @@ def test_gpu_triton_every_dtype(dtype, case):
     for name, f, l, e in zip(["rows", "dq", "dk", "dscale", "dbias"], fast, low, exact):
         floor = ATOL[dtype] * max(1.0, e.abs().max().item())
         assert_within_twice_reference_error(f, l, e, floor, what=f"{name} {dtype}")
+
+
+# ---------------------------------------------------------------------- drawn problems
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+@st.composite
+def sigmoid_problems(draw, backend):
+    most = 24 if backend == "triton" else 70  # the interpreter is ~100x slower
+    M, N = draw(st.integers(1, most)), draw(st.integers(1, most))
+    D = draw(st.sampled_from([1, 2, 3, 8, 17]))
+    dtype = draw(st.sampled_from([torch.float32, torch.float16] + ([torch.bfloat16] if backend == "torch" else [])))
+    # SigLIP's diagonal most often; small offsets, none, and offsets past the edges too
+    offset = draw(st.one_of(st.just(0), st.integers(-3, 3), st.none(), st.integers(-N - 2, M + 2)))
+    scale = 10 ** draw(st.floats(-1, 2))
+    bias = draw(st.one_of(st.none(), st.floats(-20, 5)))
+    norm = 10 ** draw(st.floats(-2, 1))
+    seed = draw(st.integers(0, 2**16))
+    return M, N, D, dtype, offset, scale, bias, norm, seed
+
+
+def _check_drawn(backend, p):
+    M, N, D, dtype, offset, scale, bias, norm, seed = p
+    g = torch.Generator().manual_seed(seed)
+    q = (torch.randn(M, D, generator=g, dtype=torch.float64) * norm).to(dtype).to(DEV)
+    k = (torch.randn(N, D, generator=g, dtype=torch.float64) * norm).to(dtype).to(DEV)
+    s = torch.tensor(scale, dtype=torch.float64, device=DEV)
+    b = None if bias is None else torch.tensor(bias, dtype=torch.float64, device=DEV)
+    w = torch.randn(M, generator=g, dtype=torch.float64).to(DEV)
+    exact = run("reference", q, k, s, b, w, offset, as_dtype=torch.float64)
+    fast = run(backend, q, k, s, b, w, offset)
+    qq, kk, ss = q.detach().requires_grad_(), k.detach().requires_grad_(), s.float().requires_grad_()
+    leaves = [qq, kk, ss] + ([] if b is None else [b.float().requires_grad_()])
+    low_rows = similarity_sigmoid_nll_naive(qq, kk, ss, leaves[3] if b is not None else None, offset,
+                                            products_in_input_dtype=True)
+    low = [low_rows] + list(torch.autograd.grad((low_rows.double() * w).sum(), leaves))
+    for name, f, l, e in zip(["rows", "dq", "dk", "dscale", "dbias"], fast, low, exact):
+        assert torch.isfinite(f).all(), name
+        floor = ATOL[dtype] * max(1.0, e.abs().max().item())
+        assert_within_twice_reference_error(f, l, e, floor, what=f"{name} {p}")
+
+
+@pytest.mark.parametrize("backend", FAST)
+def test_drawn_problems_within_twice_the_reference_error(backend):
+    @settings(max_examples=80 if backend == "torch" else 40, deadline=None, derandomize=True)
+    @given(p=sigmoid_problems(backend))
+    def check(p):
+        _check_drawn(backend, p)
+
+    check()

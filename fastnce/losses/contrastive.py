@@ -225,7 +225,40 @@ class MoCoLoss(nn.Module):
 
 # ------------------------------------------------------------------------------ CLIP
 
-class ClipLoss(nn.Module):
+class _ImageTextLoss(nn.Module):
+    """What CLIP's and SigLIP's modules share: the learnable temperature as CLIP keeps it
+    (`logit_scale` = log(1 / init_temperature), a buffer if learnable=False; the multiplier
+    exp(logit_scale) clamped at max_logit_scale, the clamp stopping its gradient as CLIP's
+    in-place clamp does), optional L2 normalisation, reduction, backend and distributed scheme."""
+
+    def __init__(self, init_temperature, learnable, max_logit_scale, normalize, reduction, backend, distributed):
+        super().__init__()
+        check_temperature(init_temperature, "init_temperature")
+        check_temperature(max_logit_scale, "max_logit_scale")
+        check_reduction(reduction)
+        self._add_scalar("logit_scale", math.log(1.0 / init_temperature), learnable)
+        self.max_logit_scale, self.normalize = max_logit_scale, normalize
+        _check_scheme(distributed)
+        self.reduction, self.backend, self.distributed = reduction, backend, distributed
+
+    def _add_scalar(self, name: str, value: float, learnable: bool) -> None:
+        value = torch.tensor(float(value))
+        if learnable:
+            self.register_parameter(name, nn.Parameter(value))
+        else:
+            self.register_buffer(name, value)
+
+    def scale(self) -> Tensor:
+        """The multiplier exp(logit_scale), clamped at max_logit_scale."""
+        return self.logit_scale.clamp(max=math.log(self.max_logit_scale)).exp()
+
+    def _features(self, image_features: Tensor, text_features: Tensor) -> tuple[Tensor, Tensor]:
+        if self.normalize:
+            return l2_normalize(image_features), l2_normalize(text_features)
+        return image_features, text_features
+
+
+class ClipLoss(_ImageTextLoss):
     """CLIP's symmetric contrastive loss with its learnable temperature (Radford et al. 2021,
     "Learning Transferable Visual Models From Natural Language Supervision").
 
@@ -241,26 +274,10 @@ class ClipLoss(nn.Module):
     def __init__(self, init_temperature: float = 0.07, learnable: bool = True, max_logit_scale: float = 100.0,
                  normalize: bool = True, reduction: str = "mean", backend: str = "auto",
                  distributed: Optional[str] = None):
-        super().__init__()
-        check_temperature(init_temperature, "init_temperature")
-        check_temperature(max_logit_scale, "max_logit_scale")
-        check_reduction(reduction)
-        value = torch.tensor(math.log(1.0 / init_temperature))
-        if learnable:
-            self.logit_scale = nn.Parameter(value)
-        else:
-            self.register_buffer("logit_scale", value)
-        self.max_logit_scale, self.normalize = max_logit_scale, normalize
-        _check_scheme(distributed)
-        self.reduction, self.backend, self.distributed = reduction, backend, distributed
-
-    def scale(self) -> Tensor:
-        """The multiplier exp(logit_scale), clamped at max_logit_scale."""
-        return self.logit_scale.clamp(max=math.log(self.max_logit_scale)).exp()
+        super().__init__(init_temperature, learnable, max_logit_scale, normalize, reduction, backend, distributed)
 
     def forward(self, image_features: Tensor, text_features: Tensor) -> Tensor:
-        if self.normalize:
-            image_features, text_features = l2_normalize(image_features), l2_normalize(text_features)
+        image_features, text_features = self._features(image_features, text_features)
         scale = self.scale().to(lse_dtype(image_features.dtype))
         if self.distributed:
             return fd.clip_loss(image_features, text_features, scale, reduction=self.reduction,
@@ -268,7 +285,7 @@ class ClipLoss(nn.Module):
         return clip_loss(image_features, text_features, scale, self.reduction, backend=self.backend)
 
 
-class SigLipLoss(ClipLoss):
+class SigLipLoss(_ImageTextLoss):
     """SigLIP's pairwise sigmoid loss with its learnable temperature and bias (Zhai et al. 2023,
     "Sigmoid Loss for Language Image Pre-Training").
 
@@ -286,15 +303,10 @@ class SigLipLoss(ClipLoss):
                  backend: str = "auto", distributed: Optional[str] = None):
         super().__init__(init_temperature, learnable, max_logit_scale, normalize, reduction, backend, distributed)
         check_finite_scalar(init_bias, "init_bias")
-        value = torch.tensor(float(init_bias))
-        if learnable:
-            self.logit_bias = nn.Parameter(value)
-        else:
-            self.register_buffer("logit_bias", value)
+        self._add_scalar("logit_bias", init_bias, learnable)
 
     def forward(self, image_features: Tensor, text_features: Tensor) -> Tensor:
-        if self.normalize:
-            image_features, text_features = l2_normalize(image_features), l2_normalize(text_features)
+        image_features, text_features = self._features(image_features, text_features)
         acc = lse_dtype(image_features.dtype)
         scale, bias = self.scale().to(acc), self.logit_bias.to(acc)
         if self.distributed:
