@@ -29,6 +29,7 @@ import torch
 
 import fastnce
 import fastnce.distributed as fd
+from open_clip_losses import open_clip_loss
 
 RTOL, ATOL = 1e-5, 1e-6
 D = 8
@@ -198,21 +199,6 @@ def _cases(rank, world, rec):
                       world * gq.grad[_slices(sizes, rank)])
 
 
-def _load_open_clip_loss():
-    """open_clip/loss.py on its own (test_siglip.py says why); None without open_clip."""
-    import importlib.util
-
-    spec = importlib.util.find_spec("open_clip")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    s = importlib.util.spec_from_file_location(
-        "_open_clip_loss", os.path.join(list(spec.submodule_search_locations)[0], "loss.py"))
-    module = importlib.util.module_from_spec(s)
-    s.loader.exec_module(module)
-    return module
-
-
-open_clip_loss = _load_open_clip_loss()
 
 
 def _open_clip_siglip_case(rec, img, txt, sizes, scheme, rank, world):

@@ -6,9 +6,6 @@ The triton backend runs in Triton's interpreter without a GPU (16-row/column til
 shapes cross tiles and leave tails); the torch backend is run with small tiles for the same
 reason. On a GPU the `gpu`-marked test checks every dtype by DESIGN.md §6's criterion.
 """
-import importlib.util
-import os
-
 import pytest
 import torch
 
@@ -18,6 +15,7 @@ from fastnce.ops import tiled, triton_lse
 from fastnce.ops.function import BackendUnavailable
 from fastnce.ops.naive import similarity_sigmoid_nll_naive
 
+from open_clip_losses import open_clip_loss
 from tolerances import ATOL, RTOL, assert_within_twice_reference_error
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
@@ -189,20 +187,6 @@ def test_errors_name_the_argument():
 
 
 # ---------------------------------------------------------------------- against OpenCLIP
-def _load_open_clip_loss():
-    """open_clip/loss.py loaded on its own (open_clip/__init__ imports its models, timm and
-    torchvision, which the loss does not need); None when open_clip is not installed."""
-    spec = importlib.util.find_spec("open_clip")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    path = os.path.join(list(spec.submodule_search_locations)[0], "loss.py")
-    s = importlib.util.spec_from_file_location("_open_clip_loss", path)
-    module = importlib.util.module_from_spec(s)
-    s.loader.exec_module(module)
-    return module
-
-
-open_clip_loss = _load_open_clip_loss()
 needs_open_clip = pytest.mark.skipif(open_clip_loss is None, reason="open_clip_torch is not installed")
 
 
