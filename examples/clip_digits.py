@@ -1,7 +1,7 @@
-"""A small CLIP on scikit-learn's 8×8 digits with fastnce.losses.ClipLoss, then zero-shot
-classification from class-name prompts.
+"""A small CLIP on scikit-learn's 8×8 digits with fastnce.losses.ClipLoss (or SigLipLoss), then
+zero-shot classification from class-name prompts.
 
-    python examples/clip_digits.py [--epochs 30]
+    python examples/clip_digits.py [--epochs 30] [--loss clip|siglip]
 
 Each training image is paired with a caption naming its digit ("a digit: seven", "the number
 seven", ...). The text encoder sees only characters: a bag of hashed character trigrams of the
@@ -23,7 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _digits import Encoder, augment, digits, features  # noqa: E402
 
-from fastnce.losses import ClipLoss, zero_shot_predict  # noqa: E402
+from fastnce.losses import ClipLoss, SigLipLoss, zero_shot_predict  # noqa: E402
 
 NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 TRAIN_TEMPLATES = ["a digit: {}", "the number {}", "a handwritten {}", "an image of {}", "{}", "this is a {}"]
@@ -80,20 +80,23 @@ def main():
     p.add_argument("--epochs", type=int, default=30)
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--loss", choices=("clip", "siglip"), default="clip",
+                   help="CLIP's softmax loss, or SigLIP's sigmoid loss (its learnable bias too)")
     args = p.parse_args()
     torch.manual_seed(args.seed)
     x_tr, y_tr, x_te, y_te = digits(args.seed)
 
     image_encoder, text_encoder = ImageEncoder(), TextEncoder()
     untrained = (copy.deepcopy(image_encoder), copy.deepcopy(text_encoder))
-    loss_fn = ClipLoss(init_temperature=0.07)  # learnable logit scale, clamped at 100
+    # learnable logit scale, clamped at 100 (SigLIP: scale 10 and bias −10 to start, as its paper)
+    loss_fn = ClipLoss(init_temperature=0.07) if args.loss == "clip" else SigLipLoss()
     params = list(image_encoder.parameters()) + list(text_encoder.parameters()) + list(loss_fn.parameters())
     opt = torch.optim.AdamW(params, lr=2e-3, weight_decay=1e-4)
     steps = args.epochs * ((len(x_tr) + args.batch - 1) // args.batch)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=steps)
     g = torch.Generator().manual_seed(args.seed)
 
-    bar = tqdm(total=steps, desc="CLIP")
+    bar = tqdm(total=steps, desc="CLIP" if args.loss == "clip" else "SigLIP")
     for _ in range(args.epochs):
         image_encoder.train(), text_encoder.train()
         for idx in torch.randperm(len(x_tr), generator=g).split(args.batch):

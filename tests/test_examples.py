@@ -10,10 +10,12 @@ EXAMPLES = pathlib.Path(__file__).resolve().parent.parent / "examples"
 
 
 @pytest.mark.parametrize("script,expect", [("simclr_digits.py", "linear probe accuracy"),
-                                           ("clip_digits.py", "zero-shot accuracy")])
+                                           ("clip_digits.py", "zero-shot accuracy"),
+                                           ("clip_digits.py --loss siglip", "zero-shot accuracy")])
 def test_example_runs(script, expect):
     pytest.importorskip("sklearn")
-    out = subprocess.run([sys.executable, str(EXAMPLES / script), "--epochs", "1"], capture_output=True,
+    script, *flags = script.split()
+    out = subprocess.run([sys.executable, str(EXAMPLES / script), "--epochs", "1", *flags], capture_output=True,
                          text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert expect in out.stdout
