@@ -129,19 +129,23 @@ def test_large_logits_stay_exact():
             torch.testing.assert_close(got.double().cpu(), exact, rtol=1e-6, atol=0)
 
 
-def test_opcheck():
-    q = torch.randn(6, 5, requires_grad=True)
-    k = torch.randn(7, 5, requires_grad=True)
-    s = torch.tensor(1.5, requires_grad=True)
-    b = torch.tensor(-1.0, requires_grad=True)
-    for args in [(q, k, s, b, 0, "torch"), (q, k, s, None, None, "torch"), (q, k, s, b, -2, "torch")]:
+@pytest.mark.parametrize("backend", FAST)
+def test_opcheck(backend):
+    mk = lambda *shape: torch.randn(*shape, device=DEV, requires_grad=True)
+    q, k = mk(6, 5), mk(7, 5)
+    s = torch.tensor(1.5, device=DEV, requires_grad=True)
+    b = torch.tensor(-1.0, device=DEV, requires_grad=True)
+    for args in [(q, k, s, b, 0, backend), (q, k, s, None, None, backend), (q, k, s, b, -2, backend)]:
         torch.library.opcheck(torch.ops.fastnce.similarity_sigmoid_nll.default, args)
 
 
-def test_torch_compile_fullgraph():
-    a, b = torch.randn(9, 8, requires_grad=True), torch.randn(9, 8, requires_grad=True)
-    s, t = torch.tensor(5.0, requires_grad=True), torch.tensor(-3.0, requires_grad=True)
-    f = lambda a, b, s, t: fastnce.siglip_loss(a, b, s, t, backend="torch")
+@pytest.mark.parametrize("backend", FAST)
+def test_torch_compile_fullgraph(backend):
+    mk = lambda *shape: torch.randn(*shape, device=DEV, requires_grad=True)
+    a, b = mk(9, 8), mk(9, 8)
+    s = torch.tensor(5.0, device=DEV, requires_grad=True)
+    t = torch.tensor(-3.0, device=DEV, requires_grad=True)
+    f = lambda a, b, s, t: fastnce.siglip_loss(a, b, s, t, backend=backend)
     eager = f(a, b, s, t)
     g_eager = torch.autograd.grad(eager, [a, b, s, t])
     compiled = torch.compile(f, fullgraph=True, backend="aot_eager")(a, b, s, t)
