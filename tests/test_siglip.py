@@ -332,3 +332,28 @@ def test_drawn_problems_within_twice_the_reference_error(backend):
         _check_drawn(backend, p)
 
     check()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("side", ["q", "k"])
+def test_gpu_offsets_past_2_to_the_31(side):
+    """M·D (or N·D) > 2³¹ elements: the last rows' sums and gradients must be right, so the
+    kernels' offsets are 64-bit (as tests/test_edges.py checks for the LSE kernels)."""
+    big_rows, D = (1 << 31) // 512 + 4099, 512  # 2³¹ + ~2M elements, 4.3 GB in bfloat16
+    g = torch.Generator(device="cuda").manual_seed(0)
+    big = torch.randn(big_rows, D, device="cuda", dtype=torch.bfloat16, generator=g)
+    small = torch.randn(64, D, device="cuda", dtype=torch.bfloat16, generator=g)
+    q, k = (big, small) if side == "q" else (small, big)
+    q.requires_grad_(), k.requires_grad_()
+    rows = ops.similarity_sigmoid_nll(q, k, 0.05, -1.0, backend="triton")
+    rows.sum().backward()
+    tail = slice(big_rows - 300, big_rows)
+    # The tail's rows (or columns) hold no positive pair: the reference on the slice sees negatives only.
+    t = big.detach()[tail].float().requires_grad_()
+    other = small.detach().float()
+    want = ops.similarity_sigmoid_nll(t if side == "q" else other, other if side == "q" else t, 0.05, -1.0,
+                                      positive_offset=None, backend="reference")
+    want.sum().backward()
+    if side == "q":
+        torch.testing.assert_close(rows[tail], want, rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(big.grad[tail].float(), t.grad, rtol=2e-2, atol=2e-2)
