@@ -20,6 +20,17 @@ from tolerances import ATOL, RTOL, assert_within_twice_reference_error
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 FAST = [b for b in ("torch", "triton") if ops.unavailable_reason(b, torch.device(DEV), torch.float32, "sigmoid") is None]
+# each fast path: the torch backend, and the triton backend with each of its backward plans
+PATHS = [b for b in FAST if b != "triton"] + (["triton:atomic", "triton:two-pass"] if "triton" in FAST else [])
+
+
+@pytest.fixture
+def path_backend(request, monkeypatch):
+    """The backend of a PATHS entry, with FASTNCE_TRITON_BACKWARD set to its plan."""
+    backend, _, plan = request.param.partition(":")
+    if plan:
+        monkeypatch.setenv("FASTNCE_TRITON_BACKWARD", plan)
+    return backend
 # (M, N, D, positive_offset): odd sizes, rectangular both ways, offsets past the edges, no positives
 CASES = [(1, 1, 1, 0), (3, 3, 5, 0), (17, 17, 33, 0), (20, 7, 16, 2), (7, 20, 3, -4), (19, 19, 130, None),
          (33, 5, 8, 40), (1000, 127, 8, 3)]
@@ -60,10 +71,11 @@ def run(backend, q, k, scale, b, w, offset, as_dtype=None):
     return [rows] + list(torch.autograd.grad((rows.double() * w).sum(), leaves))
 
 
-@pytest.mark.parametrize("backend", FAST)
+@pytest.mark.parametrize("path_backend", PATHS, indirect=True)
 @pytest.mark.parametrize("case", CASES, ids=str)
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
-def test_fast_backends_match_the_reference_float32(backend, case, bias):
+def test_fast_backends_match_the_reference_float32(path_backend, case, bias):
+    backend = path_backend
     M, N, D, off = case
     q, k, s, b, w = inputs(M, N, D, torch.float32, seed=M * N + D, bias=bias)
     exact = run("reference", q, k, s, b, w, off, as_dtype=torch.float64)
@@ -73,12 +85,13 @@ def test_fast_backends_match_the_reference_float32(backend, case, bias):
         torch.testing.assert_close(f.double(), e, rtol=RTOL[torch.float32], atol=ATOL[torch.float32], msg=name)
 
 
-@pytest.mark.parametrize("backend", FAST)
+@pytest.mark.parametrize("path_backend", PATHS, indirect=True)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("case", [(17, 17, 33, 0), (20, 7, 16, 2), (7, 20, 130, None)], ids=str)
-def test_16_bit_inputs_within_twice_the_reference_error(backend, dtype, case):
+def test_16_bit_inputs_within_twice_the_reference_error(path_backend, dtype, case):
     """The fast path's error against float64 at most twice that of the reference computed in the
     dtype itself (its products rounded to the dtype, as eager PyTorch computes them)."""
+    backend = path_backend
     M, N, D, off = case
     q, k, s, b, w = inputs(M, N, D, dtype, seed=3)
     exact = run("reference", q, k, s, b, w, off, as_dtype=torch.float64)
@@ -324,8 +337,10 @@ def _check_drawn(backend, p):
         assert_within_twice_reference_error(f, l, e, floor, what=f"{name} {p}")
 
 
-@pytest.mark.parametrize("backend", FAST)
-def test_drawn_problems_within_twice_the_reference_error(backend):
+@pytest.mark.parametrize("path_backend", PATHS, indirect=True)
+def test_drawn_problems_within_twice_the_reference_error(path_backend):
+    backend = path_backend
+
     @settings(max_examples=80 if backend == "torch" else 40, deadline=None, derandomize=True)
     @given(p=sigmoid_problems(backend))
     def check(p):

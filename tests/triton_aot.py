@@ -54,6 +54,8 @@ BENCH_VARIANTS = [
     ("siglip fwd", TS._sig_fwd_kernel, 512, dict(_NO_MASK, HAS_BIAS=True, POSITIVE=True)),
     ("siglip bwd", TS._sig_bwd_kernel, 512,
      dict(_NO_MASK, HAS_BIAS=True, POSITIVE=True, G_ON_ROW=True, WRITE_DB=False, G_NORM=False)),
+    ("siglip bwd atomic", TS._sig_bwd_atomic_kernel, 512,
+     dict(_NO_MASK, HAS_BIAS=True, POSITIVE=True, WRITE_DB=True, G_NORM=False)),
 ]
 
 
@@ -102,7 +104,8 @@ def resources(kernel, sm: int) -> dict:
 def default_configs(sm: int) -> None:
     """The config used without autotuning, of every kernel, at D = 128 (one K step: BK = D) and
     D = 512 (a loop over D), bf16 and fp32, the half backward (D ≤ 128 only) and the merge: 27 LSE
-    kernels; then SigLIP's forward and backward (dk's launch, with the bias sums) likewise: 8 more."""
+    kernels; then SigLIP's forward and its two backward kernels (the two-pass one in dk's launch,
+    with the bias sums) likewise: 12 more."""
     target = GPUTarget("cuda", sm, 32)
     flags = dict(HAS_BIAS=True, EXCLUDE=True, MASK_MODE=1, DOT_F32=False)
     for D, dtype, prec in ((128, "bf16", "ieee"), (512, "bf16", "ieee"), (128, "fp32", "tf32x3"), (512, "fp32", "tf32x3")):
@@ -131,7 +134,7 @@ def default_configs(sm: int) -> None:
     compile_one(target, T._col_merge_kernel, dict(BN=128), "fp32", 4, 2)
     print("compiled merge fp32", flush=True)
     for D, dtype, prec in ((128, "bf16", "ieee"), (512, "bf16", "ieee"), (128, "fp16", "ieee"), (512, "fp32", "tf32x3")):
-        for kind, fn in (("fwd", TS._sig_fwd_kernel), ("bwd", TS._sig_bwd_kernel)):
+        for kind, fn in (("fwd", TS._sig_fwd_kernel), ("bwd", TS._sig_bwd_kernel), ("atomic", TS._sig_bwd_atomic_kernel)):
             meta = T._default_meta(kind, D)
             warps, stages = meta.pop("num_warps"), meta.pop("num_stages", 2)
             consts = dict(HAS_BIAS=True, POSITIVE=True, DOT_F32=False, PREC=prec, G_ON_ROW=False, WRITE_DB=True,
@@ -146,7 +149,7 @@ def autotune_candidates(sm: int) -> None:
     configs = {T._fwd_kernel: T._cfgs(True), T._fwd_panel_kernel: T._cfgs(True), T._fwd_half_kernel: T._HALF_CFGS,
                T._bwd_kernel: T._cfgs(False), T._bwd_atomic_kernel: T._ATOMIC_CFGS,
                T._bwd_half_kernel: T._HALF_BWD_CFGS, TS._sig_fwd_kernel: T._cfgs(True),
-               TS._sig_bwd_kernel: T._cfgs(False)}
+               TS._sig_bwd_kernel: T._cfgs(False), TS._sig_bwd_atomic_kernel: T._ATOMIC_CFGS}
     for label, fn, D, flags in BENCH_VARIANTS:
         for c in T._prune(configs[fn], {"D": D}):
             r = resources(compile_one(target, fn, dict(flags, **c.kwargs), "bf16", c.num_warps, c.num_stages, D), sm)

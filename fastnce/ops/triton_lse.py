@@ -1219,6 +1219,8 @@ def deterministic() -> bool:
 #   of half of S, i.e. 1.5 and 0.5, plus M²·D/(2·BM) fp32 atomic adds). Untimed: mirror.
 #   Deterministic mode always takes mirror.
 _PLANS = {"backward": ("FASTNCE_TRITON_BACKWARD", ("atomic", "two-pass")),
+          # SigLIP's backward (triton_sigmoid.py): the same two plans, the same switch
+          "sigmoid-backward": ("FASTNCE_TRITON_BACKWARD", ("atomic", "two-pass")),
           "sym-forward": ("FASTNCE_TRITON_SYM_FORWARD", ("rows", "half")),
           "sym-backward": ("FASTNCE_TRITON_SYM_BACKWARD", ("mirror", "half"))}
 _plans: dict = {}
