@@ -1,4 +1,5 @@
-"""The ring scheme: row LSEs over the keys of every rank without any rank holding them all.
+"""The ring scheme: row LSEs (and SigLIP's row sums) over the keys of every rank without any rank
+holding them all.
 
 Rank r holds its rows q_r and its key block k_r. Key blocks travel r → r+1 around the ring;
 at step t rank r holds block s = r − t (mod W), computes the partial row LSE of q_r against
@@ -26,6 +27,11 @@ In the backward the block's global column LSE and the owner's upstream gradient 
 floats per key) travel with the keys, so lse_backward builds G with both the row and the
 column terms of DESIGN.md §1. Cost per rank and step: one fused product forward, one fused
 backward; traffic: D + 1 numbers per key forward, D + 2 plus the D-wide accumulator backward.
+
+SigLIP's sigmoid rows (_RingSigmoidNLL) take the same trip: a row's sum over all keys is the
+plain sum of its blocks' sums, the positives lie in the own block (t = 0), and the backward's
+dk parts travel back to their owners as above. The walks themselves (_walk_forward,
+_walk_backward) are shared; each loss gives the per-block computation.
 
 Memory per rank: q_r, k_r, two key blocks in flight (current and next), the accumulators
 (one D-wide in the backward, in the LSE dtype) and the backend's tiles: O((N/W)·D) for a

@@ -183,6 +183,8 @@ def _prepare_sigmoid(q, k, scale, bias, positive_offset, backend):
     check_same({"q": q, "k": k})
     acc = lse_dtype(q.dtype)
     scalars = []
+    if scale is None:
+        raise TypeError("scale must be a number or a 0-dim tensor, got None")
     for name, x in (("scale", scale), ("bias", bias)):
         if x is not None:
             if not isinstance(x, Tensor):

@@ -16,6 +16,15 @@ contiguous, in the LSE dtype, or None when that output gets no gradient. LSE vec
 gradients are float32 (float64 for float64 inputs). The gradients are unscaled, G as in
 DESIGN.md §1:  dq = G @ k,  dk = Gᵀ @ q,  dbias = Σ_i G[i, :];  when symmetric dq = (G + Gᵀ) @ q
 and dk is None. The scale, its gradient and the cast to the input dtype happen here, once.
+
+The sigmoid primitive (similarity_sigmoid_nll, SigLIP) has its own two launchers, in tiled.py
+and triton_sigmoid.py (the CUDA extension has none):
+
+    sigmoid_forward(q, k, scale, bias, positive_offset) -> rows (M,)
+    sigmoid_backward(q, k, scale, bias, positive_offset, grad_row, need_bias)
+        -> G @ k (M, D), Gᵀ @ q (N, D), Σ G (0-dim) or None,  G = −grad_row[i]·z·σ(−z·S)
+
+with bias a 0-dim tensor or None and positive_offset an int or None, the rest as above.
 """
 from __future__ import annotations
 
