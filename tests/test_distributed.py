@@ -278,6 +278,24 @@ def _error_cases(rank, world, rec):
     raises("scheme mismatch", lambda: fd.nt_xent(torch.randn(3, D), torch.randn(3, D),
                                                  scheme="ring" if rank else "gather"), "differently")
     raises("bad scheme", lambda: fd.nt_xent(torch.randn(3, D), torch.randn(3, D), scheme="allgather"), "scheme")
+    # an infinite image feature on rank 0: its row is NaN, and so are the gradients it reaches
+    for scheme in fd.SCHEMES:
+        a = torch.randn(3, D)
+        if rank == 0:
+            a[1, 0] = float("inf")
+        a.requires_grad_()
+        b = torch.randn(3, D, requires_grad=True)
+        per = fd.siglip_loss(a, b, 5.0, -1.0, reduction="none", scheme=scheme)
+        per.sum().backward()
+        bad_row = torch.isnan(per[1]).item() if rank == 0 else torch.isfinite(per).all().item()
+        rec.check(f"siglip_loss non-finite [{scheme}] rows rank {rank}", bad_row, f"{per}")
+        rec.check(f"siglip_loss non-finite [{scheme}] text grads rank {rank}", torch.isnan(b.grad).all().item(),
+                  f"{b.grad}")
+        if rank == 0:
+            rec.check(f"siglip_loss non-finite [{scheme}] image grad", torch.isnan(a.grad[1]).all().item(), f"{a.grad}")
+    raises("logit_bias on some ranks only",
+           lambda: fd.siglip_loss(torch.randn(3, D), torch.randn(3, D), 5.0, None if rank else -1.0),
+           "logit_bias given or None")
     # gather_keys: every rank's rows in rank order, no gradient, unequal sizes.
     sizes = SIZES[world][1]
     full = torch.arange(sum(sizes) * 2, dtype=torch.float32).view(-1, 2)

@@ -168,18 +168,24 @@ def test_torch_compile_fullgraph(backend):
         torch.testing.assert_close(x, y)
 
 
-def test_non_finite_features_give_nan():
+@pytest.mark.parametrize("path_backend", ["reference"] + PATHS, indirect=True)
+def test_non_finite_features_give_nan(path_backend):
     """An infinite feature can make every logit of a row −inf, whose terms are 0: the row must
-    read NaN, not a finite loss (as similarity_lse's rule, naive.nan_where_not_finite)."""
-    q, k = torch.randn(3, 4), torch.randn(3, 4)
+    read NaN, not a finite loss, and its gradients too (as similarity_lse's rule,
+    naive.nan_where_not_finite); an infinite key makes every row NaN."""
+    q, k = torch.randn(3, 4, device=DEV), torch.randn(3, 4, device=DEV)
     q_inf = q.clone()
     q_inf[1] = float("inf")
-    for backend in FAST:
-        rows = ops.similarity_sigmoid_nll(q_inf.to(DEV), k.to(DEV), 1.0, positive_offset=None, backend=backend)
-        assert torch.isnan(rows[1]) and torch.isfinite(rows[[0, 2]]).all()
-        k_inf = k.clone()
-        k_inf[0, 0] = float("-inf")
-        assert torch.isnan(ops.similarity_sigmoid_nll(q.to(DEV), k_inf.to(DEV), 1.0, backend=backend)).all()
+    q_inf.requires_grad_()
+    kk = k.clone().requires_grad_()
+    rows = ops.similarity_sigmoid_nll(q_inf, kk, 1.0, positive_offset=None, backend=path_backend)
+    assert torch.isnan(rows[1]) and torch.isfinite(rows[[0, 2]]).all()
+    rows.sum().backward()
+    assert torch.isnan(q_inf.grad[1]).all() and torch.isfinite(q_inf.grad[[0, 2]]).all()
+    assert torch.isnan(kk.grad).all()  # every key meets the NaN row
+    k_inf = k.clone()
+    k_inf[0, 0] = float("-inf")
+    assert torch.isnan(ops.similarity_sigmoid_nll(q, k_inf, 1.0, backend=path_backend)).all()
 
 
 def test_errors_name_the_argument():
@@ -198,6 +204,14 @@ def test_errors_name_the_argument():
         ops.similarity_sigmoid_nll(torch.randn(0, 8), b)
     with pytest.raises(ValueError, match="scale must be on the same device"):
         ops.similarity_sigmoid_nll(a, b, torch.tensor(1.0, device="meta"))
+    with pytest.raises(TypeError, match="bias must be a number or a one-element tensor, got str"):
+        ops.similarity_sigmoid_nll(a, b, 1.0, "x")
+    with pytest.raises(TypeError, match="bias must be a number or a one-element tensor, got bool"):
+        ops.similarity_sigmoid_nll(a, b, 1.0, True)
+    with pytest.raises(TypeError, match="positive_offset must be an int or None, got float"):
+        ops.similarity_sigmoid_nll(a, b, 1.0, positive_offset=1.5)
+    with pytest.raises(ValueError, match="op must be one of"):
+        ops.available_backends("cpu", torch.float32, op="sigmod")
     # the CUDA extension has no sigmoid kernel: asking for it says so, whatever the device
     with pytest.raises(BackendUnavailable, match="no kernel for the sigmoid primitive"):
         fastnce.siglip_loss(a, b, 10.0, -10.0, backend="cuda")

@@ -78,10 +78,12 @@ class RankInfo:
 
 
 def exchange(what: str, group, device: torch.device, rows: int, keys: int, dim: int, dtype: torch.dtype,
-             mode: int, flags: Sequence[bool], flag_names: Sequence[str]) -> RankInfo:
+             mode: int, flags: Sequence[bool], flag_names: Sequence[str],
+             mode_names: str = "scheme, negative_keys or negative_mode") -> RankInfo:
     """One all-gather of [rows, keys, dim, dtype, mode, flags...]; checks agreement; RankInfo.
 
-    mode: an integer that must agree across ranks (scheme and argument layout);
+    mode: an integer that must agree across ranks (scheme and argument layout), mode_names what
+    it encodes, for the error;
     flags: requires_grad of every tensor whose gradient crosses ranks, which decides what
     the backward sends, so it must agree too.
     """
@@ -99,7 +101,7 @@ def exchange(what: str, group, device: torch.device, rows: int, keys: int, dim: 
         raise ValueError(f"fastnce.distributed.{what}: the dtype differs across ranks: {[names.get(c) for c in cols[3]]}")
     if len(set(cols[4])) != 1:
         raise ValueError(
-            f"fastnce.distributed.{what}: ranks called it differently (scheme, negative_keys or negative_mode "
+            f"fastnce.distributed.{what}: ranks called it differently ({mode_names} "
             f"must be the same on every rank)"
         )
     for name, col in zip(flag_names, cols[5:]):

@@ -253,8 +253,10 @@ def siglip_loss(
 def _siglip_loss(a, b, logit_scale, logit_bias, scheme, code, group, backend, reduction="mean"):
     n = a.shape[0]
     info = exchange("siglip_loss", group, _comm_device(a), n, n, a.shape[1], a.dtype,
-                    10 * code + (logit_bias is None), [a.requires_grad, b.requires_grad, _needs_grad(logit_scale), _needs_grad(logit_bias)],
-                    ["image_features", "text_features", "logit_scale", "logit_bias"])
+                    10 * code + (logit_bias is None),
+                    [a.requires_grad, b.requires_grad, _needs_grad(logit_scale), _needs_grad(logit_bias)],
+                    ["image_features", "text_features", "logit_scale", "logit_bias"],
+                    mode_names="the scheme, and logit_bias given or None,")
     scale = _scale_tensor(mean_grad_over_ranks(logit_scale, info), a)
     bias = None if logit_bias is None else _scale_tensor(mean_grad_over_ranks(logit_bias, info), a)
     if scheme == "ring":

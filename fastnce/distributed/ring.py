@@ -45,6 +45,7 @@ import torch
 from torch import Tensor
 
 from ..ops import lse_backward, lse_forward, sigmoid_nll_backward, sigmoid_nll_forward
+from ..ops.function import nan_grad_where_nan
 from ._comm import RankInfo, RingTransfer
 
 _TAG_KEYS, _TAG_COL, _TAG_DK = 100, 200, 300
@@ -196,17 +197,17 @@ class _RingSigmoidNLL(torch.autograd.Function):
             return sigmoid_nll_forward(q, cur, s, b, positive_offset=0 if t == 0 else None, backend=backend), None
 
         rows, _ = _walk_forward(k, info, block, torch.add, False)
-        ctx.save_for_backward(q, k, scale, bias)
+        ctx.save_for_backward(q, k, scale, bias, rows)
         ctx.cfg = (info, backend)
         return rows
 
     @staticmethod
     def backward(ctx, g_row):
-        q, k, scale, bias = ctx.saved_tensors
+        q, k, scale, bias, rows = ctx.saved_tensors
         info, backend = ctx.cfg
         need_q, need_k, need_scale, need_bias = ctx.needs_input_grad[:4]
         s, b = scale.detach(), None if bias is None else bias.detach()
-        g_row = g_row.contiguous()
+        g_row = nan_grad_where_nan(g_row, rows)  # a non-finite block anywhere made the row NaN
         db = []
 
         def block(cur_k, _, t):

@@ -12,6 +12,7 @@ independent binary log-losses (SigLIP): Σ_j −log σ(±S[i, j]), tiled the sam
 """
 from __future__ import annotations
 
+from numbers import Integral, Real
 from typing import Optional, Union
 
 import torch
@@ -184,10 +185,12 @@ def _prepare_sigmoid(q, k, scale, bias, positive_offset, backend):
     acc = lse_dtype(q.dtype)
     scalars = []
     if scale is None:
-        raise TypeError("scale must be a number or a 0-dim tensor, got None")
+        raise TypeError("scale must be a number or a one-element tensor, got None")
     for name, x in (("scale", scale), ("bias", bias)):
         if x is not None:
             if not isinstance(x, Tensor):
+                if not isinstance(x, Real) or isinstance(x, bool):
+                    raise TypeError(f"{name} must be a number or a one-element tensor, got {type(x).__name__}")
                 x = torch.tensor(float(x), dtype=acc, device=q.device)
             if x.numel() != 1:
                 raise ValueError(f"{name} must be a scalar, got a tensor of shape {tuple(x.shape)}")
@@ -197,6 +200,8 @@ def _prepare_sigmoid(q, k, scale, bias, positive_offset, backend):
         scalars.append(x)
     scale, bias = scalars
     if positive_offset is not None:
+        if not isinstance(positive_offset, Integral) or isinstance(positive_offset, bool):
+            raise TypeError(f"positive_offset must be an int or None, got {type(positive_offset).__name__}")
         positive_offset = int(positive_offset)
     name = resolve_backend(backend, q.device, q.dtype, "sigmoid")
     return q.contiguous(), k.contiguous(), scale, bias, positive_offset, name

@@ -35,7 +35,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .naive import lse_dtype, nan_where_not_finite
+from .naive import lse_dtype, nan_rows_where_not_finite, nan_where_not_finite
 
 BACKENDS = ("torch", "triton", "cuda")
 # Per primitive, the module that implements each backend: "lse" (similarity_lse) and
@@ -51,6 +51,8 @@ class BackendUnavailable(RuntimeError):
 
 
 def backend_module(name: str, op: str = "lse"):
+    if op not in _MODULES:
+        raise ValueError(f"op must be one of {tuple(_MODULES)}, got {op!r}")
     if name not in _MODULES[op]:
         raise BackendUnavailable(
             f"backend {name!r} has no kernel for the sigmoid primitive (the CUDA extension computes "
@@ -63,6 +65,8 @@ def backend_module(name: str, op: str = "lse"):
 
 
 def unavailable_reason(name: str, device: torch.device, dtype: torch.dtype, op: str = "lse") -> Optional[str]:
+    if op not in _MODULES:
+        raise ValueError(f"op must be one of {tuple(_MODULES)}, got {op!r}")
     try:
         return backend_module(name, op).unavailable_reason(device, dtype)
     except BackendUnavailable as e:
@@ -100,7 +104,8 @@ def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype, op: 
         raise BackendUnavailable(
             "backend='auto' found no GPU kernel for CUDA tensors ("
             + "; ".join(reasons)
-            + "); install triton or build the CUDA extension, or pass backend='torch' to use the tiled PyTorch path"
+            + ("); install triton or build the CUDA extension" if op == "lse" else "); install triton")
+            + ", or pass backend='torch' to use the tiled PyTorch path"
         )
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {('auto', 'reference') + BACKENDS}, got {backend!r}")
@@ -223,9 +228,7 @@ def similarity_sigmoid_nll_op(
 ) -> Tensor:
     with torch.autocast(q.device.type, enabled=False):
         row = backend_module(backend, "sigmoid").sigmoid_forward(q, k, scale, bias, positive_offset)
-    # a non-finite feature anywhere must not pass for a finite loss (an S of −inf adds 0)
-    row = nan_where_not_finite(row, q)
-    return row + torch.where(torch.isfinite(k).all(), 0.0, float("nan")).to(row.dtype)
+    return nan_rows_where_not_finite(row, q, k)
 
 
 @similarity_sigmoid_nll_op.register_fake
@@ -253,16 +256,23 @@ def _(q, k, scale, bias, positive_offset, grad_row, need_bias, backend):
 
 def _sigmoid_setup_context(ctx, inputs, output):
     q, k, scale, bias, positive_offset, backend = inputs
-    ctx.save_for_backward(q, k, scale, bias)
+    ctx.save_for_backward(q, k, scale, bias, output)
     ctx.args = (positive_offset, backend)
 
 
+def nan_grad_where_nan(grad_row: Tensor, rows: Tensor) -> Tensor:
+    """grad_row with NaN where the forward's row is NaN (nan_rows_where_not_finite): the
+    backward recomputes G from S, where an infinite feature's terms can be 0, and would
+    otherwise give a finite gradient beside a NaN loss."""
+    return torch.where(torch.isnan(rows), float("nan"), grad_row).contiguous()
+
+
 def _sigmoid_backward(ctx, grad_row):
-    q, k, scale, bias = ctx.saved_tensors
+    q, k, scale, bias, rows = ctx.saved_tensors
     positive_offset, backend = ctx.args
     need_q, need_k, need_scale, need_bias = ctx.needs_input_grad[:4]
     dq_u, dk_u, dbias = similarity_sigmoid_nll_backward_op(
-        q, k, scale, bias, positive_offset, grad_row.contiguous(), bool(need_bias), backend)
+        q, k, scale, bias, positive_offset, nan_grad_where_nan(grad_row, rows), bool(need_bias), backend)
     dscale = (dq_u * q.to(dq_u.dtype)).sum().to(scale.dtype) if need_scale else None  # Σ_ij G_ij q_i·k_j
     dq = dq_u.mul_(scale).to(q.dtype) if need_q else None
     dk = dk_u.mul_(scale).to(k.dtype) if need_k else None

@@ -96,6 +96,15 @@ def nan_where_not_finite(lse: Tensor, x: Tensor) -> Tensor:
     return lse + torch.where(bad, float("nan"), 0.0).to(device=lse.device, dtype=lse.dtype)
 
 
+def nan_rows_where_not_finite(rows: Tensor, q: Tensor, k: Tensor) -> Tensor:
+    """The sigmoid primitive's form of nan_where_not_finite: rows (M,) of sums over k's rows,
+    NaN where q[i] holds an inf or a NaN, and everywhere when k does (a logit of −inf adds 0 to
+    such a sum, which would pass for finite). Multiplied in, so that the reference's gradient
+    through a NaN row is NaN too, as the fused backends' backward makes it (function.py)."""
+    bad = ~torch.isfinite(q).all(1) | ~torch.isfinite(k).all()
+    return rows * torch.where(bad, float("nan"), 1.0).to(device=rows.device, dtype=rows.dtype)
+
+
 def _masked_lse(S: Tensor, keep: Tensor, dim: int) -> Tensor:
     """logsumexp along dim; −inf with a zero gradient where every entry is masked.
 
@@ -141,4 +150,4 @@ def similarity_sigmoid_nll_naive(
     if bias is not None:
         S = S + bias.to(acc)
     z = positive_signs(q.shape[0], k.shape[0], positive_offset, q.device, acc)
-    return -torch.nn.functional.logsigmoid(z * S).sum(1)
+    return nan_rows_where_not_finite(-torch.nn.functional.logsigmoid(z * S).sum(1), q, k)
