@@ -209,3 +209,22 @@ def test_offsets_past_2_to_the_31_on_gpu(backend, side):
     (row.sum() + col.sum()).backward()
     grad_big = big.grad[tail].float()
     assert torch.isfinite(grad_big).all() and grad_big.abs().sum() > 0
+
+
+METRIC_LOSSES = ["SupConLoss", "SoftNearestNeighborLoss", "ContrastiveLoss", "TripletMarginLoss", "NPairsLoss",
+                 "LiftedStructureLoss"]
+
+
+@pytest.mark.parametrize("name", METRIC_LOSSES)
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_metric_losses_propagate_non_finite_embeddings(name, bad):
+    """A NaN or inf embedding must not pass for a point at distance 0 (the distance helper once
+    turned a NaN squared distance into 0: a finite loss beside NaN gradients)."""
+    from fastnce import losses as L
+
+    x = torch.randn(8, 4, generator=torch.Generator().manual_seed(0))
+    x[2, 1] = bad
+    x.requires_grad_()
+    y = torch.tensor([0, 0, 1, 1, 2, 2, 0, 1])
+    loss = getattr(L, name)()(x, y)
+    assert not torch.isfinite(loss), f"{name}: {loss}"

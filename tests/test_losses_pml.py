@@ -84,6 +84,27 @@ def test_lifted_structure_matches_pml(N):
                  pml_losses.LiftedStructureLoss(neg_margin=0.5, pos_margin=0.1), x, y)
 
 
+def test_lifted_structure_zero_terms_count_in_the_mean():
+    """pml averages every positive pair's term (MeanReducer), zeros included: a close positive
+    pair far from the negatives has a zero term and still counts."""
+    x = torch.tensor([[1.0, 0.0], [1.0, 0.05], [0.0, 1.0], [-1.0, 0.0]], requires_grad=True)
+    y = torch.tensor([0, 0, 0, 1])
+    _assert_same(L.LiftedStructureLoss(), pml_losses.LiftedStructureLoss(), x, y)
+    _assert_same(L.LiftedStructureLoss(pos_margin=1.3), pml_losses.LiftedStructureLoss(pos_margin=1.3), x, y)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_supcon_well_separated_anchors_stay_in_the_mean(backend):
+    """Two identical positives far from their negatives have ℓ ≈ 1e-7, below one float32 step
+    of 1/T: such an anchor must stay in pml's non-zero mean, not round to 0 and drop out."""
+    x = torch.randn(6, 5, generator=torch.Generator().manual_seed(3))
+    x[1], x[2] = x[0], -x[0]  # anchors 0 and 1: one point, their nearest negative opposite
+    x.requires_grad_()
+    y = torch.tensor([0, 0, 1, 2, 2, 3])
+    for t in (0.1, 0.05):
+        _assert_same(L.SupConLoss(temperature=t, backend=backend), pml_losses.SupConLoss(temperature=t), x, y)
+
+
 @pytest.mark.parametrize("N", [1, 3, 127])
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_nt_xent_matches_pml_ntxent_with_instance_labels(N, backend):

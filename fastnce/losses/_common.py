@@ -58,11 +58,12 @@ def blockwise(fn: Callable, n_rows: int, n_cols: int, *tensors: Tensor) -> list:
 def block_distances(xb: Tensor, x: Tensor, sqb: Tensor, sq: Tensor) -> Tensor:
     """Euclidean distances (B, N) of the rows xb to the rows of x, given squared norms.
 
-    ‖a‖² + ‖b‖² − 2a·b clamped at 0, square root with a zero gradient at 0 (as torch.cdist).
+    ‖a‖² + ‖b‖² − 2a·b clamped at 0, square root with a zero gradient at 0 (as torch.cdist);
+    a NaN stays NaN (a NaN embedding must not pass for one at distance 0).
     """
     d2 = torch.addmm(sqb[:, None] + sq[None, :], xb, x.T, alpha=-2).clamp_min_(0)
     tiny = torch.finfo(d2.dtype).tiny
-    return torch.where(d2 > 0, d2.clamp_min(tiny).sqrt(), torch.zeros_like(d2))
+    return torch.where(d2 == 0, torch.zeros_like(d2), d2.clamp_min(tiny).sqrt())
 
 
 def pair_masks(lb: Tensor, labels: Tensor, i0: int):

@@ -39,14 +39,6 @@ def _avg_nonzero(total: Tensor, count: Tensor, embeddings: Tensor) -> Tensor:
     return total / count
 
 
-def _reduce_nonzero(per_row: Tensor, reduction: str, embeddings: Tensor) -> Tensor:
-    """'mean' is pml's AvgNonZeroReducer: the mean over the rows whose loss is > 0."""
-    if reduction == "mean":
-        keep = per_row > 0
-        return per_row[keep].mean() if bool(keep.any()) else zero_loss(embeddings)
-    return reduce(per_row, reduction)
-
-
 # ------------------------------------------------------------------------------ SupCon
 
 def supcon_loss(embeddings: Tensor, labels: Tensor, temperature: Union[float, Tensor] = 0.1,
@@ -59,8 +51,10 @@ def supcon_loss(embeddings: Tensor, labels: Tensor, temperature: Union[float, Te
     z = normalize(embeddings). row_lse from the primitive; the positives' sum from per-class
     sums of z, z_i·(Σ_{y_j = y_i} z_j − z_i): O(N·D).
     Anchors without positives get 0 (as pml). reduction='mean' is pml's AvgNonZeroReducer:
-    the mean over anchors with ℓ_i > 0 (so those without positives are left out); the batch
-    loss is 0 (connected to the graph) when it has no positive pair or no negative pair.
+    the mean over anchors with ℓ_i > 0, i.e. those with a positive (ℓ_i > 0 exactly then, when
+    the batch has a negative; counted by their positives, since float32 rounds the ℓ_i of a
+    well-separated anchor, ~1e-7 beside terms of 1/T, to 0); the batch loss is 0 (connected to
+    the graph) when it has no positive pair or no negative pair.
     'sum' / 'none' give the sum / (N,) of ℓ_i.
     """
     embeddings, labels = embeddings_and_labels(embeddings, labels)
@@ -77,7 +71,9 @@ def supcon_loss(embeddings: Tensor, labels: Tensor, temperature: Union[float, Te
     class_sum = zf.new_zeros(counts.numel(), zf.shape[1]).index_add_(0, inverse, zf)
     pos_mean = paired_logits(zf, class_sum[inverse] - zf, scale) / n_pos.clamp_min(1)
     per_row = torch.where(n_pos > 0, row_lse - pos_mean, torch.zeros_like(row_lse))
-    return _reduce_nonzero(per_row, reduction, embeddings)
+    if reduction == "mean":
+        return per_row.sum() / (n_pos > 0).sum()
+    return reduce(per_row, reduction)
 
 
 class SupConLoss(nn.Module):
@@ -258,8 +254,9 @@ def lifted_structure_loss(embeddings: Tensor, labels: Tensor, neg_margin: float 
     Feature Embedding") as pytorch-metric-learning's LiftedStructureLoss: per ordered positive
     pair (i, j),
         ½ relu( log(Σ_{n: y_n≠y_i} e^{m_neg − d_in} + Σ_{n: y_n≠y_j} e^{m_neg − d_jn}) + d_ij − m_pos )²,
-    Euclidean distance of L2-normalised embeddings, mean over nonzero terms. Two tiled passes:
-    the per-row negative logsumexp L_i, then the positive pairs with logaddexp(L_i, L_j).
+    Euclidean distance of L2-normalised embeddings, mean over all ordered positive pairs (pml's
+    default MeanReducer: pairs whose term is 0 count). Two tiled passes: the per-row negative
+    logsumexp L_i, then the positive pairs with logaddexp(L_i, L_j).
     """
     embeddings, labels, x, sq = _prepared(embeddings, labels, normalize_embeddings)
     N = x.shape[0]
@@ -279,11 +276,11 @@ def lifted_structure_loss(embeddings: Tensor, labels: Tensor, neg_margin: float 
         pos, _ = pair_masks(labels[i0:i1], labels, i0)
         per = F.relu(torch.logaddexp(L[i0:i1, None], L[None, :]) + d - pos_margin).pow(2).mul(0.5)
         per = per.masked_fill(~pos, 0)
-        return per.sum(), (per > 0).sum()
+        return per.sum(), pos.sum()
 
     parts = blockwise(pos_pairs, N, N, x, sq, L)
     total, count = (torch.stack(p).sum() for p in zip(*parts))
-    return _avg_nonzero(total, count, embeddings)
+    return total / count  # count > 0: some class has two members
 
 
 class LiftedStructureLoss(nn.Module):

@@ -222,7 +222,7 @@ def npairs_naive(embeddings, labels) -> Tensor:
 def lifted_structure_naive(embeddings, labels, neg_margin=1.0, pos_margin=0.0) -> Tensor:
     """Lifted structured loss (Oh Song et al. 2016) as pml's LiftedStructureLoss: per ordered positive
     pair (i, j): relu(log(sum_{n neg of i} e^{m - d_in} + sum_{n neg of j} e^{m - d_jn}) + d_ij - m_pos)^2 / 2,
-    averaged over nonzero terms."""
+    averaged over all positive pairs (pml's MeanReducer)."""
     d = _cdist(_normalize(embeddings))
     pos, neg = _masks(labels)
     if not pos.any() or not neg.any():
@@ -231,5 +231,5 @@ def lifted_structure_naive(embeddings, labels, neg_margin=1.0, pos_margin=0.0) -
     lse = torch.where(neg.any(1), lse, torch.zeros_like(lse))
     i, j = torch.nonzero(pos, as_tuple=True)
     per = F.relu(torch.logaddexp(lse[i], lse[j]) + d[i, j] - pos_margin) ** 2 / 2
-    return _avg_nonzero(per, embeddings)
+    return per.mean()
 
