@@ -218,3 +218,27 @@ def test_backend_selection():
         ops.similarity_lse(torch.randn(3, 2), backend="fastest")
     with pytest.raises(ops.BackendUnavailable, match="backend='cuda' is unavailable"):
         ops.similarity_lse(torch.randn(3, 2), backend="cuda")
+
+
+def test_torch_backend_exact_at_large_logsumexp():
+    """Rows whose LSE is ~1e4..1e5 (unnormalised features, a large bias): the torch backend's G
+    must be as accurate as the float32 reference's, on the general and the mirrored path. (It
+    once folded the upstream weight into the shift, lse − log(w), whose rounding at that size
+    moved every entry of G by ~1e-3 relative.)"""
+    from tolerances import assert_within_twice_reference_error
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(40, 8, generator=g, dtype=torch.float64) * 30
+    k = torch.randn(23, 8, generator=g, dtype=torch.float64) * 30
+    bias = torch.randn(23, generator=g, dtype=torch.float64) * 1e4
+    w = torch.rand(40, generator=g, dtype=torch.float64)  # non-negative weights, as any mean or sum
+    for kk, b in ((None, None), (k, bias)):
+        def grads(backend, dt):
+            q = x.to(dt).detach().requires_grad_()
+            kd = None if kk is None else kk.to(dt)
+            row, _ = ops.similarity_lse(q, kd, 1.0, None if b is None else b.to(dt), backend=backend)
+            (row.double() * w).sum().backward()
+            return q.grad
+        exact = grads("reference", torch.float64)
+        assert_within_twice_reference_error(grads("torch", torch.float32), grads("reference", torch.float32), exact,
+                                            1e-5 * exact.abs().max().item(), what=f"dq, k={'q' if kk is None else 'k'}")
