@@ -463,3 +463,31 @@ def test_label_and_argument_errors():
         L.TripletMarginLoss(mining="semihard")
     with pytest.raises(ValueError, match="temperature"):
         L.SupConLoss(temperature=0)
+
+
+def test_bad_arguments_name_themselves():
+    """Each raises at once, naming the argument (found by review: these once passed silently,
+    returned NaN, or failed later with a bare broadcast error)."""
+    x, y = torch.randn(4, 8), torch.tensor([0, 0, 1, 1])
+    cases = [
+        (ValueError, "views must have at least one sample", lambda: L.NTXentLoss()(torch.randn(2, 0, 3))),
+        (ValueError, "query must have dim = 8", lambda: L.MoCoLoss(dim=8)(torch.randn(4, 5), torch.randn(4, 5))),
+        (ValueError, "key must have dim = 8", lambda: L.MoCoLoss(dim=8)(x, torch.randn(4, 5))),
+        (ValueError, "teacher_out must have output_dim = 8",
+         lambda: L.DINOLoss(output_dim=8)([torch.randn(4, 16)] * 2, [torch.randn(4, 16)] * 2)),
+        (ValueError, "teacher_temp must be a positive",
+         lambda: L.DINOLoss(output_dim=8)([x] * 2, [x] * 3, teacher_temp=0.0)),
+        (ValueError, "center_momentum must be in", lambda: L.DINOLoss(output_dim=8, center_momentum=5)),
+        (ValueError, "center must hold one value per output dimension",
+         lambda: L.dino_loss([x] * 2, [x] * 2, torch.zeros(5))),
+        (TypeError, "neg_margin must be a finite number", lambda: L.ContrastiveLoss(neg_margin="a")),
+        (ValueError, "pos_margin must be a finite number", lambda: L.ContrastiveLoss(pos_margin=float("nan"))),
+        (ValueError, "margin must be a finite number", lambda: L.TripletMarginLoss(margin=float("inf"))),
+        (TypeError, "neg_margin must be a finite number", lambda: L.LiftedStructureLoss(neg_margin="a")),
+        (ValueError, "iterations must be a non-negative int", lambda: L.sinkhorn(x, iterations=-2)),
+        (ValueError, "sinkhorn_iterations must be a non-negative int", lambda: L.SwAVLoss(sinkhorn_iterations=1.5)),
+    ]
+    for error, match, call in cases:
+        with pytest.raises(error, match=match):
+            call()
+    assert torch.isfinite(L.ContrastiveLoss(pos_margin=0.1, neg_margin=0.9)(x, y))

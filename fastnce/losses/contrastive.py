@@ -39,6 +39,8 @@ def _stack_views(views) -> Tensor:
     if isinstance(views, Tensor):
         if views.dim() != 3:
             raise ValueError(f"views as a tensor must have shape (V, N, D), got {tuple(views.shape)}")
+        if views.shape[1] == 0 or views.shape[2] == 0:
+            raise ValueError(f"views must have at least one sample and one feature, got shape {tuple(views.shape)}")
         return views
     if not isinstance(views, (list, tuple)) or len(views) == 0:
         raise TypeError(f"views must be a (V, N, D) tensor or a list/tuple of (N, D) tensors, got {type(views).__name__}")
@@ -212,6 +214,9 @@ class MoCoLoss(nn.Module):
         self.queue_ptr.add_(n).remainder_(self.queue_size)
 
     def forward(self, query: Tensor, key: Tensor, update_queue: bool = True) -> Tensor:
+        for name, x in (("query", query), ("key", key)):
+            if isinstance(x, Tensor) and x.shape[-1:] != (self.dim,):
+                raise ValueError(f"{name} must have dim = {self.dim} features (the queue's), got shape {tuple(x.shape)}")
         queue = self.queue.to(query.dtype) if self.queue.dtype != query.dtype else self.queue
         loss = info_nce(query, key, queue.detach(), self.temperature, self.reduction,
                         "unpaired", backend=self.backend)

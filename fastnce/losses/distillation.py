@@ -51,6 +51,8 @@ def dino_loss(teacher_out: Sequence[Tensor], student_out: Sequence[Tensor], cent
     check_same({"teacher_out": t, "student_out": s})
     if t.shape[1:] != s.shape[1:]:
         raise ValueError(f"student views must have the teacher views' shape {tuple(t.shape[1:])}, got {tuple(s.shape[1:])}")
+    if center.numel() != t.shape[-1]:
+        raise ValueError(f"center must hold one value per output dimension ({t.shape[-1]}), got shape {tuple(center.shape)}")
     Vt, Vs, B = t.shape[0], s.shape[0], t.shape[1]
     n_terms = Vt * Vs - min(Vt, Vs)
     if n_terms == 0:
@@ -85,6 +87,8 @@ class DINOLoss(nn.Module):
         for name, v in (("warmup_teacher_temp", warmup_teacher_temp), ("teacher_temp", teacher_temp),
                         ("student_temp", student_temp)):
             check_temperature(v, name)
+        if not 0.0 <= center_momentum <= 1.0:
+            raise ValueError(f"center_momentum must be in [0, 1], got {center_momentum}")
         self.output_dim = output_dim
         self.teacher_temp, self.student_temp = teacher_temp, student_temp
         self.center_momentum = center_momentum
@@ -94,6 +98,7 @@ class DINOLoss(nn.Module):
 
     def _teacher_temperature(self, teacher_temp, epoch) -> float:
         if teacher_temp is not None:
+            check_temperature(teacher_temp, "teacher_temp")
             return float(teacher_temp)
         if epoch is not None and epoch < self.warmup_teacher_temp_epochs:
             return float(self.teacher_temp_schedule[epoch])
@@ -101,6 +106,9 @@ class DINOLoss(nn.Module):
 
     def forward(self, teacher_out: Sequence[Tensor], student_out: Sequence[Tensor],
                 teacher_temp: Optional[float] = None, epoch: Optional[int] = None) -> Tensor:
+        if teacher_out and isinstance(teacher_out[0], Tensor) and teacher_out[0].shape[-1:] != (self.output_dim,):
+            raise ValueError(f"teacher_out must have output_dim = {self.output_dim} features, "
+                             f"got shape {tuple(teacher_out[0].shape)}")
         loss = dino_loss(teacher_out, student_out, self.center, self._teacher_temperature(teacher_temp, epoch),
                          self.student_temp)
         self.update_center(teacher_out)
@@ -119,15 +127,23 @@ def update_teacher(teacher: nn.Module, student: nn.Module, m: float = 0.996) -> 
 
 # ------------------------------------------------------------------------------ SwAV
 
+def _check_iterations(n, name: str) -> None:
+    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+        raise ValueError(f"{name} must be a non-negative int, got {n!r}")
+
+
 @torch.no_grad()
 def sinkhorn(scores: Tensor, iterations: int = 3, epsilon: float = 0.05) -> Tensor:
     """Sinkhorn-Knopp codes (SwAV, Caron et al. 2020), lightly's / the authors' algorithm.
 
     scores (B, K) → codes (B, K): Q = exp(scores/ε) normalised to equal prototype mass and
-    equal sample mass, `iterations` rounds; each row of the result sums to 1. Run in the log
+    equal sample mass, `iterations` rounds; after one or more, each row of the result sums to 1
+    (0 rounds, as lightly allows: exp(scores/ε) scaled to total mass B, unbalanced). Run in the log
     domain: the same result as the authors' exp-then-divide loop, without overflow or an
     all-zero row when scores/ε spans more than float range.
     """
+    _check_iterations(iterations, "iterations")
+    check_temperature(epsilon, "epsilon")
     acc = lse_dtype(scores.dtype)
     log_q = (scores.to(acc) / epsilon).T  # (K, B)
     K, B = log_q.shape
@@ -183,6 +199,7 @@ class SwAVLoss(nn.Module):
         super().__init__()
         check_temperature(temperature)
         check_temperature(sinkhorn_epsilon, "sinkhorn_epsilon")
+        _check_iterations(sinkhorn_iterations, "sinkhorn_iterations")
         self.temperature, self.sinkhorn_iterations, self.sinkhorn_epsilon = temperature, sinkhorn_iterations, sinkhorn_epsilon
 
     def forward(self, high_resolution_outputs, low_resolution_outputs=(), queue_outputs=None) -> Tensor:

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .._checks import check_reduction, check_temperature, reduce
+from .._checks import check_finite_scalar, check_reduction, check_temperature, reduce
 from ..functional import l2_normalize, paired_logits
 from ..ops import lse_dtype, similarity_lse
 from ._common import (
@@ -180,6 +180,8 @@ class ContrastiveLoss(nn.Module):
 
     def __init__(self, pos_margin: float = 0.0, neg_margin: float = 1.0, normalize_embeddings: bool = True):
         super().__init__()
+        check_finite_scalar(pos_margin, "pos_margin")
+        check_finite_scalar(neg_margin, "neg_margin")
         self.pos_margin, self.neg_margin, self.normalize_embeddings = pos_margin, neg_margin, normalize_embeddings
 
     def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
@@ -240,6 +242,7 @@ class TripletMarginLoss(nn.Module):
 
     def __init__(self, margin: float = 0.05, mining: str = "all", normalize_embeddings: bool = True):
         super().__init__()
+        check_finite_scalar(margin, "margin")
         if mining not in ("all", "batch_hard"):
             raise ValueError(f"mining must be 'all' or 'batch_hard', got {mining!r}")
         self.margin, self.mining, self.normalize_embeddings = margin, mining, normalize_embeddings
@@ -289,6 +292,8 @@ class LiftedStructureLoss(nn.Module):
 
     def __init__(self, neg_margin: float = 1.0, pos_margin: float = 0.0, normalize_embeddings: bool = True):
         super().__init__()
+        check_finite_scalar(neg_margin, "neg_margin")
+        check_finite_scalar(pos_margin, "pos_margin")
         self.neg_margin, self.pos_margin, self.normalize_embeddings = neg_margin, pos_margin, normalize_embeddings
 
     def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
