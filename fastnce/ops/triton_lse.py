@@ -290,6 +290,27 @@ if triton is not None:
         return b_G.to(b_like.dtype)
 
     @triton.jit
+    def _scalar(p, HAS: tl.constexpr, default: tl.constexpr):
+        """The fp32 scalar at p, or default when it is absent (a float16 backward's G scale, 1;
+        SigLIP's bias, 0)."""
+        b = default
+        if HAS:
+            b = tl.load(p)
+        return b
+
+    @triton.jit
+    def _store_grad(p_out, p_db, o_r, m_r, o_v, m_v, D, b_acc, b_db, b_ginv, i_d,
+                    G_NORM: tl.constexpr, WRITE_DB: tl.constexpr):
+        """A backward program's output: its (rows o_r, features o_v) block of the gradient, freed
+        of G's float16 scaling, and, from feature block 0, its rows' sums of G."""
+        if G_NORM:
+            b_acc = b_acc / b_ginv
+        tl.store(p_out + o_r[:, None] * D + o_v[None, :], b_acc, mask=m_r[:, None] & m_v[None, :])
+        if WRITE_DB:
+            if i_d == 0:
+                tl.store(p_db + o_r, b_db, mask=m_r)
+
+    @triton.jit
     def _pair_blocks(k, n_b):
         """(first, step, count) of the row blocks k and n_b − 1 − k that a program of the half
         kernels owns (n_b + 1 tiles on and above the diagonal together, balanced): block
@@ -531,9 +552,7 @@ if triton is not None:
         o_v = i_d * BDV + tl.arange(0, BDV)
         m_v = o_v < D
         b_scale = tl.load(p_scale)
-        b_ginv = 1.0
-        if G_NORM:
-            b_ginv = tl.load(p_ginv)
+        b_ginv = _scalar(p_ginv, G_NORM, 1.0)
         b_yi = _labels(p_lx, o_i, m_i, MASK_MODE)
         b_bi = _line(p_bias, o_i, m_i, HAS_BIAS and (BIAS_ON_ROW or SYM))
         # per-row terms of G (and, for the mirror, the per-column terms at the rows)
@@ -579,12 +598,7 @@ if triton is not None:
                     b_db += tl.sum(b_G, 1)
             b_yv = _features(p_y, o_j, m_j, o_v, m_v, D, b_yt, ONE_K and BDV == BK, DOT_F32)
             b_acc += tl.dot(_g_operand(b_G, b_yv, b_ginv, G_NORM), b_yv, input_precision=PREC)
-        if G_NORM:
-            b_acc = b_acc / b_ginv
-        tl.store(p_dx + o_i[:, None] * D + o_v[None, :], b_acc, mask=m_i[:, None] & m_v[None, :])
-        if WRITE_DB:
-            if i_d == 0:
-                tl.store(p_db + o_i, b_db, mask=m_i)
+        _store_grad(p_dx, p_db, o_i, m_i, o_v, m_v, D, b_acc, b_db, b_ginv, i_d, G_NORM, WRITE_DB)
 
 
     # ------------------------------------------------------------------ forward, one pass (panels)
@@ -745,9 +759,7 @@ if triton is not None:
         o_v = i_d * BDV + tl.arange(0, BDV)
         m_v = o_v < D
         b_scale = tl.load(p_scale)
-        b_ginv = 1.0
-        if G_NORM:
-            b_ginv = tl.load(p_ginv)
+        b_ginv = _scalar(p_ginv, G_NORM, 1.0)
         b_yj = _labels(p_lk, o_j, m_j, MASK_MODE)
         b_bj = _line(p_bias, o_j, m_j, HAS_BIAS)
         b_hj, b_cj = _terms(p_h, p_c, o_j, m_j, HAS_H)
@@ -779,12 +791,7 @@ if triton is not None:
                 b_kc = _features(p_k, o_j, m_j, o_c, m_c, D, b_kj, ONE_K and DQC == BK, DOT_F32)
                 # fp32 atomics: the order of the ⌈N/BN⌉ additions into dq[i] varies run to run
                 _add_tile(p_dq, o_i, m_i, o_c, m_c, D, tl.dot(b_Gc, b_kc, input_precision=PREC), b_ginv, G_NORM)
-        if G_NORM:
-            b_acc = b_acc / b_ginv
-        tl.store(p_dk + o_j[:, None] * D + o_v[None, :], b_acc, mask=m_j[:, None] & m_v[None, :])
-        if WRITE_DB:
-            if i_d == 0:
-                tl.store(p_db + o_j, b_db, mask=m_j)
+        _store_grad(p_dk, p_db, o_j, m_j, o_v, m_v, D, b_acc, b_db, b_ginv, i_d, G_NORM, WRITE_DB)
 
 
     # ------------------------------------------------------------------ symmetric backward, half the tiles (atomics)
@@ -819,9 +826,7 @@ if triton is not None:
         i_k = tl.program_id(0)
         n_b = tl.cdiv(M, BM)
         b_scale = tl.load(p_scale)
-        b_ginv = 1.0
-        if G_NORM:
-            b_ginv = tl.load(p_ginv)
+        b_ginv = _scalar(p_ginv, G_NORM, 1.0)
         o_v = tl.arange(0, BDV)
         m_v = o_v < D
         first, step, n_own = _pair_blocks(i_k, n_b)

@@ -31,7 +31,8 @@ from .triton_lse import SUPPORTED_DTYPES, triton, tl, unavailable_reason  # noqa
 if triton is not None:
     from .triton_lse import (
         _ATOMIC_CFGS, AUTOTUNE, _add_tile, _cfgs, _check, _default_meta, _dot_args, _dummy, _features,
-        _g_operand, _ginv, _held, _key, _one_k, _plan, _s_step, _tune_on_slice, _tuned, deterministic,
+        _g_operand, _ginv, _held, _key, _one_k, _plan, _s_step, _scalar, _store_grad, _tune_on_slice, _tuned,
+        deterministic,
     )
 
     @triton.jit
@@ -77,9 +78,7 @@ if triton is not None:
         o_i = (i_m * BM + tl.arange(0, BM)).to(tl.int64)
         m_i = o_i < M
         b_scale = tl.load(p_scale)
-        b_bias = 0.0
-        if HAS_BIAS:
-            b_bias = tl.load(p_bias)
+        b_bias = _scalar(p_bias, HAS_BIAS, 0.0)
         b_acc = tl.zeros([BM], dtype=tl.float32)
         b_xi = _held(p_x, o_i, m_i, D, BK, DOT_F32, ONE_K)
         for j0 in range(0, N, BN):
@@ -108,12 +107,8 @@ if triton is not None:
         o_v = i_d * BDV + tl.arange(0, BDV)
         m_v = o_v < D
         b_scale = tl.load(p_scale)
-        b_bias = 0.0
-        if HAS_BIAS:
-            b_bias = tl.load(p_bias)
-        b_ginv = 1.0
-        if G_NORM:
-            b_ginv = tl.load(p_ginv)
+        b_bias = _scalar(p_bias, HAS_BIAS, 0.0)
+        b_ginv = _scalar(p_ginv, G_NORM, 1.0)
         b_gi = tl.full([BM], 1.0, dtype=tl.float32)
         if G_ON_ROW:
             b_gi = tl.load(p_g + o_i, mask=m_i, other=0.0)
@@ -132,12 +127,7 @@ if triton is not None:
                 b_db += tl.sum(b_G, 1)
             b_yv = _features(p_y, o_j, m_j, o_v, m_v, D, b_yt, ONE_K and BDV == BK, DOT_F32)
             b_acc += tl.dot(_g_operand(b_G, b_yv, b_ginv, G_NORM), b_yv, input_precision=PREC)
-        if G_NORM:
-            b_acc = b_acc / b_ginv
-        tl.store(p_dx + o_i[:, None] * D + o_v[None, :], b_acc, mask=m_i[:, None] & m_v[None, :])
-        if WRITE_DB:
-            if i_d == 0:
-                tl.store(p_db + o_i, b_db, mask=m_i)
+        _store_grad(p_dx, p_db, o_i, m_i, o_v, m_v, D, b_acc, b_db, b_ginv, i_d, G_NORM, WRITE_DB)
 
     @triton.jit
     def _sig_bwd_atomic_kernel(p_q, p_k, p_scale, p_bias, p_g, p_ginv, p_dq, p_dk, p_db,
@@ -158,12 +148,8 @@ if triton is not None:
         o_v = i_d * BDV + tl.arange(0, BDV)
         m_v = o_v < D
         b_scale = tl.load(p_scale)
-        b_bias = 0.0
-        if HAS_BIAS:
-            b_bias = tl.load(p_bias)
-        b_ginv = 1.0
-        if G_NORM:
-            b_ginv = tl.load(p_ginv)
+        b_bias = _scalar(p_bias, HAS_BIAS, 0.0)
+        b_ginv = _scalar(p_ginv, G_NORM, 1.0)
         b_ones = tl.full([BN], 1.0, dtype=tl.float32)
         b_acc = tl.zeros([BN, BDV], dtype=tl.float32)
         b_db = tl.zeros([BN], dtype=tl.float32)
@@ -184,12 +170,7 @@ if triton is not None:
                 m_c = o_c < D
                 b_kc = _features(p_k, o_j, m_j, o_c, m_c, D, b_kj, ONE_K and DQC == BK, DOT_F32)
                 _add_tile(p_dq, o_i, m_i, o_c, m_c, D, tl.dot(b_Gc, b_kc, input_precision=PREC), b_ginv, G_NORM)
-        if G_NORM:
-            b_acc = b_acc / b_ginv
-        tl.store(p_dk + o_j[:, None] * D + o_v[None, :], b_acc, mask=m_j[:, None] & m_v[None, :])
-        if WRITE_DB:
-            if i_d == 0:
-                tl.store(p_db + o_j, b_db, mask=m_j)
+        _store_grad(p_dk, p_db, o_j, m_j, o_v, m_v, D, b_acc, b_db, b_ginv, i_d, G_NORM, WRITE_DB)
 
     _KEY = ["KEY_M", "KEY_N", "D", "HAS_BIAS", "POSITIVE"]
     _fwd, _bwd, _atomic = (_one_k(k) for k in (_sig_fwd_kernel, _sig_bwd_kernel, _sig_bwd_atomic_kernel))
