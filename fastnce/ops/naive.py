@@ -48,6 +48,21 @@ def valid_mask(
     return keep
 
 
+def similarity_matrix(q: Tensor, k: Tensor, scale: Tensor, bias: Optional[Tensor] = None,
+                      products_in_input_dtype: bool = False) -> Tensor:
+    """S = scale·q@kᵀ + bias (M, N), materialised, in the LSE dtype (float64 for float64 inputs,
+    float32 otherwise); bias a column vector (N,) or a scalar. products_in_input_dtype: q@kᵀ
+    (and so its gradients) in the inputs' dtype, as eager PyTorch under autocast computes it:
+    the baseline error of DESIGN.md §6's criterion."""
+    acc = lse_dtype(q.dtype)
+    with torch.autocast(q.device.type, enabled=False):
+        if products_in_input_dtype:
+            S = scale.to(acc) * (q @ k.T).to(acc)
+        else:
+            S = scale.to(acc) * (q.to(acc) @ k.to(acc).T)
+    return S if bias is None else S + bias.to(acc)
+
+
 def similarity_lse_naive(
     q: Tensor,
     k: Tensor,
@@ -60,20 +75,11 @@ def similarity_lse_naive(
     with_col: bool = False,
     products_in_input_dtype: bool = False,
 ) -> tuple[Tensor, Optional[Tensor]]:
-    """row_lse (M,) and col_lse (N,) or None of S = scale·q@kᵀ + bias, masked.
+    """row_lse (M,) and col_lse (N,) or None of S = scale·q@kᵀ + bias (similarity_matrix), masked.
 
     Computed in float64 for float64 inputs, float32 otherwise (the result dtype of every backend).
-    products_in_input_dtype: q@kᵀ (and so its gradients) in the inputs' dtype, as eager PyTorch
-    under autocast computes it: the baseline error of DESIGN.md §6's criterion.
     """
-    acc = lse_dtype(q.dtype)
-    with torch.autocast(q.device.type, enabled=False):
-        if products_in_input_dtype:
-            S = scale.to(acc) * (q @ k.T).to(acc)
-        else:
-            S = scale.to(acc) * (q.to(acc) @ k.to(acc).T)
-    if bias is not None:
-        S = S + bias.to(acc)[None, :]
+    S = similarity_matrix(q, k, scale, bias, products_in_input_dtype)
     keep = valid_mask(q.shape[0], k.shape[0], q_labels, k_labels, mask_mode, exclude_offset, q.device)
     if keep is None:
         row, col = torch.logsumexp(S, 1), (torch.logsumexp(S, 0) if with_col else None)
@@ -116,17 +122,12 @@ def _masked_lse(S: Tensor, keep: Tensor, dim: int) -> Tensor:
     return torch.where(any_valid.squeeze(dim), lse, float("-inf"))
 
 
-def positive_signs(M: int, N: int, positive_offset: Optional[int], device, dtype, row_start: int = 0, col_start: int = 0) -> Tensor:
-    """(M, N) of ±1: +1 where j == i + positive_offset (the positive pairs), −1 elsewhere.
-
-    Rows and columns are offset by row_start / col_start as in valid_mask, so a tiled backend
-    can ask for one tile; positive_offset None: every pair is a negative.
-    """
+def positive_signs(M: int, N: int, positive_offset: Optional[int], device, dtype) -> Tensor:
+    """(M, N) of ±1: +1 where j == i + positive_offset (the positive pairs), −1 elsewhere;
+    positive_offset None: every pair is a negative."""
     sign = torch.full((M, N), -1.0, dtype=dtype, device=device)
-    if positive_offset is not None:
-        d = row_start + positive_offset - col_start
-        if -M < d < N:
-            sign.diagonal(d).fill_(1.0)
+    if positive_offset is not None and -M < positive_offset < N:
+        sign.diagonal(positive_offset).fill_(1.0)
     return sign
 
 
@@ -140,14 +141,7 @@ def similarity_sigmoid_nll_naive(
 ) -> Tensor:
     """(M,) row sums of −log σ(z[i, j] · S[i, j]), S = scale·q@kᵀ + bias (a scalar), z from
     positive_signs: SigLIP's per-image loss. Materialises S; float64 for float64 inputs, else
-    float32; products_in_input_dtype as in similarity_lse_naive."""
-    acc = lse_dtype(q.dtype)
-    with torch.autocast(q.device.type, enabled=False):
-        if products_in_input_dtype:
-            S = scale.to(acc) * (q @ k.T).to(acc)
-        else:
-            S = scale.to(acc) * (q.to(acc) @ k.to(acc).T)
-    if bias is not None:
-        S = S + bias.to(acc)
-    z = positive_signs(q.shape[0], k.shape[0], positive_offset, q.device, acc)
+    float32; products_in_input_dtype as in similarity_matrix."""
+    S = similarity_matrix(q, k, scale, bias, products_in_input_dtype)
+    z = positive_signs(q.shape[0], k.shape[0], positive_offset, q.device, S.dtype)
     return nan_rows_where_not_finite(-torch.nn.functional.logsigmoid(z * S).sum(1), q, k)

@@ -41,12 +41,19 @@ def _tile(qi, kj, scale, bias, q_labels, k_labels, mask_mode, exclude_offset, i0
     if mask_mode != MASK_NONE:
         same = k_labels[None, j0 : j0 + kj.shape[0]] == q_labels[i0 : i0 + qi.shape[0], None]
         S.masked_fill_(same.logical_not_() if mask_mode == MASK_SAME else same, float("-inf"))
-    if exclude_offset is not None:
-        # Only pairs j == i + offset go: one diagonal of the tile, when it crosses it.
-        d = i0 + exclude_offset - j0
-        if -S.shape[0] < d < S.shape[1]:
-            S.diagonal(d).fill_(float("-inf"))
+    excluded = _pairs(S, exclude_offset, i0, j0)
+    if excluded is not None:
+        excluded.fill_(float("-inf"))
     return S
+
+
+def _pairs(T: Tensor, offset, i0: int, j0: int):
+    """The entries of the pairs j == i + offset in the tile T of rows i0.. and columns j0.. (a
+    view of one of its diagonals), or None when offset is None or the tile does not cross them."""
+    if offset is None:
+        return None
+    d = i0 + offset - j0
+    return T.diagonal(d) if -T.shape[0] < d < T.shape[1] else None
 
 
 def _shift(lse: Tensor) -> Tensor:
@@ -203,10 +210,9 @@ def _signed_tile(qi, kj, scale, bias, positive_offset, i0, j0):
     T.mul_(-scale)
     if bias is not None:
         T.sub_(bias)
-    if positive_offset is not None:
-        d = i0 + positive_offset - j0
-        if -T.shape[0] < d < T.shape[1]:
-            T.diagonal(d).neg_()
+    positives = _pairs(T, positive_offset, i0, j0)
+    if positives is not None:
+        positives.neg_()
     return T
 
 
@@ -243,11 +249,9 @@ def sigmoid_backward(q, k, scale, bias, positive_offset, grad_row, need_bias):
             qi = q[i0 : i0 + bm].to(acc)
             G = _signed_tile(qi, kj, s, bias, positive_offset, i0, j0).neg_().sigmoid_()
             G.mul_(grad_row[i0 : i0 + bm, None])
-            # −z: +1 on the negatives, −1 on the positives
-            if positive_offset is not None:
-                d = i0 + positive_offset - j0
-                if -G.shape[0] < d < G.shape[1]:
-                    G.diagonal(d).neg_()
+            positives = _pairs(G, positive_offset, i0, j0)  # −z: +1 on the negatives, −1 on the positives
+            if positives is not None:
+                positives.neg_()
             dq[i0 : i0 + bm].addmm_(G, kj)
             dk[j0 : j0 + bn].addmm_(G.T, qi)
             if need_bias:
