@@ -71,6 +71,24 @@ def run(backend, q, k, scale, b, w, offset, as_dtype=None):
     return [rows] + list(torch.autograd.grad((rows.double() * w).sum(), leaves))
 
 
+def check_within_twice_reference_error(backend, q, k, s, b, w, offset, what):
+    """DESIGN.md §6's criterion for rows and every gradient: the fast path's error against the
+    float64 reference at most twice that of the reference with its products in the inputs'
+    dtype (as eager PyTorch computes them), plus a floor; and finite."""
+    dtype = q.dtype
+    exact = run("reference", q, k, s, b, w, offset, as_dtype=torch.float64)
+    fast = run(backend, q, k, s, b, w, offset)
+    leaves = [q.detach().requires_grad_(), k.detach().requires_grad_(), s.float().requires_grad_()]
+    leaves += [] if b is None else [b.float().requires_grad_()]
+    low_rows = similarity_sigmoid_nll_naive(*leaves[:3], leaves[3] if b is not None else None, offset,
+                                            products_in_input_dtype=True)
+    low = [low_rows] + list(torch.autograd.grad((low_rows.double() * w).sum(), leaves))
+    for name, f, l, e in zip(["rows", "dq", "dk", "dscale", "dbias"], fast, low, exact):
+        assert torch.isfinite(f).all(), f"{name} {what}"
+        floor = ATOL[dtype] * max(1.0, e.abs().max().item())
+        assert_within_twice_reference_error(f, l, e, floor, what=f"{name} {what}")
+
+
 @pytest.mark.parametrize("path_backend", PATHS, indirect=True)
 @pytest.mark.parametrize("case", CASES, ids=str)
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
@@ -91,18 +109,9 @@ def test_fast_backends_match_the_reference_float32(path_backend, case, bias):
 def test_16_bit_inputs_within_twice_the_reference_error(path_backend, dtype, case):
     """The fast path's error against float64 at most twice that of the reference computed in the
     dtype itself (its products rounded to the dtype, as eager PyTorch computes them)."""
-    backend = path_backend
     M, N, D, off = case
     q, k, s, b, w = inputs(M, N, D, dtype, seed=3)
-    exact = run("reference", q, k, s, b, w, off, as_dtype=torch.float64)
-    fast = run(backend, q, k, s, b, w, off)
-    qq, kk = q.detach().requires_grad_(), k.detach().requires_grad_()
-    ss, bb = s.float().requires_grad_(), b.float().requires_grad_()
-    low_rows = similarity_sigmoid_nll_naive(qq, kk, ss, bb, off, products_in_input_dtype=True)
-    low = [low_rows] + list(torch.autograd.grad((low_rows.double() * w).sum(), [qq, kk, ss, bb]))
-    for name, f, l, e in zip(["rows", "dq", "dk", "dscale", "dbias"], fast, low, exact):
-        floor = ATOL[dtype] * max(1.0, e.abs().max().item())
-        assert_within_twice_reference_error(f, l, e, floor, what=f"{name} {dtype}")
+    check_within_twice_reference_error(path_backend, q, k, s, b, w, off, what=str(dtype))
 
 
 @pytest.mark.parametrize("backend", ["reference", "torch"])
@@ -299,15 +308,7 @@ def test_gpu_triton_every_dtype(dtype, case):
     """Large odd shapes on the GPU (the default configs) against float64 by DESIGN.md §6's criterion."""
     M, N, D, off = case
     q, k, s, b, w = inputs(M, N, D, dtype, seed=5)
-    exact = run("reference", q, k, s, b, w, off, as_dtype=torch.float64)
-    fast = run("triton", q, k, s, b, w, off)
-    qq, kk = q.detach().requires_grad_(), k.detach().requires_grad_()
-    ss, bb = s.float().requires_grad_(), b.float().requires_grad_()
-    low_rows = similarity_sigmoid_nll_naive(qq, kk, ss, bb, off, products_in_input_dtype=True)
-    low = [low_rows] + list(torch.autograd.grad((low_rows.double() * w).sum(), [qq, kk, ss, bb]))
-    for name, f, l, e in zip(["rows", "dq", "dk", "dscale", "dbias"], fast, low, exact):
-        floor = ATOL[dtype] * max(1.0, e.abs().max().item())
-        assert_within_twice_reference_error(f, l, e, floor, what=f"{name} {dtype}")
+    check_within_twice_reference_error("triton", q, k, s, b, w, off, what=str(dtype))
 
 
 # ---------------------------------------------------------------------- drawn problems
@@ -338,17 +339,7 @@ def _check_drawn(backend, p):
     s = torch.tensor(scale, dtype=torch.float64, device=DEV)
     b = None if bias is None else torch.tensor(bias, dtype=torch.float64, device=DEV)
     w = torch.randn(M, generator=g, dtype=torch.float64).to(DEV)
-    exact = run("reference", q, k, s, b, w, offset, as_dtype=torch.float64)
-    fast = run(backend, q, k, s, b, w, offset)
-    qq, kk, ss = q.detach().requires_grad_(), k.detach().requires_grad_(), s.float().requires_grad_()
-    leaves = [qq, kk, ss] + ([] if b is None else [b.float().requires_grad_()])
-    low_rows = similarity_sigmoid_nll_naive(qq, kk, ss, leaves[3] if b is not None else None, offset,
-                                            products_in_input_dtype=True)
-    low = [low_rows] + list(torch.autograd.grad((low_rows.double() * w).sum(), leaves))
-    for name, f, l, e in zip(["rows", "dq", "dk", "dscale", "dbias"], fast, low, exact):
-        assert torch.isfinite(f).all(), name
-        floor = ATOL[dtype] * max(1.0, e.abs().max().item())
-        assert_within_twice_reference_error(f, l, e, floor, what=f"{name} {p}")
+    check_within_twice_reference_error(backend, q, k, s, b, w, offset, what=str(p))
 
 
 @pytest.mark.parametrize("path_backend", PATHS, indirect=True)
