@@ -50,21 +50,34 @@ def available_backends(device: Union[str, torch.device] = "cpu", dtype: torch.dt
     return ["reference"] + [b for b in BACKENDS if unavailable_reason(b, device, dtype, op) is None]
 
 
-def _prepare(q, k, scale, bias, labels, k_labels, label_mask, exclude_self, diag_offset):
-    """Check arguments; return contiguous tensors and the kernel's mask arguments."""
+def _check_features(q, k) -> None:
+    """q (M, D), and k (N, D) or None, floating point, on q's device and in q's dtype."""
     check_features("q", q)
     if k is not None:
         check_features("k", k)
         check_dim_match("q", q, "k", k)
     check_same({"q": q, "k": k})
+
+
+def _scalar_arg(name: str, x, q: Tensor) -> Tensor:
+    """x (a number, or a one-element tensor on q's device) as a 0-dim tensor; a number in the
+    LSE dtype of q."""
+    if not isinstance(x, Tensor):
+        if not isinstance(x, Real) or isinstance(x, bool):
+            raise TypeError(f"{name} must be a number or a one-element tensor, got {type(x).__name__}")
+        x = torch.tensor(float(x), dtype=lse_dtype(q.dtype), device=q.device)
+    if x.numel() != 1:
+        raise ValueError(f"{name} must be a scalar, got a tensor of shape {tuple(x.shape)}")
+    if x.device != q.device:
+        raise ValueError(f"{name} must be on the same device as q ({q.device}), got {x.device}")
+    return x.reshape(())
+
+
+def _prepare(q, k, scale, bias, labels, k_labels, label_mask, exclude_self, diag_offset):
+    """Check arguments; return contiguous tensors and the kernel's mask arguments."""
+    _check_features(q, k)
     N = q.shape[0] if k is None else k.shape[0]
-    if not isinstance(scale, Tensor):
-        scale = torch.tensor(float(scale), dtype=lse_dtype(q.dtype), device=q.device)
-    if scale.numel() != 1:
-        raise ValueError(f"scale must be a scalar, got a tensor of shape {tuple(scale.shape)}")
-    if scale.device != q.device:
-        raise ValueError(f"scale must be on the same device as q ({q.device}), got {scale.device}")
-    scale = scale.reshape(())
+    scale = _scalar_arg("scale", scale, q)
     if bias is not None:
         if not isinstance(bias, Tensor) or bias.shape != (N,):
             raise ValueError(f"bias must be a tensor of shape ({N},), one entry per column, got {getattr(bias, 'shape', bias)}")
@@ -178,27 +191,11 @@ def lse_backward(q, k=None, scale=1.0, bias=None, *, row_lse, grad_row=None, col
 def _prepare_sigmoid(q, k, scale, bias, positive_offset, backend):
     """Check arguments; return contiguous q, k, 0-dim scale and bias (or None) in the LSE dtype,
     the offset and the backend that will run."""
-    check_features("q", q)
-    check_features("k", k)
-    check_dim_match("q", q, "k", k)
-    check_same({"q": q, "k": k})
-    acc = lse_dtype(q.dtype)
-    scalars = []
-    if scale is None:
-        raise TypeError("scale must be a number or a one-element tensor, got None")
-    for name, x in (("scale", scale), ("bias", bias)):
-        if x is not None:
-            if not isinstance(x, Tensor):
-                if not isinstance(x, Real) or isinstance(x, bool):
-                    raise TypeError(f"{name} must be a number or a one-element tensor, got {type(x).__name__}")
-                x = torch.tensor(float(x), dtype=acc, device=q.device)
-            if x.numel() != 1:
-                raise ValueError(f"{name} must be a scalar, got a tensor of shape {tuple(x.shape)}")
-            if x.device != q.device:
-                raise ValueError(f"{name} must be on the same device as q ({q.device}), got {x.device}")
-            x = x.reshape(())
-        scalars.append(x)
-    scale, bias = scalars
+    if k is None:
+        raise TypeError("k must be a torch.Tensor (the sigmoid primitive has no self-similarity form), got None")
+    _check_features(q, k)
+    scale = _scalar_arg("scale", scale, q)
+    bias = None if bias is None else _scalar_arg("bias", bias, q)
     if positive_offset is not None:
         if not isinstance(positive_offset, Integral) or isinstance(positive_offset, bool):
             raise TypeError(f"positive_offset must be an int or None, got {type(positive_offset).__name__}")
