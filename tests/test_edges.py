@@ -6,6 +6,8 @@ import torch
 import fastnce
 from fastnce import ops
 
+from big_inputs import operands_past_2_to_the_31
+
 LOSSES = {
     "nt_xent": lambda a, b, be: fastnce.nt_xent(a, b, 0.2, backend=be),
     "clip_loss": lambda a, b, be: fastnce.clip_loss(a, b, 5.0, backend=be),
@@ -190,14 +192,8 @@ def test_offsets_past_2_to_the_31_on_gpu(backend, side):
     """M·D (or N·D) > 2³¹ elements: the last rows must be right, so offsets are 64-bit."""
     if ops.unavailable_reason(backend, torch.device("cuda"), torch.bfloat16):
         pytest.skip(f"{backend} unavailable")
-    big_rows, D = (1 << 31) // 512 + 4099, 512  # 2³¹ + ~2M elements, 4.3 GB in bfloat16
-    g = torch.Generator(device="cuda").manual_seed(0)
-    big = torch.randn(big_rows, D, device="cuda", dtype=torch.bfloat16, generator=g)
-    small = torch.randn(64, D, device="cuda", dtype=torch.bfloat16, generator=g)
-    q, k = (big, small) if side == "q" else (small, big)
-    q.requires_grad_(), k.requires_grad_()
+    q, k, big, tail = operands_past_2_to_the_31(side)
     row, col = ops.similarity_lse(q, k, 0.05, col_lse=True, backend=backend)
-    tail = slice(big_rows - 300, big_rows)
     if side == "q":
         want_row, want_col = ops.similarity_lse(q.detach()[tail].float(), k.detach().float(), 0.05, col_lse=True,
                                                 backend="reference")

@@ -15,6 +15,7 @@ from fastnce.ops import tiled, triton_lse
 from fastnce.ops.function import BackendUnavailable
 from fastnce.ops.naive import similarity_sigmoid_nll_naive
 
+from big_inputs import operands_past_2_to_the_31
 from open_clip_losses import open_clip_loss
 from tolerances import ATOL, RTOL, assert_within_twice_reference_error
 
@@ -359,18 +360,12 @@ def test_drawn_problems_within_twice_the_reference_error(path_backend):
 def test_gpu_offsets_past_2_to_the_31(side):
     """M·D (or N·D) > 2³¹ elements: the last rows' sums and gradients must be right, so the
     kernels' offsets are 64-bit (as tests/test_edges.py checks for the LSE kernels)."""
-    big_rows, D = (1 << 31) // 512 + 4099, 512  # 2³¹ + ~2M elements, 4.3 GB in bfloat16
-    g = torch.Generator(device="cuda").manual_seed(0)
-    big = torch.randn(big_rows, D, device="cuda", dtype=torch.bfloat16, generator=g)
-    small = torch.randn(64, D, device="cuda", dtype=torch.bfloat16, generator=g)
-    q, k = (big, small) if side == "q" else (small, big)
-    q.requires_grad_(), k.requires_grad_()
+    q, k, big, tail = operands_past_2_to_the_31(side)
     rows = ops.similarity_sigmoid_nll(q, k, 0.05, -1.0, backend="triton")
     rows.sum().backward()
-    tail = slice(big_rows - 300, big_rows)
     # The tail's rows (or columns) hold no positive pair: the reference on the slice sees negatives only.
     t = big.detach()[tail].float().requires_grad_()
-    other = small.detach().float()
+    other = (k if side == "q" else q).detach().float()
     want = ops.similarity_sigmoid_nll(t if side == "q" else other, other if side == "q" else t, 0.05, -1.0,
                                       positive_offset=None, backend="reference")
     want.sum().backward()
