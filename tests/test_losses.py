@@ -164,13 +164,22 @@ def test_moco_no_update_and_momentum_update():
     before = loss.queue.clone()
     loss(torch.randn(3, 4), torch.randn(3, 4), update_queue=False)
     assert torch.equal(before, loss.queue) and int(loss.queue_ptr) == 0
+    loss.eval()  # a validation loss leaves the queue alone unless asked
+    loss(torch.randn(3, 4), torch.randn(3, 4))
+    assert torch.equal(before, loss.queue) and int(loss.queue_ptr) == 0
+    loss(torch.randn(3, 4), torch.randn(3, 4), update_queue=True)
+    assert int(loss.queue_ptr) == 3
+    loss.train()
     q_enc, k_enc = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3)), torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3))
     q_enc[1].running_mean.fill_(2.0)
     old = [p.clone() for p in k_enc.parameters()]
     L.momentum_update(k_enc, q_enc, m=0.9)
     for pk, po, pq in zip(k_enc.parameters(), old, q_enc.parameters()):
         torch.testing.assert_close(pk, 0.9 * po + 0.1 * pq)
-    assert torch.equal(k_enc[1].running_mean, q_enc[1].running_mean)
+    # buffers are the key encoder's own (MoCo, DINO and lightly average parameters only)
+    assert torch.equal(k_enc[1].running_mean, torch.zeros(3))
+    with pytest.raises(ValueError, match="parameter 0 has shape"):
+        L.momentum_update(torch.nn.Linear(4, 4), torch.nn.Linear(4, 1))
 
 
 # ---------------------------------------------------------------- CLIP
@@ -257,6 +266,17 @@ def test_dino_gradcheck():
     s = torch.randn(3, 3, 4, dtype=torch.float64, requires_grad=True)
     center = torch.randn(4, dtype=torch.float64)
     assert torch.autograd.gradcheck(lambda s: L.dino_loss(t, list(s), center, 0.5, 0.3), (s,))
+
+
+def test_dino_module_takes_stacked_views():
+    """DINOLoss, like dino_loss, takes (V, B, D) tensors as well as lists of (B, D) views."""
+    g = _gen(4)
+    t, s = torch.randn(2, 5, 8, generator=g), torch.randn(3, 5, 8, generator=g)
+    as_lists, as_tensors = L.DINOLoss(output_dim=8), L.DINOLoss(output_dim=8)
+    want = as_lists(list(t), list(s))
+    torch.testing.assert_close(as_tensors(t, s), want, rtol=0, atol=0)
+    torch.testing.assert_close(as_tensors.center, as_lists.center, rtol=0, atol=0)
+    assert as_tensors.center.abs().sum() > 0
 
 
 def test_update_teacher():
@@ -486,6 +506,19 @@ def test_bad_arguments_name_themselves():
         (TypeError, "neg_margin must be a finite number", lambda: L.LiftedStructureLoss(neg_margin="a")),
         (ValueError, "iterations must be a non-negative int", lambda: L.sinkhorn(x, iterations=-2)),
         (ValueError, "sinkhorn_iterations must be a non-negative int", lambda: L.SwAVLoss(sinkhorn_iterations=1.5)),
+        # the functional forms check what their modules check (a negative teacher_temp once
+        # gave a finite wrong number, 0 or NaN a NaN)
+        (ValueError, "teacher_temp must be a positive", lambda: L.dino_loss([x] * 2, [x] * 2, x[0], -0.04)),
+        (ValueError, "student_temp must be a positive",
+         lambda: L.dino_loss([x] * 2, [x] * 2, x[0], student_temp=float("nan"))),
+        (ValueError, "temperature must be a positive", lambda: L.swav_loss([x, x], temperature=0.0)),
+        (ValueError, "temperature must be a positive", lambda: L.swav_loss([x, x], temperature=float("inf"))),
+        (ValueError, "output_dim must be a positive int", lambda: L.DINOLoss(output_dim=0)),
+        (ValueError, "center_mode must be 'mean'", lambda: L.DINOLoss(output_dim=8, center_mode="median")),
+        (ValueError, "data_logits_model is an empty batch",
+         lambda: L.nce_loss(torch.zeros(0), torch.zeros(0), torch.zeros(0, 3), torch.zeros(0, 3))),
+        (ValueError, "noise_log_noise must have the same dtype",
+         lambda: L.nce_loss(y.float(), y.float(), x.float(), x.double())),
     ]
     for error, match, call in cases:
         with pytest.raises(error, match=match):

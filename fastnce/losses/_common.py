@@ -76,10 +76,12 @@ def pair_masks(lb: Tensor, labels: Tensor, i0: int):
 
 @torch.no_grad()
 def momentum_update(key_encoder: nn.Module, query_encoder: nn.Module, m: float = 0.999) -> None:
-    """EMA of parameters: key ← m·key + (1 − m)·query; buffers (e.g. BatchNorm statistics) copied.
+    """EMA of parameters: key ← m·key + (1 − m)·query, parameter by parameter.
 
     MoCo's momentum encoder (He et al. 2020) and the DINO / BYOL teacher: call after each
-    optimiser step. The two modules must have the same structure.
+    optimiser step. The two modules must have the same parameters' shapes, in order. Buffers
+    (BatchNorm statistics) are left alone, as in MoCo's, DINO's and lightly's updates: the key
+    encoder keeps the statistics of its own batches.
     """
     if not 0.0 <= m <= 1.0:
         raise ValueError(f"m must be in [0, 1], got {m}")
@@ -88,7 +90,8 @@ def momentum_update(key_encoder: nn.Module, query_encoder: nn.Module, m: float =
         raise ValueError(
             f"key_encoder has {len(k_params)} parameters, query_encoder {len(q_params)}: they must match"
         )
-    for pk, pq in zip(k_params, q_params):
+    for i, (pk, pq) in enumerate(zip(k_params, q_params)):
+        if pk.shape != pq.shape:
+            raise ValueError(f"key_encoder's parameter {i} has shape {tuple(pk.shape)}, query_encoder's "
+                             f"{tuple(pq.shape)}: they must match")
         pk.mul_(m).add_(pq.detach().to(pk.dtype), alpha=1.0 - m)
-    for bk, bq in zip(key_encoder.buffers(), query_encoder.buffers()):
-        bk.copy_(bq)

@@ -170,15 +170,17 @@ class DCLWLoss(DCLLoss):
 
 class MoCoLoss(nn.Module):
     """MoCo's InfoNCE against a queue of keys (He et al. 2020, "Momentum Contrast for
-    Unsupervised Visual Representation Learning"; v2 defaults).
+    Unsupervised Visual Representation Learning"). Defaults: the official code's (queue 65536,
+    temperature 0.07, MoCo v1's; the MoCo v2 recipe trains with temperature=0.2).
 
     Buffers: `queue` (queue_size, dim), L2-normalised keys, random normalised at start as in
     MoCo; `queue_ptr` () int64, next slot. Both are in the state_dict.
     forward(query, key): query, key (N, dim), normalised inside; key is the momentum encoder's
     output (compute it under torch.no_grad(): it is used as given). Loss per row
     logaddexp(pos, row_lse over the queue) − pos with pos = q·k/T (the primitive holds no N×K
-    matrix). Then, with update_queue=True (default), the keys are enqueued (detached,
-    normalised, wrap-around). Returns a scalar, or (N,) with reduction='none'.
+    matrix). Then the keys are enqueued (detached, normalised, wrap-around) if update_queue,
+    which by default (None) is the module's training mode: a validation loss under .eval()
+    leaves the queue alone. Returns a scalar, or (N,) with reduction='none'.
     Use `momentum_update(key_encoder, query_encoder, m)` for the key encoder.
     distributed=True: the keys of every rank are enqueued (fastnce.distributed.gather_keys), so
     the queue stays the same on every rank; the loss itself is each rank's own rows.
@@ -213,14 +215,14 @@ class MoCoLoss(nn.Module):
         self.queue.index_copy_(0, idx, keys.to(self.queue.device))
         self.queue_ptr.add_(n).remainder_(self.queue_size)
 
-    def forward(self, query: Tensor, key: Tensor, update_queue: bool = True) -> Tensor:
+    def forward(self, query: Tensor, key: Tensor, update_queue: Optional[bool] = None) -> Tensor:
         for name, x in (("query", query), ("key", key)):
             if isinstance(x, Tensor) and x.shape[-1:] != (self.dim,):
                 raise ValueError(f"{name} must have dim = {self.dim} features (the queue's), got shape {tuple(x.shape)}")
         queue = self.queue.to(query.dtype) if self.queue.dtype != query.dtype else self.queue
         loss = info_nce(query, key, queue.detach(), self.temperature, self.reduction,
                         "unpaired", backend=self.backend)
-        if update_queue:
+        if self.training if update_queue is None else update_queue:
             self.enqueue(fd.gather_keys(key) if self.distributed else key)
         return loss
 

@@ -40,12 +40,15 @@ def dino_loss(teacher_out: Sequence[Tensor], student_out: Sequence[Tensor], cent
     """DINO's cross-entropy (Caron et al. 2021, "Emerging Properties in Self-Supervised Vision
     Transformers"), lightly's DINOLoss formula, without the centre update.
 
-    teacher_out: Vt tensors (B, D); student_out: Vs tensors (B, D); center (D,) or (1, 1, D).
+    teacher_out: Vt tensors (B, D) (or one (Vt, B, D) tensor); student_out: Vs tensors (B, D) (or
+    (Vs, B, D)); center (D,) or (1, 1, D).
     P_t = softmax((teacher_t − center) / teacher_temp) (detached: the teacher is a target),
     the loss of a pair (t, s) is −Σ_d P_t · log_softmax(student_s / student_temp), summed over
     the Vt·Vs − min(Vt, Vs) pairs with t ≠ s (view i of the teacher is view i of the student)
     and the batch, divided by their number and B.
     """
+    check_temperature(teacher_temp, "teacher_temp")
+    check_temperature(student_temp, "student_temp")
     t = _stack("teacher_out", teacher_out)
     s = _stack("student_out", student_out)
     check_same({"teacher_out": t, "student_out": s})
@@ -72,7 +75,8 @@ class DINOLoss(nn.Module):
 
     Buffer `center` (1, 1, output_dim), updated after each forward by an EMA of the teacher
     outputs' batch mean: center ← m·center + (1 − m)·mean (no gradient).
-    forward(teacher_out: list of (B, D), student_out: list of (B, D), teacher_temp=None, epoch=None):
+    forward(teacher_out: list of (B, D) or (Vt, B, D), student_out: list of (B, D) or (Vs, B, D),
+    teacher_temp=None, epoch=None):
     teacher temperature = teacher_temp if given, else the linear warm-up schedule from
     warmup_teacher_temp to teacher_temp over warmup_teacher_temp_epochs when epoch is given,
     else teacher_temp. Loss as dino_loss. Returns a scalar.
@@ -82,8 +86,13 @@ class DINOLoss(nn.Module):
     """
 
     def __init__(self, output_dim: int = 65536, warmup_teacher_temp: float = 0.04, teacher_temp: float = 0.04,
-                 warmup_teacher_temp_epochs: int = 30, student_temp: float = 0.1, center_momentum: float = 0.9):
+                 warmup_teacher_temp_epochs: int = 30, student_temp: float = 0.1, center_momentum: float = 0.9,
+                 center_mode: str = "mean"):
         super().__init__()
+        if isinstance(output_dim, bool) or not isinstance(output_dim, int) or output_dim < 1:
+            raise ValueError(f"output_dim must be a positive int, got {output_dim!r}")
+        if center_mode != "mean":
+            raise ValueError(f"center_mode must be 'mean' (the only mode lightly has), got {center_mode!r}")
         for name, v in (("warmup_teacher_temp", warmup_teacher_temp), ("teacher_temp", teacher_temp),
                         ("student_temp", student_temp)):
             check_temperature(v, name)
@@ -106,16 +115,18 @@ class DINOLoss(nn.Module):
 
     def forward(self, teacher_out: Sequence[Tensor], student_out: Sequence[Tensor],
                 teacher_temp: Optional[float] = None, epoch: Optional[int] = None) -> Tensor:
-        if teacher_out and isinstance(teacher_out[0], Tensor) and teacher_out[0].shape[-1:] != (self.output_dim,):
-            raise ValueError(f"teacher_out must have output_dim = {self.output_dim} features, "
-                             f"got shape {tuple(teacher_out[0].shape)}")
-        loss = dino_loss(teacher_out, student_out, self.center, self._teacher_temperature(teacher_temp, epoch),
+        t = _stack("teacher_out", teacher_out)
+        if t.shape[-1] != self.output_dim:
+            raise ValueError(f"teacher_out must have output_dim = {self.output_dim} features, got views of shape "
+                             f"{tuple(t.shape[1:])}")
+        loss = dino_loss(t, student_out, self.center, self._teacher_temperature(teacher_temp, epoch),
                          self.student_temp)
-        self.update_center(teacher_out)
+        self.update_center(t)
         return loss
 
     @torch.no_grad()
     def update_center(self, teacher_out: Sequence[Tensor]) -> None:
+        """center ← m·center + (1 − m)·(mean of teacher_out: Vt views (B, output_dim), or (Vt, B, output_dim))."""
         batch_center = _stack("teacher_out", teacher_out).to(self.center.dtype).mean(dim=(0, 1), keepdim=True)
         self.center.mul_(self.center_momentum).add_(batch_center, alpha=1.0 - self.center_momentum)
 
@@ -167,6 +178,7 @@ def swav_loss(high_resolution_outputs: Sequence[Tensor], low_resolution_outputs:
     −mean_b Σ_k q_i · log_softmax(scores_v / temperature). Sum over v divided by
     (number of crops − 1), mean over i. Returns a scalar (lightly returns shape (1,)).
     """
+    check_temperature(temperature)
     high = list(high_resolution_outputs)
     low = list(low_resolution_outputs)
     if not high:

@@ -130,7 +130,8 @@ def swav_naive(high, low, temperature=0.1, iterations=3, epsilon=0.05) -> Tensor
 
 def nce_naive(data_logits_model, data_log_noise, noise_logits_model, noise_log_noise) -> Tensor:
     """NCE (Gutmann & Hyvärinen 2010/2012), nu = k noise samples per data point:
-    h(u) = p_m(u) / (p_m(u) + k p_n(u)); J = mean_i [ln h(x_i) + sum_j ln(1 - h(y_ij))]."""
+    h(u) = p_m(u) / (p_m(u) + k p_n(u)); returns (N,) the negated terms of
+    J = mean_i [ln h(x_i) + sum_j ln(1 - h(y_ij))]."""
     k = noise_logits_model.shape[-1]
     pm_d, pn_d = data_logits_model.exp(), data_log_noise.exp()
     pm_n, pn_n = noise_logits_model.exp(), noise_log_noise.exp()

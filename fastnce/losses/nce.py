@@ -35,10 +35,12 @@ def nce_loss(data_logits_model: Tensor, data_log_noise: Tensor, noise_logits_mod
     for name, t in tensors.items():
         if not isinstance(t, Tensor) or not t.dtype.is_floating_point:
             raise TypeError(f"{name} must be a floating-point torch.Tensor, got {getattr(t, 'dtype', type(t).__name__)}")
-    check_same(tensors, what=("device",))
+    check_same(tensors)
     if data_logits_model.dim() != 1 or data_log_noise.shape != data_logits_model.shape:
         raise ValueError(f"data_logits_model and data_log_noise must have the same shape (N,), got "
                          f"{tuple(data_logits_model.shape)} and {tuple(data_log_noise.shape)}")
+    if data_logits_model.shape[0] == 0:
+        raise ValueError("data_logits_model is an empty batch (shape (0,)): at least one data point is needed")
     if noise_logits_model.dim() not in (1, 2) or noise_logits_model.shape[-1] == 0:
         raise ValueError(f"noise_logits_model must have shape (N, k) or (k,) with k >= 1, got {tuple(noise_logits_model.shape)}")
     N = data_logits_model.shape[0]
