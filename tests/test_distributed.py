@@ -73,8 +73,9 @@ def _leaf(x):
     return x.detach().clone().requires_grad_(True)
 
 
-def _run_case(rec, name, single_fn, dist_fn, tensors, _row_sizes, scalars, rank, world):
-    """tensors: {name: (global tensor, per-rank sizes)}; scalars: {name: value} learnable."""
+def _run_case(rec, name, single_fn, dist_fn, tensors, _row_sizes, scalars, rank, world, group=None):
+    """tensors: {name: (global tensor, per-rank sizes)}; scalars: {name: value} learnable;
+    rank, world: in the group."""
     import torch.distributed as dist
 
     g = {k: _leaf(v) for k, (v, _) in tensors.items()}
@@ -86,7 +87,7 @@ def _run_case(rec, name, single_fn, dist_fn, tensors, _row_sizes, scalars, rank,
     loss = dist_fn(**loc, **ls)
     loss.backward()
     total = loss.detach().clone()
-    dist.all_reduce(total)
+    dist.all_reduce(total, group=group)
     rec.close(f"{name} loss (mean over ranks)", total / world, ref.detach())
     for k, (v, s) in tensors.items():
         rec.close(f"{name} d{k} rank {rank}", loc[k].grad, world * g[k].grad[_slices(s, rank)])
@@ -259,6 +260,21 @@ def _ddp_case(rank, world, rec):
             rec.close(f"DDP [{scheme}] d{name} rank {rank}", p.grad, q.grad)
 
 
+def _subgroup_case(rank, world, rec):
+    """A group of ranks 0 and 2 (the others idle): its ring reaches its members by global rank."""
+    group = torch.distributed.new_group([0, 2])
+    if rank not in (0, 2):
+        return
+    sizes = [3, 2]
+    gen = torch.Generator().manual_seed(7)
+    img, txt = torch.randn(5, D, generator=gen), torch.randn(5, D, generator=gen)
+    me = rank // 2
+    for scheme in fd.SCHEMES:
+        _run_case(rec, f"clip_loss group [0, 2] [{scheme}]", lambda a, b, s: fastnce.clip_loss(a, b, s),
+                  lambda a, b, s: fd.clip_loss(a, b, s, scheme=scheme, group=group),
+                  {"a": (img, sizes), "b": (txt, sizes)}, sizes, {"s": 4.0}, me, 2, group=group)
+
+
 def _error_cases(rank, world, rec):
     """Mismatches across ranks are the same ValueError on every rank, never a hang."""
     def raises(what, fn, match):
@@ -296,6 +312,48 @@ def _error_cases(rank, world, rec):
     raises("logit_bias on some ranks only",
            lambda: fd.siglip_loss(torch.randn(3, D), torch.randn(3, D), 5.0, None if rank else -1.0),
            "logit_bias given or None")
+    # Arguments rejected on one rank only: that rank raises its own error, every other rank a
+    # ValueError naming it (once, the others waited in a collective for ever).
+    def one_rank_rejects(what, fn, own_error):
+        rec.count += 1
+        try:
+            fn()
+        except (TypeError, ValueError) as e:
+            want = own_error if rank == 1 else "rank(s) [1] of the group rejected their arguments"
+            if want not in str(e):
+                rec.failures.append(f"{what} rank {rank}: wrong message {e}")
+            return
+        rec.failures.append(f"{what} rank {rank}: no error")
+
+    x3 = torch.randn(3, D)
+    one_rank_rejects("empty batch on rank 1",
+                     lambda: fd.clip_loss(x3[: 0 if rank == 1 else 3], x3[: 0 if rank == 1 else 3], 5.0),
+                     "image_features is an empty batch")
+    one_rank_rejects("scheme on rank 1", lambda: fd.nt_xent(x3, x3, scheme="allgather" if rank == 1 else "ring"),
+                     "scheme must be one of")
+    one_rank_rejects("temperature on rank 1", lambda: fd.info_nce(x3, x3, temperature=-1.0 if rank == 1 else 0.1),
+                     "temperature must be a positive")
+    one_rank_rejects("MoCoLoss on rank 1", lambda: fastnce.losses.MoCoLoss(D, 16, distributed=True)(
+        x3, torch.randn(3, D + (rank == 1))), "key must have dim")
+    one_rank_rejects("gather_keys on rank 1", lambda: fd.gather_keys(x3 if rank != 1 else [1.0]),
+                     "x must be a torch.Tensor")
+    # Agreement checked across ranks: values, reductions, the function called, gather_keys' layout.
+    raises("temperature differs", lambda: fd.nt_xent(x3, x3, 0.1 + 0.1 * rank), "temperature differs across ranks")
+    raises("logit_bias differs", lambda: fd.siglip_loss(x3, x3, 5.0, -1.0 - rank), "logit_bias differs")
+    raises("reduction differs", lambda: fd.clip_loss(x3, x3, 5.0, reduction="sum" if rank else "mean"),
+           "reduction differs")
+    raises("different functions",
+           lambda: fd.nt_xent(x3, x3) if rank else fd.dcl_loss(x3, x3), "called different functions")
+    raises("gather_keys trailing shape", lambda: fd.gather_keys(torch.zeros(1, 2, 3) if rank else torch.zeros(1, 3, 2)),
+           "trailing dimensions differ")
+    raises("gather_keys dtype", lambda: fd.gather_keys(torch.zeros(2, 3, dtype=torch.int64 if rank else torch.int32)),
+           "dtype differs")
+    # A process outside the group: an error, not its local loss; a group of one: the local loss.
+    solo = torch.distributed.new_group([0])
+    if rank == 0:
+        rec.check("group of one", torch.equal(fd.clip_loss(x3, x3, 5.0, group=solo), fastnce.clip_loss(x3, x3, 5.0)))
+    else:
+        raises("not a member", lambda: fd.clip_loss(x3, x3, 5.0, group=solo), "not a member of group")
     # gather_keys: every rank's rows in rank order, no gradient, unequal sizes.
     sizes = SIZES[world][1]
     full = torch.arange(sum(sizes) * 2, dtype=torch.float32).view(-1, 2)
@@ -327,6 +385,8 @@ def _worker(rank, world, port, outdir):
         _cases(rank, world, rec)
         _ddp_case(rank, world, rec)
         _error_cases(rank, world, rec)
+        if world == 4:
+            _subgroup_case(rank, world, rec)
     except Exception:
         rec.failures.append("exception:\n" + traceback.format_exc())
     with open(os.path.join(outdir, f"rank{rank}.txt"), "w") as f:

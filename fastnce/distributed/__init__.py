@@ -17,25 +17,26 @@ and fastnce/distributed/ring.py.
 """
 from __future__ import annotations
 
+import math
 
-import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from ._comm import _comm_device, all_gather_no_grad, exchange, is_active
+from ._comm import _comm_device, all_gather_no_grad, exchange, initialized, is_active, raising_on_every_rank
 from .functional import SCHEMES, clip_loss, dcl_loss, info_nce, nt_xent, siglip_loss
 
 __all__ = ["nt_xent", "clip_loss", "info_nce", "dcl_loss", "siglip_loss", "gather_keys", "is_active", "world_size", "rank", "SCHEMES"]
 
 
 def world_size(group=None) -> int:
-    """Ranks in the group; 1 when torch.distributed is not initialised."""
-    return dist.get_world_size(group) if dist.is_available() and dist.is_initialized() else 1
+    """Ranks in the group; 1 when torch.distributed is not initialised (a ValueError outside the group)."""
+    return dist.get_world_size(group) if initialized(group) else 1
 
 
 def rank(group=None) -> int:
-    """This process's rank in the group; 0 when torch.distributed is not initialised."""
-    return dist.get_rank(group) if dist.is_available() and dist.is_initialized() else 0
+    """This process's rank in the group; 0 when torch.distributed is not initialised (a ValueError
+    outside the group)."""
+    return dist.get_rank(group) if initialized(group) else 0
 
 
 def gather_keys(x: Tensor, group=None) -> Tensor:
@@ -45,13 +46,14 @@ def gather_keys(x: Tensor, group=None) -> Tensor:
     concat_all_gather does. Ranks may hold different numbers of rows; the trailing
     dimensions and the dtype must agree (a clear ValueError otherwise).
     """
-    if not isinstance(x, Tensor):
-        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-    if x.dim() < 1:
-        raise ValueError("x must have at least one dimension (rows)")
-    if not is_active(group):
+    active = is_active(group)
+    with raising_on_every_rank("gather_keys", group, x):
+        if not isinstance(x, Tensor):
+            raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+        if x.dim() < 1:
+            raise ValueError("x must have at least one dimension (rows)")
+    if not active:
         return x.detach()
-    trailing = int(torch.tensor(x.shape[1:]).prod().item()) if x.dim() > 1 else 1
-    info = exchange("gather_keys", group, _comm_device(x), x.shape[0], x.shape[0], trailing, x.dtype,
-                    x.dim(), [], [])
+    info = exchange("gather_keys", group, _comm_device(x, group), rows=x.shape[0], keys=x.shape[0],
+                    dim=math.prod(x.shape[1:]), dtype=x.dtype, layout=tuple(x.shape[1:]))
     return all_gather_no_grad(x, info, info.rows)

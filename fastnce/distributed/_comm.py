@@ -16,48 +16,67 @@ gradient across ranks too. Two known ways to get this wrong, both avoided here:
 """
 from __future__ import annotations
 
-from typing import Sequence
+from contextlib import contextmanager
+from typing import Optional, Sequence
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-_DTYPE_CODES = {torch.float16: 1, torch.bfloat16: 2, torch.float32: 3, torch.float64: 4}
+# Every dtype has a code (gather_keys moves any tensor); the table is the same on every rank
+# that runs the same torch.
+_DTYPES = sorted({v for v in vars(torch).values() if isinstance(v, torch.dtype)}, key=str)
+_CALLS = ("nt_xent", "dcl_loss", "clip_loss", "siglip_loss", "info_nce", "gather_keys")
+_REDUCTIONS = ("mean", "sum", "none")
+# The columns of the per-call exchange, the same for every call so that ranks which disagree
+# on anything, even on which function they called, still meet in one all-gather of equal size.
+_FIELDS = ("failed", "call", "rows", "keys", "dim", "dtype", "mode", "reduction", "flags", "layout",
+           "scalar0", "scalar1")
 
 # torch 2.13 renamed the tensor-in/tensor-out collectives; GPU machines may run older torch.
 _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 _reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
 
+def initialized(group=None) -> bool:
+    """Whether torch.distributed is initialised; a ValueError for a process outside `group`
+    (it can take no part in the group's loss)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return False
+    if group is not None and dist.get_rank(group) < 0:
+        raise ValueError(f"this process (global rank {dist.get_rank()}) is not a member of group")
+    return True
+
+
 def is_active(group=None) -> bool:
     """True when torch.distributed is initialised and the group has more than one rank."""
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1
+    return initialized(group) and dist.get_world_size(group) > 1
 
 
-def _comm_device(x: Tensor) -> torch.device:
+def _comm_device(x, group=None) -> torch.device:
     """Where small bookkeeping tensors live: NCCL only talks CUDA tensors, gloo either."""
-    return x.device if x.is_cuda else torch.device("cpu")
+    if isinstance(x, Tensor) and x.is_cuda:
+        return x.device
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 class RankInfo:
     """This rank's place in the group and the per-rank shapes of one loss call.
 
-    rows[s], keys[s]: how many loss rows and how many key rows rank s holds. `exchange`
-    learns them with one all-gather of a few integers per call (ranks may hold different
-    numbers of rows), and checks, on every rank alike, that what must agree does agree, so a
-    mismatch is the same ValueError everywhere instead of a hang or silent garbage.
+    rows[s], keys[s]: how many loss rows and how many key rows rank s holds, learnt by
+    `exchange` (ranks may hold different numbers of rows).
     """
 
-    def __init__(self, group, table: Tensor):
+    def __init__(self, group, rows: list, keys: list):
         self.group = group
         self.size = dist.get_world_size(group)
         self.rank = dist.get_rank(group)
         g = group if group is not None else dist.group.WORLD
         self.next = dist.get_global_rank(g, (self.rank + 1) % self.size)  # P2P peers are global ranks
         self.prev = dist.get_global_rank(g, (self.rank - 1) % self.size)
-        t = table.tolist()
-        self.rows = [r[0] for r in t]
-        self.keys = [r[1] for r in t]
+        self.rows, self.keys = rows, keys
         self.total_rows = sum(self.rows)
         self.row_offset = sum(self.rows[: self.rank])
         self.key_offset = sum(self.keys[: self.rank])
@@ -77,40 +96,98 @@ class RankInfo:
         return (self.rank - t) % self.size
 
 
-def exchange(what: str, group, device: torch.device, rows: int, keys: int, dim: int, dtype: torch.dtype,
-             mode: int, flags: Sequence[bool], flag_names: Sequence[str],
-             mode_names: str = "scheme, negative_keys or negative_mode") -> RankInfo:
-    """One all-gather of [rows, keys, dim, dtype, mode, flags...]; checks agreement; RankInfo.
+def _scalar_bits(x, device: torch.device) -> Tensor:
+    """x (a number, a one-element tensor or None) as the int64 bits of its float64 value, (1,);
+    on the device without a host sync."""
+    if x is None:
+        return torch.zeros(1, dtype=torch.int64, device=device)
+    if isinstance(x, Tensor):
+        v = x.detach().reshape(1).to(device=device, dtype=torch.float64)
+    else:
+        v = torch.tensor([float(x)], dtype=torch.float64, device=device)
+    return v.view(torch.int64)
+
+
+def _gather_table(local: Tensor, group) -> list:
+    W = dist.get_world_size(group)
+    table = torch.empty(W * local.numel(), dtype=torch.int64, device=local.device)
+    _all_gather_single(table, local, group=group)
+    return table.view(W, -1).T.cpu().tolist()  # one list per field, one entry per rank
+
+
+def exchange(what: str, group, device: torch.device, *, rows: int, keys: int, dim: int, dtype: torch.dtype,
+             mode: int = 0, mode_names: str = "scheme, negative_keys or negative_mode", reduction: str = "none",
+             flags: Optional[dict] = None, scalars: Optional[dict] = None, layout: tuple = ()) -> RankInfo:
+    """One all-gather of this call's description (_FIELDS); checks that the ranks agree; RankInfo.
 
     mode: an integer that must agree across ranks (scheme and argument layout), mode_names what
-    it encodes, for the error;
-    flags: requires_grad of every tensor whose gradient crosses ranks, which decides what
-    the backward sends, so it must agree too.
+    it encodes, for the error; flags: {name: requires_grad} of every tensor whose gradient
+    crosses ranks (the backward is collective, so they must agree); scalars: up to two
+    {name: value} that must be equal on every rank (temperature, logit_scale, logit_bias);
+    layout: a tuple of ints that must agree (gather_keys: its trailing shape).
+    A mismatch, or a rank whose own checks failed (fail_together), is a ValueError on every
+    rank instead of a hang in a later collective or silent garbage.
     """
-    local = torch.tensor([rows, keys, dim, _DTYPE_CODES.get(dtype, 0), mode] + [int(bool(f)) for f in flags],
-                         dtype=torch.int64, device=device)
-    W = dist.get_world_size(group)
-    table = torch.empty(W * local.numel(), dtype=torch.int64, device=device)
-    _all_gather_single(table, local, group=group)
-    table = table.view(W, -1).cpu()
-    cols = table.T.tolist()
-    if len(set(cols[2])) != 1:
-        raise ValueError(f"fastnce.distributed.{what}: the feature dimension differs across ranks: {cols[2]}")
-    if len(set(cols[3])) != 1:
-        names = {v: k for k, v in _DTYPE_CODES.items()}
-        raise ValueError(f"fastnce.distributed.{what}: the dtype differs across ranks: {[names.get(c) for c in cols[3]]}")
-    if len(set(cols[4])) != 1:
-        raise ValueError(
-            f"fastnce.distributed.{what}: ranks called it differently ({mode_names} "
-            f"must be the same on every rank)"
-        )
-    for name, col in zip(flag_names, cols[5:]):
-        if len(set(col)) != 1:
+    flags, scalars = flags or {}, scalars or {}
+    local = torch.tensor([0, _CALLS.index(what), rows, keys, dim, _DTYPES.index(dtype), mode,
+                          _REDUCTIONS.index(reduction), sum(int(bool(f)) << i for i, f in enumerate(flags.values())),
+                          hash(tuple(layout)) & ((1 << 62) - 1)], dtype=torch.int64, device=device)
+    bits = [_scalar_bits(v, device) for v in scalars.values()] + [_scalar_bits(None, device)] * (2 - len(scalars))
+    col = dict(zip(_FIELDS, _gather_table(torch.cat([local] + bits), group)))
+    failed = [s for s, f in enumerate(col["failed"]) if f]
+    if failed:
+        raise ValueError(f"fastnce.distributed.{what}: rank(s) {failed} of the group rejected their arguments "
+                         f"(the error is raised there); every rank raises instead of waiting for them")
+
+    def differs(field):
+        return len(set(col[field])) != 1
+
+    prefix = f"fastnce.distributed.{what}:"
+    if differs("call"):
+        raise ValueError(f"{prefix} the ranks called different functions: {[_CALLS[c] for c in col['call']]}")
+    if differs("dim"):
+        raise ValueError(f"{prefix} the feature dimension differs across ranks: {col['dim']}")
+    if differs("dtype"):
+        raise ValueError(f"{prefix} the dtype differs across ranks: {[_DTYPES[c] for c in col['dtype']]}")
+    if differs("layout"):
+        raise ValueError(f"{prefix} the trailing dimensions differ across ranks (this rank's: {tuple(layout)})")
+    if differs("mode"):
+        raise ValueError(f"{prefix} ranks called it differently ({mode_names} must be the same on every rank)")
+    if differs("reduction"):
+        raise ValueError(f"{prefix} reduction differs across ranks: {[_REDUCTIONS[c] for c in col['reduction']]}")
+    for i, name in enumerate(flags):
+        if len({(f >> i) & 1 for f in col["flags"]}) != 1:
             raise ValueError(
-                f"fastnce.distributed.{what}: {name}.requires_grad differs across ranks ({[bool(c) for c in col]}); "
+                f"{prefix} {name}.requires_grad differs across ranks ({[bool((f >> i) & 1) for f in col['flags']]}); "
                 f"the backward is collective, so every rank must need the same gradients"
             )
-    return RankInfo(group, table)
+    for name, field in zip(scalars, ("scalar0", "scalar1")):
+        if differs(field):
+            values = torch.tensor(col[field], dtype=torch.int64).view(torch.float64).tolist()
+            raise ValueError(f"{prefix} {name} differs across ranks: {values}; the loss needs one value")
+    return RankInfo(group, col["rows"], col["keys"])
+
+
+def fail_together(what: str, group, error: Exception, device: torch.device):
+    """This rank's argument checks failed: take part in the call's exchange flagged as failed,
+    so that the other ranks raise too instead of waiting in a collective; then raise error."""
+    local = torch.zeros(len(_FIELDS), dtype=torch.int64, device=device)
+    local[0], local[1] = 1, _CALLS.index(what)
+    _gather_table(local, group)
+    raise error
+
+
+@contextmanager
+def raising_on_every_rank(what: str, group, like):
+    """Around a call's argument checks: a TypeError or ValueError raised inside, in an active
+    group, goes through fail_together (the other ranks' exchange then raises). like: the
+    call's first tensor argument, for the exchange's device."""
+    try:
+        yield
+    except (TypeError, ValueError) as error:
+        if is_active(group):
+            fail_together(what, group, error, _comm_device(like, group))
+        raise
 
 
 class RingTransfer:

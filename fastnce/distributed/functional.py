@@ -4,7 +4,10 @@ Conventions (every loss, both schemes):
 
 * Each rank passes its local rows; the global batch is their concatenation in rank order
   (unpaired negative_keys likewise: the global negative set is every rank's negatives).
-  Ranks may hold different numbers of rows.
+  Ranks may hold different numbers of rows, at least one each. Every call begins with one
+  small all-gather (_comm.exchange) in which the ranks check that they agree (shapes, dtype,
+  scheme, reduction, scalars) and that none rejected its arguments: an error is raised on
+  every rank, never on one while the others wait.
 * The returned loss (reduction='mean', the default) is this rank's share of the global mean:
   Σ_{own rows} loss_i · W / N (N rows in the global batch, W ranks), which is the rank's own
   mean when local batches are equal. The mean over ranks is the single-process loss on the
@@ -42,7 +45,7 @@ from .. import functional as F
 from ..functional import l2_normalize, paired_logits, two_view_positives, two_view_samples
 from ..ops import lse_dtype, similarity_lse, similarity_sigmoid_nll
 from ._comm import (
-    RankInfo, _comm_device, all_gather_with_grad, exchange, is_active, mean_grad_over_ranks,
+    RankInfo, _comm_device, all_gather_with_grad, exchange, is_active, mean_grad_over_ranks, raising_on_every_rank,
 )
 from .ring import ring_lse, ring_sigmoid_nll
 
@@ -55,6 +58,18 @@ def _check_scheme(scheme: str) -> int:
     if scheme not in SCHEMES:
         raise ValueError(f"scheme must be one of {SCHEMES}, got {scheme!r}")
     return SCHEMES.index(scheme) + 1
+
+
+def _checked(what: str, group, scheme: str, check, *args) -> Optional[int]:
+    """Runs the call's argument checks, check(*args) and the scheme's; returns None for a
+    single-process call (torch.distributed not initialised, or a group of one), else the
+    scheme's code. In a group, a rank whose checks fail tells the others before raising
+    (raising_on_every_rank), so every rank raises instead of some waiting in a collective."""
+    active = is_active(group)
+    with raising_on_every_rank(what, group, args[0]):
+        check(*args)
+        code = _check_scheme(scheme)
+    return code if active else None
 
 
 def _reduce(per_row: Tensor, reduction: str, info: RankInfo) -> Tensor:
@@ -128,9 +143,8 @@ def nt_xent(
     rank's z2, 2N anchors, each contrasted with the 2N − 2 others. Returns this rank's share
     of the global mean (see the module docstring).
     """
-    F.check_nt_xent_inputs(z1, z2, temperature, reduction)
-    code = _check_scheme(scheme)
-    if not is_active(group):
+    code = _checked("nt_xent", group, scheme, F.check_nt_xent_inputs, z1, z2, temperature, reduction)
+    if code is None:
         return F.nt_xent(z1, z2, temperature, reduction, backend=backend)
     return _nt_xent(z1, z2, temperature, scheme, code, group, backend, reduction)
 
@@ -140,8 +154,10 @@ def _nt_xent(z1, z2, temperature, scheme, code, group, backend, reduction="mean"
     this rank's positives), over every rank's views."""
     n = z1.shape[0]
     z = l2_normalize(torch.cat([z1, z2]))  # this rank's 2n anchors, and its 2n keys
-    info = exchange("dcl_loss" if decoupled else "nt_xent", group, _comm_device(z), 2 * n, 2 * n, z.shape[1],
-                    z.dtype, code, [z.requires_grad, _needs_grad(temperature)], ["z1/z2", "temperature"])
+    info = exchange("dcl_loss" if decoupled else "nt_xent", group, _comm_device(z, group), rows=2 * n, keys=2 * n,
+                    dim=z.shape[1], dtype=z.dtype, mode=code, reduction=reduction,
+                    flags={"z1/z2": z.requires_grad, "temperature": _needs_grad(temperature)},
+                    scalars={"temperature": temperature})
     temperature = mean_grad_over_ranks(temperature, info)
     scale = 1.0 / temperature
     # Positives first: autograd runs the later node's backward first, so the ring's backward
@@ -171,9 +187,8 @@ def dcl_loss(
     loss, a batch-wide one such as vmf_weights (a softmax over the batch) this rank's version.
     Returns this rank's share of the global mean (see the module docstring).
     """
-    F.check_nt_xent_inputs(z1, z2, temperature, reduction)
-    code = _check_scheme(scheme)
-    if not is_active(group):
+    code = _checked("dcl_loss", group, scheme, F.check_nt_xent_inputs, z1, z2, temperature, reduction)
+    if code is None:
         return F.dcl_loss(z1, z2, temperature, reduction, weight_fn=weight_fn, backend=backend)
     return _nt_xent(z1, z2, temperature, scheme, code, group, backend, reduction, decoupled=True, weight_fn=weight_fn)
 
@@ -196,18 +211,20 @@ def clip_loss(
     multiplier, the same on every rank (learnable: it gets the single-process gradient on
     every rank). Returns this rank's share of the global mean (see the module docstring).
     """
-    F.check_clip_inputs(image_features, text_features, logit_scale, reduction)
-    code = _check_scheme(scheme)
-    if not is_active(group):
+    code = _checked("clip_loss", group, scheme, F.check_clip_inputs, image_features, text_features, logit_scale,
+                    reduction)
+    if code is None:
         return F.clip_loss(image_features, text_features, logit_scale, reduction, backend=backend)
     return _clip_loss(image_features, text_features, logit_scale, scheme, code, group, backend, reduction)
 
 
 def _clip_loss(a, b, logit_scale, scheme, code, group, backend, reduction="mean"):
     n = a.shape[0]
-    info = exchange("clip_loss", group, _comm_device(a), n, n, a.shape[1], a.dtype, code,
-                    [a.requires_grad, b.requires_grad, _needs_grad(logit_scale)],
-                    ["image_features", "text_features", "logit_scale"])
+    info = exchange("clip_loss", group, _comm_device(a, group), rows=n, keys=n, dim=a.shape[1], dtype=a.dtype,
+                    mode=code, reduction=reduction,
+                    flags={"image_features": a.requires_grad, "text_features": b.requires_grad,
+                           "logit_scale": _needs_grad(logit_scale)},
+                    scalars={"logit_scale": logit_scale})
     scale = mean_grad_over_ranks(logit_scale, info)
     positive = paired_logits(a, b, scale)  # first, so that its backward runs last (see _nt_xent)
     if scheme == "ring":
@@ -242,9 +259,9 @@ def siglip_loss(
     global loss Σ_ij −log σ(±logit_ij) / N (see the module docstring): with equal local
     batches, OpenCLIP's SigLipLoss(rank, world_size) value.
     """
-    F.check_siglip_inputs(image_features, text_features, logit_scale, logit_bias, reduction)
-    code = _check_scheme(scheme)
-    if not is_active(group):
+    code = _checked("siglip_loss", group, scheme, F.check_siglip_inputs, image_features, text_features,
+                    logit_scale, logit_bias, reduction)
+    if code is None:
         return F.siglip_loss(image_features, text_features, logit_scale, logit_bias, reduction, backend=backend)
     return _siglip_loss(image_features, text_features, logit_scale, logit_bias, scheme, code, group, backend,
                         reduction)
@@ -252,11 +269,12 @@ def siglip_loss(
 
 def _siglip_loss(a, b, logit_scale, logit_bias, scheme, code, group, backend, reduction="mean"):
     n = a.shape[0]
-    info = exchange("siglip_loss", group, _comm_device(a), n, n, a.shape[1], a.dtype,
-                    10 * code + (logit_bias is None),
-                    [a.requires_grad, b.requires_grad, _needs_grad(logit_scale), _needs_grad(logit_bias)],
-                    ["image_features", "text_features", "logit_scale", "logit_bias"],
-                    mode_names="the scheme, and logit_bias given or None,")
+    info = exchange("siglip_loss", group, _comm_device(a, group), rows=n, keys=n, dim=a.shape[1], dtype=a.dtype,
+                    mode=10 * code + (logit_bias is None), mode_names="the scheme, and logit_bias given or None,",
+                    reduction=reduction,
+                    flags={"image_features": a.requires_grad, "text_features": b.requires_grad,
+                           "logit_scale": _needs_grad(logit_scale), "logit_bias": _needs_grad(logit_bias)},
+                    scalars={"logit_scale": logit_scale, "logit_bias": logit_bias})
     scale = _scale_tensor(mean_grad_over_ranks(logit_scale, info), a)
     bias = None if logit_bias is None else _scale_tensor(mean_grad_over_ranks(logit_bias, info), a)
     if scheme == "ring":
@@ -292,9 +310,9 @@ def info_nce(
     negatives (nothing crosses ranks but the normalisation). Returns this rank's share of
     the global mean (see the module docstring).
     """
-    F.check_info_nce_inputs(query, positive_key, negative_keys, temperature, reduction, negative_mode)
-    code = _check_scheme(scheme)
-    if not is_active(group):
+    code = _checked("info_nce", group, scheme, F.check_info_nce_inputs, query, positive_key, negative_keys,
+                    temperature, reduction, negative_mode)
+    if code is None:
         return F.info_nce(query, positive_key, negative_keys, temperature, reduction, negative_mode,
                           backend=backend)
     return _info_nce(query, positive_key, negative_keys, temperature, negative_mode, scheme, code, group, backend,
@@ -307,11 +325,12 @@ def _info_nce(query, positive_key, negative_keys, temperature, negative_mode, sc
     n = query.shape[0]
     unpaired = mode == 1
     keys_in = negative_keys if unpaired else positive_key
-    info = exchange("info_nce", group, _comm_device(query), n, keys_in.shape[0] if mode != 2 else n,
-                    query.shape[-1], query.dtype, 10 * code + mode,
-                    [query.requires_grad, positive_key.requires_grad, _needs_grad(negative_keys),
-                     _needs_grad(temperature)],
-                    ["query", "positive_key", "negative_keys", "temperature"])
+    info = exchange("info_nce", group, _comm_device(query, group), rows=n,
+                    keys=keys_in.shape[0] if mode != 2 else n, dim=query.shape[-1], dtype=query.dtype,
+                    mode=10 * code + mode, reduction=reduction,
+                    flags={"query": query.requires_grad, "positive_key": positive_key.requires_grad,
+                           "negative_keys": _needs_grad(negative_keys), "temperature": _needs_grad(temperature)},
+                    scalars={"temperature": temperature})
     temperature = mean_grad_over_ranks(temperature, info)
     if mode == 2:  # each row's own negatives: a local loss, only the normalisation is global
         per_row = F.info_nce(query, positive_key, negative_keys, temperature, reduction="none",

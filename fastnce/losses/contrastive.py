@@ -8,6 +8,7 @@ passed through to the primitive.
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 from functools import partial
 from typing import Callable, Optional, Sequence, Union
 
@@ -19,6 +20,7 @@ from ..functional import (
     clip_loss, dcl_loss, info_nce, l2_normalize, nt_xent, paired_logits, siglip_loss, vmf_weights,
 )
 from .. import distributed as fd
+from ..distributed._comm import raising_on_every_rank
 from ..ops import lse_dtype, similarity_lse
 from ._common import momentum_update
 
@@ -216,13 +218,16 @@ class MoCoLoss(nn.Module):
         self.queue_ptr.add_(n).remainder_(self.queue_size)
 
     def forward(self, query: Tensor, key: Tensor, update_queue: Optional[bool] = None) -> Tensor:
-        for name, x in (("query", query), ("key", key)):
-            if isinstance(x, Tensor) and x.shape[-1:] != (self.dim,):
-                raise ValueError(f"{name} must have dim = {self.dim} features (the queue's), got shape {tuple(x.shape)}")
-        queue = self.queue.to(query.dtype) if self.queue.dtype != query.dtype else self.queue
-        loss = info_nce(query, key, queue.detach(), self.temperature, self.reduction,
-                        "unpaired", backend=self.backend)
-        if self.training if update_queue is None else update_queue:
+        enqueue = self.training if update_queue is None else update_queue
+        # Distributed, the enqueue is collective: a rank whose arguments are rejected tells the others.
+        with raising_on_every_rank("gather_keys", None, key) if self.distributed and enqueue else nullcontext():
+            for name, x in (("query", query), ("key", key)):
+                if isinstance(x, Tensor) and x.shape[-1:] != (self.dim,):
+                    raise ValueError(f"{name} must have dim = {self.dim} features (the queue's), got shape {tuple(x.shape)}")
+            queue = self.queue.to(query.dtype) if self.queue.dtype != query.dtype else self.queue
+            loss = info_nce(query, key, queue.detach(), self.temperature, self.reduction,
+                            "unpaired", backend=self.backend)
+        if enqueue:
             self.enqueue(fd.gather_keys(key) if self.distributed else key)
         return loss
 
