@@ -2,7 +2,6 @@
 what was expected and what was received."""
 from __future__ import annotations
 
-import math
 from numbers import Real
 
 import torch
@@ -27,6 +26,17 @@ def check_features(name: str, x, ndim: int = 2) -> Tensor:
     return x
 
 
+def cast_under_autocast(*xs):
+    """xs with their tensors cast to autocast's dtype when autocast is on for their device and
+    their dtypes differ (float16 / bfloat16 / float32 ones: what eager's matmul would cast, e.g.
+    bfloat16 queries beside a float32 queue); else unchanged, and check_same rejects a mix."""
+    ts = [x for x in xs if isinstance(x, Tensor)]
+    if len({x.dtype for x in ts}) < 2 or not torch.is_autocast_enabled(ts[0].device.type):
+        return xs
+    dt = torch.get_autocast_dtype(ts[0].device.type)
+    return tuple(x.to(dt) if isinstance(x, Tensor) and x.dtype in FLOAT_DTYPES[:3] else x for x in xs)
+
+
 def check_same(names_tensors: dict, what=("device", "dtype")) -> None:
     """All tensors share device and dtype (None entries are skipped)."""
     items = [(n, t) for n, t in names_tensors.items() if t is not None]
@@ -46,36 +56,43 @@ def check_dim_match(name_a: str, a: Tensor, name_b: str, b: Tensor, dim_a: int =
         )
 
 
-def check_temperature(temperature, name: str = "temperature") -> None:
-    """A positive finite number (or a CPU tensor holding one; CUDA tensors are not synced)."""
-    if isinstance(temperature, Tensor):
-        if temperature.numel() != 1:
-            raise ValueError(f"{name} must be a scalar, got a tensor of shape {tuple(temperature.shape)}")
-        if temperature.device.type != "cpu" or torch.compiler.is_compiling():
-            return  # reading the value would sync a GPU or break a compiled graph
-        value = float(temperature.detach())
-    elif isinstance(temperature, Real) and not isinstance(temperature, bool):
-        value = float(temperature)
-    else:
-        raise TypeError(f"{name} must be a positive finite number, got {type(temperature).__name__}")
-    if not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{name} must be a positive finite number, got {value}")
+def _finite(value) -> bool:
+    # Not math.isfinite: under torch.compile a Python float argument that changes between calls
+    # becomes a symbolic float, which comparisons (guards) accept and math.isfinite does not.
+    return value - value == 0
 
 
-def check_finite_scalar(x, name: str) -> None:
-    """A finite number, or a one-element tensor (its value read only on the CPU, as above)."""
+def _check_number(x, name: str, positive: bool) -> None:
+    what = "a positive finite number" if positive else "a finite number"
     if isinstance(x, Tensor):
-        if x.numel() != 1:
-            raise ValueError(f"{name} must be a scalar, got a tensor of shape {tuple(x.shape)}")
-        if x.device.type != "cpu" or torch.compiler.is_compiling():
+        if x.numel() != 1 or x.dim() > 1:  # (1, 1) would broadcast a (N,) loss to (1, N)
+            raise ValueError(f"{name} must be a scalar (a number, or a tensor of shape () or (1,)), "
+                             f"got a tensor of shape {tuple(x.shape)}")
+        if x.device.type != "cpu":
+            return  # reading the value would sync the GPU
+        if torch.compiler.is_compiling():  # reading it would break the graph: the graph checks it
+            t = x.detach()
+            ok = (t - t) == 0
+            torch._assert_async(ok & (t > 0) if positive else ok, f"{name} must be {what}")
             return
         value = float(x.detach())
     elif isinstance(x, Real) and not isinstance(x, bool):
         value = float(x)
     else:
-        raise TypeError(f"{name} must be a finite number, got {type(x).__name__}")
-    if not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite number, got {value}")
+        raise TypeError(f"{name} must be {what}, got {type(x).__name__}")
+    if not _finite(value) or (positive and value <= 0):
+        raise ValueError(f"{name} must be {what}, got {value}")
+
+
+def check_temperature(temperature, name: str = "temperature") -> None:
+    """A positive finite number, or a one-element tensor holding one (read on the CPU only: a
+    CUDA tensor is not synced; under torch.compile the graph asserts it)."""
+    _check_number(temperature, name, positive=True)
+
+
+def check_finite_scalar(x, name: str) -> None:
+    """A finite number, or a one-element tensor holding one (checked as check_temperature's)."""
+    _check_number(x, name, positive=False)
 
 
 def check_reduction(reduction: str) -> None:

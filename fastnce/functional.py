@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from ._checks import (
-    check_dim_match, check_features, check_finite_scalar, check_reduction, check_same, check_temperature, reduce,
+    cast_under_autocast, check_dim_match, check_features, check_finite_scalar, check_reduction, check_same, check_temperature, reduce,
 )
 from .ops import lse_dtype, similarity_lse, similarity_sigmoid_nll
 
@@ -100,6 +100,7 @@ def info_nce(
     Beyond the original: a bad temperature, negative_mode, dtype, device or an empty batch
     raise ValueError/TypeError instead of returning NaN or failing later.
     """
+    query, positive_key, negative_keys = cast_under_autocast(query, positive_key, negative_keys)
     check_info_nce_inputs(query, positive_key, negative_keys, temperature, reduction, negative_mode)
     query, positive_key = l2_normalize(query), l2_normalize(positive_key)
     scale = 1.0 / temperature
@@ -153,6 +154,7 @@ def nt_xent(
     of Z = [z1; z2] is an anchor, its other view the positive, the 2N − 2 other rows the
     negatives, itself excluded. Returns the mean over the 2N anchors, or (2N,) with 'none'.
     """
+    z1, z2 = cast_under_autocast(z1, z2)
     check_nt_xent_inputs(z1, z2, temperature, reduction)
     z = l2_normalize(torch.cat([z1, z2]))
     scale = 1.0 / temperature
@@ -208,6 +210,7 @@ def dcl_loss(
     called with the normalised (z1, z2) and then (z2, z1); None: w = 1 (DCL); `vmf_weights`:
     DCLW. Returns the mean over the 2N anchors, or (2N,) with reduction='none'.
     """
+    z1, z2 = cast_under_autocast(z1, z2)
     check_nt_xent_inputs(z1, z2, temperature, reduction)
     n = z1.shape[0]
     if n < 2:
@@ -237,6 +240,7 @@ def clip_loss(
     ½[CE(logit_scale·A Bᵀ, diag) + CE(logit_scale·B Aᵀ, diag)] from one pass giving row and
     column LSEs. Returns a scalar, or with 'none' the per-pair (N,) ½(image loss + text loss).
     """
+    image_features, text_features = cast_under_autocast(image_features, text_features)
     check_clip_inputs(image_features, text_features, logit_scale, reduction)
     positive = paired_logits(image_features, text_features, logit_scale)  # first: see nt_xent
     row_lse, col_lse = similarity_lse(image_features, text_features, logit_scale, col_lse=True, backend=backend)
@@ -267,6 +271,7 @@ def siglip_loss(
     where i == j: Σ_ij −log σ(±logit). 'mean' divides that sum by N, as OpenCLIP does (the mean
     over images of their row sums); 'sum' returns it; 'none' the (N,) row sums, one per image.
     """
+    image_features, text_features = cast_under_autocast(image_features, text_features)
     check_siglip_inputs(image_features, text_features, logit_scale, logit_bias, reduction)
     per_image = similarity_sigmoid_nll(image_features, text_features, logit_scale, logit_bias, backend=backend)
     return reduce(per_image, reduction)

@@ -148,6 +148,70 @@ def test_autocast_leaves_the_loss_in_input_precision(name, dtype):
     torch.testing.assert_close(got, want)
 
 
+MIXED = {  # (call, number of feature arguments): the features come first
+    "info_nce": (lambda q, p, n: fastnce.info_nce(q, p, n, 0.2), 3),
+    "nt_xent": (lambda a, b: fastnce.nt_xent(a, b, 0.2), 2),
+    "dcl_loss": (lambda a, b: fastnce.functional.dcl_loss(a, b, 0.2), 2),
+    "clip_loss": (lambda a, b: fastnce.clip_loss(a, b, 5.0), 2),
+    "siglip_loss": (lambda a, b: fastnce.siglip_loss(a, b, 5.0, -2.0), 2),
+}
+
+
+@pytest.mark.parametrize("name", MIXED)
+def test_mixed_dtypes_under_autocast_take_its_dtype(name):
+    """Under autocast, features of different dtypes (bfloat16 queries beside a float32 queue)
+    are cast to autocast's dtype, as eager's matmul would; outside autocast they are an error."""
+    fn, n = MIXED[name]
+    g = torch.Generator().manual_seed(0)
+    xs = [torch.randn(6, 8, generator=g) for _ in range(n)]
+    mixed = [xs[0].bfloat16()] + xs[1:]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = fn(*mixed)
+    torch.testing.assert_close(got, fn(*[x.bfloat16() for x in xs]), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="same dtype"):
+        fn(*mixed)
+
+
+def test_info_nce_under_autocast_matches_info_nce_pytorch():
+    """info-nce-pytorch's drop-in under autocast with a float32 queue (its matmul casts)."""
+    info_nce_pytorch = pytest.importorskip("info_nce")
+    g = torch.Generator().manual_seed(0)
+    model, x, queue = torch.nn.Linear(10, 12), torch.randn(8, 10, generator=g), torch.randn(16, 12, generator=g)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        q = model(x)
+        got = fastnce.info_nce(q, q.detach() + 0.1, queue)
+        want = info_nce_pytorch.info_nce(q, q.detach() + 0.1, queue)
+    # both compute in bfloat16 (ours with float32 accumulation): equal to its rounding
+    torch.testing.assert_close(got, want.float(), rtol=0.05, atol=0.01)
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_compiled_scalars_change_and_are_still_checked(backend):
+    """A Python-float temperature that changes between calls (a schedule) compiles with
+    fullgraph (once it failed: math.isfinite of a symbolic float); a bad tensor temperature
+    is still an error in the compiled graph, as in eager."""
+    a, b = torch.randn(6, 8), torch.randn(6, 8)
+    step = torch.compile(lambda a, b, t: fastnce.nt_xent(a, b, t, backend="torch"), fullgraph=True, backend=backend)
+    for t in (0.1, 0.2, 0.3):
+        torch.testing.assert_close(step(a, b, t), fastnce.nt_xent(a, b, t, backend="torch"))
+    with pytest.raises(Exception, match="temperature must be a positive finite number"):
+        step(a, b, -0.1)
+    assert torch.isfinite(step(a, b, torch.tensor(0.2)))
+    for bad in (-0.1, float("nan"), 0.0):
+        with pytest.raises(RuntimeError, match="temperature must be a positive finite number"):
+            step(a, b, torch.tensor(bad))
+
+
+def test_scalars_of_two_dimensions_are_rejected():
+    """A (1, 1) temperature would broadcast a (N,) loss to (1, N): numbers, () and (1,) only."""
+    a, b = torch.randn(4, 3), torch.randn(4, 3)
+    with pytest.raises(ValueError, match=r"temperature must be a scalar \(a number, or a tensor of shape"):
+        fastnce.info_nce(a, b, temperature=torch.tensor([[0.1]]), reduction="none")
+    with pytest.raises(ValueError, match="logit_scale must be a scalar"):
+        fastnce.clip_loss(a, b, torch.tensor([[5.0]]))
+    assert fastnce.info_nce(a, b, temperature=torch.tensor([0.1]), reduction="none").shape == (4,)
+
+
 def test_double_backward_is_a_clear_error():
     q = torch.randn(5, 3, requires_grad=True)
     row, _ = ops.similarity_lse(q, None, 1.0, backend="torch")

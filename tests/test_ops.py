@@ -124,6 +124,24 @@ def test_fully_masked_rows_are_minus_inf_with_zero_gradient(backend):
     assert (q.grad[3] == 0).all()
 
 
+@pytest.mark.parametrize("backend", ["reference", "torch"])
+def test_minus_inf_bias_masks_its_column(backend):
+    """A −inf bias drops its column as a mask does: col_lse −inf with zero gradient, no NaN
+    reaching the other lines (the reference once gave NaN gradients through that column)."""
+    q = torch.randn(3, 5, requires_grad=True)
+    k = torch.randn(4, 5, requires_grad=True)
+    bias = torch.tensor([0.0, float("-inf"), 1.0, 0.0], requires_grad=True)
+    row, col = ops.similarity_lse(q, k, 1.0, bias, col_lse=True, backend=backend)
+    want, _ = ops.similarity_lse(q.detach(), k.detach()[[0, 2, 3]], 1.0, bias.detach()[[0, 2, 3]],
+                                 backend="reference")
+    assert col[1] == float("-inf")
+    torch.testing.assert_close(row, want)
+    (row.sum() + col[[0, 2, 3]].sum()).backward()
+    for g in (q.grad, k.grad, bias.grad):
+        assert torch.isfinite(g).all()
+    assert (k.grad[1] == 0).all() and bias.grad[1] == 0
+
+
 def test_tiles_stay_small_and_match_at_the_default_tile():
     """At default tiles, a batch wider than one column block still matches the reference."""
     q = torch.randn(300, 8)
@@ -196,19 +214,40 @@ def test_expanded_incoming_gradient():
     torch.testing.assert_close(q.grad, q2.grad)
 
 
-def test_lse_forward_backward_match_autograd():
-    """The no-autograd pair used by fastnce.distributed gives the autograd op's gradients."""
-    q = torch.randn(6, 4, dtype=torch.float64, requires_grad=True)
-    k = torch.randn(9, 4, dtype=torch.float64, requires_grad=True)
-    row, col = ops.similarity_lse(q, k, 2.0, exclude_self=True, diag_offset=1, col_lse=True, backend="reference")
-    gr, gc = torch.randn(6, dtype=torch.float64), torch.randn(9, dtype=torch.float64)
-    dq, dk = torch.autograd.grad((row * gr).sum() + (col * gc).sum(), (q, k))
-    r2, c2 = ops.lse_forward(q, k, 2.0, exclude_self=True, diag_offset=1, col_lse=True, backend="torch")
+@pytest.mark.parametrize("backend", ["reference", "torch"])
+def test_lse_forward_backward_match_autograd(backend):
+    """The no-autograd pairs used by fastnce.distributed give the autograd ops' gradients (the
+    reference's own materialised backward too: it once ran the torch backend's silently)."""
+    f64 = dict(dtype=torch.float64)
+    q = torch.randn(6, 4, **f64, requires_grad=True)
+    k = torch.randn(9, 4, **f64, requires_grad=True)
+    bias = torch.randn(9, **f64, requires_grad=True)
+    labels, k_labels = torch.tensor([0, 1, 0, 2, 1, 0]), torch.tensor([0, 1, 2, 0, 1, 2, 0, 1, 2])
+    kw = dict(labels=labels, k_labels=k_labels, label_mask="different", exclude_self=True, diag_offset=1)
+    row, col = ops.similarity_lse(q, k, 2.0, bias, col_lse=True, backend="reference", **kw)
+    gr, gc = torch.randn(6, **f64), torch.randn(9, **f64)
+    dq, dk, db = torch.autograd.grad((row * gr).sum() + (col * gc).sum(), (q, k, bias))
+    r2, c2 = ops.lse_forward(q, k, 2.0, bias, col_lse=True, backend=backend, **kw)
     torch.testing.assert_close(r2, row.detach())
-    gq, gk, _ = ops.lse_backward(q, k, 2.0, row_lse=r2, grad_row=gr, col_lse=c2, grad_col=gc,
-                                 exclude_self=True, diag_offset=1, backend="torch")
+    gq, gk, gb = ops.lse_backward(q, k, 2.0, bias, row_lse=r2, grad_row=gr, col_lse=c2, grad_col=gc,
+                                  need_bias=True, backend=backend, **kw)
     torch.testing.assert_close(2.0 * gq, dq)
     torch.testing.assert_close(2.0 * gk, dk)
+    torch.testing.assert_close(gb, db)
+    # k is q (NT-Xent): (G + Gᵀ) @ q in the first
+    row, _ = ops.similarity_lse(q, None, 2.0, exclude_self=True, backend="reference")
+    (dq,) = torch.autograd.grad((row * gr).sum(), q)
+    gq, gk, _ = ops.lse_backward(q, None, 2.0, row_lse=row.detach(), grad_row=gr, exclude_self=True, backend=backend)
+    torch.testing.assert_close(2.0 * gq, dq)
+    assert gk is None
+    # SigLIP's rows
+    rows = ops.similarity_sigmoid_nll(q, k, 2.0, bias[0], positive_offset=1, backend="reference")
+    dq, dk, db = torch.autograd.grad((rows * gr).sum(), (q, k, bias))
+    gq, gk, gb = ops.sigmoid_nll_backward(q, k, 2.0, bias[0].detach(), grad_row=gr, positive_offset=1,
+                                          need_bias=True, backend=backend)
+    torch.testing.assert_close(2.0 * gq, dq)
+    torch.testing.assert_close(2.0 * gk, dk)
+    torch.testing.assert_close(gb, db[0])
 
 
 def test_backend_selection():

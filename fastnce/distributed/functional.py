@@ -42,6 +42,7 @@ import torch
 from torch import Tensor
 
 from .. import functional as F
+from .._checks import cast_under_autocast
 from ..functional import l2_normalize, paired_logits, two_view_positives, two_view_samples
 from ..ops import lse_dtype, similarity_lse, similarity_sigmoid_nll
 from ._comm import (
@@ -143,6 +144,7 @@ def nt_xent(
     rank's z2, 2N anchors, each contrasted with the 2N − 2 others. Returns this rank's share
     of the global mean (see the module docstring).
     """
+    z1, z2 = cast_under_autocast(z1, z2)
     code = _checked("nt_xent", group, scheme, F.check_nt_xent_inputs, z1, z2, temperature, reduction)
     if code is None:
         return F.nt_xent(z1, z2, temperature, reduction, backend=backend)
@@ -187,6 +189,7 @@ def dcl_loss(
     loss, a batch-wide one such as vmf_weights (a softmax over the batch) this rank's version.
     Returns this rank's share of the global mean (see the module docstring).
     """
+    z1, z2 = cast_under_autocast(z1, z2)
     code = _checked("dcl_loss", group, scheme, F.check_nt_xent_inputs, z1, z2, temperature, reduction)
     if code is None:
         return F.dcl_loss(z1, z2, temperature, reduction, weight_fn=weight_fn, backend=backend)
@@ -211,6 +214,7 @@ def clip_loss(
     multiplier, the same on every rank (learnable: it gets the single-process gradient on
     every rank). Returns this rank's share of the global mean (see the module docstring).
     """
+    image_features, text_features = cast_under_autocast(image_features, text_features)
     code = _checked("clip_loss", group, scheme, F.check_clip_inputs, image_features, text_features, logit_scale,
                     reduction)
     if code is None:
@@ -259,6 +263,7 @@ def siglip_loss(
     global loss Σ_ij −log σ(±logit_ij) / N (see the module docstring): with equal local
     batches, OpenCLIP's SigLipLoss(rank, world_size) value.
     """
+    image_features, text_features = cast_under_autocast(image_features, text_features)
     code = _checked("siglip_loss", group, scheme, F.check_siglip_inputs, image_features, text_features,
                     logit_scale, logit_bias, reduction)
     if code is None:
@@ -310,6 +315,7 @@ def info_nce(
     negatives (nothing crosses ranks but the normalisation). Returns this rank's share of
     the global mean (see the module docstring).
     """
+    query, positive_key, negative_keys = cast_under_autocast(query, positive_key, negative_keys)
     code = _checked("info_nce", group, scheme, F.check_info_nce_inputs, query, positive_key, negative_keys,
                     temperature, reduction, negative_mode)
     if code is None:

@@ -29,7 +29,8 @@ from .function import (
 )
 from .function import similarity_sigmoid_nll_backward_op, similarity_sigmoid_nll_op
 from .naive import (
-    MASK_DIFFERENT, MASK_NONE, MASK_SAME, lse_dtype, similarity_lse_naive, similarity_sigmoid_nll_naive,
+    MASK_DIFFERENT, MASK_NONE, MASK_SAME, lse_backward_naive, lse_dtype, sigmoid_nll_backward_naive,
+    similarity_lse_naive, similarity_sigmoid_nll_naive,
 )
 
 __all__ = [
@@ -102,6 +103,8 @@ def _prepare(q, k, scale, bias, labels, k_labels, label_mask, exclude_self, diag
             if k_labels is None:
                 raise ValueError(f"label_mask={label_mask!r} with a separate k needs k_labels, one per row of k")
             k_labels = check_labels("k_labels", k_labels, N, "k", q.device)
+    if not isinstance(diag_offset, Integral) or isinstance(diag_offset, bool):
+        raise TypeError(f"diag_offset must be an int, got {type(diag_offset).__name__}")
     exclude_offset = None
     if exclude_self:
         exclude_offset = int(diag_offset)
@@ -175,7 +178,9 @@ def lse_backward(q, k=None, scale=1.0, bias=None, *, row_lse, grad_row=None, col
     )
     name = resolve_backend(backend, q.device, q.dtype)
     if name == "reference":
-        name = "torch"  # the reference has no separate backward; the tiled one is exact
+        dq, dk, db = lse_backward_naive(q, k, scale, bias, q_labels, k_labels, mask_mode, exclude_offset,
+                                        row_lse, col_lse, grad_row, grad_col)
+        return dq, dk, (db if need_bias else None)
     dt = lse_dtype(q.dtype)
     cont = lambda t: None if t is None else t.to(dt).contiguous()
     if bias is not None:
@@ -243,7 +248,8 @@ def sigmoid_nll_backward(q, k, scale=1.0, bias=None, *, grad_row, positive_offse
     scale for the gradients of q and k."""
     q, k, scale, bias, positive_offset, name = _prepare_sigmoid(q, k, scale, bias, positive_offset, backend)
     if name == "reference":
-        name = "torch"  # the reference has no separate backward; the tiled one is exact
+        dq, dk, db = sigmoid_nll_backward_naive(q, k, scale, bias, positive_offset, grad_row)
+        return dq, dk, (db if need_bias else None)
     dt = lse_dtype(q.dtype)
     dq, dk, db = similarity_sigmoid_nll_backward_op(
         q, k, scale.to(dt), None if bias is None else bias.to(dt), positive_offset,

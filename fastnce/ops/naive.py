@@ -81,6 +81,9 @@ def similarity_lse_naive(
     """
     S = similarity_matrix(q, k, scale, bias, products_in_input_dtype)
     keep = valid_mask(q.shape[0], k.shape[0], q_labels, k_labels, mask_mode, exclude_offset, q.device)
+    if bias is not None:  # a −inf bias masks its column as a mask does (NaN stays: != keeps it)
+        finite_bias = (bias != float("-inf"))[None, :]
+        keep = finite_bias if keep is None else keep & finite_bias
     if keep is None:
         row, col = torch.logsumexp(S, 1), (torch.logsumexp(S, 0) if with_col else None)
     else:
@@ -145,3 +148,37 @@ def similarity_sigmoid_nll_naive(
     S = similarity_matrix(q, k, scale, bias, products_in_input_dtype)
     z = positive_signs(q.shape[0], k.shape[0], positive_offset, q.device, S.dtype)
     return nan_rows_where_not_finite(-torch.nn.functional.logsigmoid(z * S).sum(1), q, k)
+
+
+def lse_backward_naive(q, k, scale, bias, q_labels, k_labels, mask_mode, exclude_offset,
+                       row_lse, col_lse, grad_row, grad_col):
+    """The LSE primitive's backward from a materialised G (M, N), over valid pairs:
+    G[i, j] = grad_row[i]·exp(S[i, j] − row_lse[i]) + grad_col[j]·exp(S[i, j] − col_lse[j]),
+    the LSEs given (they may cover more keys than k holds). Returns G @ k, Gᵀ @ q, Σ_i G[i, :];
+    for k None (k is q) (G + Gᵀ) @ q, None, None. Unscaled, in the LSE dtype."""
+    kk = q if k is None else k
+    S = similarity_matrix(q, kk, scale, bias)
+    G = torch.zeros_like(S)
+    if grad_row is not None:  # a fully masked line: lse −inf, entries −inf, no term (masked below)
+        G = G + grad_row.to(S.dtype)[:, None] * torch.exp(S - row_lse.to(S.dtype)[:, None])
+    if grad_col is not None:
+        G = G + grad_col.to(S.dtype)[None, :] * torch.exp(S - col_lse.to(S.dtype)[None, :])
+    keep = valid_mask(q.shape[0], kk.shape[0], q_labels, k_labels, mask_mode, exclude_offset, q.device)
+    if bias is not None:
+        finite_bias = (bias != float("-inf"))[None, :]
+        keep = finite_bias if keep is None else keep & finite_bias
+    if keep is not None:
+        G = G.masked_fill(~keep, 0.0)
+    dq, dk = G @ kk.to(S.dtype), G.T @ q.to(S.dtype)
+    if k is None:
+        return dq + dk, None, None
+    return dq, dk, G.sum(0)
+
+
+def sigmoid_nll_backward_naive(q, k, scale, bias, positive_offset, grad_row):
+    """The sigmoid primitive's backward from a materialised G[i, j] = −grad_row[i]·z·σ(−z·S[i, j]):
+    G @ k, Gᵀ @ q, Σ G (0-dim). Unscaled, in the LSE dtype."""
+    S = similarity_matrix(q, k, scale, bias)
+    z = positive_signs(q.shape[0], k.shape[0], positive_offset, q.device, S.dtype)
+    G = -grad_row.to(S.dtype)[:, None] * z * torch.sigmoid(-z * S)
+    return G @ k.to(S.dtype), G.T @ q.to(S.dtype), G.sum()
