@@ -159,8 +159,7 @@ class DCLWLoss(DCLLoss):
 
     def __init__(self, temperature: float = 0.1, sigma: float = 0.5, reduction: str = "mean", backend: str = "auto",
                  distributed: Optional[str] = None):
-        if not (isinstance(sigma, (int, float)) and math.isfinite(sigma) and sigma > 0):
-            raise ValueError(f"sigma must be a positive finite number, got {sigma!r}")
+        check_temperature(sigma, "sigma")  # a positive finite number, as a temperature
         super().__init__(temperature, partial(vmf_weights, sigma=sigma), reduction, backend, distributed)
         self.sigma = sigma
 
@@ -191,8 +190,9 @@ class MoCoLoss(nn.Module):
     def __init__(self, dim: int, queue_size: int = 65536, temperature: float = 0.07,
                  reduction: str = "mean", backend: str = "auto", distributed: bool = False):
         super().__init__()
-        if dim < 1 or queue_size < 1:
-            raise ValueError(f"dim and queue_size must be positive, got dim={dim}, queue_size={queue_size}")
+        for name, v in (("dim", dim), ("queue_size", queue_size)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be a positive int, got {v!r}")
         check_temperature(temperature)
         check_reduction(reduction)
         self.dim, self.queue_size = dim, queue_size
