@@ -73,16 +73,17 @@ def _leaf(x):
     return x.detach().clone().requires_grad_(True)
 
 
-def _run_case(rec, name, single_fn, dist_fn, tensors, _row_sizes, scalars, rank, world, group=None):
+def _run_case(rec, name, single_fn, dist_fn, tensors, _row_sizes, scalars, rank, world, group=None, frozen=()):
     """tensors: {name: (global tensor, per-rank sizes)}; scalars: {name: value} learnable;
-    rank, world: in the group."""
+    rank, world: in the group; frozen: names of tensors that require no gradient."""
     import torch.distributed as dist
 
-    g = {k: _leaf(v) for k, (v, _) in tensors.items()}
+    _leaf_unless_frozen = lambda k, v: v.detach().clone() if k in frozen else _leaf(v)
+    g = {k: _leaf_unless_frozen(k, v) for k, (v, _) in tensors.items()}
     gs = {k: torch.tensor(v, requires_grad=True) for k, v in scalars.items()}
     ref = single_fn(**g, **gs)
     ref.backward()
-    loc = {k: _leaf(v[_slices(s, rank)]) for k, (v, s) in tensors.items()}
+    loc = {k: _leaf_unless_frozen(k, v[_slices(s, rank)]) for k, (v, s) in tensors.items()}
     ls = {k: torch.tensor(v, requires_grad=True) for k, v in scalars.items()}
     loss = dist_fn(**loc, **ls)
     loss.backward()
@@ -90,7 +91,10 @@ def _run_case(rec, name, single_fn, dist_fn, tensors, _row_sizes, scalars, rank,
     dist.all_reduce(total, group=group)
     rec.close(f"{name} loss (mean over ranks)", total / world, ref.detach())
     for k, (v, s) in tensors.items():
-        rec.close(f"{name} d{k} rank {rank}", loc[k].grad, world * g[k].grad[_slices(s, rank)])
+        if k in frozen:
+            rec.check(f"{name} d{k} rank {rank} (frozen)", loc[k].grad is None)
+        else:
+            rec.close(f"{name} d{k} rank {rank}", loc[k].grad, world * g[k].grad[_slices(s, rank)])
     for k in scalars:
         rec.close(f"{name} d{k} rank {rank}", ls[k].grad, gs[k].grad)
 
@@ -122,6 +126,16 @@ def _cases(rank, world, rec):
                       lambda a, b, s: fastnce.clip_loss(a, b, s),
                       lambda a, b, s: fd.clip_loss(a, b, s, **kw),
                       {"a": (img, sizes), "b": (txt, sizes)}, sizes, {"s": 10.0}, rank, world)
+            for frozen in ("a", "b"):  # a locked tower (LiT): its side's product is skipped
+                _run_case(rec, f"clip_loss frozen {frozen}, learnable scale {t}",
+                          lambda a, b, s: fastnce.clip_loss(a, b, s),
+                          lambda a, b, s: fd.clip_loss(a, b, s, **kw),
+                          {"a": (img, sizes), "b": (txt, sizes)}, sizes, {"s": 10.0}, rank, world, frozen=(frozen,))
+                _run_case(rec, f"siglip_loss frozen {frozen}, learnable scale and bias {t}",
+                          lambda a, b, s, c: fastnce.siglip_loss(a, b, s, c),
+                          lambda a, b, s, c: fd.siglip_loss(a, b, s, c, **kw),
+                          {"a": (img, sizes), "b": (txt, sizes)}, sizes, {"s": 10.0, "c": -4.0}, rank, world,
+                          frozen=(frozen,))
             _run_case(rec, f"clip_loss fixed scale {t}",
                       lambda a, b: fastnce.clip_loss(a, b, 5.0),
                       lambda a, b: fd.clip_loss(a, b, 5.0, **kw),

@@ -63,6 +63,55 @@ def test_requires_grad_on_some_inputs_only():
     torch.testing.assert_close(s.grad, s2.grad)
 
 
+SUBSETS = ["q", "k", "scale", "bias", "q scale", "k scale", "k bias", "q k scale bias"]
+
+
+def _primitive(name, q, k, scale, bias, backend):
+    if name == "lse":
+        row, col = ops.similarity_lse(q, k, scale, bias, col_lse=True, backend=backend)
+        return (row * torch.linspace(0.5, 1.5, row.shape[0])).sum() + 0.3 * col.sum()
+    return ops.similarity_sigmoid_nll(q, k, scale, bias[0], positive_offset=1, backend=backend).sum()
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch", "triton"])
+@pytest.mark.parametrize("prim", ["lse", "sigmoid"])
+@pytest.mark.parametrize("subset", SUBSETS)
+def test_frozen_inputs_get_no_gradient_and_the_others_theirs(backend, prim, subset):
+    """Any subset of q, k, scale, bias requiring grad gets the gradients it gets when all do,
+    whichever side's product the backward skips (a frozen k, MoCo's queue, costs no Gᵀ @ q; the
+    scale's gradient then comes from G @ k or Gᵀ @ q)."""
+    g = torch.Generator().manual_seed(3)
+    leaves = dict(q=torch.randn(7, 5, generator=g), k=torch.randn(9, 5, generator=g),
+                  scale=torch.tensor(1.7), bias=torch.randn(9, generator=g))
+    full = {n: t.clone().requires_grad_() for n, t in leaves.items()}
+    _primitive(prim, *full.values(), "reference").backward()
+    part = {n: t.clone().requires_grad_(n in subset.split()) for n, t in leaves.items()}
+    _primitive(prim, *part.values(), backend).backward()
+    for n, t in part.items():
+        if n in subset.split():
+            torch.testing.assert_close(t.grad, full[n].grad, rtol=1e-4, atol=1e-5)
+        else:
+            assert t.grad is None
+
+
+@pytest.mark.parametrize("prim", ["lse", "sigmoid"])
+def test_triton_backward_skips_the_frozen_side(prim, monkeypatch):
+    from fastnce.ops import triton_lse, triton_sigmoid
+
+    module = triton_lse if prim == "lse" else triton_sigmoid
+    calls = []
+    for fn in ("_dq_pass", "_dk_pass", "_grad_atomic"):
+        orig = getattr(module, fn)
+        monkeypatch.setattr(module, fn, lambda *a, _f=fn, _o=orig: calls.append(_f) or _o(*a))
+    q, k = torch.randn(7, 5, requires_grad=True), torch.randn(9, 5)
+    bias = torch.randn(9)
+    _primitive(prim, q, k, 1.5, bias, "triton").backward()
+    assert calls == ["_dq_pass"], calls  # k frozen: the rows' pass alone
+    calls.clear()
+    _primitive(prim, q.detach(), k.requires_grad_(), 1.5, bias, "triton").backward()
+    assert calls == ["_dk_pass"], calls  # q frozen: the columns' pass alone
+
+
 def test_only_column_lse_used():
     q, k = torch.randn(5, 3, requires_grad=True), torch.randn(7, 3, requires_grad=True)
     _, col = ops.similarity_lse(q, k, 1.0, col_lse=True, backend="torch")

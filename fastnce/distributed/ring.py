@@ -45,7 +45,7 @@ import torch
 from torch import Tensor
 
 from ..ops import lse_backward, lse_forward, sigmoid_nll_backward, sigmoid_nll_forward
-from ..ops.function import nan_grad_where_nan
+from ..ops.function import _wanted_products, nan_grad_where_nan, scale_grad
 from ._comm import RankInfo, RingTransfer
 
 _TAG_KEYS, _TAG_COL, _TAG_DK = 100, 200, 300
@@ -77,8 +77,9 @@ def _walk_forward(k: Tensor, info: RankInfo, block, combine, with_col: bool):
 
 
 def _walk_backward(k: Tensor, info: RankInfo, carried, block, need_k: bool):
-    """(Σ_blocks dq part, Σ_ranks dk part of this rank's keys or None) of block(cur, carried_cur, t)
-    -> (dq part (M, D), dk part (N_s, D)) over every rank's key block. carried: a (c, N) tensor
+    """(Σ_blocks dq part or None, Σ_ranks dk part of this rank's keys or None) of
+    block(cur, carried_cur, t) -> (dq part (M, D) or None, dk part (N_s, D) or None) over every
+    rank's key block. carried: a (c, N) tensor
     per key that travels with the keys (CLIP's column LSE and its gradient), or None; the dk
     parts travel one hop behind the keys, summed on the way, and reach their owner complete."""
     D = k.shape[1]
@@ -95,7 +96,8 @@ def _walk_backward(k: Tensor, info: RankInfo, carried, block, need_k: bool):
                 like.append(((carried.shape[0], n_src), carried.dtype, dev))
             nxt = RingTransfer(info, send, like, _TAG_KEYS)
         dq_b, dk_b = block(cur_k, cur_c, t)
-        dq = dq_b if dq is None else dq.add_(dq_b)
+        if dq_b is not None:
+            dq = dq_b if dq is None else dq.add_(dq_b)
         if need_k:
             if dk_x is not None:  # block info.block(t)'s accumulator: the ranks before us
                 dk_b = dk_b.add_(dk_x.wait()[0])
@@ -120,15 +122,16 @@ def ring_lse_forward(q: Tensor, k: Tensor, scale: Tensor, info: RankInfo, own_ma
 
 
 def ring_lse_backward(q: Tensor, k: Tensor, scale: Tensor, row: Tensor, col, g_row: Tensor, g_col,
-                      info: RankInfo, own_mask: dict, need_k: bool, backend: str):
-    """Unscaled (Σ_blocks G@k_s for this rank's rows, Σ_ranks Gᵀ@q for this rank's keys or None)."""
+                      info: RankInfo, own_mask: dict, need_q: bool, need_k: bool, backend: str):
+    """Unscaled (Σ_blocks G@k_s for this rank's rows or None, Σ_ranks Gᵀ@q for this rank's keys
+    or None)."""
     with_col = col is not None
 
     def block(cur_k, cur_c, t):
         dq_b, dk_b, _ = lse_backward(
             q, cur_k, scale, row_lse=row, grad_row=g_row,
             col_lse=cur_c[0] if with_col else None, grad_col=cur_c[1] if with_col else None,
-            backend=backend, **(own_mask if t == 0 else {}),
+            need_q=need_q, need_k=need_k, backend=backend, **(own_mask if t == 0 else {}),
         )
         return dq_b, dk_b
 
@@ -158,18 +161,17 @@ class _RingLSE(torch.autograd.Function):
         q, k, scale, row, col = ctx.saved_tensors
         info, own_mask, backend = ctx.cfg
         need_q, need_k, need_scale = ctx.needs_input_grad[:3]
+        want_q, want_k = _wanted_products(False, need_q, need_k, need_scale)
         s = scale.detach()
         dq_u, dk_u = ring_lse_backward(
             q, k, s, row, col, g_row.contiguous(), None if col is None else g_col.contiguous(),
-            info, own_mask, bool(need_k), backend,
+            info, own_mask, want_q, want_k, backend,
         )
-        dscale = None
-        if need_scale:
-            dscale = (dq_u * q.to(dq_u.dtype)).sum().to(scale.dtype).reshape(scale.shape)
-        s_acc = s.to(dq_u.dtype)
+        # this rank's share of Σ_ij G_ij q_i·k_j: its rows' (from dq), or its keys' (from dk)
+        dscale = scale_grad(dq_u, q, dk_u, k).to(scale.dtype).reshape(scale.shape) if need_scale else None
         # In place: the unscaled buffers are ours, and a copy would be one more block at the peak.
-        dq = dq_u.mul_(s_acc).to(q.dtype) if need_q else None
-        dk = dk_u.mul_(s_acc).to(k.dtype) if need_k else None
+        dq = dq_u.mul_(s.to(dq_u.dtype)).to(q.dtype) if need_q else None
+        dk = dk_u.mul_(s.to(dk_u.dtype)).to(k.dtype) if want_k else None
         return dq, dk, dscale, None, None, None, None
 
 
@@ -206,22 +208,23 @@ class _RingSigmoidNLL(torch.autograd.Function):
         q, k, scale, bias, rows = ctx.saved_tensors
         info, backend = ctx.cfg
         need_q, need_k, need_scale, need_bias = ctx.needs_input_grad[:4]
+        want_q, want_k = _wanted_products(False, need_q, need_k, need_scale)
         s, b = scale.detach(), None if bias is None else bias.detach()
         g_row = nan_grad_where_nan(g_row, rows)  # a non-finite block anywhere made the row NaN
         db = []
 
         def block(cur_k, _, t):
             dq_b, dk_b, db_b = sigmoid_nll_backward(q, cur_k, s, b, grad_row=g_row, positive_offset=0 if t == 0 else None,
-                                                    need_bias=bool(need_bias), backend=backend)
+                                                    need_bias=bool(need_bias), need_q=want_q, need_k=want_k,
+                                                    backend=backend)
             db.append(db_b)
             return dq_b, dk_b
 
-        dq_u, dk_u = _walk_backward(k, info, None, block, bool(need_k))
-        dscale = (dq_u * q.to(dq_u.dtype)).sum().to(scale.dtype).reshape(scale.shape) if need_scale else None
+        dq_u, dk_u = _walk_backward(k, info, None, block, want_k)
+        dscale = scale_grad(dq_u, q, dk_u, k).to(scale.dtype).reshape(scale.shape) if need_scale else None
         dbias = torch.stack(db).sum().to(bias.dtype).reshape(bias.shape) if need_bias else None
-        s_acc = s.to(dq_u.dtype)
-        dq = dq_u.mul_(s_acc).to(q.dtype) if need_q else None
-        dk = dk_u.mul_(s_acc).to(k.dtype) if need_k else None
+        dq = dq_u.mul_(s.to(dq_u.dtype)).to(q.dtype) if need_q else None
+        dk = dk_u.mul_(s.to(dk_u.dtype)).to(k.dtype) if want_k else None
         return dq, dk, dscale, dbias, None, None
 
 

@@ -165,11 +165,12 @@ def lse_forward(q, k=None, scale=1.0, bias=None, *, labels=None, k_labels=None, 
 
 def lse_backward(q, k=None, scale=1.0, bias=None, *, row_lse, grad_row=None, col_lse=None, grad_col=None,
                  labels=None, k_labels=None, label_mask=None, exclude_self=False, diag_offset=0,
-                 need_bias=False, backend="auto"):
+                 need_bias=False, need_q=True, need_k=True, backend="auto"):
     """Unscaled gradients of one block given LSEs that may cover more keys than k holds.
 
-    Returns G @ k (M, D), Gᵀ @ q (N, D) (None when k is None: then the first holds
-    (G + Gᵀ) @ q) and Σ_i G[i, :] (N,) or None, float32 (float64 for float64 inputs), with
+    Returns G @ k (M, D) (None without need_q), Gᵀ @ q (N, D) (None without need_k, or when k
+    is None: then the first holds (G + Gᵀ) @ q) and Σ_i G[i, :] (N,) or None, float32 (float64
+    for float64 inputs), with
     G[i, j] = grad_row[i]·exp(S[i, j] − row_lse[i]) + grad_col[j]·exp(S[i, j] − col_lse[j]).
     Multiply by scale for the gradients of q and k.
     """
@@ -180,7 +181,7 @@ def lse_backward(q, k=None, scale=1.0, bias=None, *, row_lse, grad_row=None, col
     if name == "reference":
         dq, dk, db = lse_backward_naive(q, k, scale, bias, q_labels, k_labels, mask_mode, exclude_offset,
                                         row_lse, col_lse, grad_row, grad_col)
-        return dq, dk, (db if need_bias else None)
+        return (dq if need_q else None), (dk if need_k else None), (db if need_bias else None)
     dt = lse_dtype(q.dtype)
     cont = lambda t: None if t is None else t.to(dt).contiguous()
     if bias is not None:
@@ -188,9 +189,9 @@ def lse_backward(q, k=None, scale=1.0, bias=None, *, row_lse, grad_row=None, col
     dq, dk, db = similarity_lse_backward_op(
         q, k, scale.to(dt), bias, q_labels, k_labels, mask_mode, exclude_offset,
         cont(row_lse), cont(col_lse) if col_lse is not None else q.new_empty((0,), dtype=dt),
-        cont(grad_row), cont(grad_col), need_bias, name,
+        cont(grad_row), cont(grad_col), need_bias, need_q, need_k and k is not None, name,
     )
-    return dq, (dk if k is not None else None), (db if need_bias else None)
+    return (dq if need_q else None), (dk if need_k and k is not None else None), (db if need_bias else None)
 
 
 def _prepare_sigmoid(q, k, scale, bias, positive_offset, backend):
@@ -242,16 +243,17 @@ def sigmoid_nll_forward(q, k, scale=1.0, bias=None, *, positive_offset=0, backen
 
 
 def sigmoid_nll_backward(q, k, scale=1.0, bias=None, *, grad_row, positive_offset=0, need_bias=False,
-                         backend="auto"):
-    """Unscaled gradients of one block: G @ k (M, D), Gᵀ @ q (N, D) and Σ G (0-dim) or None,
+                         need_q=True, need_k=True, backend="auto"):
+    """Unscaled gradients of one block: G @ k (M, D), Gᵀ @ q (N, D) (each None unless needed)
+    and Σ G (0-dim) or None,
     float32 (float64 for float64 inputs), G[i, j] = −grad_row[i]·z·σ(−z·S[i, j]). Multiply by
     scale for the gradients of q and k."""
     q, k, scale, bias, positive_offset, name = _prepare_sigmoid(q, k, scale, bias, positive_offset, backend)
     if name == "reference":
         dq, dk, db = sigmoid_nll_backward_naive(q, k, scale, bias, positive_offset, grad_row)
-        return dq, dk, (db if need_bias else None)
+        return (dq if need_q else None), (dk if need_k else None), (db if need_bias else None)
     dt = lse_dtype(q.dtype)
     dq, dk, db = similarity_sigmoid_nll_backward_op(
         q, k, scale.to(dt), None if bias is None else bias.to(dt), positive_offset,
-        grad_row.to(dt).contiguous(), need_bias, name)
-    return dq, dk, (db if need_bias else None)
+        grad_row.to(dt).contiguous(), need_bias, need_q, need_k, name)
+    return (dq if need_q else None), (dk if need_k else None), (db if need_bias else None)

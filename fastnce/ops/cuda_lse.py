@@ -154,7 +154,9 @@ def forward(q, k, scale, bias, q_labels, k_labels, mask_mode, exclude_offset, wi
 
 
 def backward(q, k, scale, bias, q_labels, k_labels, mask_mode, exclude_offset,
-             row_lse, col_lse, grad_row, grad_col, symmetric, need_bias):
+             row_lse, col_lse, grad_row, grad_col, symmetric, need_bias, need_q=True, need_k=True):
+    # need_q / need_k are not passed on: the extension computes both sides (skipping one is
+    # the Triton and torch backends' saving so far).
     _require()
     dq, dk, dbias = torch.ops.fastnce_cuda.lse_backward(
         q, k, scale.to(torch.float32).reshape(()), _f32(bias), q_labels, k_labels, int(mask_mode),

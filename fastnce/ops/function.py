@@ -6,8 +6,8 @@ Backend launcher contract (fastnce/ops/tiled.py, triton_lse.py, cuda_lse.py each
     forward(q, k, scale, bias, q_labels, k_labels, mask_mode, exclude_offset, with_col, symmetric)
         -> row_lse (M,), col_lse (N,) or None
     backward(q, k, scale, bias, q_labels, k_labels, mask_mode, exclude_offset,
-             row_lse, col_lse, grad_row, grad_col, symmetric, need_bias)
-        -> dq (M, D), dk (N, D) or None, dbias (N,) or None
+             row_lse, col_lse, grad_row, grad_col, symmetric, need_bias, need_q, need_k)
+        -> dq (M, D) or None, dk (N, D) or None, dbias (N,) or None
 
 q (M, D), k (N, D) contiguous, same dtype and device; k is q when symmetric. scale a 0-dim
 float32 tensor; bias (N,) or None; labels int64 or None; mask_mode one of naive.MASK_*;
@@ -15,14 +15,17 @@ exclude_offset drops the pairs j == i + offset (None: none dropped). grad_row / 
 contiguous, in the LSE dtype, or None when that output gets no gradient. LSE vectors and
 gradients are float32 (float64 for float64 inputs). The gradients are unscaled, G as in
 DESIGN.md §1:  dq = G @ k,  dk = Gᵀ @ q,  dbias = Σ_i G[i, :];  when symmetric dq = (G + Gᵀ) @ q
-and dk is None. The scale, its gradient and the cast to the input dtype happen here, once.
+and dk is None. need_q / need_k: whether dq / dk are wanted (a frozen tower, MoCo's queue: a
+launcher may skip the work and return None; one that computes it anyway is correct too). The
+scale, its gradient and the cast to the input dtype happen here, once.
 
 The sigmoid primitive (similarity_sigmoid_nll, SigLIP) has its own two launchers, in tiled.py
 and triton_sigmoid.py (the CUDA extension has none):
 
     sigmoid_forward(q, k, scale, bias, positive_offset) -> rows (M,)
-    sigmoid_backward(q, k, scale, bias, positive_offset, grad_row, need_bias)
-        -> G @ k (M, D), Gᵀ @ q (N, D), Σ G (0-dim) or None,  G = −grad_row[i]·z·σ(−z·S)
+    sigmoid_backward(q, k, scale, bias, positive_offset, grad_row, need_bias, need_q, need_k)
+        -> G @ k (M, D) or None, Gᵀ @ q (N, D) or None, Σ G (0-dim) or None,
+           G = −grad_row[i]·z·σ(−z·S)
 
 with bias a 0-dim tensor or None and positive_offset an int or None, the rest as above.
 """
@@ -152,27 +155,52 @@ def similarity_lse_backward_op(
     q: Tensor, k: Optional[Tensor], scale: Tensor, bias: Optional[Tensor],
     q_labels: Optional[Tensor], k_labels: Optional[Tensor], mask_mode: int,
     exclude_offset: Optional[int], row_lse: Tensor, col_lse: Tensor,
-    grad_row: Optional[Tensor], grad_col: Optional[Tensor], need_bias: bool, backend: str,
+    grad_row: Optional[Tensor], grad_col: Optional[Tensor], need_bias: bool, need_q: bool, need_k: bool,
+    backend: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
     symmetric = k is None
     with torch.autocast(q.device.type, enabled=False):
         dq, dk, dbias = backend_module(backend).backward(
             q, q if symmetric else k, scale, bias, q_labels, k_labels, mask_mode, exclude_offset,
             row_lse, col_lse if col_lse.numel() else None, grad_row, grad_col, symmetric, need_bias,
+            need_q, need_k and not symmetric,
         )
-    return dq, _empty(dq) if dk is None else dk, _empty(dq) if dbias is None else dbias
+    return _wanted(dq, need_q, row_lse), _wanted(dk, need_k and not symmetric, row_lse), _wanted(dbias, need_bias, row_lse)
+
+
+def _wanted(x: Optional[Tensor], wanted: bool, like: Tensor) -> Tensor:
+    """The op's output for a gradient: x, or an empty tensor where it is not wanted (also when a
+    launcher computed it anyway), matching the fake implementations' shapes."""
+    return x if wanted else _empty(like)
 
 
 @similarity_lse_backward_op.register_fake
 def _(q, k, scale, bias, q_labels, k_labels, mask_mode, exclude_offset, row_lse, col_lse,
-      grad_row, grad_col, need_bias, backend):
+      grad_row, grad_col, need_bias, need_q, need_k, backend):
     dt = lse_dtype(q.dtype)
     N = q.shape[0] if k is None else k.shape[0]
     return (
-        q.new_empty(q.shape, dtype=dt),
-        q.new_empty((0,) if k is None else k.shape, dtype=dt),
+        q.new_empty(q.shape if need_q else (0,), dtype=dt),
+        q.new_empty(k.shape if need_k and k is not None else (0,), dtype=dt),
         q.new_empty((N if need_bias else 0,), dtype=dt),
     )
+
+
+def _wanted_products(symmetric: bool, need_q, need_k, need_scale) -> tuple[bool, bool]:
+    """Which of G @ k and Gᵀ @ q a backward computes: those whose gradient is wanted, and one of
+    them for the scale's gradient Σ_ij G_ij q_i·k_j (G @ k unless Gᵀ @ q is computed anyway).
+    A frozen side (MoCo's queue, a locked tower) costs no product."""
+    want_k = bool(need_k) and not symmetric
+    return bool(need_q) or (bool(need_scale) and not want_k), want_k
+
+
+def scale_grad(dq_u: Optional[Tensor], q: Tensor, dk_u: Optional[Tensor], k: Optional[Tensor],
+               symmetric: bool = False) -> Tensor:
+    """Σ_ij G_ij q_i·k_j from whichever product was computed: Σ_i (G @ k)_i·q_i, or
+    Σ_j (Gᵀ @ q)_j·k_j; the symmetric dq holds G and Gᵀ, each once."""
+    if dq_u is not None:
+        return (dq_u * q.to(dq_u.dtype)).sum() * (0.5 if symmetric else 1.0)
+    return (dk_u * k.to(dk_u.dtype)).sum()
 
 
 def _setup_context(ctx, inputs, output):
@@ -193,17 +221,15 @@ def _backward(ctx, grad_row, grad_col):
     grad_col = None if grad_col is None else grad_col.contiguous()
     if grad_row is None and grad_col is None:
         return None, None, None, None, None, None, None, None, None, None
+    want_q, want_k = _wanted_products(symmetric, need_q, need_k, need_scale)
     dq_u, dk_u, dbias = similarity_lse_backward_op(
         q, k, scale, bias, q_labels, k_labels, mask_mode, exclude_offset, row, col,
-        grad_row, grad_col, bool(need_bias), backend,
+        grad_row, grad_col, bool(need_bias), want_q, want_k, backend,
     )
-    dscale = None
-    if need_scale:
-        # Σ_ij G_ij q_i·k_j = Σ_i (G @ k)_i · q_i; the symmetric dq holds G and Gᵀ, each once.
-        dscale = (dq_u * q.to(dq_u.dtype)).sum() * (0.5 if symmetric else 1.0)
-        dscale = dscale.to(scale.dtype)
+    dq_u, dk_u = (dq_u if want_q else None), (dk_u if want_k else None)
+    dscale = scale_grad(dq_u, q, dk_u, k, symmetric).to(scale.dtype) if need_scale else None
     dq = dq_u.mul_(scale).to(q.dtype) if need_q else None  # in place: dq_u is ours
-    dk = dk_u.mul_(scale).to(k.dtype) if (need_k and not symmetric) else None
+    dk = dk_u.mul_(scale).to(k.dtype) if want_k else None
     db = dbias.to(bias.dtype) if need_bias else None
     return dq, dk, dscale, db, None, None, None, None, None, None
 
@@ -239,18 +265,18 @@ def _(q, k, scale, bias, positive_offset, backend):
 @torch.library.custom_op("fastnce::similarity_sigmoid_nll_backward", mutates_args=())
 def similarity_sigmoid_nll_backward_op(
     q: Tensor, k: Tensor, scale: Tensor, bias: Optional[Tensor], positive_offset: Optional[int],
-    grad_row: Tensor, need_bias: bool, backend: str,
+    grad_row: Tensor, need_bias: bool, need_q: bool, need_k: bool, backend: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
     with torch.autocast(q.device.type, enabled=False):
         dq, dk, dbias = backend_module(backend, "sigmoid").sigmoid_backward(
-            q, k, scale, bias, positive_offset, grad_row, need_bias)
-    return dq, dk, _empty(dq) if dbias is None else dbias
+            q, k, scale, bias, positive_offset, grad_row, need_bias, need_q, need_k)
+    return _wanted(dq, need_q, grad_row), _wanted(dk, need_k, grad_row), _wanted(dbias, need_bias, grad_row)
 
 
 @similarity_sigmoid_nll_backward_op.register_fake
-def _(q, k, scale, bias, positive_offset, grad_row, need_bias, backend):
+def _(q, k, scale, bias, positive_offset, grad_row, need_bias, need_q, need_k, backend):
     dt = lse_dtype(q.dtype)
-    return (q.new_empty(q.shape, dtype=dt), k.new_empty(k.shape, dtype=dt),
+    return (q.new_empty(q.shape if need_q else (0,), dtype=dt), k.new_empty(k.shape if need_k else (0,), dtype=dt),
             q.new_empty(() if need_bias else (0,), dtype=dt))
 
 
@@ -271,11 +297,14 @@ def _sigmoid_backward(ctx, grad_row):
     q, k, scale, bias, rows = ctx.saved_tensors
     positive_offset, backend = ctx.args
     need_q, need_k, need_scale, need_bias = ctx.needs_input_grad[:4]
+    want_q, want_k = _wanted_products(False, need_q, need_k, need_scale)
     dq_u, dk_u, dbias = similarity_sigmoid_nll_backward_op(
-        q, k, scale, bias, positive_offset, nan_grad_where_nan(grad_row, rows), bool(need_bias), backend)
-    dscale = (dq_u * q.to(dq_u.dtype)).sum().to(scale.dtype) if need_scale else None  # Σ_ij G_ij q_i·k_j
+        q, k, scale, bias, positive_offset, nan_grad_where_nan(grad_row, rows), bool(need_bias), want_q, want_k,
+        backend)
+    dq_u, dk_u = (dq_u if want_q else None), (dk_u if want_k else None)
+    dscale = scale_grad(dq_u, q, dk_u, k).to(scale.dtype) if need_scale else None
     dq = dq_u.mul_(scale).to(q.dtype) if need_q else None
-    dk = dk_u.mul_(scale).to(k.dtype) if need_k else None
+    dk = dk_u.mul_(scale).to(k.dtype) if want_k else None
     db = dbias.to(bias.dtype) if need_bias else None
     return dq, dk, dscale, db, None, None
 

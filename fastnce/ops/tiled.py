@@ -164,7 +164,7 @@ def forward(q, k, scale, bias, q_labels, k_labels, mask_mode, exclude_offset, wi
 
 
 def backward(q, k, scale, bias, q_labels, k_labels, mask_mode, exclude_offset,
-             row_lse, col_lse, grad_row, grad_col, symmetric, need_bias):
+             row_lse, col_lse, grad_row, grad_col, symmetric, need_bias, need_q=True, need_k=True):
     if _mirrored(symmetric, bias, exclude_offset):
         dq = _backward_mirrored(q, float(scale), q_labels, mask_mode, exclude_offset, row_lse, grad_row, grad_col)
         return dq, None, None
@@ -175,8 +175,10 @@ def backward(q, k, scale, bias, q_labels, k_labels, mask_mode, exclude_offset,
     row_shift = None if grad_row is None else _shift(row_lse)
     col_shift = None if grad_col is None else _shift(col_lse)
     factor, (row_w, col_w) = _line_weights(grad_row, grad_col)
-    dq = torch.zeros((M, D), dtype=acc, device=q.device)
-    dk = None if symmetric else torch.zeros((N, D), dtype=acc, device=q.device)
+    need_q = need_q or symmetric
+    need_k = need_k and not symmetric
+    dq = torch.zeros((M, D), dtype=acc, device=q.device) if need_q else None
+    dk = torch.zeros((N, D), dtype=acc, device=q.device) if need_k else None
     dbias = torch.zeros((N,), dtype=acc, device=q.device) if need_bias else None
     bm, bn = _blocks(M, N)
     for j0 in range(0, N, bn):
@@ -191,10 +193,11 @@ def backward(q, k, scale, bias, q_labels, k_labels, mask_mode, exclude_offset,
             if grad_col is not None:
                 Gc = _weighted_exp(S, col_shift[None, j0 : j0 + bn], None if col_w is None else col_w[None, j0 : j0 + bn])
                 G = Gc if G is None else G.add_(Gc)
-            dq[i0 : i0 + bm].addmm_(G, kj)
+            if need_q:
+                dq[i0 : i0 + bm].addmm_(G, kj)
             if symmetric:
                 dq[j0 : j0 + bn].addmm_(G.T, qi)
-            else:
+            elif need_k:
                 dk[j0 : j0 + bn].addmm_(G.T, qi)
             if need_bias:
                 dbias[j0 : j0 + bn] += G.sum(0)
@@ -232,15 +235,15 @@ def sigmoid_forward(q, k, scale, bias, positive_offset):
     return row
 
 
-def sigmoid_backward(q, k, scale, bias, positive_offset, grad_row, need_bias):
+def sigmoid_backward(q, k, scale, bias, positive_offset, grad_row, need_bias, need_q=True, need_k=True):
     """Unscaled gradients of the sigmoid rows: G @ k (M, D), Gᵀ @ q (N, D), Σ G (0-dim) or None,
     with G[i, j] = grad_row[i] · ∂(−log σ(z·S))/∂S = −grad_row[i] · z · σ(−z·S)."""
     acc = lse_dtype(q.dtype)
     M, N, D = q.shape[0], k.shape[0], q.shape[1]
     s = float(scale)
     bias = None if bias is None else bias.to(acc)
-    dq = torch.zeros((M, D), dtype=acc, device=q.device)
-    dk = torch.zeros((N, D), dtype=acc, device=q.device)
+    dq = torch.zeros((M, D), dtype=acc, device=q.device) if need_q else None
+    dk = torch.zeros((N, D), dtype=acc, device=q.device) if need_k else None
     dbias = torch.zeros((), dtype=acc, device=q.device) if need_bias else None
     bm, bn = _blocks(M, N)
     for j0 in range(0, N, bn):
@@ -252,8 +255,10 @@ def sigmoid_backward(q, k, scale, bias, positive_offset, grad_row, need_bias):
             positives = _pairs(G, positive_offset, i0, j0)  # −z: +1 on the negatives, −1 on the positives
             if positives is not None:
                 positives.neg_()
-            dq[i0 : i0 + bm].addmm_(G, kj)
-            dk[j0 : j0 + bn].addmm_(G.T, qi)
+            if need_q:
+                dq[i0 : i0 + bm].addmm_(G, kj)
+            if need_k:
+                dk[j0 : j0 + bn].addmm_(G.T, qi)
             if need_bias:
                 dbias += G.sum()
     return dq, dk, dbias

@@ -1294,8 +1294,9 @@ def _grad_atomic(q, k, scale, bias, lq, lk, mask_mode, offset, g, r, h, c, write
 
 
 def backward(q, k, scale, bias, q_labels, k_labels, mask_mode, exclude_offset,
-             row_lse, col_lse, grad_row, grad_col, symmetric, need_bias):
-    """Unscaled fp32 dq = G @ k, dk = Gᵀ @ q (None when symmetric: dq = (G + Gᵀ) @ q), dbias."""
+             row_lse, col_lse, grad_row, grad_col, symmetric, need_bias, need_q=True, need_k=True):
+    """Unscaled fp32 dq = G @ k, dk = Gᵀ @ q (None when symmetric: dq = (G + Gᵀ) @ q), dbias;
+    a side not needed costs no pass (_one_side)."""
     _check(q, k)
     scale = scale.to(torch.float32).contiguous()
     bias = None if bias is None else bias.to(torch.float32).contiguous()
@@ -1309,6 +1310,10 @@ def backward(q, k, scale, bias, q_labels, k_labels, mask_mode, exclude_offset,
         run = lambda a: _run_sym_plan(_sym_backward_plan(a), a)
         _tune_on_slice(("sym", g is not None, h is not None), run, args)
         return run(args)
+    if not (need_k or need_bias):
+        return _dq_pass(*args), None, None
+    if not need_q:
+        return (None,) + _dk_pass(*args)
     return _run_plan(_backward_plan(args), args)
 
 
@@ -1356,12 +1361,21 @@ def _grad_half(q, k, scale, bias, lq, lk, mask_mode, offset, g, r, h, c, write_d
     return dq, None, None
 
 
-def _grad_two_pass(q, k, scale, bias, lq, lk, mask_mode, offset, g, r, h, c, write_db):
-    """(G @ k (M, D), Gᵀ @ q (N, D), column sums of G (N,) or None), fp32, without atomics."""
-    dq, _ = _grad(q, k, scale, bias, lq, lk, mask_mode, offset, g, r, h, c, False, False, False)
+def _dq_pass(q, k, scale, bias, lq, lk, mask_mode, offset, g, r, h, c, write_db):
+    """G @ k (M, D), fp32: the rows' pass (also all a backward needs when k is frozen)."""
+    return _grad(q, k, scale, bias, lq, lk, mask_mode, offset, g, r, h, c, False, False, False)[0]
+
+
+def _dk_pass(q, k, scale, bias, lq, lk, mask_mode, offset, g, r, h, c, write_db):
+    """(Gᵀ @ q (N, D), column sums of G (N,) or None), fp32: the columns' pass (Gᵀ: k's rows
+    against q's, the pairs j == i + offset at i == j − offset)."""
     off = None if offset is None else -int(offset)
-    dk, db = _grad(k, q, scale, bias, lk, lq, mask_mode, off, h, c, g, r, True, False, write_db)
-    return dq, dk, db
+    return _grad(k, q, scale, bias, lk, lq, mask_mode, off, h, c, g, r, True, False, write_db)
+
+
+def _grad_two_pass(*args):
+    """(G @ k (M, D), Gᵀ @ q (N, D), column sums of G (N,) or None), fp32, without atomics."""
+    return (_dq_pass(*args),) + _dk_pass(*args)
 
 
 def _run_plan(plan: str, args: tuple):

@@ -239,12 +239,19 @@ def _grad(x, y, scale, bias, offset, positive, g, g_on_row, write_db):
     return dx, db
 
 
-def _grad_two_pass(q, k, scale, bias, _lq, _lk, _mode, positive_offset, g, _r, _h, _c, need_bias):
+def _dq_pass(q, k, scale, bias, _lq, _lk, _mode, positive_offset, g, _r, _h, _c, need_bias):
     offset, positive = _offset(positive_offset)
-    dq, _ = _grad(q, k, scale, bias, offset, positive, g, True, False)
+    return _grad(q, k, scale, bias, offset, positive, g, True, False)[0]
+
+
+def _dk_pass(q, k, scale, bias, _lq, _lk, _mode, positive_offset, g, _r, _h, _c, need_bias):
+    offset, positive = _offset(positive_offset)
     # Gᵀ: k's rows against q's columns; the positive pair (i, i + offset) is (j − offset, j) there
-    dk, db = _grad(k, q, scale, bias, -offset, positive, g, False, need_bias)
-    return dq, dk, db
+    return _grad(k, q, scale, bias, -offset, positive, g, False, need_bias)
+
+
+def _grad_two_pass(*args):
+    return (_dq_pass(*args),) + _dk_pass(*args)
 
 
 def _grad_atomic(q, k, scale, bias, _lq, _lk, _mode, positive_offset, g, _r, _h, _c, need_bias):
@@ -268,10 +275,16 @@ def _run_plan(plan: str, args: tuple):
     return _grad_atomic(*args) if plan == "atomic" else _grad_two_pass(*args)
 
 
-def sigmoid_backward(q, k, scale, bias, positive_offset, grad_row, need_bias):
-    """Unscaled (G @ k, Gᵀ @ q, Σ G or None), fp32; the launcher contract of fastnce/ops/function.py."""
+def sigmoid_backward(q, k, scale, bias, positive_offset, grad_row, need_bias, need_q=True, need_k=True):
+    """Unscaled (G @ k, Gᵀ @ q, Σ G or None), fp32; the launcher contract of fastnce/ops/function.py.
+    A side not needed costs no pass."""
     _check(q, k)
     args = _lse_layout(q, k, scale, bias, positive_offset, grad_row.float().contiguous(), need_bias)
+    if not (need_k or need_bias):
+        return _dq_pass(*args), None, None
+    if not need_q:
+        dk, db = _dk_pass(*args)
+        return None, dk, (db.sum() if need_bias else None)
     if deterministic():
         plan = "two-pass"
     else:  # untimed as the LSE's: atomic up to D = 256
