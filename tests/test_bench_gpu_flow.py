@@ -40,9 +40,8 @@ def test_gpu_bench_main_runs_end_to_end_on_the_cpu(cpu_bench, tmp_path, capsys):
                          "--cases", "simclr-16k,clip-32k,clip-1m,siglip-32k"])
     assert rc == 0
     jsons = sorted(tmp_path.glob("gpu-cpu-smoke-test-*.json"))
-    meta_file = next(p for p in jsons if p.name.endswith("-meta.json"))
-    checks_file = next(p for p in jsons if p.name.endswith("-checks.json"))
-    (records_file,) = [p for p in jsons if p not in (meta_file, checks_file)]
+    (meta_file,) = [p for p in jsons if p.name.endswith("-meta.json")]
+    (records_file,) = [p for p in jsons if p != meta_file]
     records = json.loads(records_file.read_text())
     measured = {(r["case"], r["impl"]) for r in records}
     assert measured == {(c, i) for c in ("simclr-16k", "clip-32k", "clip-1m", "siglip-32k")
@@ -63,12 +62,17 @@ def test_gpu_bench_main_runs_end_to_end_on_the_cpu(cpu_bench, tmp_path, capsys):
     assert meta["triton_plans"] == {}
     assert "not measured" in meta["cuda_forward_rows_ms"]["clip-32k"]
 
-    checks = json.loads(checks_file.read_text())
+    checks = meta["checks"]
     labels = {(c["backend"], c["dtype"], c["symmetric"], c["bias"]) for c in checks}
     for dt in ("bfloat16", "float16", "float32"):  # every plan of the triton backend
         assert {("triton/atomic", dt, False, True), ("triton/two-pass", dt, False, True), ("triton", dt, True, True),
                 ("triton/rows/mirror", dt, True, False), ("triton/half/half", dt, True, False)} <= labels
+    assert ("triton", "bfloat16", False, True) in {(c["backend"], c["dtype"], c["symmetric"], c["bias"])
+                                                   for c in checks if c["D"] == 512}  # CLIP's shape class
     assert all(c["ok"] for c in checks), [c for c in checks if not c["ok"]]
+    # the fused impl was timed on every case before the first baseline
+    order = [r["impl"] for r in records]
+    assert order.index("eager") > max(i for i, impl in enumerate(order) if impl == "fastnce-triton")
 
     out = capsys.readouterr().out
     assert "correctness: " in out and "wrote " in out and "fastnce-triton" in out
@@ -95,3 +99,30 @@ def test_gpu_bench_skips_the_cuda_backend_past_its_size(cpu_bench, tmp_path, mon
     notes = []
     out = cpu_bench.bench_case("clip-1m", ["fastnce-cuda"], 0.01, "cpu", None, notes)
     assert out == [] and notes[0]["note"].startswith("skipped: the cuda backend is timed up to N = 44")
+
+
+def test_gpu_bench_appends_a_second_run(cpu_bench, tmp_path, monkeypatch):
+    """gpu_session.sh runs the cuda backend in a process of its own with --append: its checks,
+    records and notes join the first run's files, which keep theirs."""
+    common = ["--out", str(tmp_path), "--check-size", "24", "--budget", "0.01", "--cases", "clip-32k"]
+    assert cpu_bench.main(common + ["--impls", "fastnce-triton", "--gemm-size", "64"]) == 0
+    first = {p.name: json.loads(p.read_text()) for p in tmp_path.glob("*.json")}
+    assert cpu_bench.main(common + ["--impls", "eager,fastnce-cuda", "--gemm-size", "0", "--append"]) == 0
+    second = {p.name: json.loads(p.read_text()) for p in tmp_path.glob("*.json")}
+    assert set(second) == set(first)
+    (records_name,) = [n for n in second if not n.endswith("-meta.json")]
+    meta_name = records_name.replace(".json", "-meta.json")
+    assert [(r["case"], r["impl"]) for r in second[records_name]] == [("clip-32k", "fastnce-triton"),
+                                                                      ("clip-32k", "eager")]
+    assert second[meta_name]["checks"] == first[meta_name]["checks"]  # no cuda here: nothing added
+    assert "bf16_matmul_64_tflops" in second[meta_name]  # the first run's rate stays
+    assert [(n["case"], n["impl"]) for n in second[meta_name]["not_measured"]] == [("clip-32k", "fastnce-cuda")]
+
+
+def test_gpu_bench_peak_counts_the_gradients(cpu_bench, monkeypatch):
+    """measure() clears what the warm-up left (the gradients) before taking the baseline, so the
+    peak includes the step's gradients, as the anchors' first-call measurement does."""
+    events = []
+    run = lambda: events.append("run")
+    cpu_bench.measure(run, 0.0, max_reps=1, clear=lambda: events.append("clear"))
+    assert events[:3] == ["run", "clear", "run"]

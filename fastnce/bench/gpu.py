@@ -22,10 +22,13 @@
 Prints a table and writes <out>/gpu-<card>-<date>.json: a list of
 {"case", "impl", "dtype", "ms", "peak_mib", "card"}, one per measured point (an impl that
 cannot run a case gets no record); <out>/gpu-<card>-<date>-meta.json: versions, the matmul
-rate, a note for every point skipped, out of memory or failed, the triton plans chosen and the
-cuda forward timed with its rows resident and streamed (clip-32k); and the correctness results
-to <out>/gpu-<card>-<date>-checks.json.
-Designed to finish in ~6 minutes on an H100.
+rate, the correctness results ("checks"), a note for every point skipped, out of memory or
+failed, the triton plans chosen and the cuda forward timed with its rows resident and streamed
+(clip-32k). Both are rewritten after every check and every point, so that a run cut short
+keeps what it measured; --append adds to the files of an earlier run (benchmarks/gpu_session.sh
+runs the cuda backend, whose kernels a CUDA fault could take down with the whole process, in a
+process of its own after the triton one). The fused impls are timed first, on every case, then
+the baselines.
 
     python -m fastnce.bench gpu --infcl-wheel shared/anchors/inf_cl-1.2.1-py3-none-any.whl
     python -m fastnce.bench gpu --cases clip-32k --impls fastnce-triton,eager,torch.compile
@@ -41,6 +44,7 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 import time
 from typing import Callable, Optional
 
@@ -129,7 +133,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--skip-check", action="store_true", help="skip the correctness check")
     p.add_argument("--check-size", type=int, default=2048, help="rows of the correctness check")
     p.add_argument("--budget", type=float, default=1.5, help="seconds of timed repetitions per point")
-    p.add_argument("--gemm-size", type=int, default=8192, help="n of the n³ bf16 matmul that gives the card's rate")
+    p.add_argument("--gemm-size", type=int, default=8192,
+                   help="n of the n³ bf16 matmul that gives the card's rate (0: not measured)")
+    p.add_argument("--append", action="store_true",
+                   help="add to this card and date's records and meta files in --out instead of replacing them")
     args = p.parse_args(argv)
     args.cases = [c for c in args.cases.split(",") if c]
     args.impls = [c for c in args.impls.split(",") if c]
@@ -195,10 +202,17 @@ def ensure_infcl(wheel: Optional[str]) -> Optional[str]:
         wheel = found[-1] if found else None
     if wheel is None or not os.path.exists(wheel):
         return "inf_cl not importable and no wheel (--infcl-wheel or ./carry/inf_cl-*.whl)"
-    r = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--quiet", wheel],
-                       capture_output=True, text=True)
+    # Into a folder of its own: offline (no index), without touching the image's environment.
+    target = os.path.join(tempfile.gettempdir(), "fastnce-infcl")
+    try:
+        r = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-index", "--quiet",
+                            "--disable-pip-version-check", "--target", target, wheel],
+                           capture_output=True, text=True, timeout=120)
+    except subprocess.TimeoutExpired:
+        return f"pip install {wheel} took over 120 s"
     if r.returncode != 0:
         return f"pip install {wheel} failed: {r.stderr.strip()[-300:]}"
+    sys.path.insert(0, target)
     importlib.invalidate_caches()
     try:
         importlib.import_module("inf_cl")
@@ -242,18 +256,28 @@ def _elapsed_ms(run: Callable) -> float:
     return s.elapsed_time(e)
 
 
-def _release() -> None:
+def _release() -> Optional[str]:
+    """Synchronise and free the cache; a pending CUDA error comes back as a string (the caller's
+    records must survive it), None when all is well."""
     import torch
     if _on_gpu():
-        torch.cuda.synchronize()
-        torch.cuda.empty_cache()
+        try:
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()
+        except Exception as e:
+            return repr(e)[:300]
+    return None
 
 
-def measure(run: Callable, budget_s: float, max_reps: int = 25):
+def measure(run: Callable, budget_s: float, max_reps: int = 25, clear: Optional[Callable] = None):
     """(median ms, peak MiB above what was allocated before, None on the CPU): warm-up, then a
-    peak run, then reps. A step slower than _SLOW_STEP_S is timed once, on the peak run."""
+    peak run, then reps. A step slower than _SLOW_STEP_S is timed once, on the peak run.
+    clear() drops what the warm-up left that the peak run allocates afresh (the gradients), so
+    that the peak counts it as the anchors' first call does."""
     import torch
     run()  # warm-up: compiles, autotunes
+    if clear is not None:
+        clear()
     _release()
     if _on_gpu():
         torch.cuda.reset_peak_memory_stats()
@@ -267,24 +291,30 @@ def measure(run: Callable, budget_s: float, max_reps: int = 25):
     return ts[len(ts) // 2], peak
 
 
-def gemm_tflops(n: int = 8192) -> float:
-    """The card's bf16 n³ matrix-product rate, TFLOP/s."""
+def gemm_tflops(n: int = 8192) -> Optional[float]:
+    """The card's bf16 n³ matrix-product rate, TFLOP/s (None for n <= 0, or if it fails)."""
     import torch
-    a = torch.randn(n, n, device=DEVICE, dtype=torch.bfloat16)
-    b = torch.randn(n, n, device=DEVICE, dtype=torch.bfloat16)
-    ms, _ = measure(lambda: a @ b, 1.0)
+    if n <= 0:
+        return None
+    try:
+        a = torch.randn(n, n, device=DEVICE, dtype=torch.bfloat16)
+        b = torch.randn(n, n, device=DEVICE, dtype=torch.bfloat16)
+        ms, _ = measure(lambda: a @ b, 1.0)
+    except Exception as e:  # the cases' numbers matter more
+        print(f"bf16 matmul rate: failed ({repr(e)[:200]})", flush=True)
+        return None
     return 2 * n**3 / (ms * 1e-3) / 1e12
 
 
 # ----------------------------------------------------------------------------- correctness
 
-def check_backend(backend: str, dtype, n: int, symmetric: bool, bias: bool = True) -> dict:
+def check_backend(backend: str, dtype, n: int, symmetric: bool, bias: bool = True, D: int = 128) -> dict:
     """One backend, one dtype, vs float64: max error of each output / gradient and pass/fail."""
     import torch
     from fastnce import ops
 
     g = torch.Generator(device=DEVICE).manual_seed(0)
-    M, N, D = n, (n if symmetric else n - n // 7), 128
+    M, N = n, (n if symmetric else n - n // 7)
     q0 = torch.nn.functional.normalize(torch.randn(M, D, device=DEVICE, generator=g), dim=1).to(dtype)
     k0 = None if symmetric else torch.nn.functional.normalize(
         torch.randn(N, D, device=DEVICE, generator=g), dim=1).to(dtype)
@@ -311,7 +341,7 @@ def check_backend(backend: str, dtype, n: int, symmetric: bool, bias: bool = Tru
     fast, low, exact = run(backend), run("reference"), run("reference", torch.float64)
     floor_rel = {torch.float16: 1e-3, torch.bfloat16: 1e-2, torch.float32: 1e-5}[dtype]
     out = {"backend": backend, "dtype": str(dtype).replace("torch.", ""), "symmetric": symmetric, "bias": bias,
-           "ok": True, "errors": {}}
+           "D": D, "ok": True, "errors": {}}
     for name in exact:
         ex = exact[name].double()
         f, lo = fast[name].double(), low[name].double()
@@ -327,9 +357,11 @@ def check_backend(backend: str, dtype, n: int, symmetric: bool, bias: bool = Tru
     return out
 
 
-# (symmetric, bias, plans forced through the environment) of each correctness check, for
-# (other backends, triton): every plan of the triton backend (its ops/triton_lse.py _PLANS)
-# runs once per dtype; the half symmetric plans need S without bias, as NT-Xent has it.
+# (symmetric, bias, plans forced through the environment) of each correctness check at D = 128,
+# for (other backends, triton): every plan of the triton backend (its ops/triton_lse.py _PLANS)
+# runs once per dtype; the half symmetric plans need S without bias, as NT-Xent has it. In
+# bfloat16 one more, CLIP's shape class (q ≠ k, D = 512: the cuda backend's wide backward, the
+# triton kernels' D = 512 configs) with the default plans.
 _CHECK_RUNS = {
     False: [(False, True, ()), (True, True, ()), (True, False, ())],
     True: [(False, True, (("FASTNCE_TRITON_BACKWARD", "atomic"),)),
@@ -338,42 +370,50 @@ _CHECK_RUNS = {
            (True, False, (("FASTNCE_TRITON_SYM_FORWARD", "rows"), ("FASTNCE_TRITON_SYM_BACKWARD", "mirror"))),
            (True, False, (("FASTNCE_TRITON_SYM_FORWARD", "half"), ("FASTNCE_TRITON_SYM_BACKWARD", "half")))],
 }
+_CLIP_CHECK_D = 512
 
 
-def run_checks(n: int) -> list:
+def run_checks(n: int, backends: list, on_result: Optional[Callable] = None) -> list:
+    """The correctness checks of the named GPU backends (those available) in every dtype;
+    on_result(results so far) after each."""
     import torch
     from fastnce import ops
     from fastnce.ops import triton_lse
 
     results = []
     for dtype in (torch.bfloat16, torch.float16, torch.float32):
-        backends = [b for b in ops.available_backends(DEVICE, dtype) if b not in ("reference", "torch")]
-        for be in backends:
+        available = [b for b in ops.available_backends(DEVICE, dtype) if b in backends]
+        for be in available:
             # Checked with autotuning off (one fixed config per kernel variant): tuning each dtype
             # and mask variant here would cost minutes of compiles. The kernel code is the same
             # for every config; tests/test_triton.py's GPU tests run the tuned configs.
             tuned = getattr(triton_lse, "AUTOTUNE", False)
             if be == "triton":
                 triton_lse.AUTOTUNE = False
+            runs = [(sym, bias, plans, 128) for sym, bias, plans in _CHECK_RUNS[be == "triton"]]
+            if dtype == torch.bfloat16:
+                runs.append((False, True, (), _CLIP_CHECK_D))
             try:
-                for sym, bias, plans in _CHECK_RUNS[be == "triton"]:
+                for sym, bias, plans, D in runs:
                     t0 = time.time()
                     label = "/".join([be] + [p for _, p in plans])
                     os.environ.update(plans)
                     try:
-                        r = check_backend(be, dtype, n, sym, bias)
+                        r = check_backend(be, dtype, n, sym, bias, D)
                     except Exception as e:  # a crash is a failed check, not a failed script
-                        r = {"backend": be, "dtype": str(dtype), "symmetric": sym, "bias": bias, "ok": False,
-                             "error": repr(e)[:500]}
+                        r = {"backend": be, "dtype": str(dtype).replace("torch.", ""), "symmetric": sym,
+                             "bias": bias, "D": D, "ok": False, "error": repr(e)[:500]}
                     finally:
                         for env, _ in plans:
                             os.environ.pop(env, None)
                     r["backend"] = label
                     r["seconds"] = round(time.time() - t0, 1)
                     results.append(r)
+                    if on_result is not None:
+                        on_result(results)
                     worst = "" if "errors" not in r else ", ".join(
                         f"{k} {v['err']:.2g}/{2 * v['ref_err'] + v['floor']:.2g}" for k, v in r["errors"].items())
-                    what = ("self" if sym else "q,k") + ("+bias" if bias else "")
+                    what = ("self" if sym else "q,k") + ("+bias" if bias else "") + f" D={D}"
                     print(f"check {label:<24} {r['dtype']:<9} {what:<9} "
                           f"{'PASS' if r['ok'] else 'FAIL'} ({r['seconds']} s) {worst}{r.get('error', '')}", flush=True)
             finally:
@@ -392,7 +432,10 @@ def bench_case(case: str, impls: list, budget: float, card: str, infcl_why: Opti
     c = CASES[case]
     N, D = c["N"], c["D"]
     dt = torch.bfloat16
-    free = torch.cuda.mem_get_info()[0] if _on_gpu() else float("inf")
+    try:
+        free = torch.cuda.mem_get_info()[0] if _on_gpu() else float("inf")
+    except Exception:  # a CUDA error pending from an earlier point: each impl reports its own
+        free = float("inf")
     g = torch.Generator(device=DEVICE).manual_seed(0)
     if c["kind"] == "ntxent":
         xs = [torch.randn(N, D, device=DEVICE, generator=g).to(dt).requires_grad_() for _ in range(2)]
@@ -426,7 +469,9 @@ def bench_case(case: str, impls: list, budget: float, card: str, infcl_why: Opti
                 note = f"skipped: would need ~{need / 2**30:.0f} GiB"
             else:
                 base = {"ntxent": ntxent_naive, "clip": clip_naive, "siglip": siglip_naive}[c["kind"]]
-                fn = base if impl == "eager" else torch.compile(base)
+                # static shapes: one compile per case, as a user with a fixed batch gets (a second
+                # shape would otherwise recompile it dynamic, another kernel)
+                fn = base if impl == "eager" else torch.compile(base, dynamic=False)
         elif impl == "inf-cl":
             if c["kind"] == "ntxent":
                 note = "skipped: Inf-CL cannot mask the diagonal"
@@ -443,17 +488,19 @@ def bench_case(case: str, impls: list, budget: float, card: str, infcl_why: Opti
             print(f"{case:<11} {impl:<15} {note}", flush=True)
             continue
         t0 = time.time()
+        clear = lambda: [setattr(x, "grad", None) for x in xs + ([arg] if hasattr(arg, "grad") else [])]
         try:
             ms, peak = measure(_step(fn, xs, arg), budget if N <= 32768 else budget / 5,
-                               max_reps=25 if N <= 32768 else 3)
+                               max_reps=25 if N <= 32768 else 3, clear=clear)
             r = record(case, impl, "bf16", ms, peak, card)
         except torch.OutOfMemoryError:
             r = record(case, impl, "bf16", None, None, card, "OOM")
         except Exception as e:  # one impl failing must not lose the others' numbers
             r = record(case, impl, "bf16", None, None, card, f"error: {repr(e)[:300]}")
-        for x in xs:
-            x.grad = None
-        _release()
+        clear()
+        error = _release()
+        if error and r["ms"] is not None:  # the step's kernels faulted after it was timed
+            r = record(case, impl, "bf16", None, None, card, f"error after timing: {error}")
         (notes if r["ms"] is None else out).append(r)
         print(f"{case:<11} {impl:<15} {r['ms']} ms, {r['peak_mib']} MiB {r.get('note', '')} "
               f"({time.time() - t0:.0f} s with warm-up)", flush=True)
@@ -496,6 +543,14 @@ def time_cuda_forward_rows(case: str, budget: float) -> dict:
     return out
 
 
+def _load(path: str, default):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return default
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     import torch
@@ -514,36 +569,54 @@ def main(argv=None) -> int:
         tv = "not installed"
     print(f"{name} | torch {torch.__version__} cuda {torch.version.cuda} | triton {tv}", flush=True)
     date = _dt.date.today().isoformat()
+    records_path = os.path.join(args.out, f"gpu-{card}-{date}.json")
+    meta_path = os.path.join(args.out, f"gpu-{card}-{date}-meta.json")
+    records = _load(records_path, []) if args.append else []
+    meta = _load(meta_path, {}) if args.append else {}
+    meta.update({"device": name, "card": card, "date": date, "torch": torch.__version__, "cuda": torch.version.cuda,
+                 "triton": tv})
+    notes = meta.setdefault("not_measured", [])
+    checks_before = meta.setdefault("checks", [])[:]
+
+    def save():  # after every check and every point: a run cut short keeps what it measured
+        write_records(records, args.out, card, date)
+        write_records(meta, args.out, card, date, suffix="-meta")
 
     if not args.skip_check:
-        checks = run_checks(args.check_size)
-        path = write_records(checks, args.out, card, date, suffix="-checks")
-        bad = [r for r in checks if not r["ok"]]
-        print(f"correctness: {len(checks) - len(bad)}/{len(checks)} passed -> {path}", flush=True)
+        backends = [FUSED[i] for i in args.impls if i in FUSED]
 
-    records, notes = [], []
+        def on_result(results):
+            meta["checks"] = checks_before + results
+            save()
+        checks = run_checks(args.check_size, backends, on_result)
+        bad = [r for r in checks if not r["ok"]]
+        print(f"correctness: {len(checks) - len(bad)}/{len(checks)} passed -> {meta_path}", flush=True)
+
     tflops = gemm_tflops(args.gemm_size)
-    print(f"bf16 {args.gemm_size}^3 matmul: {tflops:.0f} TFLOP/s", flush=True)
-    meta = {"device": name, "card": card, "date": date, "torch": torch.__version__, "cuda": torch.version.cuda,
-            "triton": tv, f"bf16_matmul_{args.gemm_size}_tflops": round(tflops, 1), "not_measured": notes}
+    if tflops is not None:
+        print(f"bf16 {args.gemm_size}^3 matmul: {tflops:.0f} TFLOP/s", flush=True)
+        meta[f"bf16_matmul_{args.gemm_size}_tflops"] = round(tflops, 1)
+    tflops = tflops or next((v for k, v in meta.items() if k.startswith("bf16_matmul_")), None)
     infcl_why = ensure_infcl(args.infcl_wheel) if "inf-cl" in args.impls else None
     if infcl_why:
         print(f"inf-cl: {infcl_why}", flush=True)
-    for case in args.cases:
-        records.extend(bench_case(case, args.impls, args.budget, card, infcl_why, notes))
-        # which plan (symmetric forward and backward; non-symmetric backward) the triton backend timed faster
-        meta["triton_plans"] = {str(k): v for k, v in triton_lse.timed_plans().items()}
-        write_records(records, args.out, card, date)  # keep what we have if a later case dies
-        write_records(meta, args.out, card, date, suffix="-meta")
+    # The fused impls on every case first (the issues' must-shows), then the baselines.
+    for impl in sorted(args.impls, key=lambda i: i not in FUSED):
+        for case in args.cases:
+            records.extend(bench_case(case, [impl], args.budget, card, infcl_why, notes))
+            # which plan (symmetric forward and backward; non-symmetric backward) the triton backend timed faster
+            meta["triton_plans"] = {**meta.get("triton_plans", {}),
+                                    **{str(k): v for k, v in triton_lse.timed_plans().items()}}
+            save()
     print(f"triton plans: {meta.get('triton_plans', {})}", flush=True)
     if "fastnce-cuda" in args.impls and "clip-32k" in args.cases:
         meta["cuda_forward_rows_ms"] = {"clip-32k": time_cuda_forward_rows("clip-32k", args.budget)}
-        write_records(meta, args.out, card, date, suffix="-meta")
+        save()
         print(f"cuda forward, rows resident / streamed: {meta['cuda_forward_rows_ms']}", flush=True)
-    path = write_records(records, args.out, card, date)
+    save()
     print()
     print(format_table(records + notes, tflops))
-    print(f"\nwrote {path} ({time.time() - t_start:.0f} s in all)")
+    print(f"\nwrote {records_path} and {meta_path} ({time.time() - t_start:.0f} s in all)")
     return 0
 
 
