@@ -3,8 +3,10 @@
 //   fastnce_cuda::lse_forward(q, k, scale, bias?, q_labels?, k_labels?, mask_mode, exclude_offset?,
 //                             with_col, symmetric, allow_tf32) -> (row_lse (M,), col_lse (N,) or (0,))
 //   fastnce_cuda::lse_backward(q, k, scale, bias?, q_labels?, k_labels?, mask_mode, exclude_offset?,
-//                              row_lse, col_lse?, grad_row?, grad_col?, symmetric, need_bias,
-//                              allow_tf32) -> (dq (M, D), dk (N, D) or (0,), dbias (N,) or (0,))
+//                              row_lse, col_lse?, grad_row?, grad_col?, symmetric, need_bias, need_q,
+//                              need_k, allow_tf32) -> (dq (M, D) or (0,), dk (N, D) or (0,), dbias (N,) or (0,))
+//   need_q / need_k: without them the row / column kernel is not launched (a frozen side costs
+//   nothing); symmetric always computes dq.
 //
 // The launcher contract is fastnce/ops/function.py's: float32 outputs, unscaled gradients
 // (dq = G @ k, dk = G^T @ q, dbias = sum_i G[i, :]; symmetric: dq = (G + G^T) @ q, no dk).
@@ -164,7 +166,7 @@ std::tuple<Tensor, Tensor, Tensor> lse_backward_cuda(
     const std::optional<Tensor>& q_labels, const std::optional<Tensor>& k_labels, int64_t mask_mode,
     std::optional<int64_t> exclude_offset, const Tensor& row_lse, const std::optional<Tensor>& col_lse,
     const std::optional<Tensor>& grad_row, const std::optional<Tensor>& grad_col, bool symmetric, bool need_bias,
-    bool allow_tf32) {
+    bool need_q, bool need_k, bool allow_tf32) {
   LseParams p = make_params(q, k, scale, bias, q_labels, k_labels, mask_mode, exclude_offset);
   c10::cuda::CUDAGuard guard(q.device());
   const int64_t M = p.M, N = p.N, D = p.D;
@@ -188,20 +190,24 @@ std::tuple<Tensor, Tensor, Tensor> lse_backward_cuda(
   plan_backward(p, int(q.element_size()), dev.smem_optin);
 
   if (M == 0 || N == 0 || (!grad_row.has_value() && !grad_col.has_value())) {
-    Tensor dq = at::zeros({M, D}, f32);
-    return {dq, symmetric ? at::empty({0}, f32) : at::zeros({N, D}, f32),
+    return {need_q || symmetric ? at::zeros({M, D}, f32) : at::empty({0}, f32),
+            need_k && !symmetric ? at::zeros({N, D}, f32) : at::empty({0}, f32),
             need_bias ? at::zeros({N}, f32) : at::empty({0}, f32)};
   }
 
   // dq = G @ k: one block per 64 rows, walking the column tiles; for k == q without bias,
   // dq = (G + G^T) @ q from the same tiles (the mirror), and no column kernel.
-  LseParams pq = p;
-  pq.mirror = symmetric && !bias.has_value();
-  choose_splits(pq, (M + kBM - 1) / kBM, (N + kBN - 1) / kBN, dev.num_sms);
-  Tensor dq = pq.splits > 1 ? at::zeros({M, D}, f32) : at::empty({M, D}, f32);
-  pq.out = dq.data_ptr<float>();
-  launch_lse_backward(pq, dt, allow_tf32, /*for_k=*/false, stream);
-  if (pq.mirror) return {dq, at::empty({0}, f32), at::empty({0}, f32)};  // no bias: no dbias
+  Tensor dq = at::empty({0}, f32);
+  if (need_q || symmetric) {
+    LseParams pq = p;
+    pq.mirror = symmetric && !bias.has_value();
+    choose_splits(pq, (M + kBM - 1) / kBM, (N + kBN - 1) / kBN, dev.num_sms);
+    dq = pq.splits > 1 ? at::zeros({M, D}, f32) : at::empty({M, D}, f32);
+    pq.out = dq.data_ptr<float>();
+    launch_lse_backward(pq, dt, allow_tf32, /*for_k=*/false, stream);
+    if (pq.mirror) return {dq, at::empty({0}, f32), at::empty({0}, f32)};  // no bias: no dbias
+  }
+  if (!symmetric && !need_k && !need_bias) return {dq, at::empty({0}, f32), at::empty({0}, f32)};
 
   // dk = G^T @ q and dbias: one block per 64 columns, walking the row tiles.
   LseParams pk = p;
@@ -215,6 +221,8 @@ std::tuple<Tensor, Tensor, Tensor> lse_backward_cuda(
   if (symmetric) {
     dq.add_(dk);  // (G + G^T) @ q
     dk = at::empty({0}, f32);
+  } else if (!need_k) {
+    dk = at::empty({0}, f32);  // the column kernel ran for dbias alone
   }
   return {dq, dk, dbias};
 }
@@ -229,7 +237,7 @@ TORCH_LIBRARY(fastnce_cuda, m) {
   m.def(
       "lse_backward(Tensor q, Tensor k, Tensor scale, Tensor? bias, Tensor? q_labels, Tensor? k_labels, "
       "int mask_mode, int? exclude_offset, Tensor row_lse, Tensor? col_lse, Tensor? grad_row, Tensor? grad_col, "
-      "bool symmetric, bool need_bias, bool allow_tf32) -> (Tensor, Tensor, Tensor)");
+      "bool symmetric, bool need_bias, bool need_q, bool need_k, bool allow_tf32) -> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(fastnce_cuda, CUDA, m) {

@@ -483,9 +483,11 @@ def test_gpu_opcheck(dtype):
         torch.library.opcheck(torch.ops.fastnce_cuda.lse_forward.default,
                               (q, q, scale, None, None, None, 0, 0, with_col, True, False))
     row, col = torch.ops.fastnce_cuda.lse_forward(*fwd)
-    bwd = (q, k, scale, bias, ql, kl, 1, 0, row, col, torch.randn_like(row), torch.randn_like(col), False, True, False)
-    torch.library.opcheck(torch.ops.fastnce_cuda.lse_backward.default, bwd)
-    sym = (q, q, scale, None, None, None, 0, 0, row, None, torch.randn_like(row), None, True, False, False)
+    grads = (row, col, torch.randn_like(row), torch.randn_like(col))
+    for need_bias, need_q, need_k in ((True, True, True), (False, True, False), (False, False, True), (True, False, False)):
+        bwd = (q, k, scale, bias, ql, kl, 1, 0, *grads, False, need_bias, need_q, need_k, False)
+        torch.library.opcheck(torch.ops.fastnce_cuda.lse_backward.default, bwd)
+    sym = (q, q, scale, None, None, None, 0, 0, row, None, torch.randn_like(row), None, True, False, True, False, False)
     torch.library.opcheck(torch.ops.fastnce_cuda.lse_backward.default, sym)
 
 

@@ -69,20 +69,30 @@ SUBSETS = ["q", "k", "scale", "bias", "q scale", "k scale", "k bias", "q k scale
 def _primitive(name, q, k, scale, bias, backend):
     if name == "lse":
         row, col = ops.similarity_lse(q, k, scale, bias, col_lse=True, backend=backend)
-        return (row * torch.linspace(0.5, 1.5, row.shape[0])).sum() + 0.3 * col.sum()
+        return (row * torch.linspace(0.5, 1.5, row.shape[0], device=row.device)).sum() + 0.3 * col.sum()
     return ops.similarity_sigmoid_nll(q, k, scale, bias[0], positive_offset=1, backend=backend).sum()
 
 
-@pytest.mark.parametrize("backend", ["reference", "torch", "triton"])
+def _device(backend):
+    """The fused backends run on the GPU where there is one (else triton under the interpreter)."""
+    return "cuda" if backend in ("triton", "cuda") and torch.cuda.is_available() else "cpu"
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch", "triton", pytest.param("cuda", marks=pytest.mark.gpu)])
 @pytest.mark.parametrize("prim", ["lse", "sigmoid"])
 @pytest.mark.parametrize("subset", SUBSETS)
 def test_frozen_inputs_get_no_gradient_and_the_others_theirs(backend, prim, subset):
     """Any subset of q, k, scale, bias requiring grad gets the gradients it gets when all do,
     whichever side's product the backward skips (a frozen k, MoCo's queue, costs no Gᵀ @ q; the
     scale's gradient then comes from G @ k or Gᵀ @ q)."""
+    if backend == "cuda" and prim == "sigmoid":
+        pytest.skip("the cuda backend has no sigmoid kernel")
+    if backend != "reference" and ops.unavailable_reason(backend, torch.device(_device(backend)), torch.float32):
+        pytest.skip(f"{backend} unavailable")
     g = torch.Generator().manual_seed(3)
     leaves = dict(q=torch.randn(7, 5, generator=g), k=torch.randn(9, 5, generator=g),
                   scale=torch.tensor(1.7), bias=torch.randn(9, generator=g))
+    leaves = {n: t.to(_device(backend)) for n, t in leaves.items()}
     full = {n: t.clone().requires_grad_() for n, t in leaves.items()}
     _primitive(prim, *full.values(), "reference").backward()
     part = {n: t.clone().requires_grad_(n in subset.split()) for n, t in leaves.items()}
@@ -103,8 +113,9 @@ def test_triton_backward_skips_the_frozen_side(prim, monkeypatch):
     for fn in ("_dq_pass", "_dk_pass", "_grad_atomic"):
         orig = getattr(module, fn)
         monkeypatch.setattr(module, fn, lambda *a, _f=fn, _o=orig: calls.append(_f) or _o(*a))
-    q, k = torch.randn(7, 5, requires_grad=True), torch.randn(9, 5)
-    bias = torch.randn(9)
+    dev = _device("triton")
+    q, k = torch.randn(7, 5, device=dev, requires_grad=True), torch.randn(9, 5, device=dev)
+    bias = torch.randn(9, device=dev)
     _primitive(prim, q, k, 1.5, bias, "triton").backward()
     assert calls == ["_dq_pass"], calls  # k frozen: the rows' pass alone
     calls.clear()

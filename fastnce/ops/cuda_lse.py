@@ -106,10 +106,10 @@ def _register_fakes() -> None:
 
     @torch.library.register_fake("fastnce_cuda::lse_backward")
     def _(q, k, scale, bias, q_labels, k_labels, mask_mode, exclude_offset, row_lse, col_lse,
-          grad_row, grad_col, symmetric, need_bias, allow_tf32):
+          grad_row, grad_col, symmetric, need_bias, need_q, need_k, allow_tf32):
         return (
-            q.new_empty(q.shape, dtype=torch.float32),
-            q.new_empty((0,) if symmetric else k.shape, dtype=torch.float32),
+            q.new_empty(q.shape if need_q or symmetric else (0,), dtype=torch.float32),
+            q.new_empty(k.shape if need_k and not symmetric else (0,), dtype=torch.float32),
             q.new_empty((k.shape[0] if need_bias else 0,), dtype=torch.float32),
         )
 
@@ -155,15 +155,15 @@ def forward(q, k, scale, bias, q_labels, k_labels, mask_mode, exclude_offset, wi
 
 def backward(q, k, scale, bias, q_labels, k_labels, mask_mode, exclude_offset,
              row_lse, col_lse, grad_row, grad_col, symmetric, need_bias, need_q=True, need_k=True):
-    # need_q / need_k are not passed on: the extension computes both sides (skipping one is
-    # the Triton and torch backends' saving so far).
     _require()
     dq, dk, dbias = torch.ops.fastnce_cuda.lse_backward(
         q, k, scale.to(torch.float32).reshape(()), _f32(bias), q_labels, k_labels, int(mask_mode),
         exclude_offset, _f32(row_lse), _f32(col_lse) if grad_col is not None else None,
-        _f32(grad_row), _f32(grad_col), bool(symmetric), bool(need_bias), _allow_tf32(q.dtype),
+        _f32(grad_row), _f32(grad_col), bool(symmetric), bool(need_bias), bool(need_q), bool(need_k),
+        _allow_tf32(q.dtype),
     )
-    return dq, (None if symmetric else dk), (dbias if need_bias else None)
+    return ((dq if need_q or symmetric else None), (None if symmetric or not need_k else dk),
+            (dbias if need_bias else None))
 
 
 def _require() -> None:
