@@ -283,6 +283,13 @@ def _subgroup_case(rank, world, rec):
     gen = torch.Generator().manual_seed(7)
     img, txt = torch.randn(5, D, generator=gen), torch.randn(5, D, generator=gen)
     me = rank // 2
+    # the modules take the group too
+    loss = fastnce.losses.ClipLoss(learnable=False, normalize=False, distributed="ring", group=group)
+    rec.close("ClipLoss(group=[0, 2])", loss(img[_slices(sizes, me)], txt[_slices(sizes, me)]),
+              fd.clip_loss(img[_slices(sizes, me)], txt[_slices(sizes, me)], loss.scale(), group=group))
+    moco = fastnce.losses.MoCoLoss(D, queue_size=16, distributed=True, group=group)
+    moco(img[_slices(sizes, me)], txt[_slices(sizes, me)])
+    rec.check("MoCoLoss(group=[0, 2]) enqueues the group's keys", int(moco.queue_ptr) == 5)
     for scheme in fd.SCHEMES:
         _run_case(rec, f"clip_loss group [0, 2] [{scheme}]", lambda a, b, s: fastnce.clip_loss(a, b, s),
                   lambda a, b, s: fd.clip_loss(a, b, s, scheme=scheme, group=group),

@@ -94,24 +94,24 @@ class NTXentLoss(nn.Module):
     forward(z1, z2): z1, z2 (N, D) → fastnce.nt_xent (2N anchors).
     forward(views): a (V, N, D) tensor or a list/tuple of V tensors (N, D) → nt_xent_multiview.
     Returns a scalar ('mean', 'sum') or per-anchor losses ('none', (V·N,)).
-    distributed='ring' or 'gather': two views over the global batch of all ranks
-    (fastnce.distributed.nt_xent).
+    distributed='ring' or 'gather': two views over the global batch of all ranks of `group`
+    (None: the default group; fastnce.distributed.nt_xent).
     """
 
     def __init__(self, temperature: float = 0.1, reduction: str = "mean", backend: str = "auto",
-                 distributed: Optional[str] = None):
+                 distributed: Optional[str] = None, group=None):
         super().__init__()
         check_temperature(temperature)
         check_reduction(reduction)
         _check_scheme(distributed)
         self.temperature, self.reduction, self.backend = temperature, reduction, backend
-        self.distributed = distributed
+        self.distributed, self.group = distributed, group
 
     def forward(self, z1, z2: Optional[Tensor] = None) -> Tensor:
         if z2 is not None:
             if self.distributed:
                 return fd.nt_xent(z1, z2, self.temperature, reduction=self.reduction,
-                                  scheme=self.distributed, backend=self.backend)
+                                  scheme=self.distributed, group=self.group, backend=self.backend)
             return nt_xent(z1, z2, self.temperature, self.reduction, backend=self.backend)
         if self.distributed:
             raise ValueError("distributed NT-Xent takes two views, forward(z1, z2); got a multi-view input")
@@ -128,12 +128,12 @@ class DCLLoss(nn.Module):
 
     Drop-in for lightly's DCLLoss(temperature, weight_fn): the same values and gradients.
     Returns a scalar, or (2N,) with reduction='none'. distributed='ring' or 'gather': over the
-    global batch of all ranks (fastnce.distributed.dcl_loss; lightly's gather_distributed=True
-    is 'gather').
+    global batch of all ranks of `group` (fastnce.distributed.dcl_loss; lightly's
+    gather_distributed=True is 'gather').
     """
 
     def __init__(self, temperature: float = 0.1, weight_fn: Optional[Callable[[Tensor, Tensor], Tensor]] = None,
-                 reduction: str = "mean", backend: str = "auto", distributed: Optional[str] = None):
+                 reduction: str = "mean", backend: str = "auto", distributed: Optional[str] = None, group=None):
         super().__init__()
         check_temperature(temperature)
         check_reduction(reduction)
@@ -141,12 +141,12 @@ class DCLLoss(nn.Module):
         if weight_fn is not None and not callable(weight_fn):
             raise TypeError(f"weight_fn must be None or a callable (z1, z2) -> (N,) weights, got {type(weight_fn).__name__}")
         self.temperature, self.weight_fn, self.reduction, self.backend = temperature, weight_fn, reduction, backend
-        self.distributed = distributed
+        self.distributed, self.group = distributed, group
 
     def forward(self, z1: Tensor, z2: Tensor) -> Tensor:
         if self.distributed:
             return fd.dcl_loss(z1, z2, self.temperature, self.reduction, weight_fn=self.weight_fn,
-                               scheme=self.distributed, backend=self.backend)
+                               scheme=self.distributed, group=self.group, backend=self.backend)
         return dcl_loss(z1, z2, self.temperature, self.reduction, weight_fn=self.weight_fn, backend=self.backend)
 
     def extra_repr(self) -> str:
@@ -158,9 +158,9 @@ class DCLWLoss(DCLLoss):
     Drop-in for lightly's DCLWLoss(temperature, sigma)."""
 
     def __init__(self, temperature: float = 0.1, sigma: float = 0.5, reduction: str = "mean", backend: str = "auto",
-                 distributed: Optional[str] = None):
+                 distributed: Optional[str] = None, group=None):
         check_temperature(sigma, "sigma")  # a positive finite number, as a temperature
-        super().__init__(temperature, partial(vmf_weights, sigma=sigma), reduction, backend, distributed)
+        super().__init__(temperature, partial(vmf_weights, sigma=sigma), reduction, backend, distributed, group)
         self.sigma = sigma
 
     def extra_repr(self) -> str:
@@ -183,12 +183,13 @@ class MoCoLoss(nn.Module):
     which by default (None) is the module's training mode: a validation loss under .eval()
     leaves the queue alone. Returns a scalar, or (N,) with reduction='none'.
     Use `momentum_update(key_encoder, query_encoder, m)` for the key encoder.
-    distributed=True: the keys of every rank are enqueued (fastnce.distributed.gather_keys), so
-    the queue stays the same on every rank; the loss itself is each rank's own rows.
+    distributed=True: the keys of every rank of `group` (None: the default group) are enqueued
+    (fastnce.distributed.gather_keys), so the queue stays the same on every rank; the loss
+    itself is each rank's own rows.
     """
 
     def __init__(self, dim: int, queue_size: int = 65536, temperature: float = 0.07,
-                 reduction: str = "mean", backend: str = "auto", distributed: bool = False):
+                 reduction: str = "mean", backend: str = "auto", distributed: bool = False, group=None):
         super().__init__()
         for name, v in (("dim", dim), ("queue_size", queue_size)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
@@ -197,7 +198,7 @@ class MoCoLoss(nn.Module):
         check_reduction(reduction)
         self.dim, self.queue_size = dim, queue_size
         self.temperature, self.reduction, self.backend = temperature, reduction, backend
-        self.distributed = bool(distributed)
+        self.distributed, self.group = bool(distributed), group
         self.register_buffer("queue", l2_normalize(torch.randn(queue_size, dim)))
         self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
 
@@ -220,7 +221,7 @@ class MoCoLoss(nn.Module):
     def forward(self, query: Tensor, key: Tensor, update_queue: Optional[bool] = None) -> Tensor:
         enqueue = self.training if update_queue is None else update_queue
         # Distributed, the enqueue is collective: a rank whose arguments are rejected tells the others.
-        with raising_on_every_rank("gather_keys", None, key) if self.distributed and enqueue else nullcontext():
+        with raising_on_every_rank("gather_keys", self.group, key) if self.distributed and enqueue else nullcontext():
             for name, x in (("query", query), ("key", key)):
                 if isinstance(x, Tensor) and x.shape[-1:] != (self.dim,):
                     raise ValueError(f"{name} must have dim = {self.dim} features (the queue's), got shape {tuple(x.shape)}")
@@ -228,7 +229,7 @@ class MoCoLoss(nn.Module):
             loss = info_nce(query, key, queue.detach(), self.temperature, self.reduction,
                             "unpaired", backend=self.backend)
         if enqueue:
-            self.enqueue(fd.gather_keys(key) if self.distributed else key)
+            self.enqueue(fd.gather_keys(key, self.group) if self.distributed else key)
         return loss
 
     def extra_repr(self) -> str:
@@ -241,9 +242,10 @@ class _ImageTextLoss(nn.Module):
     """What CLIP's and SigLIP's modules share: the learnable temperature as CLIP keeps it
     (`logit_scale` = log(1 / init_temperature), a buffer if learnable=False; the multiplier
     exp(logit_scale) clamped at max_logit_scale, the clamp stopping its gradient as CLIP's
-    in-place clamp does), optional L2 normalisation, reduction, backend and distributed scheme."""
+    in-place clamp does), optional L2 normalisation, reduction, backend, distributed scheme and group."""
 
-    def __init__(self, init_temperature, learnable, max_logit_scale, normalize, reduction, backend, distributed):
+    def __init__(self, init_temperature, learnable, max_logit_scale, normalize, reduction, backend, distributed,
+                 group):
         super().__init__()
         check_temperature(init_temperature, "init_temperature")
         check_temperature(max_logit_scale, "max_logit_scale")
@@ -251,7 +253,7 @@ class _ImageTextLoss(nn.Module):
         self._add_scalar("logit_scale", math.log(1.0 / init_temperature), learnable)
         self.max_logit_scale, self.normalize = max_logit_scale, normalize
         _check_scheme(distributed)
-        self.reduction, self.backend, self.distributed = reduction, backend, distributed
+        self.reduction, self.backend, self.distributed, self.group = reduction, backend, distributed, group
 
     def _add_scalar(self, name: str, value: float, learnable: bool) -> None:
         value = torch.tensor(float(value))
@@ -280,20 +282,22 @@ class ClipLoss(_ImageTextLoss):
     forward(image_features, text_features): (N, D) each; L2-normalised inside when
     normalize=True (CLIP's model does it before the loss), then fastnce.clip_loss.
     Returns a scalar, or (N,) with reduction='none'.
-    distributed='ring' or 'gather': over the global batch of all ranks (fastnce.distributed.clip_loss).
+    distributed='ring' or 'gather': over the global batch of all ranks of `group`
+    (fastnce.distributed.clip_loss).
     """
 
     def __init__(self, init_temperature: float = 0.07, learnable: bool = True, max_logit_scale: float = 100.0,
                  normalize: bool = True, reduction: str = "mean", backend: str = "auto",
-                 distributed: Optional[str] = None):
-        super().__init__(init_temperature, learnable, max_logit_scale, normalize, reduction, backend, distributed)
+                 distributed: Optional[str] = None, group=None):
+        super().__init__(init_temperature, learnable, max_logit_scale, normalize, reduction, backend, distributed,
+                         group)
 
     def forward(self, image_features: Tensor, text_features: Tensor) -> Tensor:
         image_features, text_features = self._features(image_features, text_features)
         scale = self.scale().to(lse_dtype(image_features.dtype))
         if self.distributed:
             return fd.clip_loss(image_features, text_features, scale, reduction=self.reduction,
-                                scheme=self.distributed, backend=self.backend)
+                                scheme=self.distributed, group=self.group, backend=self.backend)
         return clip_loss(image_features, text_features, scale, self.reduction, backend=self.backend)
 
 
@@ -307,13 +311,15 @@ class SigLipLoss(_ImageTextLoss):
     forward(image_features, text_features): (N, D) each, L2-normalised inside when normalize=True,
     then fastnce.siglip_loss. Returns Σ_ij −log σ(±logit_ij) / N (OpenCLIP's SigLipLoss), the
     sum with reduction='sum', or the (N,) per-image sums with 'none'.
-    distributed='ring' or 'gather': over the global batch of all ranks (fastnce.distributed.siglip_loss).
+    distributed='ring' or 'gather': over the global batch of all ranks of `group`
+    (fastnce.distributed.siglip_loss).
     """
 
     def __init__(self, init_temperature: float = 0.1, init_bias: float = -10.0, learnable: bool = True,
                  max_logit_scale: float = 100.0, normalize: bool = True, reduction: str = "mean",
-                 backend: str = "auto", distributed: Optional[str] = None):
-        super().__init__(init_temperature, learnable, max_logit_scale, normalize, reduction, backend, distributed)
+                 backend: str = "auto", distributed: Optional[str] = None, group=None):
+        super().__init__(init_temperature, learnable, max_logit_scale, normalize, reduction, backend, distributed,
+                         group)
         check_finite_scalar(init_bias, "init_bias")
         self._add_scalar("logit_bias", init_bias, learnable)
 
@@ -323,7 +329,7 @@ class SigLipLoss(_ImageTextLoss):
         scale, bias = self.scale().to(acc), self.logit_bias.to(acc)
         if self.distributed:
             return fd.siglip_loss(image_features, text_features, scale, bias, reduction=self.reduction,
-                                  scheme=self.distributed, backend=self.backend)
+                                  scheme=self.distributed, group=self.group, backend=self.backend)
         return siglip_loss(image_features, text_features, scale, bias, self.reduction, backend=self.backend)
 
 
