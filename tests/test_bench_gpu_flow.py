@@ -126,3 +126,17 @@ def test_gpu_bench_peak_counts_the_gradients(cpu_bench, monkeypatch):
     run = lambda: events.append("run")
     cpu_bench.measure(run, 0.0, max_reps=1, clear=lambda: events.append("clear"))
     assert events[:3] == ["run", "clear", "run"]
+
+
+def test_gpu_bench_checks_probe_only_the_backends_asked_for(cpu_bench, monkeypatch):
+    """The triton process must not load (or build) the cuda extension: run_checks asks only
+    about the backends named."""
+    from fastnce.ops import cuda_lse
+
+    def probed(*a):
+        raise AssertionError("the cuda backend was probed")
+    monkeypatch.setattr(cuda_lse, "unavailable_reason", probed)
+    monkeypatch.setattr(bench, "_CHECK_RUNS", {True: [(False, True, ())], False: []})
+    monkeypatch.setattr(bench, "_CLIP_CHECK_D", 24)
+    results = cpu_bench.run_checks(16, ["triton"])
+    assert {r["backend"] for r in results} == {"triton"} and all(r["ok"] for r in results)

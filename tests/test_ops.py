@@ -234,12 +234,17 @@ def test_lse_forward_backward_match_autograd(backend):
     torch.testing.assert_close(2.0 * gq, dq)
     torch.testing.assert_close(2.0 * gk, dk)
     torch.testing.assert_close(gb, db)
-    # k is q (NT-Xent): (G + Gᵀ) @ q in the first
-    row, _ = ops.similarity_lse(q, None, 2.0, exclude_self=True, backend="reference")
-    (dq,) = torch.autograd.grad((row * gr).sum(), q)
-    gq, gk, _ = ops.lse_backward(q, None, 2.0, row_lse=row.detach(), grad_row=gr, exclude_self=True, backend=backend)
+    # k is q (NT-Xent): (G + Gᵀ) @ q in the first; with a bias, its gradient too
+    b6 = bias[:6]
+    row, _ = ops.similarity_lse(q, None, 2.0, b6, exclude_self=True, backend="reference")
+    dq, db = torch.autograd.grad((row * gr).sum(), (q, b6))
+    gq, gk, gb = ops.lse_backward(q, None, 2.0, b6, row_lse=row.detach(), grad_row=gr, exclude_self=True,
+                                  need_bias=True, backend=backend)
     torch.testing.assert_close(2.0 * gq, dq)
+    torch.testing.assert_close(gb, db)
     assert gk is None
+    with pytest.raises(ValueError, match="need_bias=True needs a bias"):
+        ops.lse_backward(q, None, 2.0, row_lse=row.detach(), grad_row=gr, need_bias=True, backend=backend)
     # SigLIP's rows
     rows = ops.similarity_sigmoid_nll(q, k, 2.0, bias[0], positive_offset=1, backend="reference")
     dq, dk, db = torch.autograd.grad((rows * gr).sum(), (q, k, bias))

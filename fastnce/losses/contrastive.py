@@ -223,7 +223,9 @@ class MoCoLoss(nn.Module):
         # Distributed, the enqueue is collective: a rank whose arguments are rejected tells the others.
         with raising_on_every_rank("gather_keys", self.group, key) if self.distributed and enqueue else nullcontext():
             for name, x in (("query", query), ("key", key)):
-                if isinstance(x, Tensor) and x.shape[-1:] != (self.dim,):
+                if not isinstance(x, Tensor):
+                    raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+                if x.shape[-1:] != (self.dim,):
                     raise ValueError(f"{name} must have dim = {self.dim} features (the queue's), got shape {tuple(x.shape)}")
             queue = self.queue.to(query.dtype) if self.queue.dtype != query.dtype else self.queue
             loss = info_nce(query, key, queue.detach(), self.temperature, self.reduction,

@@ -28,6 +28,8 @@ def nce_loss(data_logits_model: Tensor, data_log_noise: Tensor, noise_logits_mod
     With G(u) = log p_m(u) − log p_n(u) − log k and h = σ(G):
         ℓ_i = −log σ(G(x_i)) − Σ_j log(1 − σ(G(y_ij)))      (stable: log-sigmoids)
     Returns the mean over i (the negative of the paper's J_T), the sum, or (N,) with 'none'.
+    Computed in float32 (float64 when data_logits_model is float64), whatever the other
+    arguments' dtypes (bfloat16 model logits beside float32 noise log-probabilities, say).
     """
     check_reduction(reduction)
     tensors = {"data_logits_model": data_logits_model, "data_log_noise": data_log_noise,
@@ -35,7 +37,7 @@ def nce_loss(data_logits_model: Tensor, data_log_noise: Tensor, noise_logits_mod
     for name, t in tensors.items():
         if not isinstance(t, Tensor) or not t.dtype.is_floating_point:
             raise TypeError(f"{name} must be a floating-point torch.Tensor, got {getattr(t, 'dtype', type(t).__name__)}")
-    check_same(tensors)
+    check_same(tensors, what=("device",))  # dtypes may differ: all is computed in acc below
     if data_logits_model.dim() != 1 or data_log_noise.shape != data_logits_model.shape:
         raise ValueError(f"data_logits_model and data_log_noise must have the same shape (N,), got "
                          f"{tuple(data_logits_model.shape)} and {tuple(data_log_noise.shape)}")

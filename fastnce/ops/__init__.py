@@ -174,6 +174,8 @@ def lse_backward(q, k=None, scale=1.0, bias=None, *, row_lse, grad_row=None, col
     G[i, j] = grad_row[i]·exp(S[i, j] − row_lse[i]) + grad_col[j]·exp(S[i, j] − col_lse[j]).
     Multiply by scale for the gradients of q and k.
     """
+    if need_bias and bias is None:
+        raise ValueError("need_bias=True needs a bias")
     q, k, scale, bias, q_labels, k_labels, mask_mode, exclude_offset = _prepare(
         q, k, scale, bias, labels, k_labels, label_mask, exclude_self, diag_offset
     )
@@ -248,6 +250,8 @@ def sigmoid_nll_backward(q, k, scale=1.0, bias=None, *, grad_row, positive_offse
     and Σ G (0-dim) or None,
     float32 (float64 for float64 inputs), G[i, j] = −grad_row[i]·z·σ(−z·S[i, j]). Multiply by
     scale for the gradients of q and k."""
+    if need_bias and bias is None:
+        raise ValueError("need_bias=True needs a bias")
     q, k, scale, bias, positive_offset, name = _prepare_sigmoid(q, k, scale, bias, positive_offset, backend)
     if name == "reference":
         dq, dk, db = sigmoid_nll_backward_naive(q, k, scale, bias, positive_offset, grad_row)

@@ -155,7 +155,7 @@ def lse_backward_naive(q, k, scale, bias, q_labels, k_labels, mask_mode, exclude
     """The LSE primitive's backward from a materialised G (M, N), over valid pairs:
     G[i, j] = grad_row[i]·exp(S[i, j] − row_lse[i]) + grad_col[j]·exp(S[i, j] − col_lse[j]),
     the LSEs given (they may cover more keys than k holds). Returns G @ k, Gᵀ @ q, Σ_i G[i, :];
-    for k None (k is q) (G + Gᵀ) @ q, None, None. Unscaled, in the LSE dtype."""
+    for k None (k is q) (G + Gᵀ) @ q, None, Σ_i G[i, :]. Unscaled, in the LSE dtype."""
     kk = q if k is None else k
     S = similarity_matrix(q, kk, scale, bias)
     G = torch.zeros_like(S)
@@ -171,7 +171,7 @@ def lse_backward_naive(q, k, scale, bias, q_labels, k_labels, mask_mode, exclude
         G = G.masked_fill(~keep, 0.0)
     dq, dk = G @ kk.to(S.dtype), G.T @ q.to(S.dtype)
     if k is None:
-        return dq + dk, None, None
+        return dq + dk, None, G.sum(0)
     return dq, dk, G.sum(0)
 
 

@@ -1310,11 +1310,19 @@ def backward(q, k, scale, bias, q_labels, k_labels, mask_mode, exclude_offset,
         run = lambda a: _run_sym_plan(_sym_backward_plan(a), a)
         _tune_on_slice(("sym", g is not None, h is not None), run, args)
         return run(args)
-    if not (need_k or need_bias):
-        return _dq_pass(*args), None, None
-    if not need_q:
-        return (None,) + _dk_pass(*args)
-    return _run_plan(_backward_plan(args), args)
+    one = _one_side("backward", args, need_q, need_k or need_bias, _dq_pass, _dk_pass)
+    return one if one is not None else _run_plan(_backward_plan(args), args)
+
+
+def _one_side(kind: str, args: tuple, need_rows: bool, need_cols: bool, dq_pass, dk_pass):
+    """A backward with a frozen side: the rows' pass alone (G @ k; nothing of the columns
+    wanted) or the columns' pass alone (Gᵀ @ q and its column sums; q frozen), tuned on a slice
+    as the plans are; None when both sides are wanted. (dq or None, dk or None, db or None)."""
+    if need_rows and need_cols:
+        return None
+    run = (lambda a: (dq_pass(*a), None, None)) if need_rows else (lambda a: (None,) + dk_pass(*a))
+    _tune_on_slice((kind, need_rows), run, args)
+    return run(args)
 
 
 def _grad_symmetric(q, k, scale, bias, lq, lk, mask_mode, offset, g, r, h, c, write_db):

@@ -31,8 +31,8 @@ from .triton_lse import SUPPORTED_DTYPES, triton, tl, unavailable_reason  # noqa
 if triton is not None:
     from .triton_lse import (
         _ATOMIC_CFGS, AUTOTUNE, _add_tile, _cfgs, _check, _default_meta, _dot_args, _dummy, _features,
-        _g_operand, _ginv, _held, _key, _one_k, _plan, _s_step, _scalar, _store_grad, _tune_on_slice, _tuned,
-        deterministic,
+        _g_operand, _ginv, _held, _key, _one_k, _one_side, _plan, _s_step, _scalar, _store_grad, _tune_on_slice,
+        _tuned, deterministic,
     )
 
     @triton.jit
@@ -280,11 +280,10 @@ def sigmoid_backward(q, k, scale, bias, positive_offset, grad_row, need_bias, ne
     A side not needed costs no pass."""
     _check(q, k)
     args = _lse_layout(q, k, scale, bias, positive_offset, grad_row.float().contiguous(), need_bias)
-    if not (need_k or need_bias):
-        return _dq_pass(*args), None, None
-    if not need_q:
-        dk, db = _dk_pass(*args)
-        return None, dk, (db.sum() if need_bias else None)
+    one = _one_side("sigmoid-backward", args, need_q, need_k or need_bias, _dq_pass, _dk_pass)
+    if one is not None:
+        dq, dk, db = one
+        return dq, dk, (db.sum() if need_bias else None)
     if deterministic():
         plan = "two-pass"
     else:  # untimed as the LSE's: atomic up to D = 256
