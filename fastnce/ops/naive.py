@@ -80,10 +80,7 @@ def similarity_lse_naive(
     Computed in float64 for float64 inputs, float32 otherwise (the result dtype of every backend).
     """
     S = similarity_matrix(q, k, scale, bias, products_in_input_dtype)
-    keep = valid_mask(q.shape[0], k.shape[0], q_labels, k_labels, mask_mode, exclude_offset, q.device)
-    if bias is not None:  # a −inf bias masks its column as a mask does (NaN stays: != keeps it)
-        finite_bias = (bias != float("-inf"))[None, :]
-        keep = finite_bias if keep is None else keep & finite_bias
+    keep = _kept_pairs(q, k, bias, q_labels, k_labels, mask_mode, exclude_offset)
     if keep is None:
         row, col = torch.logsumexp(S, 1), (torch.logsumexp(S, 0) if with_col else None)
     else:
@@ -91,6 +88,16 @@ def similarity_lse_naive(
         row = _masked_lse(S, keep, 1)
         col = _masked_lse(S, keep, 0) if with_col else None
     return nan_where_not_finite(row, q), (None if col is None else nan_where_not_finite(col, k))
+
+
+def _kept_pairs(q, k, bias, q_labels, k_labels, mask_mode, exclude_offset) -> Optional[Tensor]:
+    """The reference's valid_mask over all of S, where a −inf bias also drops its column, as a
+    mask does (a NaN bias stays: != keeps it); None where every pair is kept."""
+    keep = valid_mask(q.shape[0], k.shape[0], q_labels, k_labels, mask_mode, exclude_offset, q.device)
+    if bias is not None:
+        finite_bias = (bias != float("-inf"))[None, :]
+        keep = finite_bias if keep is None else keep & finite_bias
+    return keep
 
 
 def nan_where_not_finite(lse: Tensor, x: Tensor) -> Tensor:
@@ -163,10 +170,7 @@ def lse_backward_naive(q, k, scale, bias, q_labels, k_labels, mask_mode, exclude
         G = G + grad_row.to(S.dtype)[:, None] * torch.exp(S - row_lse.to(S.dtype)[:, None])
     if grad_col is not None:
         G = G + grad_col.to(S.dtype)[None, :] * torch.exp(S - col_lse.to(S.dtype)[None, :])
-    keep = valid_mask(q.shape[0], kk.shape[0], q_labels, k_labels, mask_mode, exclude_offset, q.device)
-    if bias is not None:
-        finite_bias = (bias != float("-inf"))[None, :]
-        keep = finite_bias if keep is None else keep & finite_bias
+    keep = _kept_pairs(q, kk, bias, q_labels, k_labels, mask_mode, exclude_offset)
     if keep is not None:
         G = G.masked_fill(~keep, 0.0)
     dq, dk = G @ kk.to(S.dtype), G.T @ q.to(S.dtype)
