@@ -254,7 +254,11 @@ __device__ __forceinline__ bool keep_pair(const LseParams& p, int64_t i, int64_t
 // *addr = log(exp(*addr) + exp(v)), natural log, lock-free.
 __device__ __forceinline__ void atomic_logaddexp(float* addr, float v) {
   int* a = reinterpret_cast<int*>(addr);
-  int old = *reinterpret_cast<volatile int*>(a);
+#if defined(FASTNCE_EMULATE)
+  int old = emu::load_relaxed(a);  // what the volatile load is on a GPU; a sanitizer sees it so
+#else
+  int old = *reinterpret_cast<volatile int*>(a);  // a first guess for the CAS, which checks it
+#endif
   while (true) {
     const float cur = __int_as_float(old);
     const float hi = fmaxf(cur, v), lo = fminf(cur, v);
@@ -310,7 +314,7 @@ __device__ __forceinline__ void load_resident(T* res, int ld_res, const T* src, 
 // when p.col_lse is set, merges into col_lse.
 // ---------------------------------------------------------------------------------------------
 template <class T, int KIND>
-__global__ void __launch_bounds__(kThreads) lse_forward_kernel(const LseParams p) {
+__global__ void __launch_bounds__(kThreads, kForwardBlocksPerSm) lse_forward_kernel(const LseParams p) {
 #ifndef FASTNCE_EMULATE
   extern __shared__ __align__(128) unsigned char smem_raw[];
 #else

@@ -142,7 +142,9 @@ FASTNCE_HD inline SmemLayout smem_layout(int elem_bytes, int panel, int resident
 FASTNCE_HD inline int padded_features(int64_t D) { return int((D + kDK - 1) / kDK * kDK); }
 
 // Blocks of the forward kernel a multiprocessor holds by its shared memory (1 KiB reserved per
-// block), at most kForwardBlocksPerSm: the registers' limit (<= 128 a thread, 128 threads).
+// block), at most kForwardBlocksPerSm: the registers' limit (<= 128 a thread, 128 threads; the
+// forward kernel's __launch_bounds__ holds ptxas to it, tests/test_cuda_compile.py checks that it
+// does so without spilling).
 constexpr int kForwardBlocksPerSm = 4;
 inline int forward_blocks_per_sm(size_t smem, size_t smem_per_sm) {
   const size_t b = smem_per_sm / (smem + 1024);

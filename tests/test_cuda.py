@@ -120,7 +120,15 @@ def emu(tmp_path_factory):
     lib.emu_backward_plan.argtypes = [I, I64, I64, P]
     lib.emu_forward_resident.argtypes = [I, I64, I64]
     lib.emu_forward_resident.restype = I
+    lib.emu_take_violation.restype = ctypes.c_char_p
     return lib
+
+
+def _hardware_rules_kept(lib, what):
+    """The first rule of the hardware (alignment, launch limits) the emulated kernels broke in
+    `what`, which a CPU would let pass and a GPU would not (csrc/emu/cuda_emu.h)."""
+    broken = lib.emu_take_violation()
+    assert broken is None, f"{what}: {broken.decode()}"
 
 
 # Shared memory a block may opt into: H100 / H200 227 KiB, A100 163 KiB; an H100's a
@@ -175,6 +183,10 @@ EMU_CASES = [
     (0, 150, 150, 300, dict(sym=True, excl=0, smem=H100_OPTIN)),
     (1, 70, 200, 200, dict(mask=2, min_tiles=1, grads="col", smem=H100_OPTIN)),
     (0, 90, 70, 130, dict(excl=2, bias=True, vec=0, smem=H100_OPTIN)),
+    # features one element into their storage (a flat buffer's slice): plain loads, as
+    # lse_ops.cpp decides from the addresses
+    (1, 70, 90, 64, dict(unaligned=True, mask=1, bias=True)),
+    (2, 70, 70, 32, dict(sym=True, excl=0, unaligned=True, smem=H100_OPTIN)),
 ]
 
 
@@ -182,8 +194,15 @@ def _ptr(t):
     return None if t is None else t.data_ptr()
 
 
+def _at_odd_address(t):
+    """A copy of t one element into a fresh buffer: its address is not 16-byte aligned."""
+    out = torch.empty(t.numel() + 1, dtype=t.dtype)[1:].view_as(t)
+    return out.copy_(t)
+
+
 def _emu_case(lib, kind, M, N, D, sym=False, bias=False, mask=0, excl=None, with_col=True, grads="both",
-              min_tiles=1000, smem=10**6, vec=None, labels=(0, 3), seed=0, nan_key=None, scale_mul=1.0):
+              min_tiles=1000, smem=10**6, vec=None, labels=(0, 3), seed=0, nan_key=None, scale_mul=1.0,
+              unaligned=False):
     g = torch.Generator().manual_seed(seed)
     f64 = dict(generator=g, dtype=torch.float64)
     q64 = torch.randn(M, D, **f64)
@@ -215,21 +234,26 @@ def _emu_case(lib, kind, M, N, D, sym=False, bias=False, mask=0, excl=None, with
 
     q = q64.to(dt)
     k = q if sym else k64.to(dt)
+    if unaligned:
+        q = _at_odd_address(q)
+        k = q if sym else _at_odd_address(k)
     b = None if b64 is None else b64.float()
     sc = scale.float()
-    if vec is None:
-        vec = int(D % (8 if dt != torch.float32 else 4) == 0)
+    if vec is None:  # lse_ops.cpp's rule
+        vec = int(D % (16 // q.element_size()) == 0 and q.data_ptr() % 16 == 0 and k.data_ptr() % 16 == 0)
     row = torch.empty(M)
     col = torch.empty(N) if with_col else None
     args = (kind, _ptr(q), _ptr(k), _ptr(sc), _ptr(b), _ptr(ql), _ptr(kl), mask, int(excl is not None),
             excl or 0, M, N, D, vec)
     lib.emu_forward(*args, _ptr(row), _ptr(col), int(sym), 4, min_tiles, smem)
+    _hardware_rules_kept(lib, "forward")
     dq, dk = torch.empty(M, D), torch.empty(N, D)
     db = torch.empty(N) if bias else None
     gr32 = None if gr is None else gr.float()  # named: a temporary would be freed before the call
     gc32 = None if gc is None else gc.float()
     lib.emu_backward(*args, _ptr(row), _ptr(col), _ptr(gr32), _ptr(gc32), _ptr(dq), _ptr(dk), _ptr(db),
                      int(sym), 4, min_tiles, smem)
+    _hardware_rules_kept(lib, "backward")
     fast = (row, col, dq, None if sym else dk, db)
     return fast, ref_dt, ref64, _g_rounding_sums(q64, k64, scale, b64, ql, kl, mask, excl, ref64, gr, gc, sym)
 
@@ -271,6 +295,95 @@ def check_emulated(emu, kind, M, N, D, opts):
 def test_kernels_emulated(emu, case):
     kind, M, N, D, opts = case
     check_emulated(emu, kind, M, N, D, opts)
+
+
+def test_emulator_reports_a_broken_hardware_rule(emu):
+    """Sixteen-byte copies of features that do not start on 16 bytes (what lse_ops.cpp's vec_loads
+    rule prevents) work on a CPU; the emulation names the rule a GPU would fault on."""
+    with pytest.raises(AssertionError, match="cp.async: global address not 16-byte aligned"):
+        _emu_case(emu, 1, 70, 90, 64, unaligned=True, vec=1)
+    _emu_case(emu, 1, 70, 90, 64, unaligned=False, vec=1)  # and nothing is left over for the next call
+
+
+_RULES_PROGRAM = r'''
+#include <cstdio>
+using namespace nvcuda;
+static void report(const char* what) { const char* v = emu::take_violation(); std::printf("%s: %s\n", what, v ? v : "-"); }
+int main() {
+  alignas(128) static __half h[64 * 64];
+  alignas(128) static float f[64 * 64];
+  wmma::fragment<wmma::matrix_a, 16, 16, 16, __half, wmma::row_major> a;
+  wmma::fragment<wmma::accumulator, 16, 16, 16, float> c;
+  emu::launch([&] { wmma::load_matrix_sync(a, h, 72); wmma::store_matrix_sync(f, c, 68, wmma::mem_row_major); }, 1, 1, 32, 0);
+  report("fine");
+  emu::launch([&] { wmma::load_matrix_sync(a, h + 8, 72); }, 1, 1, 32, 0);
+  report("pointer");
+  emu::launch([&] { wmma::load_matrix_sync(a, h, 68); }, 1, 1, 32, 0);
+  report("ldm");
+  emu::launch([&] { wmma::store_matrix_sync(f, c, 66, wmma::mem_row_major); }, 1, 1, 32, 0);
+  report("store ldm");
+  emu::launch([&] { emu::cp_async16(h + 4, f, true); emu::cp_async_wait_all(); }, 1, 1, 32, 0);
+  report("copy");
+  emu::launch([] {}, 1, 1, 1056, 0);
+  report("threads");
+  emu::launch([] {}, 1, 65536, 32, 0);
+  report("grid");
+  emu::g_smem_per_block = 1024;
+  emu::launch([] {}, 1, 1, 32, 2048);
+  report("smem");
+}
+'''
+
+
+def test_emulator_checks_each_rule(tmp_path):
+    """Each rule cuda_emu.h checks, broken once on purpose (and kept once): WMMA's pointer and
+    leading dimensions, cp.async's addresses, a launch's threads, grid and shared memory."""
+    inc, gxx = _cuda_include(), shutil.which("g++")
+    if inc is None or gxx is None:
+        pytest.skip("the kernel emulation needs g++ (C++20) and the CUDA headers")
+    src, exe = tmp_path / "rules.cpp", tmp_path / "rules"
+    src.write_text(_RULES_PROGRAM)
+    r = subprocess.run([gxx, "-std=c++20", "-O0", "-include", str(CSRC / "emu" / "cuda_emu.h"), f"-I{inc}",
+                        str(src), "-o", str(exe), "-pthread"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-4000:]
+    out = dict(line.split(": ", 1) for line in subprocess.run([str(exe)], capture_output=True, text=True,
+                                                               check=True).stdout.splitlines())
+    assert out == {
+        "fine": "-",
+        "pointer": "wmma: matrix pointer not 32-byte aligned",
+        "ldm": "wmma: leading dimension not a multiple of 16 bytes",
+        "store ldm": "wmma: leading dimension not a multiple of 16 bytes",
+        "copy": "cp.async: shared-memory address not 16-byte aligned",
+        "threads": "launch: threads a block not a multiple of 32 in [32, 1024]",
+        "grid": "launch: grid not in [1, 2^31 - 1] x [1, 65535]",
+        "smem": "launch: more dynamic shared memory than a block may have on the device",
+    }
+
+
+@pytest.mark.parametrize("sanitizer", ["thread", "address,undefined"])
+def test_kernels_emulated_under_a_sanitizer(tmp_path, sanitizer):
+    """Every kernel once per path (csrc/emu/sanitize_main.cpp) under ThreadSanitizer, where a
+    barrier missing between two threads' shared-memory accesses is a reported race, and under
+    AddressSanitizer with UBSan, where an access past a shared-memory tile or a tensor is an
+    error. (Values: the tests above.) About a minute each on 2 cores."""
+    inc, gxx = _cuda_include(), shutil.which("g++")
+    if inc is None or gxx is None:
+        pytest.skip("the kernel emulation needs g++ (C++20) and the CUDA headers")
+    exe = tmp_path / "sanitize"
+    r = subprocess.run([gxx, "-std=c++20", "-O1", "-g", f"-fsanitize={sanitizer}", "-fno-sanitize-recover=undefined",
+                        "-DFASTNCE_EMULATE", "-include", str(CSRC / "emu" / "cuda_emu.h"), f"-I{inc}",
+                        "-Wno-unknown-pragmas", str(CSRC / "emu" / "emu_harness.cpp"),
+                        str(CSRC / "emu" / "sanitize_main.cpp"), "-o", str(exe), "-pthread"],
+                       capture_output=True, text=True)
+    if r.returncode != 0 and "san" in r.stderr and "cannot find" in r.stderr:
+        pytest.skip(f"g++ has no {sanitizer} sanitizer runtime here")
+    assert r.returncode == 0, r.stderr[-4000:]
+    env = dict(os.environ, ASAN_OPTIONS="detect_leaks=0", TSAN_OPTIONS="halt_on_error=0")
+    run = subprocess.run([str(exe)], capture_output=True, text=True, env=env, timeout=900)
+    if "FATAL: ThreadSanitizer: unexpected memory mapping" in run.stderr:
+        pytest.skip("ThreadSanitizer cannot map its shadow memory on this kernel (ASLR bits)")
+    assert run.returncode == 0 and "Sanitizer" not in run.stderr, (run.stdout + run.stderr)[-8000:]
+    assert run.stdout.count(": ok") == run.stdout.count("kind ") >= 10
 
 
 @pytest.mark.parametrize("kind,D,rows", [

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import inspect
 import os
+import re
 import shutil
 import subprocess
 import sysconfig
@@ -68,13 +69,35 @@ def _jobs():
     for cu in sorted(CSRC.glob("*.cu")):
         for arch in ARCHS:
             jobs.append((f"{cu.name}[sm_{arch}]", [NVCC, "-c", str(cu), *base, *COMMON_NVCC_FLAGS,
-                                                    f"-gencode=arch=compute_{arch},code=sm_{arch}"]))
+                                                    f"-gencode=arch=compute_{arch},code=sm_{arch}",
+                                                    "-Xptxas", "-v"]))
     for cpp in sorted(CSRC.glob("*.cpp")):  # host code: one compile, no arch
         jobs.append((cpp.name, [NVCC, "-c", str(cpp), *base]))
     return jobs
 
 
-def test_csrc_compiles():
+def _ptxas_report(text: str) -> list[dict]:
+    """ptxas -v's lines, one dict per kernel: name (mangled), arch, registers, spill (bytes
+    stored + loaded), stack (bytes)."""
+    kernels: list[dict] = []
+    for line in text.splitlines():
+        if m := re.search(r"Compiling entry function '(\S+)' for '(sm_\w+)'", line):
+            kernels.append(dict(name=m[1], arch=m[2]))
+        elif kernels and (m := re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads",
+                                         line)):
+            kernels[-1].update(stack=int(m[1]), spill=int(m[2]) + int(m[3]))
+        elif kernels and (m := re.search(r"Used (\d+) registers", line)):
+            kernels[-1]["registers"] = int(m[1])
+    return kernels
+
+
+def _plan_constant(name: str) -> int:
+    return int(re.search(rf"constexpr int {name} = (\d+);", (CSRC / "lse_plan.h").read_text())[1])
+
+
+@pytest.fixture(scope="module")
+def compiled():
+    """Every job's (name, CompletedProcess); the .cu jobs with ptxas -v's report on stderr."""
     jobs = _jobs()
     assert any(name.startswith("lse_kernels.cu") for name, _ in jobs)
     with tempfile.TemporaryDirectory() as tmp:
@@ -85,7 +108,27 @@ def test_csrc_compiles():
             return name, r
 
         with ThreadPoolExecutor(max_workers=2) as pool:
-            results = list(pool.map(run, jobs))
-    failed = [(n, r) for n, r in results if r.returncode != 0]
+            return list(pool.map(run, jobs))
+
+
+def test_csrc_compiles(compiled):
+    failed = [(n, r) for n, r in compiled if r.returncode != 0]
     msg = "\n\n".join(f"== {n} ==\n{r.stderr[-6000:]}" for n, r in failed)
     assert not failed, f"nvcc failed:\n{msg}"
+
+
+def test_kernels_keep_to_their_registers(compiled):
+    """What ptxas made of every kernel, on sm_80 and sm_90a: no spills, no stack (a tile's
+    accumulators in local memory would cost more than the products), and the forward within the
+    registers that let kForwardBlocksPerSm blocks share a multiprocessor, which the launch plan
+    counts on (lse_plan.h's forward_resident)."""
+    report = [k for n, r in compiled if n.startswith("lse_kernels.cu") for k in _ptxas_report(r.stderr)]
+    assert {k["arch"] for k in report} == {f"sm_{a}" for a in ARCHS}
+    names = {k["name"] for k in report}
+    for kernel in ("lse_forward_kernel", "lse_backward_kernel", "lse_backward_wide_kernel"):
+        assert any(kernel in n for n in names), f"ptxas reported no {kernel}"
+    heavy = [k for k in report if k.get("spill", 1) or k.get("stack", 1) or "registers" not in k]
+    assert not heavy, heavy
+    limit = 65536 // (_plan_constant("kThreads") * _plan_constant("kForwardBlocksPerSm"))
+    over = [k for k in report if "lse_forward_kernel" in k["name"] and k["registers"] > limit]
+    assert not over, f"forward kernels above {limit} registers a thread: {over}"

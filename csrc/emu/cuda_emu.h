@@ -7,6 +7,9 @@
 // shuffles a barrier over the warp; all blocks of a grid run at once (so the atomics race for
 // real). WMMA fragments hold the whole 16 x 16 tile in every lane: the API semantics, not the
 // register layout. Not emulated: the memory model beyond what the barriers give, timing.
+// The hardware's rules that a CPU would let pass are checked and the first one broken is kept
+// for the caller (emu::take_violation): WMMA's 32-byte pointers and 16-byte leading dimensions,
+// cp.async's 16-byte addresses, and a launch's limits (threads, grid, shared memory a block).
 // Used by tests/test_cuda.py (emulated kernels); never part of a build.
 #pragma once
 
@@ -20,6 +23,7 @@
 #include <cstdint>
 #include <cstring>
 #include <memory>
+#include <new>
 #include <thread>
 #include <type_traits>
 #include <vector>
@@ -32,23 +36,41 @@ inline thread_local uint3 blockIdx;
 
 namespace emu {
 
+// The first hardware rule broken since the last take_violation(), or null.
+inline std::atomic<const char*> g_violation{nullptr};
+inline void require(bool ok, const char* rule) {
+  const char* none = nullptr;
+  if (!ok) g_violation.compare_exchange_strong(none, rule);
+}
+inline const char* take_violation() { return g_violation.exchange(nullptr); }
+inline bool aligned(const void* p, uintptr_t bytes) { return reinterpret_cast<uintptr_t>(p) % bytes == 0; }
+
+// Dynamic shared memory a block may use on the emulated device (0: unchecked); set by the caller
+// from the device it plans for (cudaDevAttrMaxSharedMemoryPerBlockOptin).
+inline size_t g_smem_per_block = 0;
+
 struct Block {
+  // The shared memory is exactly smem_bytes from a 128-byte boundary, so that a sanitizer sees
+  // an access past its end.
   explicit Block(int threads, size_t smem_bytes)
-      : bar(threads), smem(new unsigned char[smem_bytes + 128]()), xbuf(threads) {
+      : bar(threads),
+        smem(static_cast<unsigned char*>(::operator new[](smem_bytes > 0 ? smem_bytes : 1, std::align_val_t(128)))),
+        xbuf(threads) {
+    std::memset(smem, 0, smem_bytes);
     for (int w = 0; w < threads / 32; ++w) warp.emplace_back(std::make_unique<std::barrier<>>(32));
   }
+  ~Block() { ::operator delete[](smem, std::align_val_t(128)); }
+  Block(const Block&) = delete;
+  Block& operator=(const Block&) = delete;
   std::barrier<> bar;
   std::vector<std::unique_ptr<std::barrier<>>> warp;
-  std::unique_ptr<unsigned char[]> smem;
+  unsigned char* smem;
   std::vector<uint64_t> xbuf;
 };
 
 inline thread_local Block* tl_block = nullptr;
 
-inline unsigned char* block_smem() {
-  auto p = reinterpret_cast<uintptr_t>(tl_block->smem.get());
-  return reinterpret_cast<unsigned char*>((p + 127) & ~uintptr_t(127));
-}
+inline unsigned char* block_smem() { return tl_block->smem; }
 
 // cp.async: a thread's copies land when it waits for them (cp.async.wait_all), the latest the
 // hardware may land them, so that a kernel reading a slot before waiting reads stale data here.
@@ -59,7 +81,11 @@ struct PendingCopy {
 };
 inline thread_local std::vector<PendingCopy> tl_copies;
 
-inline void cp_async16(void* dst, const void* src, bool valid) { tl_copies.push_back({dst, src, valid}); }
+inline void cp_async16(void* dst, const void* src, bool valid) {
+  require(aligned(dst, 16), "cp.async: shared-memory address not 16-byte aligned");
+  require(!valid || aligned(src, 16), "cp.async: global address not 16-byte aligned");
+  tl_copies.push_back({dst, src, valid});
+}
 
 inline void cp_async_wait_all() {
   for (const PendingCopy& c : tl_copies) {
@@ -75,6 +101,14 @@ inline void cp_async_wait_all() {
 // Runs kernel(args...) on a grid of (gx, gy) blocks of `threads` threads, all at once.
 template <class F>
 void launch(F kernel, unsigned gx, unsigned gy, int threads, size_t smem_bytes) {
+  // A launch the GPU would refuse does not run (cudaErrorInvalidConfiguration and the like).
+  const bool threads_ok = threads > 0 && threads <= 1024 && threads % 32 == 0;
+  const bool grid_ok = gx >= 1 && gx <= 0x7fffffffu && gy >= 1 && gy <= 65535;
+  const bool smem_ok = g_smem_per_block == 0 || smem_bytes <= g_smem_per_block;
+  require(threads_ok, "launch: threads a block not a multiple of 32 in [32, 1024]");
+  require(grid_ok, "launch: grid not in [1, 2^31 - 1] x [1, 65535]");
+  require(smem_ok, "launch: more dynamic shared memory than a block may have on the device");
+  if (!threads_ok || !grid_ok || !smem_ok) return;
   std::vector<std::unique_ptr<Block>> blocks;
   std::vector<std::thread> pool;
   for (unsigned y = 0; y < gy; ++y)
@@ -116,6 +150,10 @@ inline T __shfl_xor_sync(unsigned, T v, int lane_mask) {
 inline float __int_as_float(int x) { float f; std::memcpy(&f, &x, 4); return f; }
 inline int __float_as_int(float f) { int x; std::memcpy(&x, &f, 4); return x; }
 
+namespace emu {
+inline int load_relaxed(int* addr) { return std::atomic_ref<int>(*addr).load(std::memory_order_relaxed); }
+}  // namespace emu
+
 inline int atomicCAS(int* addr, int compare, int val) {
   std::atomic_ref<int> a(*addr);
   a.compare_exchange_strong(compare, val);
@@ -152,8 +190,18 @@ inline float to_float(float v) { return v; }
 inline float to_float(__half v) { return __half2float(v); }
 inline float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
 
+// load_matrix_sync / store_matrix_sync: "mptr must be a 256-bit aligned pointer", "ldm ... must
+// be a multiple of 8 for __half element type or multiple of 4 for float" (CUDA C++ Programming
+// Guide, warp matrix functions): 16 bytes either way.
+template <class P>
+inline void require_wmma_operand(const P* p, unsigned ldm) {
+  emu::require(emu::aligned(p, 32), "wmma: matrix pointer not 32-byte aligned");
+  emu::require(ldm * sizeof(P) % 16 == 0, "wmma: leading dimension not a multiple of 16 bytes");
+}
+
 template <class Use, int m, int n, int k, class T, class L, class P>
 inline void load_matrix_sync(fragment<Use, m, n, k, T, L>& f, const P* p, unsigned ldm) {
+  require_wmma_operand(p, ldm);
   using F = fragment<Use, m, n, k, T, L>;
   constexpr bool col = std::is_same<L, col_major>::value;
   for (int r = 0; r < F::ROWS; ++r)
@@ -162,12 +210,14 @@ inline void load_matrix_sync(fragment<Use, m, n, k, T, L>& f, const P* p, unsign
 
 template <int m, int n, int k>
 inline void load_matrix_sync(fragment<accumulator, m, n, k, float>& f, const float* p, unsigned ldm, layout_t l) {
+  require_wmma_operand(p, ldm);
   for (int r = 0; r < m; ++r)
     for (int c = 0; c < n; ++c) f.x[r * n + c] = l == mem_row_major ? p[r * ldm + c] : p[c * ldm + r];
 }
 
 template <int m, int n, int k>
 inline void store_matrix_sync(float* p, const fragment<accumulator, m, n, k, float>& f, unsigned ldm, layout_t l) {
+  require_wmma_operand(p, ldm);
   if ((threadIdx.x & 31) != 0) return;  // one lane writes (the values are the same in all)
   for (int r = 0; r < m; ++r)
     for (int c = 0; c < n; ++c) (l == mem_row_major ? p[r * ldm + c] : p[c * ldm + r]) = f.x[r * n + c];

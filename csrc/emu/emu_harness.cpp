@@ -72,6 +72,12 @@ void bwd_dispatch(int kind, const LseParams& p, bool for_k) {
   }
 }
 
+// The launch limit on shared memory a block for a device that lets a block have optin bytes.
+// The tests also plan for devices smaller than any sm_80+ GPU, to reach the streamed and
+// multi-pass paths at small sizes; the limit is checked for real ones only (an RTX 30xx /
+// 40xx's 99 KiB and up).
+size_t smem_limit(size_t optin) { return optin >= 101376 ? optin : 0; }
+
 LseParams base(const void* q, const void* k, const float* scale, const float* bias, const int64_t* ql,
                const int64_t* kl, int mask_mode, int has_excl, int64_t off, int64_t M, int64_t N, int64_t D,
                int vec) {
@@ -105,6 +111,7 @@ void emu_forward(int kind, const void* q, const void* k, const float* scale, con
                  int64_t smem_per_sm) {
   LseParams p = base(q, k, scale, bias, ql, kl, mask_mode, has_excl, off, M, N, D, vec);
   p.resident = forward_resident(kind <= 1 ? 2 : 4, D, size_t(smem_per_sm));
+  emu::g_smem_per_block = smem_limit(size_t(smem_per_sm) - 1024);  // a multiprocessor's, less a block's reserve
   const float ninf = -std::numeric_limits<float>::infinity();
   p.upper = symmetric && bias == nullptr && (!has_excl || off == 0);
   std::vector<float> part(p.upper ? N : 0, ninf);  // the rows' parts from the tiles above them
@@ -138,6 +145,7 @@ int emu_backward(int kind, const void* q, const void* k, const float* scale, con
   p.grad_row = grad_row;
   p.grad_col = grad_col;
   plan_backward(p, kind <= 1 ? 2 : 4, size_t(smem_optin));
+  emu::g_smem_per_block = smem_limit(size_t(smem_optin));
 
   LseParams pq = p;
   pq.mirror = symmetric && bias == nullptr;
@@ -160,6 +168,9 @@ int emu_backward(int kind, const void* q, const void* k, const float* scale, con
     for (int64_t e = 0; e < M * D; ++e) dq[e] += dk[e];
   return int((D + p.panel - 1) / p.panel);
 }
+
+// The first hardware rule the kernels broke since the last call (cuda_emu.h), or null.
+const char* emu_take_violation() { return emu::take_violation(); }
 
 // Features of the forward's rows held in shared memory (0: streamed) for D on a device with
 // smem_per_sm bytes of shared memory a multiprocessor.
