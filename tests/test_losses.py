@@ -358,6 +358,30 @@ def test_dino_and_swav_match_lightly():
     _close_with_grads(L.SwAVLoss()(high, low), swav_mod.SwaVLoss()(high, low).reshape(()), tuple(high + low), F32)
 
 
+def test_dino_and_swav_take_mixed_dtypes_as_lightly():
+    """A float16 teacher beside float32 students (bfloat16 small crops beside float32 global ones):
+    lightly's formulas take them, and so do these, computed in float32."""
+    mods = _load_lightly()
+    if mods is None:
+        pytest.skip("lightly is not installed")
+    g = _gen(11)
+    t = [torch.randn(8, 32, generator=g).half() for _ in range(2)]
+    s = [torch.randn(8, 32, generator=g, requires_grad=True) for _ in range(3)]
+    ours, theirs = L.DINOLoss(output_dim=32), mods["dino"].DINOLoss(output_dim=32)
+    _close_with_grads(ours(t, s), theirs(t, s), tuple(s), F32)
+    # the centre's batch mean: ours in float32, lightly's in float16 (its rounding, ~1e-4, x 0.1)
+    torch.testing.assert_close(ours.center, 0.1 * torch.stack(t).float().mean((0, 1), keepdim=True))
+    torch.testing.assert_close(ours.center, theirs.center, rtol=0, atol=1e-4)
+    high = [torch.randn(16, 10, generator=g, requires_grad=True) for _ in range(2)]
+    low = [torch.randn(16, 10, generator=g).bfloat16().requires_grad_() for _ in range(2)]
+    # lightly takes the bfloat16 crops too, and computes their log-softmax in bfloat16: compared
+    # where it computes in float32, as these do
+    want = mods["swav"].SwaVLoss()(high, [x.float() for x in low]).reshape(())
+    mods["swav"].SwaVLoss()(high, low)
+    assert L.swav_loss(high, low).dtype == torch.float32
+    _close_with_grads(L.swav_loss(high, low), want, tuple(high + low), F32)
+
+
 @pytest.mark.filterwarnings("ignore:To copy construct from a tensor:UserWarning")  # lightly's weights
 @pytest.mark.parametrize("N", [2, 127])
 def test_dcl_matches_lightly(N):

@@ -6,6 +6,7 @@ O(V²·B·D) time, O(V·B·D) memory, nothing quadratic in the batch.
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Optional, Sequence
 
@@ -51,7 +52,7 @@ def dino_loss(teacher_out: Sequence[Tensor], student_out: Sequence[Tensor], cent
     check_temperature(student_temp, "student_temp")
     t = _stack("teacher_out", teacher_out)
     s = _stack("student_out", student_out)
-    check_same({"teacher_out": t, "student_out": s})
+    check_same({"teacher_out": t, "student_out": s}, what=("device",))  # dtypes may differ: see acc
     if t.shape[1:] != s.shape[1:]:
         raise ValueError(f"student views must have the teacher views' shape {tuple(t.shape[1:])}, got {tuple(s.shape[1:])}")
     if center.numel() != t.shape[-1]:
@@ -60,7 +61,9 @@ def dino_loss(teacher_out: Sequence[Tensor], student_out: Sequence[Tensor], cent
     n_terms = Vt * Vs - min(Vt, Vs)
     if n_terms == 0:
         raise ValueError(f"DINO needs two views in total that differ, got {Vt} teacher and {Vs} student view(s)")
-    acc = lse_dtype(t.dtype)
+    # A float16 teacher beside a float32 student (lightly's formula promotes): both in the wider
+    # dtype, at least float32.
+    acc = lse_dtype(torch.promote_types(t.dtype, s.dtype))
     p_t = F.softmax((t.detach().to(acc) - center.reshape(1, 1, -1).to(acc)) / teacher_temp, dim=-1)
     log_s = F.log_softmax(s.to(acc) / student_temp, dim=-1)
     # Σ_{t≠s} P_t·log S_s = (Σ_t P_t)·(Σ_s log S_s) − Σ_{i<min} P_i·log S_i, per sample.
@@ -185,10 +188,11 @@ def swav_loss(high_resolution_outputs: Sequence[Tensor], low_resolution_outputs:
         raise ValueError("high_resolution_outputs must hold at least one crop")
     for i, x in enumerate(high + low):
         check_features(f"outputs[{i}]", x)
+    check_same({f"outputs[{i}]": x for i, x in enumerate(high + low)}, what=("device",))
     n_crops = len(high) + len(low)
     if n_crops < 2:
         raise ValueError("SwAV needs at least two crops")
-    acc = lse_dtype(high[0].dtype)
+    acc = lse_dtype(functools.reduce(torch.promote_types, [x.dtype for x in high + low]))
     log_p = [F.log_softmax(x.to(acc) / temperature, dim=1) for x in high + low]
     loss = 0.0
     for i, h in enumerate(high):
