@@ -324,6 +324,10 @@ int main() {
   report("store ldm");
   emu::launch([&] { emu::cp_async16(h + 4, f, true); emu::cp_async_wait_all(); }, 1, 1, 32, 0);
   report("copy");
+  emu::launch([&] { if (threadIdx.x % 32 < 16) wmma::load_matrix_sync(a, h, 72); __syncthreads(); }, 1, 1, 64, 0);
+  report("part of a warp");
+  emu::launch([&] { wmma::load_matrix_sync(a, h + 16 * (threadIdx.x % 2), 72); }, 1, 1, 32, 0);
+  report("pointer a lane");
   emu::launch([] {}, 1, 1, 1056, 0);
   report("threads");
   emu::launch([] {}, 1, 65536, 32, 0);
@@ -337,7 +341,8 @@ int main() {
 
 def test_emulator_checks_each_rule(tmp_path):
     """Each rule cuda_emu.h checks, broken once on purpose (and kept once): WMMA's pointer and
-    leading dimensions, cp.async's addresses, a launch's threads, grid and shared memory."""
+    leading dimensions, WMMA calls the same in every lane of a warp, cp.async's addresses, a
+    launch's threads, grid and shared memory."""
     inc, gxx = _cuda_include(), shutil.which("g++")
     if inc is None or gxx is None:
         pytest.skip("the kernel emulation needs g++ (C++20) and the CUDA headers")
@@ -354,6 +359,8 @@ def test_emulator_checks_each_rule(tmp_path):
         "ldm": "wmma: leading dimension not a multiple of 16 bytes",
         "store ldm": "wmma: leading dimension not a multiple of 16 bytes",
         "copy": "cp.async: shared-memory address not 16-byte aligned",
+        "part of a warp": "wmma: lanes of a warp made different calls (WMMA is warp-collective)",
+        "pointer a lane": "wmma: lanes of a warp made different calls (WMMA is warp-collective)",
         "threads": "launch: threads a block not a multiple of 32 in [32, 1024]",
         "grid": "launch: grid not in [1, 2^31 - 1] x [1, 65535]",
         "smem": "launch: more dynamic shared memory than a block may have on the device",

@@ -9,7 +9,8 @@
 // register layout. Not emulated: the memory model beyond what the barriers give, timing.
 // The hardware's rules that a CPU would let pass are checked and the first one broken is kept
 // for the caller (emu::take_violation): WMMA's 32-byte pointers and 16-byte leading dimensions,
-// cp.async's 16-byte addresses, and a launch's limits (threads, grid, shared memory a block).
+// WMMA calls uniform across a warp, cp.async's 16-byte addresses, and a launch's limits
+// (threads, grid, shared memory a block).
 // Used by tests/test_cuda.py (emulated kernels); never part of a build.
 #pragma once
 
@@ -49,28 +50,51 @@ inline bool aligned(const void* p, uintptr_t bytes) { return reinterpret_cast<ui
 // from the device it plans for (cudaDevAttrMaxSharedMemoryPerBlockOptin).
 inline size_t g_smem_per_block = 0;
 
+struct Block;
+
+// Run once all threads of a block reach a barrier (and at the kernel's end): the lanes of each
+// warp made the same warp-collective WMMA calls with the same arguments so far (on a GPU, calls
+// from part of a warp, or with per-lane pointers, are undefined behaviour).
+struct WarpUniform {
+  Block* b;
+  void operator()() noexcept;
+};
+
 struct Block {
   // The shared memory is exactly smem_bytes from a 128-byte boundary, so that a sanitizer sees
   // an access past its end.
   explicit Block(int threads, size_t smem_bytes)
-      : bar(threads),
+      : bar(threads, WarpUniform{this}),
         smem(static_cast<unsigned char*>(::operator new[](smem_bytes > 0 ? smem_bytes : 1, std::align_val_t(128)))),
-        xbuf(threads) {
+        xbuf(threads),
+        wmma_trace(threads) {
     std::memset(smem, 0, smem_bytes);
     for (int w = 0; w < threads / 32; ++w) warp.emplace_back(std::make_unique<std::barrier<>>(32));
   }
   ~Block() { ::operator delete[](smem, std::align_val_t(128)); }
   Block(const Block&) = delete;
   Block& operator=(const Block&) = delete;
-  std::barrier<> bar;
+  std::barrier<WarpUniform> bar;
   std::vector<std::unique_ptr<std::barrier<>>> warp;
   unsigned char* smem;
   std::vector<uint64_t> xbuf;
+  std::vector<uint64_t> wmma_trace;  // a thread's WMMA calls and their arguments, hashed
 };
+
+inline void WarpUniform::operator()() noexcept {
+  for (size_t t = 0; t < b->wmma_trace.size(); ++t)
+    require(b->wmma_trace[t] == b->wmma_trace[t & ~size_t(31)],
+            "wmma: lanes of a warp made different calls (WMMA is warp-collective)");
+}
 
 inline thread_local Block* tl_block = nullptr;
 
 inline unsigned char* block_smem() { return tl_block->smem; }
+
+inline void trace_wmma(uint64_t op, const void* p, unsigned ldm) {
+  uint64_t& h = tl_block->wmma_trace[threadIdx.x];
+  h = (h ^ op ^ uint64_t(reinterpret_cast<uintptr_t>(p)) ^ (uint64_t(ldm) << 48)) * 0x100000001b3ull;
+}
 
 // cp.async: a thread's copies land when it waits for them (cp.async.wait_all), the latest the
 // hardware may land them, so that a kernel reading a slot before waiting reads stale data here.
@@ -125,6 +149,7 @@ void launch(F kernel, unsigned gx, unsigned gy, int threads, size_t smem_bytes) 
         });
     }
   for (auto& th : pool) th.join();
+  for (auto& b : blocks) WarpUniform{b.get()}();
 }
 
 }  // namespace emu
@@ -195,6 +220,7 @@ inline float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
 // Guide, warp matrix functions): 16 bytes either way.
 template <class P>
 inline void require_wmma_operand(const P* p, unsigned ldm) {
+  emu::trace_wmma(1, p, ldm);
   emu::require(emu::aligned(p, 32), "wmma: matrix pointer not 32-byte aligned");
   emu::require(ldm * sizeof(P) % 16 == 0, "wmma: leading dimension not a multiple of 16 bytes");
 }
@@ -231,6 +257,7 @@ inline void fill_fragment(fragment<Use, m, n, k, T, L>& f, float v) {
 template <int m, int n, int k, class T, class LA, class LB>
 inline void mma_sync(fragment<accumulator, m, n, k, float>& d, const fragment<matrix_a, m, n, k, T, LA>& a,
                      const fragment<matrix_b, m, n, k, T, LB>& b, const fragment<accumulator, m, n, k, float>& c) {
+  emu::trace_wmma(2, nullptr, 0);
   float out[m * n];
   for (int r = 0; r < m; ++r)
     for (int cc = 0; cc < n; ++cc) {
