@@ -286,3 +286,38 @@ def test_torch_backend_exact_at_large_logsumexp():
         exact = grads("reference", torch.float64)
         assert_within_twice_reference_error(grads("torch", torch.float32), grads("reference", torch.float32), exact,
                                             1e-5 * exact.abs().max().item(), what=f"dq, k={'q' if kk is None else 'k'}")
+
+
+def test_kernels_run_with_their_tensors_device_current(monkeypatch):
+    """Every custom op (both primitives, forward and backward) launches its backend inside
+    _current_device(q.device), which on a GPU makes q's device current: Triton launches and
+    autotunes on the current device, whatever device the tensors are on."""
+    from fastnce.ops import function
+
+    entered = []
+    real = function._current_device
+    monkeypatch.setattr(function, "_current_device", lambda d: entered.append(d) or real(d))
+    q, k = (torch.randn(5, 3, requires_grad=True) for _ in range(2))
+    row, col = ops.similarity_lse(q, k, 2.0, col_lse=True, backend="torch")
+    (row.sum() + col.sum()).backward()
+    ops.similarity_sigmoid_nll(q, k, 2.0, backend="torch").sum().backward()
+    assert entered == [torch.device("cpu")] * 4
+
+    made_current = []
+
+    class Recorder:
+        def __init__(self, device):
+            made_current.append(device)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+    monkeypatch.setattr(torch.cuda, "device", Recorder)
+    with real(torch.device("cuda", 1)):
+        pass
+    with real(torch.device("cpu")):
+        pass
+    assert made_current == [torch.device("cuda", 1)]

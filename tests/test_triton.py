@@ -258,6 +258,21 @@ def test_gpu_odd_feature_dims(D):
 
 
 @gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_gpu_tensors_on_a_device_that_is_not_current():
+    """Tensors on cuda:1 while cuda:0 is current (a model placed with .to("cuda:1")): the
+    kernels run on cuda:1 and give what they give there as the current device."""
+    q, k, s, b, kw = make_inputs(300, 259, 64, torch.bfloat16, False, True, SAME, device="cuda:1")
+    with torch.cuda.device(0):
+        got = run("triton", q, k, s, b, kw, True)
+    with torch.cuda.device(1):
+        want = run("triton", q, k, s, b, kw, True)
+    for x, y in zip(got, want):
+        assert x.device == torch.device("cuda", 1)
+        torch.testing.assert_close(x, y, rtol=0, atol=0)
+
+
+@gpu
 def test_gpu_tf32_when_allowed(monkeypatch):
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
     check(512, 512, 128, torch.float32, False, False, NONE, True, floor_scale=300.0)  # tf32: ~1e-3 rel

@@ -31,6 +31,7 @@ with bias a 0-dim tensor or None and positive_offset an int or None, the rest as
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import sys
 from typing import Optional
@@ -124,6 +125,19 @@ def _gpu_preference() -> tuple[str, ...]:
     return ("triton", "cuda")
 
 
+@contextlib.contextmanager
+def _launching(q: Tensor):
+    """Where a backend runs its kernels: autocast off (they choose their own precision) and, on
+    a GPU, q's device made current, since Triton launches and autotunes on the current device
+    (tensors on cuda:1 while cuda:0 is current would fault, or time the wrong GPU)."""
+    with torch.autocast(q.device.type, enabled=False), _current_device(q.device):
+        yield
+
+
+def _current_device(device: torch.device):
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
 def _empty(like: Tensor, dtype=None) -> Tensor:
     return like.new_empty((0,), dtype=dtype or like.dtype)
 
@@ -135,7 +149,7 @@ def similarity_lse_op(
     exclude_offset: Optional[int], with_col: bool, backend: str,
 ) -> tuple[Tensor, Tensor]:
     symmetric = k is None
-    with torch.autocast(q.device.type, enabled=False):  # kernels choose their own precision
+    with _launching(q):
         row, col = backend_module(backend).forward(
             q, q if symmetric else k, scale, bias, q_labels, k_labels, mask_mode, exclude_offset, with_col, symmetric
         )
@@ -159,7 +173,7 @@ def similarity_lse_backward_op(
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
     symmetric = k is None
-    with torch.autocast(q.device.type, enabled=False):
+    with _launching(q):
         dq, dk, dbias = backend_module(backend).backward(
             q, q if symmetric else k, scale, bias, q_labels, k_labels, mask_mode, exclude_offset,
             row_lse, col_lse if col_lse.numel() else None, grad_row, grad_col, symmetric, need_bias,
@@ -252,7 +266,7 @@ similarity_lse_backward_op.register_autograd(_no_double_backward, setup_context=
 def similarity_sigmoid_nll_op(
     q: Tensor, k: Tensor, scale: Tensor, bias: Optional[Tensor], positive_offset: Optional[int], backend: str,
 ) -> Tensor:
-    with torch.autocast(q.device.type, enabled=False):
+    with _launching(q):
         row = backend_module(backend, "sigmoid").sigmoid_forward(q, k, scale, bias, positive_offset)
     return nan_rows_where_not_finite(row, q, k)
 
@@ -267,7 +281,7 @@ def similarity_sigmoid_nll_backward_op(
     q: Tensor, k: Tensor, scale: Tensor, bias: Optional[Tensor], positive_offset: Optional[int],
     grad_row: Tensor, need_bias: bool, need_q: bool, need_k: bool, backend: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    with torch.autocast(q.device.type, enabled=False):
+    with _launching(q):
         dq, dk, dbias = backend_module(backend, "sigmoid").sigmoid_backward(
             q, k, scale, bias, positive_offset, grad_row, need_bias, need_q, need_k)
     return _wanted(dq, need_q, grad_row), _wanted(dk, need_k, grad_row), _wanted(dbias, need_bias, grad_row)
