@@ -61,6 +61,35 @@ def test_triplet_all_matches_pml(N):
     _assert_same(L.TripletMarginLoss(margin=0.3), pml_losses.TripletMarginLoss(margin=0.3), x, y)
 
 
+def test_triplet_all_counts_its_terms_exactly_at_large_distances():
+    """Unnormalised float32 embeddings a million apart: whether d_an < d_ap + margin is decided
+    as in exact arithmetic (the count of non-zero terms divides the loss), as pml's float32 loss
+    and both in float64 do; a float32 threshold d_ap + margin rounded to d_ap and dropped a
+    term, doubling the loss."""
+    from pytorch_metric_learning import distances
+
+    x = torch.tensor([[1e6, 0.0], [0.0, 0.0], [-1.19, 0.0], [0.0, 5e6]], requires_grad=True)
+    y = torch.tensor([0, 0, 1, 2])
+    theirs = pml_losses.TripletMarginLoss(margin=1.2, distance=distances.LpDistance(normalize_embeddings=False))
+    ours = L.TripletMarginLoss(margin=1.2, normalize_embeddings=False)
+    _assert_same(ours, theirs, x, y)
+    torch.testing.assert_close(ours(x.double(), y), theirs(x.double(), y))
+
+
+@pytest.mark.parametrize("loss,margin", [(L.contrastive_loss, "pos_margin"), (L.contrastive_loss, "neg_margin"),
+                                         (L.triplet_margin_loss, "margin"), (L.lifted_structure_loss, "neg_margin"),
+                                         (L.lifted_structure_loss, "pos_margin")])
+def test_functional_losses_check_their_margins(loss, margin):
+    """As the modules do: a NaN margin gave contrastive_loss a finite number (its NaN terms were
+    not counted as non-zero), an inf one an inf loss."""
+    x, y = _data(6)
+    for bad in (float("nan"), float("inf")):
+        with pytest.raises(ValueError, match=f"{margin} must be a finite number"):
+            loss(x, y, **{margin: bad})
+    with pytest.raises(TypeError, match=margin):
+        loss(x, y, **{margin: "0.1"})
+
+
 @pytest.mark.parametrize("N", [1, 3, 127])
 def test_triplet_batch_hard_matches_pml_miner(N):
     x, y = _data(N)

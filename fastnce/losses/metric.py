@@ -159,6 +159,8 @@ def contrastive_loss(embeddings: Tensor, labels: Tensor, pos_margin: float = 0.0
     mean_{nonzero} relu(neg_margin − d_ij) over ordered negative pairs (AvgNonZeroReducer each,
     summed). Tiled over row blocks, recomputed in the backward.
     """
+    check_finite_scalar(pos_margin, "pos_margin")
+    check_finite_scalar(neg_margin, "neg_margin")
     embeddings, labels, x, sq = _prepared(embeddings, labels, normalize_embeddings)
 
     def block(i0, i1, x, sq):
@@ -205,6 +207,7 @@ def triplet_margin_loss(embeddings: Tensor, labels: Tensor, margin: float = 0.05
     """
     if mining not in ("all", "batch_hard"):
         raise ValueError(f"mining must be 'all' or 'batch_hard', got {mining!r}")
+    check_finite_scalar(margin, "margin")
     embeddings, labels, x, sq = _prepared(embeddings, labels, normalize_embeddings)
     N = x.shape[0]
 
@@ -222,12 +225,15 @@ def triplet_margin_loss(embeddings: Tensor, labels: Tensor, margin: float = 0.05
         def block(i0, i1, x, sq):
             d = block_distances(x[i0:i1], x, sq[i0:i1], sq)
             pos, neg = pair_masks(labels[i0:i1], labels, i0)
-            sorted_neg = d.masked_fill(~neg, float("inf")).sort(1).values.contiguous()
-            prefix = sorted_neg.to(torch.float64).cumsum(1)
-            threshold = (d + margin).masked_fill(~pos, float("-inf")).contiguous()
+            # in float64, where d_ap + margin is exact: which terms are non-zero is decided as in
+            # exact arithmetic (a rounded float32 threshold miscounted at large distances, and
+            # the count divides the loss)
+            sorted_neg = d.masked_fill(~neg, float("inf")).sort(1).values.to(torch.float64).contiguous()
+            prefix = sorted_neg.cumsum(1)
+            threshold = (d.to(torch.float64) + margin).masked_fill(~pos, float("-inf")).contiguous()
             count = torch.searchsorted(sorted_neg.detach(), threshold.detach())  # #{n: d_an < d_ap + m}
             below = prefix.gather(1, (count - 1).clamp_min(0))
-            per = torch.where(count > 0, count * threshold.to(torch.float64) - below, torch.zeros_like(below))
+            per = torch.where(count > 0, count * threshold - below, torch.zeros_like(below))
             return per.sum().to(x.dtype), count.sum()
 
     parts = blockwise(block, N, N, x, sq)
@@ -261,6 +267,8 @@ def lifted_structure_loss(embeddings: Tensor, labels: Tensor, neg_margin: float 
     default MeanReducer: pairs whose term is 0 count). Two tiled passes: the per-row negative
     logsumexp L_i, then the positive pairs with logaddexp(L_i, L_j).
     """
+    check_finite_scalar(neg_margin, "neg_margin")
+    check_finite_scalar(pos_margin, "pos_margin")
     embeddings, labels, x, sq = _prepared(embeddings, labels, normalize_embeddings)
     N = x.shape[0]
     inverse, counts = class_index(labels)
