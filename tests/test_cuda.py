@@ -330,6 +330,8 @@ int main() {
   report("pointer a lane");
   emu::launch([] {}, 1, 1, 1056, 0);
   report("threads");
+  emu::launch([] {}, 1, 1, 48, 0);
+  report("part warp");
   emu::launch([] {}, 1, 65536, 32, 0);
   report("grid");
   emu::g_smem_per_block = 1024;
@@ -361,7 +363,8 @@ def test_emulator_checks_each_rule(tmp_path):
         "copy": "cp.async: shared-memory address not 16-byte aligned",
         "part of a warp": "wmma: lanes of a warp made different calls (WMMA is warp-collective)",
         "pointer a lane": "wmma: lanes of a warp made different calls (WMMA is warp-collective)",
-        "threads": "launch: threads a block not a multiple of 32 in [32, 1024]",
+        "threads": "launch: threads a block not in [1, 1024]",
+        "part warp": "emulation: threads a block must be whole warps",
         "grid": "launch: grid not in [1, 2^31 - 1] x [1, 65535]",
         "smem": "launch: more dynamic shared memory than a block may have on the device",
     }

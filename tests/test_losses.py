@@ -380,6 +380,11 @@ def test_dino_and_swav_take_mixed_dtypes_as_lightly():
     mods["swav"].SwaVLoss()(high, low)
     assert L.swav_loss(high, low).dtype == torch.float32
     _close_with_grads(L.swav_loss(high, low), want, tuple(high + low), F32)
+    # a float32 queue beside float16 crops: lightly's torch.cat promotes, Sinkhorn sees it unrounded
+    h16 = [torch.randn(16, 10, generator=g).half().requires_grad_() for _ in range(2)]
+    queue = [torch.randn(32, 10, generator=g) / 3 for _ in range(2)]
+    want = mods["swav"].SwaVLoss()([x.float() for x in h16], [], queue_outputs=queue).reshape(())
+    _close_with_grads(L.swav_loss(h16, queue_outputs=queue), want, tuple(h16), F32)
 
 
 @pytest.mark.filterwarnings("ignore:To copy construct from a tensor:UserWarning")  # lightly's weights

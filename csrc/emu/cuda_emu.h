@@ -126,13 +126,15 @@ inline void cp_async_wait_all() {
 template <class F>
 void launch(F kernel, unsigned gx, unsigned gy, int threads, size_t smem_bytes) {
   // A launch the GPU would refuse does not run (cudaErrorInvalidConfiguration and the like).
-  const bool threads_ok = threads > 0 && threads <= 1024 && threads % 32 == 0;
+  const bool threads_ok = threads >= 1 && threads <= 1024;
+  const bool whole_warps = threads % 32 == 0;  // the emulation's own need (its warp barriers)
   const bool grid_ok = gx >= 1 && gx <= 0x7fffffffu && gy >= 1 && gy <= 65535;
   const bool smem_ok = g_smem_per_block == 0 || smem_bytes <= g_smem_per_block;
-  require(threads_ok, "launch: threads a block not a multiple of 32 in [32, 1024]");
+  require(threads_ok, "launch: threads a block not in [1, 1024]");
+  require(whole_warps, "emulation: threads a block must be whole warps");
   require(grid_ok, "launch: grid not in [1, 2^31 - 1] x [1, 65535]");
   require(smem_ok, "launch: more dynamic shared memory than a block may have on the device");
-  if (!threads_ok || !grid_ok || !smem_ok) return;
+  if (!threads_ok || !whole_warps || !grid_ok || !smem_ok) return;
   std::vector<std::unique_ptr<Block>> blocks;
   std::vector<std::thread> pool;
   for (unsigned y = 0; y < gy; ++y)

@@ -192,13 +192,14 @@ def swav_loss(high_resolution_outputs: Sequence[Tensor], low_resolution_outputs:
     n_crops = len(high) + len(low)
     if n_crops < 2:
         raise ValueError("SwAV needs at least two crops")
-    acc = lse_dtype(functools.reduce(torch.promote_types, [x.dtype for x in high + low]))
+    queued = [] if queue_outputs is None else list(queue_outputs)
+    acc = lse_dtype(functools.reduce(torch.promote_types, [x.dtype for x in high + low + queued]))
     log_p = [F.log_softmax(x.to(acc) / temperature, dim=1) for x in high + low]
     loss = 0.0
     for i, h in enumerate(high):
         scores = h.detach()
-        if queue_outputs is not None:
-            scores = torch.cat([scores, queue_outputs[i].detach().to(scores.dtype)])
+        if queue_outputs is not None:  # in acc: a float32 queue beside float16 crops is not rounded
+            scores = torch.cat([scores.to(acc), queued[i].detach().to(acc)])
         q = sinkhorn(scores, sinkhorn_iterations, sinkhorn_epsilon)[: h.shape[0]]
         sub = sum(-(q * lp).sum(1).mean() for v, lp in enumerate(log_p) if v != i)
         loss = loss + sub / (n_crops - 1)
