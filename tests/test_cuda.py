@@ -121,6 +121,7 @@ def emu(tmp_path_factory):
     lib.emu_forward_resident.argtypes = [I, I64, I64]
     lib.emu_forward_resident.restype = I
     lib.emu_take_violation.restype = ctypes.c_char_p
+    lib.emu_set_copies_land_early.argtypes = [I]
     return lib
 
 
@@ -297,6 +298,20 @@ def test_kernels_emulated(emu, case):
     check_emulated(emu, kind, M, N, D, opts)
 
 
+@pytest.mark.parametrize("case", [c for c in EMU_CASES if c[4].get("smem") in (H100_OPTIN, 233472)], ids=lambda c:
+                         f"k{c[0]}-{c[1]}x{c[2]}x{c[3]}-" + "-".join(f"{k}{v}" for k, v in c[4].items()))
+def test_kernels_emulated_with_copies_landing_early(emu, case):
+    """The asynchronous copies landing at their issue, the earliest a GPU may land them (the
+    other tests: at the wait, the latest): a copy into a slot that is still being read gives
+    wrong values here. The cases with an H100's shared memory: resident rows, the wide backward."""
+    kind, M, N, D, opts = case
+    emu.emu_set_copies_land_early(1)
+    try:
+        check_emulated(emu, kind, M, N, D, opts)
+    finally:
+        emu.emu_set_copies_land_early(0)
+
+
 def test_emulator_reports_a_broken_hardware_rule(emu):
     """Sixteen-byte copies of features that do not start on 16 bytes (what lse_ops.cpp's vec_loads
     rule prevents) work on a CPU; the emulation names the rule a GPU would fault on."""
@@ -370,10 +385,11 @@ def test_emulator_checks_each_rule(tmp_path):
     }
 
 
-@pytest.mark.parametrize("sanitizer", ["thread", "address,undefined"])
-def test_kernels_emulated_under_a_sanitizer(tmp_path, sanitizer):
+@pytest.mark.parametrize("sanitizer,copies", [("thread", "early"), ("address,undefined", "late")])
+def test_kernels_emulated_under_a_sanitizer(tmp_path, sanitizer, copies):
     """Every kernel once per path (csrc/emu/sanitize_main.cpp) under ThreadSanitizer, where a
-    barrier missing between two threads' shared-memory accesses is a reported race, and under
+    barrier missing between two threads' shared-memory accesses is a reported race (the copies
+    landing at their issue: one into a slot that others still read is one too), and under
     AddressSanitizer with UBSan, where an access past a shared-memory tile or a tensor is an
     error. (Values: the tests above.) About a minute each on 2 cores."""
     inc, gxx = _cuda_include(), shutil.which("g++")
@@ -389,7 +405,7 @@ def test_kernels_emulated_under_a_sanitizer(tmp_path, sanitizer):
         pytest.skip(f"g++ has no {sanitizer} sanitizer runtime here")
     assert r.returncode == 0, r.stderr[-4000:]
     env = dict(os.environ, ASAN_OPTIONS="detect_leaks=0", TSAN_OPTIONS="halt_on_error=0")
-    run = subprocess.run([str(exe)], capture_output=True, text=True, env=env, timeout=900)
+    run = subprocess.run([str(exe), copies], capture_output=True, text=True, env=env, timeout=900)
     if "FATAL: ThreadSanitizer: unexpected memory mapping" in run.stderr:
         pytest.skip("ThreadSanitizer cannot map its shadow memory on this kernel (ASLR bits)")
     assert run.returncode == 0 and "Sanitizer" not in run.stderr, (run.stdout + run.stderr)[-8000:]

@@ -96,8 +96,11 @@ inline void trace_wmma(uint64_t op, const void* p, unsigned ldm) {
   h = (h ^ op ^ uint64_t(reinterpret_cast<uintptr_t>(p)) ^ (uint64_t(ldm) << 48)) * 0x100000001b3ull;
 }
 
-// cp.async: a thread's copies land when it waits for them (cp.async.wait_all), the latest the
-// hardware may land them, so that a kernel reading a slot before waiting reads stale data here.
+// cp.async: a copy may land on a GPU any time between its issue and the issuing thread's
+// cp.async.wait_all. By default it lands here at the wait, the latest, so that a kernel reading a
+// slot before waiting reads stale data; with g_copies_land_early at the issue, the earliest, so
+// that a copy into a slot other threads still read is a write under their reads (a wrong value,
+// and under ThreadSanitizer a reported race).
 struct PendingCopy {
   void* dst;
   const void* src;
@@ -105,20 +108,28 @@ struct PendingCopy {
 };
 inline thread_local std::vector<PendingCopy> tl_copies;
 
+inline bool g_copies_land_early = false;
+
+inline void land(const PendingCopy& c) {
+  if (c.valid) {
+    std::memcpy(c.dst, c.src, 16);
+  } else {
+    std::memset(c.dst, 0, 16);
+  }
+}
+
 inline void cp_async16(void* dst, const void* src, bool valid) {
   require(aligned(dst, 16), "cp.async: shared-memory address not 16-byte aligned");
   require(!valid || aligned(src, 16), "cp.async: global address not 16-byte aligned");
-  tl_copies.push_back({dst, src, valid});
+  if (g_copies_land_early) {
+    land({dst, src, valid});
+  } else {
+    tl_copies.push_back({dst, src, valid});
+  }
 }
 
 inline void cp_async_wait_all() {
-  for (const PendingCopy& c : tl_copies) {
-    if (c.valid) {
-      std::memcpy(c.dst, c.src, 16);
-    } else {
-      std::memset(c.dst, 0, 16);
-    }
-  }
+  for (const PendingCopy& c : tl_copies) land(c);
   tl_copies.clear();
 }
 

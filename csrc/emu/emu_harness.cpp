@@ -169,6 +169,10 @@ int emu_backward(int kind, const void* q, const void* k, const float* scale, con
   return int((D + p.panel - 1) / p.panel);
 }
 
+// Where the asynchronous copies land from now on: at the issuing thread's wait (0, the latest)
+// or at their issue (1, the earliest); see cuda_emu.h.
+void emu_set_copies_land_early(int early) { emu::g_copies_land_early = early != 0; }
+
 // The first hardware rule the kernels broke since the last call (cuda_emu.h), or null.
 const char* emu_take_violation() { return emu::take_violation(); }
 

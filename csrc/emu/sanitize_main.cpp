@@ -6,10 +6,11 @@
 // elsewhere (tests/test_cuda.py); here only that the runs are clean. Used by tests/test_cuda.py;
 // never part of a build.
 //   g++ -std=c++20 -O1 -g -fsanitize=thread -DFASTNCE_EMULATE -include cuda_emu.h -I<cuda>/include \
-//       emu_harness.cpp sanitize_main.cpp -o sanitize -pthread
+//       emu_harness.cpp sanitize_main.cpp -o sanitize -pthread && ./sanitize early
 #include <cstdint>
 #include <cstdio>
 #include <random>
+#include <string>
 #include <vector>
 
 #include <cuda_bf16.h>
@@ -20,6 +21,7 @@ void emu_forward(int kind, const void* q, const void* k, const float* scale, con
                  const int64_t* kl, int mask_mode, int has_excl, int64_t off, int64_t M, int64_t N, int64_t D,
                  int vec, float* row, float* col, int symmetric, int num_sms, int64_t min_tiles,
                  int64_t smem_per_sm);
+void emu_set_copies_land_early(int early);
 int emu_backward(int kind, const void* q, const void* k, const float* scale, const float* bias, const int64_t* ql,
                  const int64_t* kl, int mask_mode, int has_excl, int64_t off, int64_t M, int64_t N, int64_t D,
                  int vec, const float* row_lse, const float* col_lse, const float* grad_row, const float* grad_col,
@@ -97,7 +99,10 @@ bool run(const Case& c, std::mt19937& rng) {
 
 }  // namespace
 
-int main() {
+// argv[1] "early": the asynchronous copies land at their issue (cuda_emu.h), so that under
+// ThreadSanitizer a copy into a slot that other threads still read is a reported race.
+int main(int argc, char** argv) {
+  emu_set_copies_land_early(argc > 1 && std::string(argv[1]) == "early");
   const int none = -1000;
   const Case cases[] = {
       // forward resident / streamed, the upper-triangle forward and the mirrored backward
