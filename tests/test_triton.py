@@ -686,3 +686,109 @@ def test_deterministic_mode_is_bit_for_bit(monkeypatch, spy):
     assert spy.calls["_grad_atomic"] == 0
     for x, y in zip(a, c):
         assert torch.equal(x, y)
+
+
+# ------------------------------------------------------------- races between programs (interpreter)
+RACE_CASES = {
+    # name: (M, N (None: k is q), D, mask, col_lse, bias, frozen, environment)
+    "clip-atomic": (40, 37, 40, SAME, True, True, (), dict(FASTNCE_TRITON_BACKWARD="atomic")),
+    "clip-two-pass": (40, 37, 40, DIFF_EX, True, True, (), dict(FASTNCE_TRITON_BACKWARD="two-pass")),
+    "ntxent-rows-mirror": (40, None, 40, EX0, False, False, (),
+                           dict(FASTNCE_TRITON_SYM_FORWARD="rows", FASTNCE_TRITON_SYM_BACKWARD="mirror")),
+    "ntxent-half-half": (40, None, 40, SAME | EX0, False, False, (),
+                         dict(FASTNCE_TRITON_SYM_FORWARD="half", FASTNCE_TRITON_SYM_BACKWARD="half")),
+    "queue-frozen": (20, 70, 40, NONE, False, False, ("k",), dict(FASTNCE_TRITON_BACKWARD="two-pass")),
+    "tower-frozen": (37, 40, 24, NONE, True, True, ("q",), dict(FASTNCE_TRITON_BACKWARD="atomic")),
+}
+
+
+@pytest.mark.skipif(not triton_lse._INTERPRET, reason="checks the interpreter's sequential programs")
+@pytest.mark.parametrize("name", list(RACE_CASES))
+def test_programs_of_a_launch_do_not_race(name, monkeypatch):
+    """Every launch of a forward and backward, each plan: no address is stored by two programs,
+    stored by one and loaded by another, or updated atomically by one and accessed plainly by
+    another (tests/triton_races.py). The interpreter runs the programs in turn, so such a race
+    gives the right values here and, on a GPU, the values of the programs' timing."""
+    from triton_races import races
+
+    M, N, D, mask, col, use_bias, frozen, env = RACE_CASES[name]
+    monkeypatch.setenv("FASTNCE_TRITON_DETERMINISTIC", "0")
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    q, k, s, b, kw = make_inputs(M, N, D, torch.float32, N is None, use_bias, mask)
+    q.requires_grad_("q" not in frozen)
+    if k is not None:
+        k.requires_grad_("k" not in frozen)
+    s.requires_grad_()
+    if b is not None:
+        b.requires_grad_()
+    with races() as report:
+        row, colv = ops.similarity_lse(q, k, s, b, col_lse=col, backend="triton", **kw)
+        loss = torch.where(torch.isfinite(row), row, 0).sum()
+        if col:
+            loss = loss + torch.where(torch.isfinite(colv), colv, 0).mul(0.7).sum()
+        loss.backward()
+    assert report.state["launches"] >= 2
+    assert report.found == []
+
+
+@pytest.mark.skipif(not triton_lse._INTERPRET, reason="checks the interpreter's sequential programs")
+@pytest.mark.parametrize("plan", ["atomic", "two-pass"])
+def test_siglip_programs_do_not_race(plan, monkeypatch):
+    from triton_races import races
+
+    monkeypatch.setenv("FASTNCE_TRITON_BACKWARD", plan)
+    monkeypatch.setenv("FASTNCE_TRITON_DETERMINISTIC", "0")
+    q, k, s, b, _ = make_inputs(40, 37, 40, torch.float32, False, False)
+    q.requires_grad_(), k.requires_grad_()
+    s = s.clone().requires_grad_()
+    bias = torch.tensor(-1.0, requires_grad=True)
+    with races() as report:
+        ops.similarity_sigmoid_nll(q, k, s, bias, backend="triton").sum().backward()
+    assert report.state["launches"] >= 2
+    assert report.found == []
+
+
+@pytest.mark.skipif(not triton_lse._INTERPRET, reason="checks the interpreter's sequential programs")
+def test_race_detector_sees_each_kind_of_race():
+    """A kernel whose programs all store to one address, one that reads its neighbour's output,
+    and one that adds atomically where another program stores: each reported, by name."""
+    import triton
+    import triton.language as tl
+    from triton_races import races
+
+    @triton.jit
+    def every_program_writes_zero(p_out):
+        tl.store(p_out, tl.program_id(0).to(tl.float32))
+
+    @triton.jit
+    def reads_the_neighbours(p_out):
+        i = tl.program_id(0)
+        tl.store(p_out + i, tl.load(p_out + (i + 1) % 4) + 1.0)
+
+    @triton.jit
+    def adds_where_another_stores(p_out):
+        i = tl.program_id(0)
+        if i == 0:
+            tl.store(p_out, 1.0)
+        else:
+            tl.atomic_add(p_out, 1.0)
+
+    @triton.jit
+    def each_its_own(p_out):
+        i = tl.program_id(0)
+        tl.store(p_out + i, tl.load(p_out + i) + 1.0)
+        tl.atomic_add(p_out + 4, 1.0)
+
+    out = torch.zeros(5)
+    with races() as report:
+        every_program_writes_zero[(4,)](out)
+        reads_the_neighbours[(4,)](out)
+        adds_where_another_stores[(4,)](out)
+        each_its_own[(4,)](out)
+    assert report.state["launches"] == 4
+    assert report.found == [
+        "every_program_writes_zero: 1 addresses stored by more than one program",
+        "reads_the_neighbours: 4 loads of addresses another program stores",
+        "adds_where_another_stores: 1 plain accesses of addresses other programs update atomically",
+    ]
