@@ -688,11 +688,14 @@ def test_deterministic_mode_is_bit_for_bit(monkeypatch, spy):
         assert torch.equal(x, y)
 
 
-# ------------------------------------------------------------- races between programs (interpreter)
+# ---------------------------------- races between programs, accesses past tensors (interpreter)
 RACE_CASES = {
     # name: (M, N (None: k is q), D, mask, col_lse, bias, frozen, environment)
     "clip-atomic": (40, 37, 40, SAME, True, True, (), dict(FASTNCE_TRITON_BACKWARD="atomic")),
     "clip-two-pass": (40, 37, 40, DIFF_EX, True, True, (), dict(FASTNCE_TRITON_BACKWARD="two-pass")),
+    # more keys than queries, each plan (the dk launch's rows and columns swap sizes)
+    "wide-atomic": (21, 50, 40, EX3, True, True, (), dict(FASTNCE_TRITON_BACKWARD="atomic")),
+    "wide-two-pass": (21, 50, 40, SAME, True, True, (), dict(FASTNCE_TRITON_BACKWARD="two-pass")),
     "ntxent-rows-mirror": (40, None, 40, EX0, False, False, (),
                            dict(FASTNCE_TRITON_SYM_FORWARD="rows", FASTNCE_TRITON_SYM_BACKWARD="mirror")),
     "ntxent-half-half": (40, None, 40, SAME | EX0, False, False, (),
@@ -707,9 +710,10 @@ RACE_CASES = {
 def test_programs_of_a_launch_do_not_race(name, monkeypatch):
     """Every launch of a forward and backward, each plan: no address is stored by two programs,
     stored by one and loaded by another, or updated atomically by one and accessed plainly by
-    another (tests/triton_races.py). The interpreter runs the programs in turn, so such a race
-    gives the right values here and, on a GPU, the values of the programs' timing."""
-    from triton_races import races
+    another, and none lies outside the launch's tensors (tests/triton_checks.py). The
+    interpreter runs the programs in turn and reads host memory anywhere, so such a race or
+    overrun gives the right values here and, on a GPU, the timing's values or a fault."""
+    from triton_checks import checked_launches
 
     M, N, D, mask, col, use_bias, frozen, env = RACE_CASES[name]
     monkeypatch.setenv("FASTNCE_TRITON_DETERMINISTIC", "0")
@@ -722,7 +726,7 @@ def test_programs_of_a_launch_do_not_race(name, monkeypatch):
     s.requires_grad_()
     if b is not None:
         b.requires_grad_()
-    with races() as report:
+    with checked_launches() as report:
         row, colv = ops.similarity_lse(q, k, s, b, col_lse=col, backend="triton", **kw)
         loss = torch.where(torch.isfinite(row), row, 0).sum()
         if col:
@@ -735,7 +739,7 @@ def test_programs_of_a_launch_do_not_race(name, monkeypatch):
 @pytest.mark.skipif(not triton_lse._INTERPRET, reason="checks the interpreter's sequential programs")
 @pytest.mark.parametrize("plan", ["atomic", "two-pass"])
 def test_siglip_programs_do_not_race(plan, monkeypatch):
-    from triton_races import races
+    from triton_checks import checked_launches
 
     monkeypatch.setenv("FASTNCE_TRITON_BACKWARD", plan)
     monkeypatch.setenv("FASTNCE_TRITON_DETERMINISTIC", "0")
@@ -743,7 +747,7 @@ def test_siglip_programs_do_not_race(plan, monkeypatch):
     q.requires_grad_(), k.requires_grad_()
     s = s.clone().requires_grad_()
     bias = torch.tensor(-1.0, requires_grad=True)
-    with races() as report:
+    with checked_launches() as report:
         ops.similarity_sigmoid_nll(q, k, s, bias, backend="triton").sum().backward()
     assert report.state["launches"] >= 2
     assert report.found == []
@@ -752,10 +756,11 @@ def test_siglip_programs_do_not_race(plan, monkeypatch):
 @pytest.mark.skipif(not triton_lse._INTERPRET, reason="checks the interpreter's sequential programs")
 def test_race_detector_sees_each_kind_of_race():
     """A kernel whose programs all store to one address, one that reads its neighbour's output,
-    and one that adds atomically where another program stores: each reported, by name."""
+    one that adds atomically where another program stores, one that reads an element past its
+    tensor: each reported, by name; one that keeps to its own elements, not."""
     import triton
     import triton.language as tl
-    from triton_races import races
+    from triton_checks import checked_launches
 
     @triton.jit
     def every_program_writes_zero(p_out):
@@ -775,20 +780,28 @@ def test_race_detector_sees_each_kind_of_race():
             tl.atomic_add(p_out, 1.0)
 
     @triton.jit
+    def reads_past_the_end(p_out):
+        i = tl.program_id(0)
+        o = i * 4 + tl.arange(0, 4)
+        tl.store(p_out + o, tl.load(p_out + o, mask=o < 6) * 0.0, mask=o < 5)
+
+    @triton.jit
     def each_its_own(p_out):
         i = tl.program_id(0)
         tl.store(p_out + i, tl.load(p_out + i) + 1.0)
         tl.atomic_add(p_out + 4, 1.0)
 
     out = torch.zeros(5)
-    with races() as report:
+    with checked_launches() as report:
         every_program_writes_zero[(4,)](out)
         reads_the_neighbours[(4,)](out)
         adds_where_another_stores[(4,)](out)
+        reads_past_the_end[(2,)](out)
         each_its_own[(4,)](out)
-    assert report.state["launches"] == 4
+    assert report.state["launches"] == 5
     assert report.found == [
         "every_program_writes_zero: 1 addresses stored by more than one program",
         "reads_the_neighbours: 4 loads of addresses another program stores",
         "adds_where_another_stores: 1 plain accesses of addresses other programs update atomically",
+        "reads_past_the_end: 1 accesses outside every tensor argument",
     ]

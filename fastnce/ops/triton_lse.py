@@ -566,7 +566,9 @@ if triton is not None:
             m_j = o_j < N
             b_raw, b_yt = _s_step(b_xi, p_x, p_y, o_i, o_j, m_i, m_j, D, BM, BN, BK, DOT_F32, PREC, ONE_K, True)
             b_raw = b_raw * b_scale
-            b_bj = _line(p_bias, o_j, m_j, HAS_BIAS)
+            # the bias is the column's only when it is not on the row (the dk launch's bias has
+            # M entries, not N: loaded at the columns it read past its end)
+            b_bj = _line(p_bias, o_j, m_j, HAS_BIAS and not BIAS_ON_ROW)
             b_yj = _labels(p_ly, o_j, m_j, MASK_MODE)
             b_hj, b_cj = _terms(p_h, p_c, o_j, m_j, HAS_H)
             b_gj, b_rj = _terms(p_g, p_r, o_j, m_j, SYM and HAS_G)

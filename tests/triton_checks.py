@@ -1,18 +1,23 @@
-"""A race detector for Triton kernels under the interpreter (TRITON_INTERPRET=1).
+"""Checks of Triton kernels under the interpreter (TRITON_INTERPRET=1) for what only a GPU shows.
 
 The interpreter runs a launch's programs one after another, so that a kernel whose programs
 write one address twice, or read what another program of the same launch writes, gives the
 same values every run here, whatever the order: on a GPU, where the programs run at once,
-it gives what the timing gives. `races()` records, per launch, which program stored, loaded
-or atomically updated each address (the lanes their masks keep) and reports:
+it gives what the timing gives. And it reads and writes host memory wherever a pointer
+points: an access past a tensor reads a neighbour's bytes (or zeros) where a GPU faults or
+reads garbage. `checked_launches()` records, per launch, which program stored, loaded or
+atomically updated each address (the lanes their masks keep) and reports:
   - an address stored by two programs (write-write);
   - an address one program stores and another loads (read-write);
-  - an address updated atomically by one program and stored or loaded plainly by another.
-Atomics among themselves do not race. Used by tests/test_triton.py.
+  - an address updated atomically by one program and stored or loaded plainly by another
+    (atomics among themselves do not race);
+  - an access outside every tensor the launch was given.
+Used by tests/test_triton.py.
 """
 from __future__ import annotations
 
 import contextlib
+import types
 from collections import defaultdict
 
 import numpy as np
@@ -24,17 +29,34 @@ def _interpreter():
     return interpreter
 
 
+def _extent(t) -> tuple[int, int]:
+    """[first, last + 1) byte addresses of a tensor's elements (its view, not its storage)."""
+    if t.numel() == 0:
+        return t.data_ptr(), t.data_ptr()
+    last = sum((n - 1) * st for n, st in zip(t.shape, t.stride()))
+    return t.data_ptr(), t.data_ptr() + (last + 1) * t.element_size()
+
+
 class _Launch:
-    def __init__(self, name: str):
+    def __init__(self, name: str, tensors):
         self.name = name
         self.accesses = defaultdict(list)  # kind -> [(addresses, program)]
+        extents = sorted(_extent(t) for t in tensors)
+        self.starts = np.array([a for a, _ in extents], dtype=np.uint64)
+        self.ends = np.array([b for _, b in extents], dtype=np.uint64)
+        self.outside = 0
 
     def record(self, kind: str, pointers, mask, program: int) -> None:
         addresses = np.asarray(pointers).reshape(-1).astype(np.uint64)
         if mask is not None:
             addresses = addresses[np.broadcast_to(np.asarray(mask), np.shape(pointers)).reshape(-1)]
         if addresses.size:
-            self.accesses[kind].append((np.unique(addresses), program))
+            addresses = np.unique(addresses)
+            # the tensor whose extent starts last at or before each address must hold it
+            i = np.searchsorted(self.starts, addresses, side="right") - 1
+            inside = (i >= 0) & (addresses < self.ends[np.clip(i, 0, None)]) if self.ends.size else False
+            self.outside += int(np.size(addresses) - np.count_nonzero(inside))
+            self.accesses[kind].append((addresses, program))
 
     def _pairs(self, kind: str) -> tuple[np.ndarray, np.ndarray]:
         """(addresses, programs): the unique (address, program) pairs of one kind of access."""
@@ -45,8 +67,8 @@ class _Launch:
         pairs = np.unique(np.stack([addr, prog.astype(np.uint64)], 1), axis=0)
         return pairs[:, 0], pairs[:, 1].astype(np.int64)
 
-    def races(self) -> list[str]:
-        found = []
+    def faults(self) -> list[str]:
+        found = [f"{self.name}: {self.outside} accesses outside every tensor argument"] if self.outside else []
         s_addr, s_prog = self._pairs("store")
         l_addr, l_prog = self._pairs("load")
         a_addr, a_prog = self._pairs("atomic")
@@ -71,9 +93,9 @@ class _Launch:
 
 
 @contextlib.contextmanager
-def races():
-    """Within the block, every interpreted launch is checked; yields the list the races found
-    are appended to (one line each, naming the kernel) and `launches`, how many were checked."""
+def checked_launches():
+    """Within the block, every interpreted launch is checked; yields a report: `found`, one line
+    per fault (naming the kernel), and `launches`, how many launches were checked."""
     interp = _interpreter()
     builder = interp.interpreter_builder
     executor = interp.GridExecutor
@@ -101,11 +123,12 @@ def races():
     call = executor.__call__
 
     def launch(self, *args, **kwargs):
-        state["launch"] = _Launch(getattr(self.fn, "__name__", str(self.fn)))
+        tensors = [a for a in list(args) + list(kwargs.values()) if hasattr(a, "data_ptr")]
+        state["launch"] = _Launch(getattr(self.fn, "__name__", str(self.fn)), tensors)
         try:
             return call(self, *args, **kwargs)
         finally:
-            found.extend(state["launch"].races())
+            found.extend(state["launch"].faults())
             state["launch"] = None
             state["launches"] += 1
 
@@ -114,8 +137,7 @@ def races():
     builder.create_atomic_rmw = recording("atomic", originals["create_atomic_rmw"], 1, 3)
     builder.create_atomic_cas = recording("atomic", originals["create_atomic_cas"], 0, None)
     executor.__call__ = launch
-    report = type("Report", (), {})()
-    report.found, report.state = found, state
+    report = types.SimpleNamespace(found=found, state=state)
     try:
         yield report
     finally:
