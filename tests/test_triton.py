@@ -6,8 +6,12 @@ On a GPU the same small tests run on CUDA tensors, plus the `gpu`-marked ones (b
 shapes, triton vs torch backend).
 """
 
+import os
+
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from fastnce import ops
 from fastnce.ops import triton_lse
@@ -805,3 +809,43 @@ def test_race_detector_sees_each_kind_of_race():
         "adds_where_another_stores: 1 plain accesses of addresses other programs update atomically",
         "reads_past_the_end: 1 accesses outside every tensor argument",
     ]
+
+
+@pytest.mark.skipif(not triton_lse._INTERPRET, reason="checks the interpreter's sequential programs")
+@settings(max_examples=int(os.environ.get("FASTNCE_TRITON_CHECK_EXAMPLES", 25)), deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_any_launch_keeps_to_its_programs_and_tensors(data, monkeypatch):
+    """As above, over drawn options: sizes (1 to 60 rows, k is q or not), D, masks, bias,
+    column LSE, dtypes, every plan, a frozen side."""
+    from triton_checks import checked_launches
+
+    sym = data.draw(st.booleans(), "k is q")
+    M = data.draw(st.integers(1, 60), "M")
+    N = None if sym else data.draw(st.integers(1, 60), "N")
+    D = data.draw(st.sampled_from([1, 5, 16, 33, 40, 64]), "D")
+    mask = data.draw(st.sampled_from(MASKS), "mask")
+    use_bias = data.draw(st.booleans(), "bias")
+    col = data.draw(st.booleans(), "col_lse")
+    dtype = data.draw(st.sampled_from([torch.float32, torch.float16]), "dtype")
+    frozen = data.draw(st.sampled_from([(), ("q",)] + ([] if sym else [("k",)])), "frozen")
+    env = dict(FASTNCE_TRITON_BACKWARD=data.draw(st.sampled_from(["atomic", "two-pass"]), "backward"),
+               FASTNCE_TRITON_SYM_FORWARD=data.draw(st.sampled_from(["rows", "half"]), "sym forward"),
+               FASTNCE_TRITON_SYM_BACKWARD=data.draw(st.sampled_from(["mirror", "half"]), "sym backward"),
+               FASTNCE_TRITON_DETERMINISTIC="0")
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    q, k, s, b, kw = make_inputs(M, M if sym else N, D, dtype, sym, use_bias, mask)
+    leaves = [t for t, name in ((q, "q"), (k, "k"), (b, "b")) if t is not None and name not in frozen]
+    if "q" in frozen and (k is None and b is None):
+        leaves.append(s.requires_grad_())  # something must want a gradient
+    for t in leaves:
+        t.requires_grad_()
+    with checked_launches() as report:
+        row, colv = ops.similarity_lse(q, k, s, b, col_lse=col, backend="triton", **kw)
+        loss = torch.where(torch.isfinite(row), row, 0).sum()
+        if col:
+            loss = loss + torch.where(torch.isfinite(colv), colv, 0).mul(0.7).sum()
+        if loss.requires_grad:
+            loss.backward()
+    assert report.found == []
