@@ -849,3 +849,31 @@ def test_any_launch_keeps_to_its_programs_and_tensors(data, monkeypatch):
         if loss.requires_grad:
             loss.backward()
     assert report.found == []
+
+
+@pytest.mark.skipif(not triton_lse._INTERPRET, reason="checks the interpreter's sequential programs")
+@settings(max_examples=int(os.environ.get("FASTNCE_TRITON_CHECK_EXAMPLES", 15)), deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_any_siglip_launch_keeps_to_its_programs_and_tensors(data, monkeypatch):
+    """The sigmoid primitive's launches over drawn sizes, D, bias, positive offset, dtype, plan
+    and frozen side: no races between programs, no access outside the tensors."""
+    from triton_checks import checked_launches
+
+    M, N = data.draw(st.integers(1, 60), "M"), data.draw(st.integers(1, 60), "N")
+    D = data.draw(st.sampled_from([1, 5, 16, 33, 40, 64]), "D")
+    dtype = data.draw(st.sampled_from([torch.float32, torch.float16]), "dtype")
+    offset = data.draw(st.sampled_from([0, 0, 3, -2, None]), "positive_offset")
+    use_bias = data.draw(st.booleans(), "bias")
+    frozen = data.draw(st.sampled_from([(), ("q",), ("k",)]), "frozen")
+    monkeypatch.setenv("FASTNCE_TRITON_BACKWARD", data.draw(st.sampled_from(["atomic", "two-pass"]), "backward"))
+    monkeypatch.setenv("FASTNCE_TRITON_DETERMINISTIC", "0")
+    q, k, s, _, _ = make_inputs(M, N, D, dtype, False, False)
+    q.requires_grad_("q" not in frozen)
+    k.requires_grad_("k" not in frozen)
+    s.requires_grad_()
+    bias = torch.tensor(-2.0, requires_grad=True) if use_bias else None
+    with checked_launches() as report:
+        ops.similarity_sigmoid_nll(q, k, s, bias, positive_offset=offset, backend="triton").sum().backward()
+    assert report.state["launches"] >= 2
+    assert report.found == []
