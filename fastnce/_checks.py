@@ -90,6 +90,15 @@ def check_temperature(temperature, name: str = "temperature") -> None:
     _check_number(temperature, name, positive=True)
 
 
+def reciprocal_temperature(temperature, numerator: float = 1.0):
+    """numerator / temperature, the logits' scale; a float16 / bfloat16 temperature tensor is
+    divided in float32 (its reciprocal rounded to 16 bits was off by up to ~4e-3, where
+    info-nce-pytorch divides float32 logits by it)."""
+    if isinstance(temperature, Tensor) and temperature.dtype in (torch.float16, torch.bfloat16):
+        temperature = temperature.float()
+    return numerator / temperature
+
+
 def check_finite_scalar(x, name: str) -> None:
     """A finite number, or a one-element tensor holding one (checked as check_temperature's)."""
     _check_number(x, name, positive=False)

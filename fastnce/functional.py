@@ -13,7 +13,8 @@ import torch
 from torch import Tensor
 
 from ._checks import (
-    cast_under_autocast, check_dim_match, check_features, check_finite_scalar, check_reduction, check_same, check_temperature, reduce,
+    cast_under_autocast, check_dim_match, check_features, check_finite_scalar, check_reduction, check_same, check_temperature,
+    reciprocal_temperature, reduce,
 )
 from .ops import lse_dtype, similarity_lse, similarity_sigmoid_nll
 
@@ -78,6 +79,9 @@ def check_info_nce_inputs(query, positive_key, negative_keys, temperature, reduc
     check_features("positive_key", positive_key)
     if negative_keys is not None:
         check_features("negative_keys", negative_keys, ndim=negative_keys.dim())
+        if negative_keys.dim() == 3 and negative_keys.shape[1] == 0:  # paired: (N, 0, D)
+            raise ValueError(f"negative_keys holds no negatives for each row (shape {tuple(negative_keys.shape)}): "
+                             "at least one is needed")
     check_same({"query": query, "positive_key": positive_key, "negative_keys": negative_keys})
 
 
@@ -103,7 +107,7 @@ def info_nce(
     query, positive_key, negative_keys = cast_under_autocast(query, positive_key, negative_keys)
     check_info_nce_inputs(query, positive_key, negative_keys, temperature, reduction, negative_mode)
     query, positive_key = l2_normalize(query), l2_normalize(positive_key)
-    scale = 1.0 / temperature
+    scale = reciprocal_temperature(temperature)
     positive = paired_logits(query, positive_key, scale)
     if negative_keys is None:
         row_lse, _ = similarity_lse(query, positive_key, scale, backend=backend)
@@ -157,7 +161,7 @@ def nt_xent(
     z1, z2 = cast_under_autocast(z1, z2)
     check_nt_xent_inputs(z1, z2, temperature, reduction)
     z = l2_normalize(torch.cat([z1, z2]))
-    scale = 1.0 / temperature
+    scale = reciprocal_temperature(temperature)
     # The positives first: their backward then runs after the LSE's, whose buffers are freed.
     positive = two_view_positives(z, scale)
     row_lse, _ = similarity_lse(z, None, scale, exclude_self=True, backend=backend)
@@ -217,7 +221,7 @@ def dcl_loss(
         raise ValueError(f"z1 must hold at least 2 samples (an anchor's negatives are the other samples' rows), "
                          f"got shape {tuple(z1.shape)}")
     z = l2_normalize(torch.cat([z1, z2]))
-    scale = 1.0 / temperature
+    scale = reciprocal_temperature(temperature)
     positive = two_view_positives(z, scale, weight_fn)  # first: see nt_xent
     # The label mask drops an anchor's own row and its positive: the denominator's decoupling.
     sample = two_view_samples(n, device=z.device)

@@ -84,6 +84,30 @@ def test_info_nce_raises_info_nce_pytorch_errors(q, p, neg, mode):
     assert str(ours.value) == str(theirs.value)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_a_16_bit_temperature_divides_as_info_nce_pytorch(dtype):
+    """A bfloat16 / float16 temperature tensor: 1/T in float32, not rounded to 16 bits (which
+    moved the loss by ~5e-4 relative and T's gradient with it); nt_xent likewise, against the
+    same temperature value in float32."""
+    q, p = leaves((8, 16), (8, 16), seed=3)
+    t_ours, t_theirs = (torch.tensor(0.07, dtype=dtype, requires_grad=True) for _ in range(2))
+    ours = value_and_grads(lambda q, p, t: fastnce.info_nce(q, p, temperature=t), [q, p, t_ours])
+    theirs = value_and_grads(lambda q, p, t: info_nce_pytorch.info_nce(q, p, temperature=t), [q, p, t_theirs])
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
+    t16 = torch.tensor(0.07, dtype=dtype)
+    torch.testing.assert_close(fastnce.nt_xent(q, p, t16), fastnce.nt_xent(q, p, t16.float()), rtol=1e-6, atol=0)
+
+
+def test_info_nce_needs_a_paired_negative_per_row():
+    """(N, 0, D) paired negatives, like (0, D) unpaired ones, are an error (info-nce-pytorch
+    returns a loss of 0)."""
+    q, p = torch.randn(4, 3), torch.randn(4, 3)
+    with pytest.raises(ValueError, match="negative_keys holds no negatives"):
+        fastnce.info_nce(q, p, torch.randn(4, 0, 3), negative_mode="paired")
+    with pytest.raises(ValueError, match="negative_keys is an empty batch"):
+        fastnce.info_nce(q, p, torch.randn(0, 3))
+
+
 def test_info_nce_reduction_error_is_cross_entropys():
     q, p = torch.randn(3, 2), torch.randn(3, 2)
     with pytest.raises(ValueError) as theirs:

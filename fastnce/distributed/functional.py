@@ -42,7 +42,7 @@ import torch
 from torch import Tensor
 
 from .. import functional as F
-from .._checks import cast_under_autocast
+from .._checks import cast_under_autocast, reciprocal_temperature
 from ..functional import l2_normalize, paired_logits, two_view_positives, two_view_samples
 from ..ops import lse_dtype, similarity_lse, similarity_sigmoid_nll
 from ._comm import (
@@ -161,7 +161,7 @@ def _nt_xent(z1, z2, temperature, scheme, code, group, backend, reduction="mean"
                     flags={"z1/z2": z.requires_grad, "temperature": _needs_grad(temperature)},
                     scalars={"temperature": temperature})
     temperature = mean_grad_over_ranks(temperature, info)
-    scale = 1.0 / temperature
+    scale = reciprocal_temperature(temperature)
     # Positives first: autograd runs the later node's backward first, so the ring's backward
     # then runs before the positives' and their O(n·D) gradients are not held through it.
     positive = two_view_positives(z, scale, weight_fn)  # a local row's other view is local too
@@ -343,7 +343,7 @@ def _info_nce(query, positive_key, negative_keys, temperature, negative_mode, sc
                              negative_mode="paired", backend=backend)
         return _reduce(per_row, reduction, info)
     q, p = l2_normalize(query), l2_normalize(positive_key)
-    scale = 1.0 / temperature
+    scale = reciprocal_temperature(temperature)
     positive = paired_logits(q, p, scale)
     if unpaired:
         row = _row_lse(scheme, q, l2_normalize(negative_keys), scale, info, backend)

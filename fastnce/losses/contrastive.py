@@ -15,7 +15,9 @@ from typing import Callable, Optional, Sequence, Union
 import torch
 from torch import Tensor, nn
 
-from .._checks import check_features, check_finite_scalar, check_reduction, check_same, check_temperature, reduce
+from .._checks import (
+    check_features, check_finite_scalar, check_reduction, check_same, check_temperature, reciprocal_temperature, reduce,
+)
 from ..functional import (
     clip_loss, dcl_loss, info_nce, l2_normalize, nt_xent, paired_logits, siglip_loss, vmf_weights,
 )
@@ -77,7 +79,7 @@ def nt_xent_multiview(views, temperature: Union[float, Tensor] = 0.1, reduction:
     if V < 2:
         raise ValueError(f"at least two views are needed, got {V}")
     z = l2_normalize(views.reshape(V * N, D))
-    scale = 1.0 / temperature
+    scale = reciprocal_temperature(temperature)
     row_lse, _ = similarity_lse(z, None, scale, exclude_self=True, backend=backend)
     acc = row_lse.dtype
     zf = z.to(acc)

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .._checks import check_finite_scalar, check_reduction, check_temperature, reduce
+from .._checks import check_finite_scalar, check_reduction, check_temperature, reciprocal_temperature, reduce
 from ..functional import l2_normalize, paired_logits
 from ..ops import lse_dtype, similarity_lse
 from ._common import (
@@ -65,7 +65,7 @@ def supcon_loss(embeddings: Tensor, labels: Tensor, temperature: Union[float, Te
     if reduction == "mean" and (not bool((n_pos > 0).any()) or counts.numel() < 2):
         return zero_loss(embeddings)
     z = l2_normalize(embeddings)
-    scale = 1.0 / temperature
+    scale = reciprocal_temperature(temperature)
     row_lse, _ = similarity_lse(z, None, scale, exclude_self=True, backend=backend)
     zf = z.to(row_lse.dtype)
     class_sum = zf.new_zeros(counts.numel(), zf.shape[1]).index_add_(0, inverse, zf)
@@ -116,7 +116,7 @@ def soft_nearest_neighbor_loss(embeddings: Tensor, labels: Tensor, temperature: 
         return zero_loss(embeddings)
     acc = lse_dtype(embeddings.dtype)
     sq = embeddings.to(acc).pow(2).sum(1)
-    scale = 2.0 / temperature
+    scale = reciprocal_temperature(temperature, 2.0)
     bias = -sq / temperature
     lse_all, _ = similarity_lse(embeddings, None, scale, bias, exclude_self=True, backend=backend)
     lse_same, _ = similarity_lse(embeddings, None, scale, bias, labels=labels, label_mask="same",
