@@ -41,6 +41,14 @@ def paired_logits(a: Tensor, b: Tensor, scale: Union[float, Tensor]) -> Tensor:
     return scale * (a.to(acc) * b.to(acc)).sum(-1)  # elementwise: autocast leaves it in acc
 
 
+def cross_entropy_rows(row_lse: Tensor, positive: Tensor) -> Tensor:
+    """row_lse − positive, each row's cross-entropy, where row_lse's terms include the positive
+    logit(s): ≥ 0, and clamped there. The LSE's copy of a positive logit comes from a matrix
+    product and `positive` from an elementwise one; their roundings differ by an ulp of the
+    logit, which gave a batch of one −1e-7 instead of 0 (and logits of 1e16, −4)."""
+    return (row_lse - positive).clamp_min(0)
+
+
 def _check_info_nce_args(query, positive_key, negative_keys, negative_mode):
     """info-nce-pytorch 0.1.4's checks, in its order and with its messages."""
     if query.dim() != 2:
@@ -111,7 +119,7 @@ def info_nce(
     positive = paired_logits(query, positive_key, scale)
     if negative_keys is None:
         row_lse, _ = similarity_lse(query, positive_key, scale, backend=backend)
-        per_row = row_lse - positive
+        per_row = cross_entropy_rows(row_lse, positive)
     elif negative_mode == "unpaired":
         row_lse, _ = similarity_lse(query, l2_normalize(negative_keys), scale, backend=backend)
         per_row = torch.logaddexp(positive, row_lse) - positive
@@ -165,7 +173,7 @@ def nt_xent(
     # The positives first: their backward then runs after the LSE's, whose buffers are freed.
     positive = two_view_positives(z, scale)
     row_lse, _ = similarity_lse(z, None, scale, exclude_self=True, backend=backend)
-    return reduce(row_lse - positive, reduction)
+    return reduce(cross_entropy_rows(row_lse, positive), reduction)
 
 
 def vmf_weights(z1: Tensor, z2: Tensor, sigma: float = 0.5) -> Tensor:
@@ -248,7 +256,7 @@ def clip_loss(
     check_clip_inputs(image_features, text_features, logit_scale, reduction)
     positive = paired_logits(image_features, text_features, logit_scale)  # first: see nt_xent
     row_lse, col_lse = similarity_lse(image_features, text_features, logit_scale, col_lse=True, backend=backend)
-    return reduce(0.5 * ((row_lse - positive) + (col_lse - positive)), reduction)
+    return reduce(0.5 * (cross_entropy_rows(row_lse, positive) + cross_entropy_rows(col_lse, positive)), reduction)
 
 
 def check_siglip_inputs(image_features, text_features, logit_scale, logit_bias, reduction) -> None:

@@ -226,3 +226,24 @@ def test_bad_input_raises_naming_the_argument(case):
     _, call, exc, word = case
     with pytest.raises(exc, match=word):
         call()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_cross_entropies_are_never_negative(backend):
+    """A batch of one (each row's only term is its positive) and unnormalised N-pairs logits of
+    ~1e16: the LSE's copy of the positive logit and the positive itself round differently, which
+    gave −1e-7 (and −4); a cross-entropy is at least 0."""
+    from fastnce import losses as L
+
+    worst = 0.0
+    for seed in range(60):
+        g = torch.Generator().manual_seed(seed)
+        a, b = torch.randn(1, 3, generator=g), torch.randn(1, 3, generator=g)
+        for loss in (fastnce.nt_xent(a, b, reduction="none", backend=backend),
+                     fastnce.clip_loss(a, b, 10.0, reduction="none", backend=backend),
+                     fastnce.info_nce(a, b, reduction="none", backend=backend)):
+            worst = min(worst, loss.min().item())
+    assert worst == 0.0
+    v = torch.randn(2, 8, generator=torch.Generator().manual_seed(1), dtype=torch.float64) * 1e8
+    x, y = torch.stack([v[0], v[0] * 1.01, v[1], v[1] * 0.99]), torch.tensor([0, 0, 1, 1])
+    assert L.NPairsLoss(normalize_embeddings=False, backend=backend)(x, y).item() >= 0.0

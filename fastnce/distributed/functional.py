@@ -166,7 +166,8 @@ def _nt_xent(z1, z2, temperature, scheme, code, group, backend, reduction="mean"
     # then runs before the positives' and their O(n·D) gradients are not held through it.
     positive = two_view_positives(z, scale, weight_fn)  # a local row's other view is local too
     row = _row_lse(scheme, z, z, scale, info, backend, own="sample" if decoupled else "self")
-    return _reduce(row - positive, reduction, info)
+    # DCL's denominator leaves the positive out: its loss may be negative
+    return _reduce(row - positive if decoupled else F.cross_entropy_rows(row, positive), reduction, info)
 
 
 # ----------------------------------------------------------------------------- dcl_loss
@@ -238,7 +239,8 @@ def _clip_loss(a, b, logit_scale, scheme, code, group, backend, reduction="mean"
     else:
         img_lse, _ = similarity_lse(a, all_gather_with_grad(b, info, info.keys), scale, backend=backend)
         txt_lse, _ = similarity_lse(b, all_gather_with_grad(a, info, info.rows), scale, backend=backend)
-    return _reduce(0.5 * ((img_lse - positive) + (txt_lse - positive)), reduction, info)
+    return _reduce(0.5 * (F.cross_entropy_rows(img_lse, positive) + F.cross_entropy_rows(txt_lse, positive)),
+                   reduction, info)
 
 
 # ----------------------------------------------------------------------------- siglip_loss
@@ -350,5 +352,5 @@ def _info_nce(query, positive_key, negative_keys, temperature, negative_mode, sc
         per_row = torch.logaddexp(positive, row) - positive
     else:
         row = _row_lse(scheme, q, p, scale, info, backend)
-        per_row = row - positive
+        per_row = F.cross_entropy_rows(row, positive)
     return _reduce(per_row, reduction, info)

@@ -19,7 +19,7 @@ from .._checks import (
     check_features, check_finite_scalar, check_reduction, check_same, check_temperature, reciprocal_temperature, reduce,
 )
 from ..functional import (
-    clip_loss, dcl_loss, info_nce, l2_normalize, nt_xent, paired_logits, siglip_loss, vmf_weights,
+    clip_loss, cross_entropy_rows, dcl_loss, info_nce, l2_normalize, nt_xent, paired_logits, siglip_loss, vmf_weights,
 )
 from .. import distributed as fd
 from ..distributed._comm import raising_on_every_rank
@@ -85,8 +85,8 @@ def nt_xent_multiview(views, temperature: Union[float, Tensor] = 0.1, reduction:
     zf = z.to(acc)
     per_sample = zf.reshape(V, N, D).sum(0)                # Σ_v z_{v,n}
     others = per_sample.repeat(V, 1) - zf                 # Σ_{v' ≠ v} z_{v',n}
-    positive = paired_logits(zf, others, scale) / (V - 1)
-    return reduce(row_lse - positive, reduction)
+    positive = paired_logits(zf, others, scale) / (V - 1)  # the positives' mean: ≤ their LSE
+    return reduce(cross_entropy_rows(row_lse, positive), reduction)
 
 
 class NTXentLoss(nn.Module):
@@ -386,7 +386,7 @@ def cpc_loss(context: Tensor, codes: Tensor, weights: Sequence[Tensor], *, backe
         sizes.append(p.shape[0])
     q = torch.cat(preds).to(codes.dtype)  # under autocast the products come out in its dtype
     row_lse, _ = similarity_lse(q, codes.reshape(B * T, Dz), 1.0, backend=backend)
-    per_row = row_lse - paired_logits(q, torch.cat(positives), 1.0)
+    per_row = cross_entropy_rows(row_lse, paired_logits(q, torch.cat(positives), 1.0))
     per_offset = torch.stack([part.mean() for part in per_row.split(sizes)])
     return per_offset.mean()
 

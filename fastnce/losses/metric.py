@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .._checks import check_finite_scalar, check_reduction, check_temperature, reciprocal_temperature, reduce
-from ..functional import l2_normalize, paired_logits
+from ..functional import cross_entropy_rows, l2_normalize, paired_logits
 from ..ops import lse_dtype, similarity_lse
 from ._common import (
     block_distances, blockwise, class_index, embeddings_and_labels, pair_masks, zero_loss,
@@ -70,7 +70,7 @@ def supcon_loss(embeddings: Tensor, labels: Tensor, temperature: Union[float, Te
     zf = z.to(row_lse.dtype)
     class_sum = zf.new_zeros(counts.numel(), zf.shape[1]).index_add_(0, inverse, zf)
     pos_mean = paired_logits(zf, class_sum[inverse] - zf, scale) / n_pos.clamp_min(1)
-    per_row = torch.where(n_pos > 0, row_lse - pos_mean, torch.zeros_like(row_lse))
+    per_row = torch.where(n_pos > 0, cross_entropy_rows(row_lse, pos_mean), torch.zeros_like(row_lse))
     if reduction == "mean":
         return per_row.sum() / (n_pos > 0).sum()
     return reduce(per_row, reduction)
@@ -121,7 +121,8 @@ def soft_nearest_neighbor_loss(embeddings: Tensor, labels: Tensor, temperature: 
     lse_all, _ = similarity_lse(embeddings, None, scale, bias, exclude_self=True, backend=backend)
     lse_same, _ = similarity_lse(embeddings, None, scale, bias, labels=labels, label_mask="same",
                                  exclude_self=True, backend=backend)
-    per_row = torch.where(has_partner, lse_all - lse_same.masked_fill(~has_partner, 0.0), torch.zeros_like(lse_all))
+    per_row = torch.where(has_partner, cross_entropy_rows(lse_all, lse_same.masked_fill(~has_partner, 0.0)),
+                          torch.zeros_like(lse_all))
     if reduction == "mean":
         return per_row[has_partner].mean()
     return reduce(per_row, reduction)
@@ -332,7 +333,7 @@ def npairs_loss(embeddings: Tensor, labels: Tensor, normalize_embeddings: bool =
     x = l2_normalize(embeddings) if normalize_embeddings else embeddings
     anchors, positives = x[order[starts]], x[order[starts + 1]]
     row_lse, _ = similarity_lse(anchors, positives, 1.0, backend=backend)
-    return (row_lse - paired_logits(anchors, positives, 1.0)).mean()
+    return cross_entropy_rows(row_lse, paired_logits(anchors, positives, 1.0)).mean()
 
 
 class NPairsLoss(nn.Module):
