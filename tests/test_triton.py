@@ -877,3 +877,34 @@ def test_any_siglip_launch_keeps_to_its_programs_and_tensors(data, monkeypatch):
         ops.similarity_sigmoid_nll(q, k, s, bias, positive_offset=offset, backend="triton").sum().backward()
     assert report.state["launches"] >= 2
     assert report.found == []
+
+
+@pytest.mark.skipif(not triton_lse._INTERPRET, reason="poisons the interpreter's CPU allocations")
+@pytest.mark.parametrize("name", list(RACE_CASES))
+def test_no_launch_reads_what_no_program_wrote(name, monkeypatch):
+    """Every output and scratch tensor allocated uninitialised is filled with NaN first
+    (tests/triton_checks.py): each plan's values and gradients are those of a plain run, bit for
+    bit, so no kernel reads an element that no program wrote."""
+    from triton_checks import poisoned_allocations
+
+    M, N, D, mask, col, use_bias, frozen, env = RACE_CASES[name]
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    q, k, s, b, kw = make_inputs(M, N, D, torch.float32, N is None, use_bias, mask)
+
+    def outputs():
+        leaves = [t.detach().clone().requires_grad_(n not in frozen) if t is not None else None
+                  for t, n in ((q, "q"), (k, "k"), (b, "b"))]
+        sc = s.detach().clone().requires_grad_()
+        row, colv = ops.similarity_lse(leaves[0], leaves[1], sc, leaves[2], col_lse=col, backend="triton", **kw)
+        loss = torch.where(torch.isfinite(row), row, 0).sum()
+        if col:
+            loss = loss + torch.where(torch.isfinite(colv), colv, 0).mul(0.7).sum()
+        loss.backward()
+        return [row, colv, sc.grad] + [t.grad for t in leaves if t is not None]
+
+    plain = outputs()
+    with poisoned_allocations():
+        poisoned = outputs()
+    for x, y in zip(poisoned, plain):
+        torch.testing.assert_close(x, y, rtol=0, atol=0, equal_nan=True)

@@ -12,7 +12,8 @@ atomically updated each address (the lanes their masks keep) and reports:
   - an address updated atomically by one program and stored or loaded plainly by another
     (atomics among themselves do not race);
   - an access outside every tensor the launch was given.
-Used by tests/test_triton.py.
+`poisoned_allocations()` fills new tensors with NaN, so that a read of an element no program
+wrote shows. Used by tests/test_triton.py.
 """
 from __future__ import annotations
 
@@ -144,3 +145,25 @@ def checked_launches():
         for name, method in originals.items():
             setattr(builder, name, method)
         executor.__call__ = call
+
+
+@contextlib.contextmanager
+def poisoned_allocations():
+    """Within the block, torch.empty, torch.empty_like and Tensor.new_empty return floating-point
+    tensors filled with NaN: a kernel that reads an element of its output (or scratch) that no
+    program wrote gives NaN, where the interpreter's fresh CPU memory is often zeros and a GPU's
+    is whatever the last user left."""
+    import torch
+
+    empty, empty_like, new_empty = torch.empty, torch.empty_like, torch.Tensor.new_empty
+
+    def poisoned(t):
+        return t.fill_(float("nan")) if t.is_floating_point() and t.numel() else t
+
+    torch.empty = lambda *a, **k: poisoned(empty(*a, **k))
+    torch.empty_like = lambda *a, **k: poisoned(empty_like(*a, **k))
+    torch.Tensor.new_empty = lambda self, *a, **k: poisoned(new_empty(self, *a, **k))
+    try:
+        yield
+    finally:
+        torch.empty, torch.empty_like, torch.Tensor.new_empty = empty, empty_like, new_empty
