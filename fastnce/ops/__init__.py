@@ -180,20 +180,26 @@ def lse_backward(q, k=None, scale=1.0, bias=None, *, row_lse, grad_row=None, col
         q, k, scale, bias, labels, k_labels, label_mask, exclude_self, diag_offset
     )
     name = resolve_backend(backend, q.device, q.dtype)
+    need_k = need_k and k is not None
     if name == "reference":
-        dq, dk, db = lse_backward_naive(q, k, scale, bias, q_labels, k_labels, mask_mode, exclude_offset,
-                                        row_lse, col_lse, grad_row, grad_col)
-        return (dq if need_q else None), (dk if need_k else None), (db if need_bias else None)
+        grads = lse_backward_naive(q, k, scale, bias, q_labels, k_labels, mask_mode, exclude_offset,
+                                   row_lse, col_lse, grad_row, grad_col)
+        return _asked(grads, need_q, need_k, need_bias)
     dt = lse_dtype(q.dtype)
     cont = lambda t: None if t is None else t.to(dt).contiguous()
     if bias is not None:
         bias = bias.to(dt)
-    dq, dk, db = similarity_lse_backward_op(
+    grads = similarity_lse_backward_op(
         q, k, scale.to(dt), bias, q_labels, k_labels, mask_mode, exclude_offset,
         cont(row_lse), cont(col_lse) if col_lse is not None else q.new_empty((0,), dtype=dt),
-        cont(grad_row), cont(grad_col), need_bias, need_q, need_k and k is not None, name,
+        cont(grad_row), cont(grad_col), need_bias, need_q, need_k, name,
     )
-    return (dq if need_q else None), (dk if need_k and k is not None else None), (db if need_bias else None)
+    return _asked(grads, need_q, need_k, need_bias)
+
+
+def _asked(grads, need_q: bool, need_k: bool, need_bias: bool):
+    """(dq, dk, dbias) with None for each gradient not asked for."""
+    return tuple(g if need else None for g, need in zip(grads, (need_q, need_k, need_bias)))
 
 
 def _prepare_sigmoid(q, k, scale, bias, positive_offset, backend):
@@ -254,10 +260,10 @@ def sigmoid_nll_backward(q, k, scale=1.0, bias=None, *, grad_row, positive_offse
         raise ValueError("need_bias=True needs a bias")
     q, k, scale, bias, positive_offset, name = _prepare_sigmoid(q, k, scale, bias, positive_offset, backend)
     if name == "reference":
-        dq, dk, db = sigmoid_nll_backward_naive(q, k, scale, bias, positive_offset, grad_row)
-        return (dq if need_q else None), (dk if need_k else None), (db if need_bias else None)
+        grads = sigmoid_nll_backward_naive(q, k, scale, bias, positive_offset, grad_row)
+        return _asked(grads, need_q, need_k, need_bias)
     dt = lse_dtype(q.dtype)
-    dq, dk, db = similarity_sigmoid_nll_backward_op(
+    grads = similarity_sigmoid_nll_backward_op(
         q, k, scale.to(dt), None if bias is None else bias.to(dt), positive_offset,
         grad_row.to(dt).contiguous(), need_bias, need_q, need_k, name)
-    return (dq if need_q else None), (dk if need_k else None), (db if need_bias else None)
+    return _asked(grads, need_q, need_k, need_bias)

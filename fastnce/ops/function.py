@@ -217,6 +217,20 @@ def scale_grad(dq_u: Optional[Tensor], q: Tensor, dk_u: Optional[Tensor], k: Opt
     return (dk_u * k.to(dk_u.dtype)).sum()
 
 
+def _input_grads(ctx, products, q, k, scale, bias, symmetric=False):
+    """(dq, dk, dscale, dbias) for the inputs that need one, from a backward op's unscaled
+    (G @ k, Gᵀ @ q, Σ G) computed for ctx.needs_input_grad (see _wanted_products)."""
+    need_q, need_k, need_scale, need_bias = ctx.needs_input_grad[:4]
+    want_q, want_k = _wanted_products(symmetric, need_q, need_k, need_scale)
+    dq_u, dk_u, dbias = products
+    dq_u, dk_u = (dq_u if want_q else None), (dk_u if want_k else None)
+    dscale = scale_grad(dq_u, q, dk_u, k, symmetric).to(scale.dtype) if need_scale else None
+    dq = dq_u.mul_(scale).to(q.dtype) if need_q else None  # in place: dq_u is ours
+    dk = dk_u.mul_(scale).to(k.dtype) if want_k else None
+    db = dbias.to(bias.dtype) if need_bias else None
+    return dq, dk, dscale, db
+
+
 def _setup_context(ctx, inputs, output):
     q, k, scale, bias, q_labels, k_labels, mask_mode, exclude_offset, with_col, backend = inputs
     row, col = output
@@ -236,16 +250,11 @@ def _backward(ctx, grad_row, grad_col):
     if grad_row is None and grad_col is None:
         return None, None, None, None, None, None, None, None, None, None
     want_q, want_k = _wanted_products(symmetric, need_q, need_k, need_scale)
-    dq_u, dk_u, dbias = similarity_lse_backward_op(
+    products = similarity_lse_backward_op(
         q, k, scale, bias, q_labels, k_labels, mask_mode, exclude_offset, row, col,
         grad_row, grad_col, bool(need_bias), want_q, want_k, backend,
     )
-    dq_u, dk_u = (dq_u if want_q else None), (dk_u if want_k else None)
-    dscale = scale_grad(dq_u, q, dk_u, k, symmetric).to(scale.dtype) if need_scale else None
-    dq = dq_u.mul_(scale).to(q.dtype) if need_q else None  # in place: dq_u is ours
-    dk = dk_u.mul_(scale).to(k.dtype) if want_k else None
-    db = dbias.to(bias.dtype) if need_bias else None
-    return dq, dk, dscale, db, None, None, None, None, None, None
+    return *_input_grads(ctx, products, q, k, scale, bias, symmetric), None, None, None, None, None, None
 
 
 similarity_lse_op.register_autograd(_backward, setup_context=_setup_context)
@@ -312,15 +321,10 @@ def _sigmoid_backward(ctx, grad_row):
     positive_offset, backend = ctx.args
     need_q, need_k, need_scale, need_bias = ctx.needs_input_grad[:4]
     want_q, want_k = _wanted_products(False, need_q, need_k, need_scale)
-    dq_u, dk_u, dbias = similarity_sigmoid_nll_backward_op(
+    products = similarity_sigmoid_nll_backward_op(
         q, k, scale, bias, positive_offset, nan_grad_where_nan(grad_row, rows), bool(need_bias), want_q, want_k,
         backend)
-    dq_u, dk_u = (dq_u if want_q else None), (dk_u if want_k else None)
-    dscale = scale_grad(dq_u, q, dk_u, k).to(scale.dtype) if need_scale else None
-    dq = dq_u.mul_(scale).to(q.dtype) if need_q else None
-    dk = dk_u.mul_(scale).to(k.dtype) if want_k else None
-    db = dbias.to(bias.dtype) if need_bias else None
-    return dq, dk, dscale, db, None, None
+    return *_input_grads(ctx, products, q, k, scale, bias), None, None
 
 
 similarity_sigmoid_nll_op.register_autograd(_sigmoid_backward, setup_context=_sigmoid_setup_context)
