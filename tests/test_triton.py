@@ -709,6 +709,22 @@ RACE_CASES = {
 }
 
 
+def _lse_through_triton(q, k, s, b, kw, col, frozen=(), scale_grad=True):
+    """The triton forward and the backward of Σ row LSE + 0.7 Σ column LSE (finite entries) on
+    fresh leaves of q, k, b (wanting a gradient unless named in frozen) and s (if scale_grad).
+    Returns [row, col, then the gradients of s, q, k, b that were wanted]."""
+    sc = s.detach().clone().requires_grad_(scale_grad)
+    q, k, b = (None if t is None else t.detach().clone().requires_grad_(n not in frozen)
+               for t, n in ((q, "q"), (k, "k"), (b, "b")))
+    row, colv = ops.similarity_lse(q, k, sc, b, col_lse=col, backend="triton", **kw)
+    loss = torch.where(torch.isfinite(row), row, 0).sum()
+    if col:
+        loss = loss + torch.where(torch.isfinite(colv), colv, 0).mul(0.7).sum()
+    if loss.requires_grad:
+        loss.backward()
+    return [row, colv] + [t.grad for t in (sc, q, k, b) if t is not None and t.requires_grad]
+
+
 @pytest.mark.skipif(not triton_lse._INTERPRET, reason="checks the interpreter's sequential programs")
 @pytest.mark.parametrize("name", list(RACE_CASES))
 def test_programs_of_a_launch_do_not_race(name, monkeypatch):
@@ -724,18 +740,8 @@ def test_programs_of_a_launch_do_not_race(name, monkeypatch):
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     q, k, s, b, kw = make_inputs(M, N, D, torch.float32, N is None, use_bias, mask)
-    q.requires_grad_("q" not in frozen)
-    if k is not None:
-        k.requires_grad_("k" not in frozen)
-    s.requires_grad_()
-    if b is not None:
-        b.requires_grad_()
     with checked_launches() as report:
-        row, colv = ops.similarity_lse(q, k, s, b, col_lse=col, backend="triton", **kw)
-        loss = torch.where(torch.isfinite(row), row, 0).sum()
-        if col:
-            loss = loss + torch.where(torch.isfinite(colv), colv, 0).mul(0.7).sum()
-        loss.backward()
+        _lse_through_triton(q, k, s, b, kw, col, frozen)
     assert report.state["launches"] >= 2
     assert report.found == []
 
@@ -836,18 +842,9 @@ def test_any_launch_keeps_to_its_programs_and_tensors(data, monkeypatch):
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     q, k, s, b, kw = make_inputs(M, M if sym else N, D, dtype, sym, use_bias, mask)
-    leaves = [t for t, name in ((q, "q"), (k, "k"), (b, "b")) if t is not None and name not in frozen]
-    if "q" in frozen and (k is None and b is None):
-        leaves.append(s.requires_grad_())  # something must want a gradient
-    for t in leaves:
-        t.requires_grad_()
+    only_scale_left = "q" in frozen and k is None and b is None  # something must want a gradient
     with checked_launches() as report:
-        row, colv = ops.similarity_lse(q, k, s, b, col_lse=col, backend="triton", **kw)
-        loss = torch.where(torch.isfinite(row), row, 0).sum()
-        if col:
-            loss = loss + torch.where(torch.isfinite(colv), colv, 0).mul(0.7).sum()
-        if loss.requires_grad:
-            loss.backward()
+        _lse_through_triton(q, k, s, b, kw, col, frozen, scale_grad=only_scale_left)
     assert report.found == []
 
 
@@ -891,20 +888,9 @@ def test_no_launch_reads_what_no_program_wrote(name, monkeypatch):
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     q, k, s, b, kw = make_inputs(M, N, D, torch.float32, N is None, use_bias, mask)
-
-    def outputs():
-        leaves = [t.detach().clone().requires_grad_(n not in frozen) if t is not None else None
-                  for t, n in ((q, "q"), (k, "k"), (b, "b"))]
-        sc = s.detach().clone().requires_grad_()
-        row, colv = ops.similarity_lse(leaves[0], leaves[1], sc, leaves[2], col_lse=col, backend="triton", **kw)
-        loss = torch.where(torch.isfinite(row), row, 0).sum()
-        if col:
-            loss = loss + torch.where(torch.isfinite(colv), colv, 0).mul(0.7).sum()
-        loss.backward()
-        return [row, colv, sc.grad] + [t.grad for t in leaves if t is not None]
-
-    plain = outputs()
+    plain = _lse_through_triton(q, k, s, b, kw, col, frozen)
     with poisoned_allocations():
-        poisoned = outputs()
+        poisoned = _lse_through_triton(q, k, s, b, kw, col, frozen)
+    assert len(poisoned) == len(plain)
     for x, y in zip(poisoned, plain):
         torch.testing.assert_close(x, y, rtol=0, atol=0, equal_nan=True)
