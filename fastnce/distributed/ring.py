@@ -45,7 +45,7 @@ import torch
 from torch import Tensor
 
 from ..ops import lse_backward, lse_forward, sigmoid_nll_backward, sigmoid_nll_forward
-from ..ops.function import _wanted_products, nan_grad_where_nan, scale_grad
+from ..ops.function import _input_grads, _wanted_products, nan_grad_where_nan
 from ._comm import RankInfo, RingTransfer
 
 _TAG_KEYS, _TAG_COL, _TAG_DK = 100, 200, 300
@@ -162,16 +162,12 @@ class _RingLSE(torch.autograd.Function):
         info, own_mask, backend = ctx.cfg
         need_q, need_k, need_scale = ctx.needs_input_grad[:3]
         want_q, want_k = _wanted_products(False, need_q, need_k, need_scale)
-        s = scale.detach()
         dq_u, dk_u = ring_lse_backward(
-            q, k, s, row, col, g_row.contiguous(), None if col is None else g_col.contiguous(),
+            q, k, scale.detach(), row, col, g_row.contiguous(), None if col is None else g_col.contiguous(),
             info, own_mask, want_q, want_k, backend,
         )
-        # this rank's share of Σ_ij G_ij q_i·k_j: its rows' (from dq), or its keys' (from dk)
-        dscale = scale_grad(dq_u, q, dk_u, k).to(scale.dtype).reshape(scale.shape) if need_scale else None
-        # In place: the unscaled buffers are ours, and a copy would be one more block at the peak.
-        dq = dq_u.mul_(s.to(dq_u.dtype)).to(q.dtype) if need_q else None
-        dk = dk_u.mul_(s.to(dk_u.dtype)).to(k.dtype) if want_k else None
+        # the scale's: this rank's share of Σ_ij G_ij q_i·k_j, its rows' (from dq) or its keys'
+        dq, dk, dscale, _ = _input_grads(ctx, (dq_u, dk_u, None), q, k, scale, None)
         return dq, dk, dscale, None, None, None, None
 
 
@@ -221,11 +217,8 @@ class _RingSigmoidNLL(torch.autograd.Function):
             return dq_b, dk_b
 
         dq_u, dk_u = _walk_backward(k, info, None, block, want_k)
-        dscale = scale_grad(dq_u, q, dk_u, k).to(scale.dtype).reshape(scale.shape) if need_scale else None
-        dbias = torch.stack(db).sum().to(bias.dtype).reshape(bias.shape) if need_bias else None
-        dq = dq_u.mul_(s.to(dq_u.dtype)).to(q.dtype) if need_q else None
-        dk = dk_u.mul_(s.to(dk_u.dtype)).to(k.dtype) if want_k else None
-        return dq, dk, dscale, dbias, None, None
+        dbias_u = torch.stack(db).sum() if need_bias else None
+        return *_input_grads(ctx, (dq_u, dk_u, dbias_u), q, k, scale, bias), None, None
 
 
 def ring_sigmoid_nll(q: Tensor, k: Tensor, scale: Tensor, bias: Optional[Tensor], info: RankInfo, *,

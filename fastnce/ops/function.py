@@ -218,16 +218,19 @@ def scale_grad(dq_u: Optional[Tensor], q: Tensor, dk_u: Optional[Tensor], k: Opt
 
 
 def _input_grads(ctx, products, q, k, scale, bias, symmetric=False):
-    """(dq, dk, dscale, dbias) for the inputs that need one, from a backward op's unscaled
-    (G @ k, Gᵀ @ q, Σ G) computed for ctx.needs_input_grad (see _wanted_products)."""
+    """(dq, dk, dscale, dbias) for the inputs (q, k, scale, bias: the first four of an autograd
+    function's) that need one, from the unscaled (G @ k, Gᵀ @ q, Σ G) computed for
+    ctx.needs_input_grad (see _wanted_products). Shared by the custom ops and the ring."""
     need_q, need_k, need_scale, need_bias = ctx.needs_input_grad[:4]
     want_q, want_k = _wanted_products(symmetric, need_q, need_k, need_scale)
     dq_u, dk_u, dbias = products
     dq_u, dk_u = (dq_u if want_q else None), (dk_u if want_k else None)
-    dscale = scale_grad(dq_u, q, dk_u, k, symmetric).to(scale.dtype) if need_scale else None
-    dq = dq_u.mul_(scale).to(q.dtype) if need_q else None  # in place: dq_u is ours
-    dk = dk_u.mul_(scale).to(k.dtype) if want_k else None
-    db = dbias.to(bias.dtype) if need_bias else None
+    dscale = scale_grad(dq_u, q, dk_u, k, symmetric).to(scale.dtype).reshape(scale.shape) if need_scale else None
+    # In place: the unscaled buffers are ours, and a copy would be one more (M, D) at the peak.
+    s = scale.detach()
+    dq = dq_u.mul_(s.to(dq_u.dtype)).to(q.dtype) if need_q else None
+    dk = dk_u.mul_(s.to(dk_u.dtype)).to(k.dtype) if want_k else None
+    db = dbias.to(bias.dtype).reshape(bias.shape) if need_bias else None
     return dq, dk, dscale, db
 
 
