@@ -100,16 +100,21 @@ def _cuda_include() -> Path | None:
     return None
 
 
-@pytest.fixture(scope="module")
-def emu(tmp_path_factory):
+def _emu_compile(sources, out, *flags) -> subprocess.CompletedProcess:
+    """g++ (C++20) of sources into out under the emulation (csrc/emu/cuda_emu.h included first,
+    the CUDA headers on the path); skips the test where g++ or the headers are missing."""
     inc, gxx = _cuda_include(), shutil.which("g++")
     if inc is None or gxx is None:
         pytest.skip("the kernel emulation needs g++ (C++20) and the CUDA headers")
+    return subprocess.run([gxx, "-std=c++20", *flags, "-DFASTNCE_EMULATE", "-include", str(CSRC / "emu" / "cuda_emu.h"),
+                           f"-I{inc}", "-Wno-unknown-pragmas", *map(str, sources), "-o", str(out), "-pthread"],
+                          capture_output=True, text=True)
+
+
+@pytest.fixture(scope="module")
+def emu(tmp_path_factory):
     out = tmp_path_factory.mktemp("emu") / "libfastnce_emu.so"
-    cmd = [gxx, "-std=c++20", "-O1", "-shared", "-fPIC", "-DFASTNCE_EMULATE", "-include",
-           str(CSRC / "emu" / "cuda_emu.h"), f"-I{inc}", "-Wno-unknown-pragmas",
-           str(CSRC / "emu" / "emu_harness.cpp"), "-o", str(out), "-pthread"]
-    r = subprocess.run(cmd, capture_output=True, text=True)
+    r = _emu_compile([CSRC / "emu" / "emu_harness.cpp"], out, "-O1", "-shared", "-fPIC")
     assert r.returncode == 0, r.stderr[-4000:]
     lib = ctypes.CDLL(str(out))
     P, I64, I = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
@@ -360,13 +365,9 @@ def test_emulator_checks_each_rule(tmp_path):
     """Each rule cuda_emu.h checks, broken once on purpose (and kept once): WMMA's pointer and
     leading dimensions, WMMA calls the same in every lane of a warp, cp.async's addresses, a
     launch's threads, grid and shared memory."""
-    inc, gxx = _cuda_include(), shutil.which("g++")
-    if inc is None or gxx is None:
-        pytest.skip("the kernel emulation needs g++ (C++20) and the CUDA headers")
     src, exe = tmp_path / "rules.cpp", tmp_path / "rules"
     src.write_text(_RULES_PROGRAM)
-    r = subprocess.run([gxx, "-std=c++20", "-O0", "-include", str(CSRC / "emu" / "cuda_emu.h"), f"-I{inc}",
-                        str(src), "-o", str(exe), "-pthread"], capture_output=True, text=True)
+    r = _emu_compile([src], exe, "-O0")
     assert r.returncode == 0, r.stderr[-4000:]
     out = dict(line.split(": ", 1) for line in subprocess.run([str(exe)], capture_output=True, text=True,
                                                                check=True).stdout.splitlines())
@@ -392,15 +393,9 @@ def test_kernels_emulated_under_a_sanitizer(tmp_path, sanitizer, copies):
     landing at their issue: one into a slot that others still read is one too), and under
     AddressSanitizer with UBSan, where an access past a shared-memory tile or a tensor is an
     error. (Values: the tests above.) About a minute each on 2 cores."""
-    inc, gxx = _cuda_include(), shutil.which("g++")
-    if inc is None or gxx is None:
-        pytest.skip("the kernel emulation needs g++ (C++20) and the CUDA headers")
     exe = tmp_path / "sanitize"
-    r = subprocess.run([gxx, "-std=c++20", "-O1", "-g", f"-fsanitize={sanitizer}", "-fno-sanitize-recover=undefined",
-                        "-DFASTNCE_EMULATE", "-include", str(CSRC / "emu" / "cuda_emu.h"), f"-I{inc}",
-                        "-Wno-unknown-pragmas", str(CSRC / "emu" / "emu_harness.cpp"),
-                        str(CSRC / "emu" / "sanitize_main.cpp"), "-o", str(exe), "-pthread"],
-                       capture_output=True, text=True)
+    r = _emu_compile([CSRC / "emu" / "emu_harness.cpp", CSRC / "emu" / "sanitize_main.cpp"], exe,
+                     "-O1", "-g", f"-fsanitize={sanitizer}", "-fno-sanitize-recover=undefined")
     if r.returncode != 0 and "san" in r.stderr and "cannot find" in r.stderr:
         pytest.skip(f"g++ has no {sanitizer} sanitizer runtime here")
     assert r.returncode == 0, r.stderr[-4000:]
