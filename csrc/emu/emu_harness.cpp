@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "../lse_kernels.cuh"
+#include "emu_harness.h"
 
 using namespace fastnce;
 
