@@ -197,6 +197,20 @@ def test_non_finite_features_in_the_primitive(backend):
     assert torch.isnan(row).all() and torch.isnan(col[4]) and torch.isfinite(col[[0, 1, 2, 3, 5, 6]]).all()
 
 
+@pytest.mark.parametrize("backend", ["reference", "torch", "triton", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_plus_inf_bias_makes_its_rows_non_finite(backend):
+    """A +inf bias column (the README: +inf on reference / torch, NaN on the fused kernels, whose
+    online max meets inf - inf): never a finite LSE for a row that sees it, the others untouched."""
+    dev = _device(backend)
+    q, k = torch.randn(5, 3, device=dev), torch.randn(7, 3, device=dev)
+    bias = torch.zeros(7, device=dev)
+    bias[2] = float("inf")
+    row, col = ops.similarity_lse(q, k, 2.0, bias, col_lse=True, backend=backend)
+    want_row = float("inf") if backend in ("reference", "torch") else float("nan")
+    torch.testing.assert_close(row, torch.full_like(row, want_row), equal_nan=True)
+    assert not torch.isfinite(col[2]) and torch.isfinite(col[[0, 1, 3, 4, 5, 6]]).all()
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("name", LOSSES)
 def test_autocast_leaves_the_loss_in_input_precision(name, dtype):
