@@ -228,6 +228,9 @@ MIXED = {  # (call, number of feature arguments): the features come first
     "dcl_loss": (lambda a, b: fastnce.functional.dcl_loss(a, b, 0.2), 2),
     "clip_loss": (lambda a, b: fastnce.clip_loss(a, b, 5.0), 2),
     "siglip_loss": (lambda a, b: fastnce.siglip_loss(a, b, 5.0, -2.0), 2),
+    "nt_xent_multiview": (lambda a, b, c: fastnce.losses.nt_xent_multiview([a, b, c], 0.2), 3),
+    "cpc_loss": (lambda c, z: fastnce.losses.cpc_loss(c.reshape(2, 3, 8), z.reshape(2, 3, 8),
+                                                      [torch.eye(8) * 0.5]), 2),
 }
 
 

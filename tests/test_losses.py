@@ -358,6 +358,36 @@ def test_dino_and_swav_match_lightly():
     _close_with_grads(L.SwAVLoss()(high, low), swav_mod.SwaVLoss()(high, low).reshape(()), tuple(high + low), F32)
 
 
+def test_dino_keeps_float32_where_same_view_pairs_are_large():
+    """The pairs t = s are left out of the sum, not subtracted from it: here each student view
+    is confidently wrong about its own teacher view (cross-entropies ~440) and right about the
+    other (~0.1); a total minus the same-view terms kept 4 digits in float32 (1e-4 off)."""
+    g = _gen(12)
+    base, other = torch.randn(64, 256, generator=g) * 3, torch.randn(64, 256, generator=g) * 3
+    t, s = torch.stack([base, other]), torch.stack([other, base])
+    want = R.dino_naive(list(t.double()), list(s.double()), torch.zeros(256, dtype=torch.float64), 0.04, 0.02)
+    got = L.dino_loss(t, s, torch.zeros(256), 0.04, 0.02)
+    torch.testing.assert_close(got.double(), want, rtol=5e-6, atol=0)
+
+
+@pytest.mark.parametrize("name", ["dino", "swav"])
+def test_dino_and_swav_stay_float32_under_autocast(name):
+    """Autocast (bfloat16 on the CPU) would run their products in bfloat16: ~1e-3 off float64,
+    where outside autocast the same inputs give float32's 1e-7."""
+    g = _gen(13)
+    if name == "dino":
+        xs = [torch.randn(8, 64, generator=g).bfloat16() for _ in range(4)]
+        loss = lambda: L.dino_loss(xs[:2], xs, torch.zeros(64), 0.04, 0.1)
+    else:
+        xs = [torch.randn(8, 64, generator=g).bfloat16() for _ in range(3)]
+        loss = lambda: L.swav_loss(xs[:2], xs[2:])
+    plain = loss()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under = loss()
+    assert under.dtype == torch.float32
+    torch.testing.assert_close(under, plain, rtol=1e-6, atol=0)
+
+
 def test_dino_and_swav_take_mixed_dtypes_as_lightly():
     """A float16 teacher beside float32 students (bfloat16 small crops beside float32 global ones):
     lightly's formulas take them, and so do these, computed in float32."""
@@ -544,8 +574,32 @@ def test_bad_arguments_name_themselves():
         (ValueError, "pos_margin must be a finite number", lambda: L.ContrastiveLoss(pos_margin=float("nan"))),
         (ValueError, "margin must be a finite number", lambda: L.TripletMarginLoss(margin=float("inf"))),
         (TypeError, "neg_margin must be a finite number", lambda: L.LiftedStructureLoss(neg_margin="a")),
-        (ValueError, "iterations must be a non-negative int", lambda: L.sinkhorn(x, iterations=-2)),
-        (ValueError, "sinkhorn_iterations must be a non-negative int", lambda: L.SwAVLoss(sinkhorn_iterations=1.5)),
+        (ValueError, "iterations must be an int >= 0", lambda: L.sinkhorn(x, iterations=-2)),
+        (ValueError, "sinkhorn_iterations must be an int >= 0", lambda: L.SwAVLoss(sinkhorn_iterations=1.5)),
+        # from a fuzzer against lightly: these failed inside torch (or silently broadcast, SwAV's
+        # crops of other batch sizes or prototype counts giving a finite meaningless loss)
+        (ValueError, r"high_resolution_outputs\[1\] must have the shape of high_resolution_outputs\[0\]",
+         lambda: L.swav_loss([x, x[:1]])),
+        (ValueError, r"low_resolution_outputs\[0\] must have the shape of high_resolution_outputs\[0\]",
+         lambda: L.swav_loss([x, x], [x[:, :3]])),
+        (ValueError, r"queue_outputs\[0\] must have the same number of prototypes",
+         lambda: L.swav_loss([x, x], queue_outputs=[x[:, :3], x[:, :3]])),
+        (ValueError, "queue_outputs must hold one", lambda: L.swav_loss([x, x], queue_outputs=[x])),
+        (ValueError, "scores must have 2 dimensions", lambda: L.sinkhorn(x[0])),
+        (ValueError, "scores is an empty batch", lambda: L.sinkhorn(x[:0])),
+        (TypeError, "scores must be a torch.Tensor", lambda: L.sinkhorn([[1.0, 2.0]])),
+        (ValueError, "n_prototypes must be an int >= 1", lambda: L.SwAVPrototypes(4, 0)),
+        (ValueError, "features must have the same feature dimension as prototypes",
+         lambda: L.SwAVPrototypes(4, 5)(torch.randn(2, 3))),
+        (ValueError, "warmup_teacher_temp_epochs must be an int >= 0",
+         lambda: L.DINOLoss(output_dim=8, warmup_teacher_temp_epochs=-1)),
+        (ValueError, "epoch must be an int >= 0", lambda: L.DINOLoss(output_dim=8)([x] * 2, [x] * 2, epoch=-1)),
+        (ValueError, "epoch must be an int >= 0", lambda: L.DINOLoss(output_dim=8)([x] * 2, [x] * 2, epoch=2.5)),
+        (TypeError, "center must be a torch.Tensor", lambda: L.dino_loss([x] * 2, [x] * 2, [0.0] * 8)),
+        (TypeError, r"weights\[0\] must be a torch.Tensor",
+         lambda: L.cpc_loss(torch.randn(2, 3, 3), torch.randn(2, 3, 4), [[[0.0] * 3] * 4])),
+        (ValueError, r"weights\[0\] must have the same device as context",
+         lambda: L.cpc_loss(torch.randn(2, 3, 3), torch.randn(2, 3, 4), [torch.randn(4, 3, device="meta")])),
         # the functional forms check what their modules check (a negative teacher_temp once
         # gave a finite wrong number, 0 or NaN a NaN)
         (ValueError, "teacher_temp must be a positive", lambda: L.dino_loss([x] * 2, [x] * 2, x[0], -0.04)),

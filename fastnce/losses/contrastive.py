@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from .._checks import (
+    cast_under_autocast,
     check_features, check_finite_scalar, check_reduction, check_same, check_temperature, reciprocal_temperature, reduce,
 )
 from ..functional import (
@@ -52,6 +53,7 @@ def _stack_views(views) -> Tensor:
         check_features(f"views[{i}]", v)
         if v.shape != views[0].shape:
             raise ValueError(f"views[{i}] must have the shape of views[0] {tuple(views[0].shape)}, got {tuple(v.shape)}")
+    views = cast_under_autocast(*views)
     check_same({f"views[{i}]": v for i, v in enumerate(views)})
     return torch.stack(list(views))
 
@@ -369,6 +371,7 @@ def cpc_loss(context: Tensor, codes: Tensor, weights: Sequence[Tensor], *, backe
     """
     check_features("context", context, ndim=3)
     check_features("codes", codes, ndim=3)
+    context, codes = cast_under_autocast(context, codes)
     check_same({"context": context, "codes": codes})
     B, T, Dz = codes.shape
     if context.shape[:2] != (B, T):
@@ -378,6 +381,9 @@ def cpc_loss(context: Tensor, codes: Tensor, weights: Sequence[Tensor], *, backe
         raise ValueError(f"need 1 <= number of offsets < T={T}, got {K}")
     preds, positives, sizes = [], [], []
     for k, W in enumerate(weights, start=1):
+        if not isinstance(W, Tensor):
+            raise TypeError(f"weights[{k - 1}] must be a torch.Tensor, got {type(W).__name__}")
+        check_same({"context": context, f"weights[{k - 1}]": W}, what=("device",))
         if W.shape != (Dz, context.shape[2]):
             raise ValueError(f"weights[{k - 1}] must have shape ({Dz}, {context.shape[2]}), got {tuple(W.shape)}")
         p = (context[:, : T - k] @ W.T.to(context.dtype)).reshape(-1, Dz)   # W_k c_t, (B·(T−k), Dz)

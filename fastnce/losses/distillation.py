@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import functools
 import math
+from numbers import Integral
 from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .._checks import check_features, check_same, check_temperature
+from .._checks import check_dim_match, check_features, check_same, check_temperature
 from ..functional import l2_normalize
 from ..ops import lse_dtype
 from ._common import momentum_update
@@ -22,16 +23,29 @@ from ._common import momentum_update
 __all__ = ["dino_loss", "DINOLoss", "update_teacher", "sinkhorn", "swav_loss", "SwAVLoss", "SwAVPrototypes"]
 
 
-def _stack(name: str, outs: Sequence[Tensor]) -> Tensor:
+def _check_views(name: str, outs: Sequence[Tensor], like: Optional[Tensor] = None, like_name: str = "") -> list:
+    """outs as a list of 2-D tensors of one shape (that of `like`, named like_name, if given)."""
     if isinstance(outs, Tensor):
         outs = list(outs) if outs.dim() == 3 else [outs]
+    outs = list(outs)
     if len(outs) == 0:
         raise ValueError(f"{name} must hold at least one view")
+    if like is None:
+        like, like_name = check_features(f"{name}[0]", outs[0]), f"{name}[0]"
     for i, o in enumerate(outs):
         check_features(f"{name}[{i}]", o)
-        if o.shape != outs[0].shape:
-            raise ValueError(f"{name}[{i}] must have the shape of {name}[0] {tuple(outs[0].shape)}, got {tuple(o.shape)}")
-    return torch.stack(list(outs))
+        if o.shape != like.shape:
+            raise ValueError(f"{name}[{i}] must have the shape of {like_name} {tuple(like.shape)}, got {tuple(o.shape)}")
+    return outs
+
+
+def _stack(name: str, outs: Sequence[Tensor]) -> Tensor:
+    return torch.stack(_check_views(name, outs))
+
+
+def _check_count(n, name: str, least: int) -> None:
+    if isinstance(n, bool) or not isinstance(n, Integral) or n < least:
+        raise ValueError(f"{name} must be an int >= {least}, got {n!r}")
 
 
 # ------------------------------------------------------------------------------ DINO
@@ -55,6 +69,8 @@ def dino_loss(teacher_out: Sequence[Tensor], student_out: Sequence[Tensor], cent
     check_same({"teacher_out": t, "student_out": s}, what=("device",))  # dtypes may differ: see acc
     if t.shape[1:] != s.shape[1:]:
         raise ValueError(f"student views must have the teacher views' shape {tuple(t.shape[1:])}, got {tuple(s.shape[1:])}")
+    if not isinstance(center, Tensor):
+        raise TypeError(f"center must be a torch.Tensor of shape (D,) or (1, 1, D), got {type(center).__name__}")
     if center.numel() != t.shape[-1]:
         raise ValueError(f"center must hold one value per output dimension ({t.shape[-1]}), got shape {tuple(center.shape)}")
     Vt, Vs, B = t.shape[0], s.shape[0], t.shape[1]
@@ -62,27 +78,29 @@ def dino_loss(teacher_out: Sequence[Tensor], student_out: Sequence[Tensor], cent
     if n_terms == 0:
         raise ValueError(f"DINO needs two views in total that differ, got {Vt} teacher and {Vs} student view(s)")
     # A float16 teacher beside a float32 student (lightly's formula promotes): both in the wider
-    # dtype, at least float32.
+    # dtype, at least float32, and autocast off (its bfloat16 products would round the loss).
     acc = lse_dtype(torch.promote_types(t.dtype, s.dtype))
-    p_t = F.softmax((t.detach().to(acc) - center.reshape(1, 1, -1).to(acc)) / teacher_temp, dim=-1)
-    log_s = F.log_softmax(s.to(acc) / student_temp, dim=-1)
-    # Σ_{t≠s} P_t·log S_s = (Σ_t P_t)·(Σ_s log S_s) − Σ_{i<min} P_i·log S_i, per sample.
-    cross = torch.einsum("bd,bd->", p_t.sum(0), log_s.sum(0))
-    m = min(Vt, Vs)
-    same = torch.einsum("vbd,vbd->", p_t[:m], log_s[:m])
-    return -(cross - same) / (n_terms * B)
+    with torch.autocast(t.device.type, enabled=False):
+        p_t = F.softmax((t.detach().to(acc) - center.reshape(1, 1, -1).to(acc)) / teacher_temp, dim=-1)
+        log_s = F.log_softmax(s.to(acc) / student_temp, dim=-1)
+        # every pair's Σ_b P_t·log S_s from one product; the pairs t = s are left out, not
+        # subtracted from a total (large same-view terms would cancel the others' digits)
+        pairs = p_t.reshape(Vt, -1) @ log_s.reshape(Vs, -1).T  # (Vt, Vs)
+        same_view = torch.eye(Vt, Vs, dtype=torch.bool, device=pairs.device)
+        return -pairs.masked_fill(same_view, 0.0).sum() / (n_terms * B)
 
 
 class DINOLoss(nn.Module):
     """DINO loss with lightly's (1.6) arguments, defaults and semantics (lightly.loss.DINOLoss).
 
     Buffer `center` (1, 1, output_dim), updated after each forward by an EMA of the teacher
-    outputs' batch mean: center ← m·center + (1 − m)·mean (no gradient).
+    outputs' batch mean: center ← m·center + (1 − m)·mean (no gradient). It keeps the module's
+    dtype, float32 unless converted (`.double()` for float64 training, as any buffer).
     forward(teacher_out: list of (B, D) or (Vt, B, D), student_out: list of (B, D) or (Vs, B, D),
     teacher_temp=None, epoch=None):
     teacher temperature = teacher_temp if given, else the linear warm-up schedule from
     warmup_teacher_temp to teacher_temp over warmup_teacher_temp_epochs when epoch is given,
-    else teacher_temp. Loss as dino_loss. Returns a scalar.
+    else teacher_temp (epoch: an int >= 0). Loss as dino_loss. Returns a scalar.
     Differs from lightly: the teacher outputs are detached (lightly lets a gradient reach a
     teacher that requires one); no distributed all-reduce of the centre.
     Update the teacher with `update_teacher(teacher, student, m)` (an EMA of parameters).
@@ -99,6 +117,7 @@ class DINOLoss(nn.Module):
         for name, v in (("warmup_teacher_temp", warmup_teacher_temp), ("teacher_temp", teacher_temp),
                         ("student_temp", student_temp)):
             check_temperature(v, name)
+        _check_count(warmup_teacher_temp_epochs, "warmup_teacher_temp_epochs", 0)
         if not 0.0 <= center_momentum <= 1.0:
             raise ValueError(f"center_momentum must be in [0, 1], got {center_momentum}")
         self.output_dim = output_dim
@@ -112,6 +131,8 @@ class DINOLoss(nn.Module):
         if teacher_temp is not None:
             check_temperature(teacher_temp, "teacher_temp")
             return float(teacher_temp)
+        if epoch is not None:
+            _check_count(epoch, "epoch", 0)
         if epoch is not None and epoch < self.warmup_teacher_temp_epochs:
             return float(self.teacher_temp_schedule[epoch])
         return float(self.teacher_temp)
@@ -141,11 +162,6 @@ def update_teacher(teacher: nn.Module, student: nn.Module, m: float = 0.996) -> 
 
 # ------------------------------------------------------------------------------ SwAV
 
-def _check_iterations(n, name: str) -> None:
-    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
-        raise ValueError(f"{name} must be a non-negative int, got {n!r}")
-
-
 @torch.no_grad()
 def sinkhorn(scores: Tensor, iterations: int = 3, epsilon: float = 0.05) -> Tensor:
     """Sinkhorn-Knopp codes (SwAV, Caron et al. 2020), lightly's / the authors' algorithm.
@@ -156,7 +172,8 @@ def sinkhorn(scores: Tensor, iterations: int = 3, epsilon: float = 0.05) -> Tens
     domain: the same result as the authors' exp-then-divide loop, without overflow or an
     all-zero row when scores/ε spans more than float range.
     """
-    _check_iterations(iterations, "iterations")
+    check_features("scores", scores)
+    _check_count(iterations, "iterations", 0)
     check_temperature(epsilon, "epsilon")
     acc = lse_dtype(scores.dtype)
     log_q = (scores.to(acc) / epsilon).T  # (K, B)
@@ -177,28 +194,42 @@ def swav_loss(high_resolution_outputs: Sequence[Tensor], low_resolution_outputs:
     high_resolution_outputs: list of (B, K) prototype scores (normalised features · normalised
     prototypes) of the global crops; low_resolution_outputs: the same for the small crops.
     For each global crop i: codes q_i = sinkhorn(scores_i) (no gradient; with queue_outputs[i]
-    (Q, K) appended before Sinkhorn and cut off after); every other crop v predicts them:
+    (Q, K) appended before Sinkhorn and cut off after; one per global crop); every other crop v
+    predicts them (every crop must have high_resolution_outputs[0]'s shape (B, K)):
     −mean_b Σ_k q_i · log_softmax(scores_v / temperature). Sum over v divided by
     (number of crops − 1), mean over i. Returns a scalar (lightly returns shape (1,)).
     """
     check_temperature(temperature)
-    high = list(high_resolution_outputs)
-    low = list(low_resolution_outputs)
-    if not high:
-        raise ValueError("high_resolution_outputs must hold at least one crop")
-    for i, x in enumerate(high + low):
-        check_features(f"outputs[{i}]", x)
-    check_same({f"outputs[{i}]": x for i, x in enumerate(high + low)}, what=("device",))
+    high = _check_views("high_resolution_outputs", high_resolution_outputs)
+    low = [] if len(low_resolution_outputs) == 0 else _check_views(
+        "low_resolution_outputs", low_resolution_outputs, high[0], "high_resolution_outputs[0]")
+    names = [f"high_resolution_outputs[{i}]" for i in range(len(high))]
+    names += [f"low_resolution_outputs[{i}]" for i in range(len(low))]
     n_crops = len(high) + len(low)
     if n_crops < 2:
         raise ValueError("SwAV needs at least two crops")
     queued = [] if queue_outputs is None else list(queue_outputs)
+    if queue_outputs is not None:
+        if len(queued) != len(high):
+            raise ValueError(f"queue_outputs must hold one (Q, K) tensor per high-resolution crop ({len(high)}), "
+                             f"got {len(queued)}")
+        for i, x in enumerate(queued):
+            check_features(f"queue_outputs[{i}]", x)
+            check_dim_match("high_resolution_outputs[0]", high[0], f"queue_outputs[{i}]", x, what="number of prototypes")
+        names += [f"queue_outputs[{i}]" for i in range(len(queued))]
+    check_same(dict(zip(names, high + low + queued)), what=("device",))
     acc = lse_dtype(functools.reduce(torch.promote_types, [x.dtype for x in high + low + queued]))
+    with torch.autocast(high[0].device.type, enabled=False):  # autocast would round the loss: see dino_loss
+        return _swapped_prediction(high, low, queued, acc, temperature, sinkhorn_iterations, sinkhorn_epsilon)
+
+
+def _swapped_prediction(high, low, queued, acc, temperature, sinkhorn_iterations, sinkhorn_epsilon) -> Tensor:
+    n_crops = len(high) + len(low)
     log_p = [F.log_softmax(x.to(acc) / temperature, dim=1) for x in high + low]
     loss = 0.0
     for i, h in enumerate(high):
         scores = h.detach()
-        if queue_outputs is not None:  # in acc: a float32 queue beside float16 crops is not rounded
+        if queued:  # in acc: a float32 queue beside float16 crops is not rounded
             scores = torch.cat([scores.to(acc), queued[i].detach().to(acc)])
         q = sinkhorn(scores, sinkhorn_iterations, sinkhorn_epsilon)[: h.shape[0]]
         sub = sum(-(q * lp).sum(1).mean() for v, lp in enumerate(log_p) if v != i)
@@ -216,7 +247,7 @@ class SwAVLoss(nn.Module):
         super().__init__()
         check_temperature(temperature)
         check_temperature(sinkhorn_epsilon, "sinkhorn_epsilon")
-        _check_iterations(sinkhorn_iterations, "sinkhorn_iterations")
+        _check_count(sinkhorn_iterations, "sinkhorn_iterations", 0)
         self.temperature, self.sinkhorn_iterations, self.sinkhorn_epsilon = temperature, sinkhorn_iterations, sinkhorn_epsilon
 
     def forward(self, high_resolution_outputs, low_resolution_outputs=(), queue_outputs=None) -> Tensor:
@@ -229,9 +260,13 @@ class SwAVPrototypes(nn.Module):
 
     def __init__(self, dim: int, n_prototypes: int = 3000):
         super().__init__()
+        _check_count(dim, "dim", 1)
+        _check_count(n_prototypes, "n_prototypes", 1)
         self.prototypes = nn.Parameter(l2_normalize(torch.randn(n_prototypes, dim)))
 
     def forward(self, features: Tensor) -> Tensor:
+        check_features("features", features)
+        check_dim_match("prototypes", self.prototypes, "features", features)
         return l2_normalize(features) @ l2_normalize(self.prototypes).to(features.dtype).T
 
     @torch.no_grad()
