@@ -16,7 +16,7 @@ from ._checks import (
     cast_under_autocast, check_dim_match, check_features, check_finite_scalar, check_reduction, check_same, check_temperature,
     reciprocal_temperature, reduce,
 )
-from .ops import lse_dtype, similarity_lse, similarity_sigmoid_nll
+from .ops import lse_dtype, resolve_backend, similarity_lse, similarity_sigmoid_nll
 
 __all__ = ["info_nce", "nt_xent", "clip_loss", "siglip_loss", "dcl_loss", "vmf_weights", "l2_normalize",
            "paired_logits"]
@@ -124,7 +124,9 @@ def info_nce(
         row_lse, _ = similarity_lse(query, l2_normalize(negative_keys), scale, backend=backend)
         per_row = torch.logaddexp(positive, row_lse) - positive
     else:
-        # (N, M) logits against each row's own negatives: a batched product, O(N·M) by nature.
+        # (N, M) logits against each row's own negatives: a batched product, O(N·M) by nature;
+        # no primitive, but a backend named that could not run is still an error
+        resolve_backend(backend, query.device, query.dtype)
         acc = positive.dtype
         with torch.autocast(query.device.type, enabled=False):
             negative = scale * torch.einsum("nd,nmd->nm", query.to(acc), l2_normalize(negative_keys).to(acc))
@@ -183,19 +185,25 @@ def vmf_weights(z1: Tensor, z2: Tensor, sigma: float = 0.5) -> Tensor:
     return 2 - z1.shape[0] * torch.softmax(paired_logits(z1.detach(), z2.detach(), 1.0 / sigma), 0)
 
 
-def two_view_positives(z: Tensor, scale, weight_fn=None) -> Tensor:
-    """scale · z[i]·z[p] for the 2n rows of z = [z1; z2] (normalised), p the other view of row i,
-    each times weight_fn(z1, z2) (rows of z1), weight_fn(z2, z1) (rows of z2) when given."""
-    n = z.shape[0] // 2
-    positive = paired_logits(z, z.roll(n, 0), scale)
+def two_view_weights(z: Tensor, weight_fn=None) -> Optional[Tensor]:
+    """(2n,) weights of the positives of z = [z1; z2] (normalised): weight_fn(z1, z2) for the
+    rows of z1, weight_fn(z2, z1) for those of z2, their shapes checked; None without weight_fn."""
     if weight_fn is None:
-        return positive
+        return None
+    n = z.shape[0] // 2
     weights = [weight_fn(a, b) for a, b in ((z[:n], z[n:]), (z[n:], z[:n]))]
     for w in weights:
         if not isinstance(w, Tensor) or w.shape != (n,):
             raise ValueError(f"weight_fn must return a tensor of shape ({n},), one weight per positive pair, "
                              f"got {tuple(w.shape) if isinstance(w, Tensor) else type(w).__name__}")
-    return positive * torch.cat(weights).to(positive.dtype)
+    return torch.cat(weights)
+
+
+def two_view_positives(z: Tensor, scale, weights: Optional[Tensor] = None) -> Tensor:
+    """scale · z[i]·z[p] for the 2n rows of z = [z1; z2] (normalised), p the other view of row i,
+    each times its weight (two_view_weights) when given."""
+    positive = paired_logits(z, z.roll(z.shape[0] // 2, 0), scale)
+    return positive if weights is None else positive * weights.to(positive.dtype)
 
 
 def two_view_samples(n: int, offset: int = 0, device=None) -> Tensor:
@@ -230,7 +238,7 @@ def dcl_loss(
                          f"got shape {tuple(z1.shape)}")
     z = l2_normalize(torch.cat([z1, z2]))
     scale = reciprocal_temperature(temperature)
-    positive = two_view_positives(z, scale, weight_fn)  # first: see nt_xent
+    positive = two_view_positives(z, scale, two_view_weights(z, weight_fn))  # first: see nt_xent
     # The label mask drops an anchor's own row and its positive: the denominator's decoupling.
     sample = two_view_samples(n, device=z.device)
     row_lse, _ = similarity_lse(z, None, scale, labels=sample, label_mask="different", backend=backend)

@@ -339,7 +339,7 @@ def _error_cases(rank, world, rec):
         rec.count += 1
         try:
             fn()
-        except (TypeError, ValueError) as e:
+        except (TypeError, ValueError, fastnce.ops.BackendUnavailable) as e:
             want = own_error if rank == 1 else "rank(s) [1] of the group rejected their arguments"
             if want not in str(e):
                 rec.failures.append(f"{what} rank {rank}: wrong message {e}")
@@ -358,6 +358,32 @@ def _error_cases(rank, world, rec):
         x3, torch.randn(3, D + (rank == 1))), "key must have dim")
     one_rank_rejects("gather_keys on rank 1", lambda: fd.gather_keys(x3 if rank != 1 else [1.0]),
                      "x must be a torch.Tensor")
+    # found by a fuzzer: the backend was resolved, and DCL's weight_fn output checked, only after
+    # the call's exchange, inside the ring or the gathered loss: the other ranks waited
+    for scheme in fd.SCHEMES:
+        one_rank_rejects(f"backend name on rank 1 [{scheme}]",
+                         lambda: fd.clip_loss(x3, x3, 5.0, scheme=scheme, backend="nope" if rank == 1 else "auto"),
+                         "backend must be one of")
+        one_rank_rejects(f"backend unavailable on rank 1 [{scheme}]",
+                         lambda: fd.siglip_loss(x3, x3, 5.0, scheme=scheme, backend="cuda" if rank == 1 else "auto"),
+                         "backend='cuda' is unavailable")
+        one_rank_rejects(f"DCL weight_fn on rank 1 [{scheme}]",
+                         lambda: fd.dcl_loss(x3, x3, scheme=scheme,
+                                             weight_fn=lambda a, b: torch.ones(a.shape[0] + (rank == 1))),
+                         "weight_fn must return")
+    _ring_raising_on_every_rank_leaves_the_group_usable(rank, rec)
+    # the transfers' backward is not differentiated again: create_graph=True through them is an
+    # error, not a number (with the reference backend, a second-order gradient lacked the other
+    # ranks' parts)
+    for scheme in fd.SCHEMES:
+        rec.count += 1
+        a = torch.randn(3, D, requires_grad=True)
+        try:
+            g, = torch.autograd.grad(fd.nt_xent(a, x3, scheme=scheme, backend="reference"), a, create_graph=True)
+            rec.failures.append(f"double backward [{scheme}] rank {rank}: no error")
+        except RuntimeError as e:
+            if "double backward (create_graph=True) is not supported" not in str(e):
+                rec.failures.append(f"double backward [{scheme}] rank {rank}: wrong message {e}")
     # Agreement checked across ranks: values, reductions, the function called, gather_keys' layout.
     raises("temperature differs", lambda: fd.nt_xent(x3, x3, 0.1 + 0.1 * rank), "temperature differs across ranks")
     raises("logit_bias differs", lambda: fd.siglip_loss(x3, x3, 5.0, -1.0 - rank), "logit_bias differs")
@@ -390,6 +416,34 @@ def _error_cases(rank, world, rec):
     torch.distributed.all_gather(queues, moco.queue)
     rec.check("MoCoLoss(distributed) queues equal", all(torch.equal(q, queues[0]) for q in queues))
     rec.check("MoCoLoss(distributed) pointer", int(moco.queue_ptr) == sum(3 + r for r in range(world)) % 64)
+
+
+def _ring_raising_on_every_rank_leaves_the_group_usable(rank, rec):
+    """Every rank raises the same error inside the ring's forward, then inside its backward (an
+    out-of-memory caught by a retrying loop): the group's next call still works. The transfers
+    already posted were abandoned, and the next collective hung (a fuzzer found it)."""
+    import fastnce.distributed.ring as ring
+
+    x = torch.randn(3, D, generator=torch.Generator().manual_seed(rank))
+    want = fd.clip_loss(x, x.flip(0), 5.0, scheme="gather")
+
+    def out_of_memory(*args, **kwargs):
+        raise RuntimeError("out of memory (simulated)")
+
+    for where in ("lse_forward", "lse_backward"):
+        rec.count += 1
+        real = getattr(ring, where)
+        setattr(ring, where, out_of_memory)
+        try:
+            fd.clip_loss(x.clone().requires_grad_(), x.flip(0), 5.0, scheme="ring").backward()
+            rec.failures.append(f"ring raising in {where} rank {rank}: no error")
+        except RuntimeError as e:
+            if "simulated" not in str(e):
+                rec.failures.append(f"ring raising in {where} rank {rank}: {e}")
+        finally:
+            setattr(ring, where, real)
+        rec.close(f"the call after the ring raised in {where}, rank {rank}",
+                  fd.clip_loss(x, x.flip(0), 5.0, scheme="ring"), want)
 
 
 def _worker(rank, world, port, outdir):
@@ -430,7 +484,7 @@ def test_matches_single_process(world):
         for r in range(world):
             with open(os.path.join(outdir, f"rank{r}.txt")) as f:
                 count, *failures = f.read().split("\n")
-            assert int(count) > 50, f"rank {r} ran only {count} checks"
+            assert int(count) > 50, f"rank {r} ran only {count} checks: " + "\n".join(failures)
             reports += [f for f in failures if f]
     assert not reports, "\n".join(reports)
 

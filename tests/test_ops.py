@@ -2,6 +2,7 @@
 import pytest
 import torch
 
+import fastnce
 from fastnce import ops
 from fastnce.ops import tiled
 
@@ -262,6 +263,12 @@ def test_backend_selection():
         ops.similarity_lse(torch.randn(3, 2), backend="fastest")
     with pytest.raises(ops.BackendUnavailable, match="backend='cuda' is unavailable"):
         ops.similarity_lse(torch.randn(3, 2), backend="cuda")
+    # info_nce's paired negatives use no primitive; a bad or unavailable backend is still an error
+    q, negatives = torch.randn(3, 2), torch.randn(3, 4, 2)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        fastnce.info_nce(q, q, negatives, negative_mode="paired", backend="fastest")
+    with pytest.raises(ops.BackendUnavailable, match="backend='cuda' is unavailable"):
+        fastnce.info_nce(q, q, negatives, negative_mode="paired", backend="cuda")
 
 
 def test_torch_backend_exact_at_large_logsumexp():

@@ -179,15 +179,26 @@ def fail_together(what: str, group, error: Exception, device: torch.device):
 
 @contextmanager
 def raising_on_every_rank(what: str, group, like):
-    """Around a call's argument checks: a TypeError or ValueError raised inside, in an active
-    group, goes through fail_together (the other ranks' exchange then raises). like: the
-    call's first tensor argument, for the exchange's device."""
+    """Around a call's argument checks: an error raised inside (a TypeError or ValueError, a
+    backend's BackendUnavailable), in an active group, goes through fail_together (the other
+    ranks' exchange then raises). like: the call's first tensor argument, for the exchange's
+    device."""
     try:
         yield
-    except (TypeError, ValueError) as error:
+    except Exception as error:
         if is_active(group):
             fail_together(what, group, error, _comm_device(like, group))
         raise
+
+
+def no_double_backward() -> None:
+    """Called first in the backward of every Function whose gradient crosses ranks: under
+    create_graph=True it raises, because the transfers are not differentiated again and a
+    higher-order gradient would silently lack the other ranks' parts. (once_differentiable
+    does not do: the losses' incoming gradients are constants, which it lets through.)"""
+    if torch.is_grad_enabled():
+        raise RuntimeError("fastnce.distributed: double backward (create_graph=True) is not supported: the "
+                           "gradients that cross ranks are not differentiated again")
 
 
 class RingTransfer:
@@ -233,6 +244,7 @@ class _AllGather(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: Tensor):
+        no_double_backward()
         info, counts = ctx.info, ctx.counts
         pad = max(counts)
         grad = grad.contiguous()
@@ -286,6 +298,7 @@ class _MeanGradOverRanks(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: Tensor):
+        no_double_backward()
         grad = grad.contiguous().clone()
         dist.all_reduce(grad, group=ctx.info.group)
         return grad / ctx.info.size, None

@@ -43,8 +43,8 @@ from torch import Tensor
 
 from .. import functional as F
 from .._checks import cast_under_autocast, reciprocal_temperature
-from ..functional import l2_normalize, paired_logits, two_view_positives, two_view_samples
-from ..ops import lse_dtype, similarity_lse, similarity_sigmoid_nll
+from ..functional import l2_normalize, paired_logits, two_view_positives, two_view_samples, two_view_weights
+from ..ops import lse_dtype, resolve_backend, similarity_lse, similarity_sigmoid_nll
 from ._comm import (
     RankInfo, _comm_device, all_gather_with_grad, exchange, is_active, mean_grad_over_ranks, raising_on_every_rank,
 )
@@ -61,15 +61,17 @@ def _check_scheme(scheme: str) -> int:
     return SCHEMES.index(scheme) + 1
 
 
-def _checked(what: str, group, scheme: str, check, *args) -> Optional[int]:
-    """Runs the call's argument checks, check(*args) and the scheme's; returns None for a
-    single-process call (torch.distributed not initialised, or a group of one), else the
-    scheme's code. In a group, a rank whose checks fail tells the others before raising
-    (raising_on_every_rank), so every rank raises instead of some waiting in a collective."""
+def _checked(what: str, group, scheme: str, backend: str, check, *args, op: str = "lse") -> Optional[int]:
+    """Runs the call's argument checks, check(*args), the scheme's and the backend's (for
+    primitive op, on args[0]'s device and dtype); returns None for a single-process call
+    (torch.distributed not initialised, or a group of one), else the scheme's code. In a group,
+    a rank whose checks fail tells the others before raising (raising_on_every_rank), so every
+    rank raises instead of some waiting in a collective."""
     active = is_active(group)
     with raising_on_every_rank(what, group, args[0]):
         check(*args)
         code = _check_scheme(scheme)
+        resolve_backend(backend, args[0].device, args[0].dtype, op)
     return code if active else None
 
 
@@ -145,18 +147,17 @@ def nt_xent(
     of the global mean (see the module docstring).
     """
     z1, z2 = cast_under_autocast(z1, z2)
-    code = _checked("nt_xent", group, scheme, F.check_nt_xent_inputs, z1, z2, temperature, reduction)
+    code = _checked("nt_xent", group, scheme, backend, F.check_nt_xent_inputs, z1, z2, temperature, reduction)
     if code is None:
         return F.nt_xent(z1, z2, temperature, reduction, backend=backend)
-    return _nt_xent(z1, z2, temperature, scheme, code, group, backend, reduction)
-
-
-def _nt_xent(z1, z2, temperature, scheme, code, group, backend, reduction="mean", decoupled=False, weight_fn=None):
-    """NT-Xent, or with decoupled=True DCL (its positive out of the denominator, weight_fn on
-    this rank's positives), over every rank's views."""
-    n = z1.shape[0]
     z = l2_normalize(torch.cat([z1, z2]))  # this rank's 2n anchors, and its 2n keys
-    info = exchange("dcl_loss" if decoupled else "nt_xent", group, _comm_device(z, group), rows=2 * n, keys=2 * n,
+    return _nt_xent(z, temperature, scheme, code, group, backend, reduction)
+
+
+def _nt_xent(z, temperature, scheme, code, group, backend, reduction="mean", decoupled=False, weights=None):
+    """NT-Xent, or with decoupled=True DCL (its positive out of the denominator, its positives
+    times weights), over every rank's views; z = this rank's [z1; z2], normalised."""
+    info = exchange("dcl_loss" if decoupled else "nt_xent", group, _comm_device(z, group), rows=z.shape[0], keys=z.shape[0],
                     dim=z.shape[1], dtype=z.dtype, mode=code, reduction=reduction,
                     flags={"z1/z2": z.requires_grad, "temperature": _needs_grad(temperature)},
                     scalars={"temperature": temperature})
@@ -164,7 +165,7 @@ def _nt_xent(z1, z2, temperature, scheme, code, group, backend, reduction="mean"
     scale = reciprocal_temperature(temperature)
     # Positives first: autograd runs the later node's backward first, so the ring's backward
     # then runs before the positives' and their O(n·D) gradients are not held through it.
-    positive = two_view_positives(z, scale, weight_fn)  # a local row's other view is local too
+    positive = two_view_positives(z, scale, weights)  # a local row's other view is local too
     row = _row_lse(scheme, z, z, scale, info, backend, own="sample" if decoupled else "self")
     # DCL's denominator leaves the positive out: its loss may be negative
     return _reduce(row - positive if decoupled else F.cross_entropy_rows(row, positive), reduction, info)
@@ -191,10 +192,13 @@ def dcl_loss(
     Returns this rank's share of the global mean (see the module docstring).
     """
     z1, z2 = cast_under_autocast(z1, z2)
-    code = _checked("dcl_loss", group, scheme, F.check_nt_xent_inputs, z1, z2, temperature, reduction)
+    code = _checked("dcl_loss", group, scheme, backend, F.check_nt_xent_inputs, z1, z2, temperature, reduction)
     if code is None:
         return F.dcl_loss(z1, z2, temperature, reduction, weight_fn=weight_fn, backend=backend)
-    return _nt_xent(z1, z2, temperature, scheme, code, group, backend, reduction, decoupled=True, weight_fn=weight_fn)
+    z = l2_normalize(torch.cat([z1, z2]))
+    with raising_on_every_rank("dcl_loss", group, z):  # weight_fn's output is checked as an argument
+        weights = two_view_weights(z, weight_fn)
+    return _nt_xent(z, temperature, scheme, code, group, backend, reduction, decoupled=True, weights=weights)
 
 
 # ----------------------------------------------------------------------------- clip_loss
@@ -216,7 +220,7 @@ def clip_loss(
     every rank). Returns this rank's share of the global mean (see the module docstring).
     """
     image_features, text_features = cast_under_autocast(image_features, text_features)
-    code = _checked("clip_loss", group, scheme, F.check_clip_inputs, image_features, text_features, logit_scale,
+    code = _checked("clip_loss", group, scheme, backend, F.check_clip_inputs, image_features, text_features, logit_scale,
                     reduction)
     if code is None:
         return F.clip_loss(image_features, text_features, logit_scale, reduction, backend=backend)
@@ -266,8 +270,8 @@ def siglip_loss(
     batches, OpenCLIP's SigLipLoss(rank, world_size) value.
     """
     image_features, text_features = cast_under_autocast(image_features, text_features)
-    code = _checked("siglip_loss", group, scheme, F.check_siglip_inputs, image_features, text_features,
-                    logit_scale, logit_bias, reduction)
+    code = _checked("siglip_loss", group, scheme, backend, F.check_siglip_inputs, image_features, text_features,
+                    logit_scale, logit_bias, reduction, op="sigmoid")
     if code is None:
         return F.siglip_loss(image_features, text_features, logit_scale, logit_bias, reduction, backend=backend)
     return _siglip_loss(image_features, text_features, logit_scale, logit_bias, scheme, code, group, backend,
@@ -318,7 +322,7 @@ def info_nce(
     the global mean (see the module docstring).
     """
     query, positive_key, negative_keys = cast_under_autocast(query, positive_key, negative_keys)
-    code = _checked("info_nce", group, scheme, F.check_info_nce_inputs, query, positive_key, negative_keys,
+    code = _checked("info_nce", group, scheme, backend, F.check_info_nce_inputs, query, positive_key, negative_keys,
                     temperature, reduction, negative_mode)
     if code is None:
         return F.info_nce(query, positive_key, negative_keys, temperature, reduction, negative_mode,
