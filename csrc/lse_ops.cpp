@@ -142,7 +142,7 @@ std::tuple<Tensor, Tensor> lse_forward_cuda(const Tensor& q, const Tensor& k, co
   const float neg_inf = -std::numeric_limits<float>::infinity();
   // S symmetric with symmetric masks: the tiles on and above the diagonal, rows below through
   // the column LSEs (then log-added into the row LSEs; col_lse, if asked, is the row LSE)
-  p.upper = symmetric && !bias.has_value() && exclude_offset.value_or(0) == 0;
+  p.upper = forward_upper(symmetric, bias.has_value(), exclude_offset.has_value(), exclude_offset.value_or(0));
   const bool cols = with_col || p.upper;
   Tensor col = cols ? at::full({p.N}, neg_inf, f32) : at::empty({0}, f32);
   if (p.M == 0 || p.N == 0) return {at::full({p.M}, neg_inf, f32), col};
@@ -195,21 +195,20 @@ std::tuple<Tensor, Tensor, Tensor> lse_backward_cuda(
             need_bias ? at::zeros({N}, f32) : at::empty({0}, f32)};
   }
 
-  // dq = G @ k: one block per 64 rows, walking the column tiles; for k == q without bias,
-  // dq = (G + G^T) @ q from the same tiles (the mirror), and no column kernel.
+  // dq = G @ k: one block per 64 rows, walking the column tiles (or the mirror, see
+  // backward_launches); dk = G^T @ q and dbias: one block per 64 columns, walking the row tiles.
+  const BackwardLaunches launch = backward_launches(symmetric, bias.has_value(), need_q, need_k, need_bias);
   Tensor dq = at::empty({0}, f32);
-  if (need_q || symmetric) {
+  if (launch.rows) {
     LseParams pq = p;
-    pq.mirror = symmetric && !bias.has_value();
+    pq.mirror = launch.mirror;
     choose_splits(pq, (M + kBM - 1) / kBM, (N + kBN - 1) / kBN, dev.num_sms);
     dq = pq.splits > 1 ? at::zeros({M, D}, f32) : at::empty({M, D}, f32);
     pq.out = dq.data_ptr<float>();
     launch_lse_backward(pq, dt, allow_tf32, /*for_k=*/false, stream);
-    if (pq.mirror) return {dq, at::empty({0}, f32), at::empty({0}, f32)};  // no bias: no dbias
   }
-  if (!symmetric && !need_k && !need_bias) return {dq, at::empty({0}, f32), at::empty({0}, f32)};
+  if (!launch.cols) return {dq, at::empty({0}, f32), at::empty({0}, f32)};  // nothing more wanted, or the mirror
 
-  // dk = G^T @ q and dbias: one block per 64 columns, walking the row tiles.
   LseParams pk = p;
   choose_splits(pk, (N + kBN - 1) / kBN, (M + kBM - 1) / kBM, dev.num_sms);
   Tensor dk = pk.splits > 1 ? at::zeros({N, D}, f32) : at::empty({N, D}, f32);
@@ -218,7 +217,7 @@ std::tuple<Tensor, Tensor, Tensor> lse_backward_cuda(
   pk.dbias = need_bias ? dbias.data_ptr<float>() : nullptr;
   launch_lse_backward(pk, dt, allow_tf32, /*for_k=*/true, stream);
 
-  if (symmetric) {
+  if (launch.add_cols_to_rows) {
     dq.add_(dk);  // (G + G^T) @ q
     dk = at::empty({0}, f32);
   } else if (!need_k) {

@@ -246,4 +246,29 @@ inline void choose_splits(LseParams& p, int64_t outer_blocks, int64_t inner_tile
   if (p.splits < 1) p.splits = 1;
 }
 
+// Which launches a call makes: decided here for lse_ops.cpp and for the emulation's harness
+// (csrc/emu), so that the CPU tests run the launch decisions the GPU runs.
+//
+// The forward visits only the tiles on and above S's diagonal when S and its masks are
+// symmetric: k is q, no bias, and at most the pairs (i, i) excluded (LseParams::upper).
+inline bool forward_upper(bool symmetric, bool has_bias, bool has_exclude, int64_t exclude_offset) {
+  return symmetric && !has_bias && (!has_exclude || exclude_offset == 0);
+}
+
+// The backward: the row kernel (dq = G @ k) when dq is wanted or k is q; for k == q without
+// bias, its mirror gives dq = (G + G^T) @ q from the same tiles and nothing else runs; else the
+// column kernel (dk = G^T @ q and dbias) when dk or dbias is wanted or k is q, whose dk is then
+// added into dq. A frozen side costs nothing (MoCo's queue, a locked tower).
+struct BackwardLaunches {
+  bool rows, mirror, cols, add_cols_to_rows;
+};
+inline BackwardLaunches backward_launches(bool symmetric, bool has_bias, bool need_q, bool need_k, bool need_bias) {
+  BackwardLaunches l;
+  l.rows = need_q || symmetric;
+  l.mirror = symmetric && !has_bias;
+  l.cols = !l.mirror && (symmetric || need_k || need_bias);
+  l.add_cols_to_rows = symmetric && l.cols;
+  return l;
+}
+
 }  // namespace fastnce

@@ -120,7 +120,7 @@ def emu(tmp_path_factory):
     P, I64, I = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     lib.emu_forward.argtypes = [I, P, P, P, P, P, P, I, I, I64, I64, I64, I64, I, P, P, I, I, I64, I64]
     lib.emu_backward.argtypes = [I, P, P, P, P, P, P, I, I, I64, I64, I64, I64, I,
-                                 P, P, P, P, P, P, P, I, I, I64, I64]
+                                 P, P, P, P, P, P, P, I, I, I, I, I64, I64]
     lib.emu_backward.restype = I
     lib.emu_backward_plan.argtypes = [I, I64, I64, P]
     lib.emu_forward_resident.argtypes = [I, I64, I64]
@@ -186,6 +186,13 @@ EMU_CASES = [
     # H100): clip's width with labels and bias (row and column kernels), the mirror at D = 300
     # (3 of 8 warps without a chunk), a split grid at D = 200 (two warps a chunk), plain loads
     (1, 130, 100, 512, dict(mask=1, bias=True, smem=H100_OPTIN)),
+    # a frozen side (MoCo's queue, a locked tower): the other kernel alone; dbias without dk
+    (3, 70, 90, 40, dict(mask=1, need="q")),
+    (1, 70, 90, 72, dict(need="k", min_tiles=1)),
+    (0, 70, 90, 24, dict(bias=True, need="q")),
+    (2, 70, 90, 200, dict(bias=True, need="", excl=2, smem=70000)),
+    (1, 130, 100, 512, dict(bias=True, need="q", smem=H100_OPTIN)),
+    (3, 70, 70, 24, dict(sym=True, excl=0, need="")),  # k is q: dq all the same
     (0, 150, 150, 300, dict(sym=True, excl=0, smem=H100_OPTIN)),
     (1, 70, 200, 200, dict(mask=2, min_tiles=1, grads="col", smem=H100_OPTIN)),
     (0, 90, 70, 130, dict(excl=2, bias=True, vec=0, smem=H100_OPTIN)),
@@ -208,7 +215,7 @@ def _at_odd_address(t):
 
 def _emu_case(lib, kind, M, N, D, sym=False, bias=False, mask=0, excl=None, with_col=True, grads="both",
               min_tiles=1000, smem=10**6, vec=None, labels=(0, 3), seed=0, nan_key=None, scale_mul=1.0,
-              unaligned=False):
+              unaligned=False, need="qk"):
     g = torch.Generator().manual_seed(seed)
     f64 = dict(generator=g, dtype=torch.float64)
     q64 = torch.randn(M, D, **f64)
@@ -253,14 +260,21 @@ def _emu_case(lib, kind, M, N, D, sym=False, bias=False, mask=0, excl=None, with
             excl or 0, M, N, D, vec)
     lib.emu_forward(*args, _ptr(row), _ptr(col), int(sym), 4, min_tiles, smem)
     _hardware_rules_kept(lib, "forward")
-    dq, dk = torch.empty(M, D), torch.empty(N, D)
+    untouched = 12345.0  # what a buffer that no launch writes keeps
+    dq, dk = torch.full((M, D), untouched), torch.full((N, D), untouched)
     db = torch.empty(N) if bias else None
     gr32 = None if gr is None else gr.float()  # named: a temporary would be freed before the call
     gc32 = None if gc is None else gc.float()
     lib.emu_backward(*args, _ptr(row), _ptr(col), _ptr(gr32), _ptr(gc32), _ptr(dq), _ptr(dk), _ptr(db),
-                     int(sym), 4, min_tiles, smem)
+                     int(sym), int("q" in need), int("k" in need), 4, min_tiles, smem)
     _hardware_rules_kept(lib, "backward")
-    fast = (row, col, dq, None if sym else dk, db)
+    # a frozen side costs nothing: no launch writes its gradient (k is q: dq always)
+    want_q, want_k = "q" in need or sym, "k" in need and not sym
+    if not want_q:
+        assert (dq == untouched).all(), "the row kernel ran for a frozen q"
+    if not (want_k or bias or sym):
+        assert (dk == untouched).all(), "the column kernel ran for a frozen k"
+    fast = (row, col, dq if want_q else None, dk if want_k else None, db)
     return fast, ref_dt, ref64, _g_rounding_sums(q64, k64, scale, b64, ql, kl, mask, excl, ref64, gr, gc, sym)
 
 

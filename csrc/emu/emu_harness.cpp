@@ -114,7 +114,7 @@ void emu_forward(int kind, const void* q, const void* k, const float* scale, con
   p.resident = forward_resident(kind <= 1 ? 2 : 4, D, size_t(smem_per_sm));
   emu::g_smem_per_block = smem_limit(size_t(smem_per_sm) - 1024);  // a multiprocessor's, less a block's reserve
   const float ninf = -std::numeric_limits<float>::infinity();
-  p.upper = symmetric && bias == nullptr && (!has_excl || off == 0);
+  p.upper = forward_upper(symmetric, bias != nullptr, has_excl, off);
   std::vector<float> part(p.upper ? N : 0, ninf);  // the rows' parts from the tiles above them
   choose_splits(p, (M + kBM - 1) / kBM, (N + kBN - 1) / kBN, num_sms, min_tiles);
   for (int64_t i = 0; i < M; ++i) row[i] = p.splits > 1 ? ninf : std::nanf("");
@@ -132,14 +132,15 @@ void emu_forward(int kind, const void* q, const void* k, const float* scale, con
   }
 }
 
-// dq (M, D), dk (N, D) scratch, dbias (N,) or null. symmetric: with bias dq += dk at the end,
-// without it the row kernel's mirror (dk untouched).
+// dq (M, D), dk (N, D) scratch, dbias (N,) or null (need_bias). The launches are lse_ops.cpp's
+// (backward_launches): a buffer no launch writes is left as it was. symmetric: with bias
+// dq += dk at the end, without it the row kernel's mirror (dk untouched).
 // Returns the number of backward passes used (D / panel, rounded up).
 int emu_backward(int kind, const void* q, const void* k, const float* scale, const float* bias, const int64_t* ql,
                  const int64_t* kl, int mask_mode, int has_excl, int64_t off, int64_t M, int64_t N, int64_t D,
                  int vec, const float* row_lse, const float* col_lse, const float* grad_row, const float* grad_col,
-                 float* dq, float* dk, float* dbias, int symmetric, int num_sms, int64_t min_tiles,
-                 int64_t smem_optin) {
+                 float* dq, float* dk, float* dbias, int symmetric, int need_q, int need_k, int num_sms,
+                 int64_t min_tiles, int64_t smem_optin) {
   LseParams p = base(q, k, scale, bias, ql, kl, mask_mode, has_excl, off, M, N, D, vec);
   p.row_lse_in = row_lse;
   p.col_lse_in = grad_col ? col_lse : nullptr;
@@ -148,13 +149,17 @@ int emu_backward(int kind, const void* q, const void* k, const float* scale, con
   plan_backward(p, kind <= 1 ? 2 : 4, size_t(smem_optin));
   emu::g_smem_per_block = smem_limit(size_t(smem_optin));
 
-  LseParams pq = p;
-  pq.mirror = symmetric && bias == nullptr;
-  choose_splits(pq, (M + kBM - 1) / kBM, (N + kBN - 1) / kBN, num_sms, min_tiles);
-  for (int64_t e = 0; e < M * D; ++e) dq[e] = pq.splits > 1 ? 0.0f : std::nanf("");
-  pq.out = dq;
-  bwd_dispatch(kind, pq, false);
-  if (pq.mirror) return int((D + p.panel - 1) / p.panel);
+  const int passes = int((D + p.panel - 1) / p.panel);
+  const BackwardLaunches launch = backward_launches(symmetric, bias != nullptr, need_q, need_k, dbias != nullptr);
+  if (launch.rows) {
+    LseParams pq = p;
+    pq.mirror = launch.mirror;
+    choose_splits(pq, (M + kBM - 1) / kBM, (N + kBN - 1) / kBN, num_sms, min_tiles);
+    for (int64_t e = 0; e < M * D; ++e) dq[e] = pq.splits > 1 ? 0.0f : std::nanf("");
+    pq.out = dq;
+    bwd_dispatch(kind, pq, false);
+  }
+  if (!launch.cols) return passes;
 
   LseParams pk = p;
   choose_splits(pk, (N + kBN - 1) / kBN, (M + kBM - 1) / kBM, num_sms, min_tiles);
@@ -165,9 +170,9 @@ int emu_backward(int kind, const void* q, const void* k, const float* scale, con
   pk.dbias = dbias;
   bwd_dispatch(kind, pk, true);
 
-  if (symmetric)
+  if (launch.add_cols_to_rows)
     for (int64_t e = 0; e < M * D; ++e) dq[e] += dk[e];
-  return int((D + p.panel - 1) / p.panel);
+  return passes;
 }
 
 // Where the asynchronous copies land from now on: at the issuing thread's wait (0, the latest)

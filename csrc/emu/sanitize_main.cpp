@@ -77,7 +77,8 @@ bool run(const Case& c, std::mt19937& rng) {
   const char* broken = emu_take_violation();
   emu_backward(c.kind, q.data(), kp, &scale, bp, qlp, klp, c.mask, has_excl, has_excl ? c.excl : 0, c.M, N, c.D, vec,
                row.data(), col.data(), grad_row.data(), grad_col.data(), dq.data(), dk.data(),
-               c.bias ? db.data() : nullptr, c.sym, 4, c.min_tiles, c.smem == kH100Sm ? kH100Optin : c.smem);
+               c.bias ? db.data() : nullptr, c.sym, /*need_q=*/1, /*need_k=*/1, 4, c.min_tiles,
+               c.smem == kH100Sm ? kH100Optin : c.smem);
   if (broken == nullptr) broken = emu_take_violation();
   std::printf("kind %d  %lld x %lld x %lld  sym %d bias %d mask %d excl %d min_tiles %lld smem %lld: %s\n", c.kind,
               (long long)c.M, (long long)N, (long long)c.D, c.sym, c.bias, c.mask, c.excl, (long long)c.min_tiles,
