@@ -311,7 +311,7 @@ def test_swav_matches_reference():
 
 
 def _load_lightly():
-    """lightly's DINO, SwAV and DCL loss source files as {name: module}, loaded without
+    """lightly's DINO, SwAV, DCL and NT-Xent loss source files as {name: module}, loaded without
     lightly/__init__ (which needs torchvision); None when lightly is not installed."""
     spec = importlib.util.find_spec("lightly")
     if spec is None or spec.origin is None:
@@ -333,7 +333,12 @@ def _load_lightly():
 
         sys.modules["lightly.models.modules"].center = load("lightly.models.modules.center", "models/modules/center.py")
         sys.modules["lightly.utils"].dist = load("lightly.utils.dist", "utils/dist.py")
-        return {name: load(f"lightly.loss.{name}_loss", f"loss/{name}_loss.py") for name in ("dino", "swav", "dcl")}
+        utils = types.ModuleType("lightly.models.utils")  # the memory bank's import; used distributed only
+        utils.concat_all_gather = None
+        sys.modules["lightly.models.utils"] = sys.modules["lightly.models"].utils = utils
+        sys.modules["lightly.models.modules"].memory_bank = load("lightly.models.modules.memory_bank",
+                                                                 "models/modules/memory_bank.py")
+        return {name: load(f"lightly.loss.{name}_loss", f"loss/{name}_loss.py") for name in ("dino", "swav", "dcl", "ntx_ent")}
     finally:
         for k in [k for k in sys.modules if k == "lightly" or k.startswith("lightly.")]:
             del sys.modules[k]
@@ -386,6 +391,30 @@ def test_dino_and_swav_stay_float32_under_autocast(name):
         under = loss()
     assert under.dtype == torch.float32
     torch.testing.assert_close(under, plain, rtol=1e-6, atol=0)
+
+
+def test_moco_matches_lightlys_memory_bank():
+    """MoCoLoss against lightly's NTXentLoss(memory_bank_size=(K, D)) (a query's positive is its
+    key, its negatives the bank, then the keys are enqueued) over several steps: loss, query
+    gradient, queue and pointer. A batch that divides the queue: lightly restarts at slot 0
+    where a batch would run past the end, MoCoLoss wraps around (its docstring)."""
+    mods = _load_lightly()
+    if mods is None:
+        pytest.skip("lightly is not installed")
+    g = _gen(14)
+    D, n, K = 24, 3, 12
+    theirs = mods["ntx_ent"].NTXentLoss(0.2, memory_bank_size=(K, D))
+    ours = L.MoCoLoss(D, K, 0.2)
+    with torch.no_grad():
+        ours.queue.copy_(theirs.memory_bank.bank)
+    for _ in range(6):  # twice round the queue
+        q, k = torch.randn(n, D, generator=g), torch.randn(n, D, generator=g)
+        a, b = q.clone().requires_grad_(), q.clone().requires_grad_()
+        got, want = ours(a, k), theirs(b, k)
+        torch.testing.assert_close(got, want.reshape(got.shape), **F32)
+        torch.testing.assert_close(torch.autograd.grad(got, a)[0], torch.autograd.grad(want, b)[0], **F32)
+        torch.testing.assert_close(ours.queue, theirs.memory_bank.bank)
+        assert int(ours.queue_ptr) == int(theirs.memory_bank.bank_ptr)
 
 
 def test_dino_and_swav_take_mixed_dtypes_as_lightly():
