@@ -387,6 +387,11 @@ def _error_cases(rank, world, rec):
     # Agreement checked across ranks: values, reductions, the function called, gather_keys' layout.
     raises("temperature differs", lambda: fd.nt_xent(x3, x3, 0.1 + 0.1 * rank), "temperature differs across ranks")
     raises("logit_bias differs", lambda: fd.siglip_loss(x3, x3, 5.0, -1.0 - rank), "logit_bias differs")
+    rec.count += 1
+    try:  # the same value: 0.0 and -0.0 (the check compares bits)
+        fd.siglip_loss(x3, x3, 5.0, -0.0 if rank else 0.0)
+    except ValueError as e:
+        rec.failures.append(f"logit_bias 0.0 and -0.0 rejected: {e}")
     raises("reduction differs", lambda: fd.clip_loss(x3, x3, 5.0, reduction="sum" if rank else "mean"),
            "reduction differs")
     raises("different functions",

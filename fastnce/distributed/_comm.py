@@ -105,7 +105,7 @@ def _scalar_bits(x, device: torch.device) -> Tensor:
         v = x.detach().reshape(1).to(device=device, dtype=torch.float64)
     else:
         v = torch.tensor([float(x)], dtype=torch.float64, device=device)
-    return v.view(torch.int64)
+    return (v + 0.0).view(torch.int64)  # + 0.0: -0.0 becomes 0.0, the same value for the loss
 
 
 def _gather_table(local: Tensor, group) -> list:
