@@ -75,3 +75,41 @@ def test_autocast_gives_a_close_finite_loss(name, dtype):
         got = twin(*args)
     assert torch.isfinite(got)
     torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)
+
+
+def test_dino_warm_up_epochs_in_one_graph():
+    """DINOLoss(..., epoch=e), lightly's call during the teacher temperature's warm-up: one graph
+    with fullgraph (the schedule's value was once read with float(): a data-dependent guard), and
+    a few graphs, not one an epoch, over the epochs."""
+    from torch._dynamo.utils import counters
+
+    g = torch.Generator().manual_seed(1)
+    t = [torch.randn(4, 8, generator=g) for _ in range(2)]
+    s = [torch.randn(4, 8, generator=g) for _ in range(3)]
+    module = L.DINOLoss(output_dim=8, warmup_teacher_temp_epochs=10)
+    twin = copy.deepcopy(module)
+    torch.compiler.reset()
+    counters.clear()
+    compiled = torch.compile(twin, fullgraph=True, backend="aot_eager")
+    for epoch in range(12):
+        torch.testing.assert_close(compiled(t, s, epoch=epoch), module(t, s, epoch=epoch))
+    assert counters["stats"]["unique_graphs"] <= 3, dict(counters["stats"])
+
+
+@pytest.mark.parametrize("name", ["SwAVLoss", "DINOLoss", "NTXentLoss", "ClipLoss"])
+def test_one_graph_for_every_batch_size(name):
+    """dynamic=True over nine batch sizes (past dynamo's limit of 8 graphs): SwAV's Sinkhorn once
+    took math.log of the batch size, a graph per size and then an error."""
+    from torch._dynamo.utils import counters
+
+    module = cases()[name][0]
+    g = torch.Generator().manual_seed(2)
+    twin = copy.deepcopy(module)
+    torch.compiler.reset()
+    counters.clear()
+    compiled = torch.compile(twin, fullgraph=True, dynamic=True, backend="aot_eager")
+    for n in (3, 4, 5, 7, 9, 12, 17, 31, 64):
+        x = [torch.randn(n, D, generator=g) for _ in range(2)]
+        args = (x, x[::-1]) if name == "DINOLoss" else (x,) if name == "SwAVLoss" else tuple(x)
+        torch.testing.assert_close(compiled(*args), module(*args))
+    assert counters["stats"]["unique_graphs"] <= 2, dict(counters["stats"])

@@ -7,7 +7,6 @@ O(V²·B·D) time, O(V·B·D) memory, nothing quadratic in the batch.
 from __future__ import annotations
 
 import functools
-import math
 from numbers import Integral
 from typing import Optional, Sequence
 
@@ -127,15 +126,17 @@ class DINOLoss(nn.Module):
         self.teacher_temp_schedule = torch.linspace(warmup_teacher_temp, teacher_temp, warmup_teacher_temp_epochs)
         self.register_buffer("center", torch.zeros(1, 1, output_dim))
 
-    def _teacher_temperature(self, teacher_temp, epoch) -> float:
+    def _teacher_temperature(self, teacher_temp, epoch):
+        # numbers or 0-dim tensors, never read with float(): under torch.compile that would be a
+        # data-dependent guard (no single graph)
         if teacher_temp is not None:
             check_temperature(teacher_temp, "teacher_temp")
-            return float(teacher_temp)
+            return teacher_temp
         if epoch is not None:
             _check_count(epoch, "epoch", 0)
         if epoch is not None and epoch < self.warmup_teacher_temp_epochs:
-            return float(self.teacher_temp_schedule[epoch])
-        return float(self.teacher_temp)
+            return self.teacher_temp_schedule[epoch]
+        return self.teacher_temp
 
     def forward(self, teacher_out: Sequence[Tensor], student_out: Sequence[Tensor],
                 teacher_temp: Optional[float] = None, epoch: Optional[int] = None) -> Tensor:
@@ -177,12 +178,16 @@ def sinkhorn(scores: Tensor, iterations: int = 3, epsilon: float = 0.05) -> Tens
     check_temperature(epsilon, "epsilon")
     acc = lse_dtype(scores.dtype)
     log_q = (scores.to(acc) / epsilon).T  # (K, B)
-    K, B = log_q.shape
     log_q = log_q - torch.logsumexp(log_q.reshape(-1), 0)
+    # The authors' rounds divide the prototypes' rows by K·(row sum) and the samples' columns by
+    # B·(column sum), and scale by B at the end. Each normalisation absorbs a constant factor
+    # before it, so without the 1/K and 1/B (shape-free, no math.log of a shape: under
+    # torch.compile one graph for every batch size) the columns end summing to 1, as theirs.
     for _ in range(iterations):
-        log_q = log_q - torch.logsumexp(log_q, dim=1, keepdim=True) - math.log(K)
-        log_q = log_q - torch.logsumexp(log_q, dim=0, keepdim=True) - math.log(B)
-    return torch.exp(log_q + math.log(B)).T
+        log_q = log_q - torch.logsumexp(log_q, dim=1, keepdim=True)
+        log_q = log_q - torch.logsumexp(log_q, dim=0, keepdim=True)
+    q = torch.exp(log_q)
+    return (q if iterations else q * scores.shape[0]).T
 
 
 def swav_loss(high_resolution_outputs: Sequence[Tensor], low_resolution_outputs: Sequence[Tensor] = (),
