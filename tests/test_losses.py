@@ -375,22 +375,33 @@ def test_dino_keeps_float32_where_same_view_pairs_are_large():
     torch.testing.assert_close(got.double(), want, rtol=5e-6, atol=0)
 
 
-@pytest.mark.parametrize("name", ["dino", "swav"])
-def test_dino_and_swav_stay_float32_under_autocast(name):
-    """Autocast (bfloat16 on the CPU) would run their products in bfloat16: ~1e-3 off float64,
-    where outside autocast the same inputs give float32's 1e-7."""
+def test_dino_stays_float32_under_autocast():
+    """Autocast (bfloat16 on the CPU) would run its pairs' product in bfloat16: ~1e-3 off
+    float64 and a bfloat16 loss, where outside autocast the same inputs give float32's 1e-7."""
     g = _gen(13)
-    if name == "dino":
-        xs = [torch.randn(8, 64, generator=g).bfloat16() for _ in range(4)]
-        loss = lambda: L.dino_loss(xs[:2], xs, torch.zeros(64), 0.04, 0.1)
-    else:
-        xs = [torch.randn(8, 64, generator=g).bfloat16() for _ in range(3)]
-        loss = lambda: L.swav_loss(xs[:2], xs[2:])
+    xs = [torch.randn(8, 64, generator=g).bfloat16() for _ in range(4)]
+    loss = lambda: L.dino_loss(xs[:2], xs, torch.zeros(64), 0.04, 0.1)
     plain = loss()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         under = loss()
     assert under.dtype == torch.float32
     torch.testing.assert_close(under, plain, rtol=1e-6, atol=0)
+
+
+def test_dino_epoch_and_teacher_temp_as_tensors():
+    """lightly takes an integer tensor epoch (it indexes its schedule); a learnable-looking
+    teacher_temp gets no gradient (the teacher's softmax is a target), (1,) works as ()."""
+    g = _gen(15)
+    t = [torch.randn(4, 8, generator=g) for _ in range(2)]
+    s = [torch.randn(4, 8, generator=g) for _ in range(3)]
+    loss = L.DINOLoss(output_dim=8, warmup_teacher_temp=0.02, warmup_teacher_temp_epochs=5)
+    twin = L.DINOLoss(output_dim=8, warmup_teacher_temp=0.02, warmup_teacher_temp_epochs=5)
+    torch.testing.assert_close(loss(t, s, epoch=torch.tensor(3)), twin(t, s, epoch=3))
+    temp = torch.tensor([0.05], requires_grad=True)
+    got = L.dino_loss(t, [x.requires_grad_() for x in s], torch.zeros(8), temp)
+    torch.testing.assert_close(got, L.dino_loss(t, s, torch.zeros(8), 0.05))
+    got.backward()
+    assert temp.grad is None
 
 
 def test_moco_matches_lightlys_memory_bank():
@@ -604,7 +615,7 @@ def test_bad_arguments_name_themselves():
         (ValueError, "margin must be a finite number", lambda: L.TripletMarginLoss(margin=float("inf"))),
         (TypeError, "neg_margin must be a finite number", lambda: L.LiftedStructureLoss(neg_margin="a")),
         (ValueError, "iterations must be an int >= 0", lambda: L.sinkhorn(x, iterations=-2)),
-        (ValueError, "sinkhorn_iterations must be an int >= 0", lambda: L.SwAVLoss(sinkhorn_iterations=1.5)),
+        (TypeError, "sinkhorn_iterations must be an int >= 0", lambda: L.SwAVLoss(sinkhorn_iterations=1.5)),
         # from a fuzzer against lightly: these failed inside torch (or silently broadcast, SwAV's
         # crops of other batch sizes or prototype counts giving a finite meaningless loss)
         (ValueError, r"high_resolution_outputs\[1\] must have the shape of high_resolution_outputs\[0\]",
@@ -623,7 +634,11 @@ def test_bad_arguments_name_themselves():
         (ValueError, "warmup_teacher_temp_epochs must be an int >= 0",
          lambda: L.DINOLoss(output_dim=8, warmup_teacher_temp_epochs=-1)),
         (ValueError, "epoch must be an int >= 0", lambda: L.DINOLoss(output_dim=8)([x] * 2, [x] * 2, epoch=-1)),
-        (ValueError, "epoch must be an int >= 0", lambda: L.DINOLoss(output_dim=8)([x] * 2, [x] * 2, epoch=2.5)),
+        (TypeError, "epoch must be an int >= 0", lambda: L.DINOLoss(output_dim=8)([x] * 2, [x] * 2, epoch=2.5)),
+        (TypeError, "epoch must be an int >= 0",
+         lambda: L.DINOLoss(output_dim=8)([x] * 2, [x] * 2, epoch=torch.tensor(2.0))),
+        (ValueError, "epoch must be an int >= 0",
+         lambda: L.DINOLoss(output_dim=8)([x] * 2, [x] * 2, teacher_temp=0.05, epoch=-1)),
         (TypeError, "center must be a torch.Tensor", lambda: L.dino_loss([x] * 2, [x] * 2, [0.0] * 8)),
         (TypeError, r"weights\[0\] must be a torch.Tensor",
          lambda: L.cpc_loss(torch.randn(2, 3, 3), torch.randn(2, 3, 4), [[[0.0] * 3] * 4])),
@@ -636,7 +651,7 @@ def test_bad_arguments_name_themselves():
          lambda: L.dino_loss([x] * 2, [x] * 2, x[0], student_temp=float("nan"))),
         (ValueError, "temperature must be a positive", lambda: L.swav_loss([x, x], temperature=0.0)),
         (ValueError, "temperature must be a positive", lambda: L.swav_loss([x, x], temperature=float("inf"))),
-        (ValueError, "output_dim must be a positive int", lambda: L.DINOLoss(output_dim=0)),
+        (ValueError, "output_dim must be an int >= 1", lambda: L.DINOLoss(output_dim=0)),
         (ValueError, "dim must be a positive int", lambda: L.MoCoLoss(dim=4.0)),
         (TypeError, "query must be a torch.Tensor", lambda: L.MoCoLoss(dim=8)([[1.0] * 8], x)),
         (ValueError, "queue_size must be a positive int", lambda: L.MoCoLoss(dim=4, queue_size=0)),

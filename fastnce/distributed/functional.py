@@ -14,8 +14,9 @@ Conventions (every loss, both schemes):
   concatenated batch. reduction='sum' returns Σ_{own rows} loss_i · W (the mean over ranks is
   the single-process sum); 'none' this rank's per-row losses (the single-process per-row
   losses of its rows; nt_xent: its z1 anchors, then its z2 anchors).
-* The backward is collective: every rank must call it (as with DDP). Each rank's input
-  gradient is W × the single-process gradient of its rows (it holds every rank's
+* The backward is collective: every rank must call it (as with DDP), and runs once: the
+  gradients that cross ranks are not differentiated again (create_graph=True raises). Each
+  rank's input gradient is W × the single-process gradient of its rows (it holds every rank's
   contribution to them), so DDP's averaging gives the parameters exactly the
   single-process gradient: neither lightly #1528 (gather backward not summed over ranks)
   nor lightly #1977 (a raw all_reduce in the forward: gradient off by 1/W).

@@ -39,7 +39,6 @@ global batch of N rows, never O(N·D) and never O(N²).
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
 from typing import Optional
 
 import torch
@@ -52,42 +51,24 @@ from ._comm import RankInfo, RingTransfer, no_double_backward
 _TAG_KEYS, _TAG_COL, _TAG_DK = 100, 200, 300
 
 
-@contextmanager
-def _drained_on_error(posted: list):
-    """posted: the walk's RingTransfers. Where a block's computation raises, each is waited for
-    before the error goes on: the other ranks posted the matching ones, and a transfer left
-    pending broke the group's next collective, so that ranks which all raised the same error
-    (a bad backend, a caught out-of-memory) could not go on."""
-    try:
-        yield
-    except BaseException:
-        for x in posted:
-            x.wait()
-        raise
-
-
 def _walk_forward(k: Tensor, info: RankInfo, block, combine, with_col: bool):
     """combine-folded block(cur, t) over every rank's key block: block gives this rank's rows'
     part against the keys cur (block info.block(t); t == 0 is our own) and, with_col, the keys'
     part over this rank's rows, which travels one hop behind the keys to their owner."""
     D = k.shape[1]
     row, col_x, cur = None, None, k
-    posted = []
     for t in range(info.size):
         nxt = None
         if t < info.size - 1:  # post the next block before computing this one
             src = info.block(t + 1)
             nxt = RingTransfer(info, [cur], [((info.keys[src], D), k.dtype, k.device)], _TAG_KEYS)
-            posted.append(nxt)
-        with _drained_on_error(posted):
-            r_b, c_b = block(cur, t)
+        r_b, c_b = block(cur, t)
         row = r_b if row is None else combine(row, r_b)
         if with_col:
             if col_x is not None:  # the accumulator of block info.block(t), from the previous rank
                 c_b = combine(col_x.wait()[0], c_b)
             nxt_rows = info.keys[info.block(t + 1)]
             col_x = RingTransfer(info, [c_b], [((nxt_rows,), c_b.dtype, c_b.device)], _TAG_COL)
-            posted.append(col_x)
         if nxt is not None:
             cur = nxt.wait()[0]
     # After W hops the column accumulator that arrives is this rank's own block's, complete.
@@ -105,7 +86,6 @@ def _walk_backward(k: Tensor, info: RankInfo, carried, block, need_k: bool):
     dev = k.device
     cur_k, cur_c = k, carried
     dq, dk_x = None, None
-    posted = []
     for t in range(info.size):
         nxt = None
         if t < info.size - 1:
@@ -115,9 +95,7 @@ def _walk_backward(k: Tensor, info: RankInfo, carried, block, need_k: bool):
                 send.append(cur_c)
                 like.append(((carried.shape[0], n_src), carried.dtype, dev))
             nxt = RingTransfer(info, send, like, _TAG_KEYS)
-            posted.append(nxt)
-        with _drained_on_error(posted):
-            dq_b, dk_b = block(cur_k, cur_c, t)
+        dq_b, dk_b = block(cur_k, cur_c, t)
         if dq_b is not None:
             dq = dq_b if dq is None else dq.add_(dq_b)
         if need_k:
@@ -125,7 +103,6 @@ def _walk_backward(k: Tensor, info: RankInfo, carried, block, need_k: bool):
                 dk_b = dk_b.add_(dk_x.wait()[0])
             n_next = info.keys[info.block(t + 1)]
             dk_x = RingTransfer(info, [dk_b], [((n_next, D), dk_b.dtype, dev)], _TAG_DK)
-            posted.append(dk_x)
         if nxt is not None:
             got = nxt.wait()
             cur_k = got[0]

@@ -1,7 +1,8 @@
 """Helpers shared by the losses: label grouping, row-block loops with recomputation, EMA."""
 from __future__ import annotations
 
-from typing import Callable
+from numbers import Integral
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor, nn
@@ -19,6 +20,33 @@ def embeddings_and_labels(embeddings, labels):
     check_features("embeddings", embeddings)
     labels = check_labels("labels", labels, embeddings.shape[0], "embeddings", embeddings.device)
     return embeddings, labels
+
+
+def check_views(name: str, views, like: Optional[Tensor] = None, like_name: str = "") -> list:
+    """views (a list / tuple of (N, D) tensors, or one (V, N, D) or (N, D) tensor) as a list of
+    V ≥ 1 floating-point (N, D) tensors of one shape: views[0]'s, or like's (named like_name)."""
+    if isinstance(views, Tensor):
+        views = list(views) if views.dim() == 3 else [views]
+    if not isinstance(views, (list, tuple)):
+        raise TypeError(f"{name} must be a list or tuple of (N, D) tensors or a (V, N, D) tensor, "
+                        f"got {type(views).__name__}")
+    if len(views) == 0:
+        raise ValueError(f"{name} must hold at least one view")
+    if like is None:
+        like, like_name = check_features(f"{name}[0]", views[0]), f"{name}[0]"
+    for i, v in enumerate(views):
+        check_features(f"{name}[{i}]", v)
+        if v.shape != like.shape:
+            raise ValueError(f"{name}[{i}] must have the shape of {like_name} {tuple(like.shape)}, got {tuple(v.shape)}")
+    return list(views)
+
+
+def check_count(n, name: str, least: int) -> None:
+    """An int (a Python or numpy integer, not a bool) of at least `least`."""
+    if isinstance(n, bool) or not isinstance(n, Integral):
+        raise TypeError(f"{name} must be an int >= {least}, got {n!r}")
+    if n < least:
+        raise ValueError(f"{name} must be an int >= {least}, got {n!r}")
 
 
 def zero_loss(embeddings: Tensor) -> Tensor:

@@ -25,7 +25,7 @@ from ..functional import (
 from .. import distributed as fd
 from ..distributed._comm import raising_on_every_rank
 from ..ops import lse_dtype, similarity_lse
-from ._common import momentum_update
+from ._common import check_views, momentum_update
 
 __all__ = [
     "nt_xent_multiview", "NTXentLoss", "dcl_loss", "vmf_weights", "DCLLoss", "DCLWLoss", "MoCoLoss",
@@ -47,13 +47,7 @@ def _stack_views(views) -> Tensor:
         if views.shape[1] == 0 or views.shape[2] == 0:
             raise ValueError(f"views must have at least one sample and one feature, got shape {tuple(views.shape)}")
         return views
-    if not isinstance(views, (list, tuple)) or len(views) == 0:
-        raise TypeError(f"views must be a (V, N, D) tensor or a list/tuple of (N, D) tensors, got {type(views).__name__}")
-    for i, v in enumerate(views):
-        check_features(f"views[{i}]", v)
-        if v.shape != views[0].shape:
-            raise ValueError(f"views[{i}] must have the shape of views[0] {tuple(views[0].shape)}, got {tuple(v.shape)}")
-    views = cast_under_autocast(*views)
+    views = cast_under_autocast(*check_views("views", views))
     check_same({f"views[{i}]": v for i, v in enumerate(views)})
     return torch.stack(list(views))
 

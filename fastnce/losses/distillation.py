@@ -7,7 +7,6 @@ O(V²·B·D) time, O(V·B·D) memory, nothing quadratic in the batch.
 from __future__ import annotations
 
 import functools
-from numbers import Integral
 from typing import Optional, Sequence
 
 import torch
@@ -17,34 +16,13 @@ from torch import Tensor, nn
 from .._checks import check_dim_match, check_features, check_same, check_temperature
 from ..functional import l2_normalize
 from ..ops import lse_dtype
-from ._common import momentum_update
+from ._common import check_count, check_views, momentum_update
 
 __all__ = ["dino_loss", "DINOLoss", "update_teacher", "sinkhorn", "swav_loss", "SwAVLoss", "SwAVPrototypes"]
 
 
-def _check_views(name: str, outs: Sequence[Tensor], like: Optional[Tensor] = None, like_name: str = "") -> list:
-    """outs as a list of 2-D tensors of one shape (that of `like`, named like_name, if given)."""
-    if isinstance(outs, Tensor):
-        outs = list(outs) if outs.dim() == 3 else [outs]
-    outs = list(outs)
-    if len(outs) == 0:
-        raise ValueError(f"{name} must hold at least one view")
-    if like is None:
-        like, like_name = check_features(f"{name}[0]", outs[0]), f"{name}[0]"
-    for i, o in enumerate(outs):
-        check_features(f"{name}[{i}]", o)
-        if o.shape != like.shape:
-            raise ValueError(f"{name}[{i}] must have the shape of {like_name} {tuple(like.shape)}, got {tuple(o.shape)}")
-    return outs
-
-
 def _stack(name: str, outs: Sequence[Tensor]) -> Tensor:
-    return torch.stack(_check_views(name, outs))
-
-
-def _check_count(n, name: str, least: int) -> None:
-    if isinstance(n, bool) or not isinstance(n, Integral) or n < least:
-        raise ValueError(f"{name} must be an int >= {least}, got {n!r}")
+    return torch.stack(check_views(name, outs))
 
 
 # ------------------------------------------------------------------------------ DINO
@@ -79,6 +57,8 @@ def dino_loss(teacher_out: Sequence[Tensor], student_out: Sequence[Tensor], cent
     # A float16 teacher beside a float32 student (lightly's formula promotes): both in the wider
     # dtype, at least float32, and autocast off (its bfloat16 products would round the loss).
     acc = lse_dtype(torch.promote_types(t.dtype, s.dtype))
+    if isinstance(teacher_temp, Tensor):  # a target's temperature: no gradient; (1,) as ()
+        teacher_temp = teacher_temp.detach().reshape(())
     with torch.autocast(t.device.type, enabled=False):
         p_t = F.softmax((t.detach().to(acc) - center.reshape(1, 1, -1).to(acc)) / teacher_temp, dim=-1)
         log_s = F.log_softmax(s.to(acc) / student_temp, dim=-1)
@@ -109,14 +89,13 @@ class DINOLoss(nn.Module):
                  warmup_teacher_temp_epochs: int = 30, student_temp: float = 0.1, center_momentum: float = 0.9,
                  center_mode: str = "mean"):
         super().__init__()
-        if isinstance(output_dim, bool) or not isinstance(output_dim, int) or output_dim < 1:
-            raise ValueError(f"output_dim must be a positive int, got {output_dim!r}")
+        check_count(output_dim, "output_dim", 1)
         if center_mode != "mean":
             raise ValueError(f"center_mode must be 'mean' (the only mode lightly has), got {center_mode!r}")
         for name, v in (("warmup_teacher_temp", warmup_teacher_temp), ("teacher_temp", teacher_temp),
                         ("student_temp", student_temp)):
             check_temperature(v, name)
-        _check_count(warmup_teacher_temp_epochs, "warmup_teacher_temp_epochs", 0)
+        check_count(warmup_teacher_temp_epochs, "warmup_teacher_temp_epochs", 0)
         if not 0.0 <= center_momentum <= 1.0:
             raise ValueError(f"center_momentum must be in [0, 1], got {center_momentum}")
         self.output_dim = output_dim
@@ -129,11 +108,15 @@ class DINOLoss(nn.Module):
     def _teacher_temperature(self, teacher_temp, epoch):
         # numbers or 0-dim tensors, never read with float(): under torch.compile that would be a
         # data-dependent guard (no single graph)
+        if isinstance(epoch, Tensor):  # lightly indexes its schedule with it: an integer scalar
+            if epoch.numel() != 1 or epoch.dtype.is_floating_point or epoch.dtype.is_complex or epoch.dtype == torch.bool:
+                raise TypeError(f"epoch must be an int >= 0 or an integer tensor of one element, got {epoch!r}")
+            epoch = int(epoch)
+        if epoch is not None:
+            check_count(epoch, "epoch", 0)
         if teacher_temp is not None:
             check_temperature(teacher_temp, "teacher_temp")
             return teacher_temp
-        if epoch is not None:
-            _check_count(epoch, "epoch", 0)
         if epoch is not None and epoch < self.warmup_teacher_temp_epochs:
             return self.teacher_temp_schedule[epoch]
         return self.teacher_temp
@@ -174,7 +157,7 @@ def sinkhorn(scores: Tensor, iterations: int = 3, epsilon: float = 0.05) -> Tens
     all-zero row when scores/ε spans more than float range.
     """
     check_features("scores", scores)
-    _check_count(iterations, "iterations", 0)
+    check_count(iterations, "iterations", 0)
     check_temperature(epsilon, "epsilon")
     acc = lse_dtype(scores.dtype)
     log_q = (scores.to(acc) / epsilon).T  # (K, B)
@@ -205,8 +188,8 @@ def swav_loss(high_resolution_outputs: Sequence[Tensor], low_resolution_outputs:
     (number of crops − 1), mean over i. Returns a scalar (lightly returns shape (1,)).
     """
     check_temperature(temperature)
-    high = _check_views("high_resolution_outputs", high_resolution_outputs)
-    low = [] if len(low_resolution_outputs) == 0 else _check_views(
+    high = check_views("high_resolution_outputs", high_resolution_outputs)
+    low = [] if len(low_resolution_outputs) == 0 else check_views(
         "low_resolution_outputs", low_resolution_outputs, high[0], "high_resolution_outputs[0]")
     names = [f"high_resolution_outputs[{i}]" for i in range(len(high))]
     names += [f"low_resolution_outputs[{i}]" for i in range(len(low))]
@@ -224,12 +207,6 @@ def swav_loss(high_resolution_outputs: Sequence[Tensor], low_resolution_outputs:
         names += [f"queue_outputs[{i}]" for i in range(len(queued))]
     check_same(dict(zip(names, high + low + queued)), what=("device",))
     acc = lse_dtype(functools.reduce(torch.promote_types, [x.dtype for x in high + low + queued]))
-    with torch.autocast(high[0].device.type, enabled=False):  # autocast would round the loss: see dino_loss
-        return _swapped_prediction(high, low, queued, acc, temperature, sinkhorn_iterations, sinkhorn_epsilon)
-
-
-def _swapped_prediction(high, low, queued, acc, temperature, sinkhorn_iterations, sinkhorn_epsilon) -> Tensor:
-    n_crops = len(high) + len(low)
     log_p = [F.log_softmax(x.to(acc) / temperature, dim=1) for x in high + low]
     loss = 0.0
     for i, h in enumerate(high):
@@ -252,7 +229,7 @@ class SwAVLoss(nn.Module):
         super().__init__()
         check_temperature(temperature)
         check_temperature(sinkhorn_epsilon, "sinkhorn_epsilon")
-        _check_count(sinkhorn_iterations, "sinkhorn_iterations", 0)
+        check_count(sinkhorn_iterations, "sinkhorn_iterations", 0)
         self.temperature, self.sinkhorn_iterations, self.sinkhorn_epsilon = temperature, sinkhorn_iterations, sinkhorn_epsilon
 
     def forward(self, high_resolution_outputs, low_resolution_outputs=(), queue_outputs=None) -> Tensor:
@@ -261,16 +238,18 @@ class SwAVLoss(nn.Module):
 
 
 class SwAVPrototypes(nn.Module):
-    """SwAV's prototype layer: scores = normalize(features) @ normalize(prototypes)ᵀ, (B, K)."""
+    """SwAV's prototype layer: scores = normalize(features) @ normalize(prototypes)ᵀ, (…, K) for
+    features (…, dim)."""
 
     def __init__(self, dim: int, n_prototypes: int = 3000):
         super().__init__()
-        _check_count(dim, "dim", 1)
-        _check_count(n_prototypes, "n_prototypes", 1)
+        check_count(dim, "dim", 1)
+        check_count(n_prototypes, "n_prototypes", 1)
         self.prototypes = nn.Parameter(l2_normalize(torch.randn(n_prototypes, dim)))
 
     def forward(self, features: Tensor) -> Tensor:
-        check_features("features", features)
+        if not isinstance(features, Tensor):
+            raise TypeError(f"features must be a torch.Tensor, got {type(features).__name__}")
         check_dim_match("prototypes", self.prototypes, "features", features)
         return l2_normalize(features) @ l2_normalize(self.prototypes).to(features.dtype).T
 

@@ -67,8 +67,9 @@ def _scalar_arg(name: str, x, q: Tensor) -> Tensor:
         if not isinstance(x, Real) or isinstance(x, bool):
             raise TypeError(f"{name} must be a number or a one-element tensor, got {type(x).__name__}")
         # ones * x, not torch.tensor(x): under torch.compile a float that changes between calls
-        # then stays symbolic (torch.tensor / torch.full guard on its value: a graph per value)
-        x = torch.ones((), dtype=lse_dtype(q.dtype), device=q.device) * x
+        # then stays symbolic (torch.tensor / torch.full guard on its value: a graph per value);
+        # other numbers (an int past int64, a Fraction) as Python floats first
+        x = torch.ones((), dtype=lse_dtype(q.dtype), device=q.device) * (x if isinstance(x, float) else float(x))
     if x.numel() != 1:
         raise ValueError(f"{name} must be a scalar, got a tensor of shape {tuple(x.shape)}")
     if x.device != q.device:
