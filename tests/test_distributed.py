@@ -422,6 +422,42 @@ def _error_cases(rank, world, rec):
     rec.check("MoCoLoss(distributed) pointer", int(moco.queue_ptr) == sum(3 + r for r in range(world)) % 64)
 
 
+def _ring_memory_case(rank, world, rec):
+    """The ring's point: a rank holds at most two other ranks' key blocks at a time (the one it
+    computes with and the next, arriving), forward and backward; holding each until the walk
+    ends would be O(N·D) a rank (a change once did that, unseen by the value checks)."""
+    import gc
+    import weakref
+
+    import fastnce.distributed.ring as ring
+
+    width = 40  # the key blocks' shape[1], told apart from the other transfers
+    received, live = [], {"forward": 0, "backward": 0}
+    real_transfer, real_fwd, real_bwd = ring.RingTransfer, ring.lse_forward, ring.lse_backward
+
+    class Tracked(real_transfer):
+        def __init__(self, info, send, recv_like, tag):
+            super().__init__(info, send, recv_like, tag)
+            if tag == ring._TAG_KEYS:
+                received.extend(weakref.ref(b) for b in self.bufs if b.dim() == 2 and b.shape[1] == width)
+
+    def counting(where, fn):
+        def run(*args, **kwargs):
+            gc.collect()
+            live[where] = max(live[where], sum(r() is not None for r in received))
+            return fn(*args, **kwargs)
+        return run
+
+    ring.RingTransfer = Tracked
+    ring.lse_forward, ring.lse_backward = counting("forward", real_fwd), counting("backward", real_bwd)
+    try:
+        x = torch.randn(5, width, requires_grad=True)
+        fd.clip_loss(x, torch.randn(5, width, requires_grad=True), 5.0, scheme="ring").backward()
+    finally:
+        ring.RingTransfer, ring.lse_forward, ring.lse_backward = real_transfer, real_fwd, real_bwd
+    rec.check(f"ring key blocks held at once, rank {rank}", received and max(live.values()) <= 2, f"{live}")
+
+
 def _worker(rank, world, port, outdir):
     os.environ["MASTER_ADDR"] = "127.0.0.1"
     os.environ["MASTER_PORT"] = str(port)
@@ -438,6 +474,7 @@ def _worker(rank, world, port, outdir):
         _error_cases(rank, world, rec)
         if world == 4:
             _subgroup_case(rank, world, rec)
+            _ring_memory_case(rank, world, rec)
     except Exception:
         rec.failures.append("exception:\n" + traceback.format_exc())
     with open(os.path.join(outdir, f"rank{rank}.txt"), "w") as f:
