@@ -340,7 +340,7 @@ def _error_cases(rank, world, rec):
         try:
             fn()
         except (TypeError, ValueError, fastnce.ops.BackendUnavailable) as e:
-            want = own_error if rank == 1 else "rank(s) [1] of the group rejected their arguments"
+            want = own_error if rank == 1 else "rank(s) [1] of the group raised an error before the collective part"
             if want not in str(e):
                 rec.failures.append(f"{what} rank {rank}: wrong message {e}")
             return

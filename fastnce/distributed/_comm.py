@@ -136,8 +136,9 @@ def exchange(what: str, group, device: torch.device, *, rows: int, keys: int, di
     col = dict(zip(_FIELDS, _gather_table(torch.cat([local] + bits), group)))
     failed = [s for s, f in enumerate(col["failed"]) if f]
     if failed:
-        raise ValueError(f"fastnce.distributed.{what}: rank(s) {failed} of the group rejected their arguments "
-                         f"(the error is raised there); every rank raises instead of waiting for them")
+        raise ValueError(f"fastnce.distributed.{what}: rank(s) {failed} of the group raised an error before the "
+                         f"collective part of this call (it is raised there: rejected arguments, or MoCoLoss's local "
+                         f"loss); every rank raises instead of waiting for them")
 
     def differs(field):
         return len(set(col[field])) != 1
