@@ -256,6 +256,56 @@ def test_lse_forward_backward_match_autograd(backend):
     torch.testing.assert_close(gb, db[0])
 
 
+@pytest.mark.parametrize("backend", ["reference", "torch", "triton"])
+def test_lse_backward_with_k_none_and_other_column_lses(backend):
+    """k = q with column LSEs that are not the rows' (they cover more keys elsewhere): the
+    kernels' mirrored k = q path assumes one LSE for both, and the torch backend once dropped
+    col_lse there, a gradient 2 off with no error (a fuzzer found it)."""
+    if backend not in ops.available_backends("cpu"):
+        pytest.skip(f"{backend} does not run on CPU tensors here (the interpreter is off)")
+    g = torch.Generator().manual_seed(5)
+    q = torch.randn(7, 3, generator=g, dtype=torch.float64)
+    row, col = torch.randn(7, generator=g, dtype=torch.float64) + 3, torch.randn(7, generator=g, dtype=torch.float64) + 3
+    gr, gc = torch.randn(7, generator=g, dtype=torch.float64), torch.randn(7, generator=g, dtype=torch.float64)
+    kw = dict(row_lse=row, grad_row=gr, col_lse=col, grad_col=gc, exclude_self=True)
+    want = ops.lse_backward(q, q, 2.0, need_k=True, backend="reference", **kw)
+    dtype = torch.float32 if backend == "triton" else torch.float64
+    f = lambda t: t.to(dtype)
+    got, dk, _ = ops.lse_backward(f(q), None, 2.0, row_lse=f(row), grad_row=f(gr), col_lse=f(col), grad_col=f(gc),
+                                  exclude_self=True, backend=backend)
+    assert dk is None
+    torch.testing.assert_close(got.double(), want[0] + want[1], **({} if backend != "triton" else dict(rtol=1e-5, atol=1e-5)))
+
+
+def test_lse_backward_checks_its_vectors():
+    """Each LSE and upstream gradient named when missing or of the wrong shape (a (1,) one was
+    broadcast to a wrong gradient; grad_col without col_lse read a 1-element buffer for every
+    column on the triton backend); offsets past int64 named too."""
+    q, k = torch.randn(4, 3), torch.randn(5, 3)
+    row, col, gr, gc = torch.zeros(4), torch.zeros(5), torch.ones(4), torch.ones(5)
+    cases = [
+        (ValueError, "needs grad_row or grad_col", dict(row_lse=row)),
+        (ValueError, "grad_col needs col_lse", dict(row_lse=row, grad_col=gc)),
+        (ValueError, r"row_lse must be a floating-point tensor of shape \(4,\)", dict(row_lse=row[:1], grad_row=gr)),
+        (ValueError, r"grad_row must be a floating-point tensor of shape \(4,\)", dict(row_lse=row, grad_row=gr[:1])),
+        (ValueError, r"col_lse must be a floating-point tensor of shape \(5,\)",
+         dict(row_lse=row, col_lse=col[:3], grad_col=gc)),
+        (ValueError, r"grad_col must be a floating-point tensor of shape \(5,\)",
+         dict(row_lse=row, col_lse=col, grad_col=gc.long())),
+        (TypeError, "row_lse must be a torch.Tensor", dict(row_lse=[0.0] * 4, grad_row=gr)),
+    ]
+    for backend in ops.available_backends("cpu"):  # triton under the interpreter
+        for error, match, kw in cases:
+            with pytest.raises(error, match=match):
+                ops.lse_backward(q, k, 2.0, backend=backend, **kw)
+        with pytest.raises(ValueError, match=r"grad_row must be a floating-point tensor of shape \(4,\)"):
+            ops.sigmoid_nll_backward(q, k, 2.0, grad_row=gr[:1], backend=backend)
+    with pytest.raises(ValueError, match="diag_offset must lie within int64"):
+        ops.similarity_lse(q, None, exclude_self=True, diag_offset=2 ** 70)
+    with pytest.raises(ValueError, match="positive_offset must lie within int64"):
+        ops.similarity_sigmoid_nll(q, k, positive_offset=-(2 ** 64))
+
+
 def test_backend_selection():
     assert ops.resolve_backend("auto", torch.device("cpu"), torch.float32) == "torch"
     assert "torch" in ops.available_backends("cpu")

@@ -77,6 +77,27 @@ def _scalar_arg(name: str, x, q: Tensor) -> Tensor:
     return x.reshape(())
 
 
+_INT64 = (-(2 ** 63), 2 ** 63 - 1)
+
+
+def _check_offset(name: str, offset, what: str = "an int") -> int:
+    """An int within int64 (the kernels' offsets), not a bool."""
+    if not isinstance(offset, Integral) or isinstance(offset, bool):
+        raise TypeError(f"{name} must be {what}, got {type(offset).__name__}")
+    if not _INT64[0] <= offset <= _INT64[1]:
+        raise ValueError(f"{name} must lie within int64, got {offset}")
+    return int(offset)
+
+
+def _check_vector(name: str, t, n: int, q: Tensor) -> None:
+    """A floating-point (n,) tensor on q's device (an LSE or its upstream gradient)."""
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of shape ({n},), got {type(t).__name__}")
+    if t.shape != (n,) or not t.dtype.is_floating_point:
+        raise ValueError(f"{name} must be a floating-point tensor of shape ({n},), got {t.dtype} {tuple(t.shape)}")
+    check_same({"q": q, name: t}, what=("device",))
+
+
 def _prepare(q, k, scale, bias, labels, k_labels, label_mask, exclude_self, diag_offset):
     """Check arguments; return contiguous tensors and the kernel's mask arguments."""
     _check_features(q, k)
@@ -106,11 +127,10 @@ def _prepare(q, k, scale, bias, labels, k_labels, label_mask, exclude_self, diag
             if k_labels is None:
                 raise ValueError(f"label_mask={label_mask!r} with a separate k needs k_labels, one per row of k")
             k_labels = check_labels("k_labels", k_labels, N, "k", q.device)
-    if not isinstance(diag_offset, Integral) or isinstance(diag_offset, bool):
-        raise TypeError(f"diag_offset must be an int, got {type(diag_offset).__name__}")
+    diag_offset = _check_offset("diag_offset", diag_offset)
     exclude_offset = None
     if exclude_self:
-        exclude_offset = int(diag_offset)
+        exclude_offset = diag_offset
     elif diag_offset != 0:
         raise ValueError("diag_offset only applies with exclude_self=True")
     return (q.contiguous(), None if k is None else k.contiguous(), scale, bias,
@@ -171,6 +191,9 @@ def lse_backward(q, k=None, scale=1.0, bias=None, *, row_lse, grad_row=None, col
                  need_bias=False, need_q=True, need_k=True, backend="auto"):
     """Unscaled gradients of one block given LSEs that may cover more keys than k holds.
 
+    row_lse, grad_row (M,); col_lse, grad_col (N,) (grad_col needs col_lse; at least one of
+    grad_row, grad_col).
+
     Returns G @ k (M, D) (None without need_q), Gᵀ @ q (N, D) (None without need_k, or when k
     is None: then the first holds (G + Gᵀ) @ q) and Σ_i G[i, :] (N,) or None, float32 (float64
     for float64 inputs), with
@@ -179,9 +202,28 @@ def lse_backward(q, k=None, scale=1.0, bias=None, *, row_lse, grad_row=None, col
     """
     if need_bias and bias is None:
         raise ValueError("need_bias=True needs a bias")
+    if k is None and grad_col is not None:
+        # The kernels' k = q path assumes col_lse = row_lse (its mirrored tiles share one LSE):
+        # with other column LSEs, k = q as a separate block, and q's two roles added.
+        dq, dk, dbias = lse_backward(q, q, scale, bias, row_lse=row_lse, grad_row=grad_row, col_lse=col_lse,
+                                     grad_col=grad_col, labels=labels, k_labels=labels, label_mask=label_mask,
+                                     exclude_self=exclude_self, diag_offset=diag_offset, need_bias=need_bias,
+                                     need_q=need_q, need_k=need_q, backend=backend)
+        return (dq + dk if need_q else None), None, dbias
     q, k, scale, bias, q_labels, k_labels, mask_mode, exclude_offset = _prepare(
         q, k, scale, bias, labels, k_labels, label_mask, exclude_self, diag_offset
     )
+    M, N = q.shape[0], q.shape[0] if k is None else k.shape[0]
+    if grad_row is None and grad_col is None:
+        raise ValueError("lse_backward needs grad_row or grad_col (the upstream gradients of the row / column LSEs)")
+    _check_vector("row_lse", row_lse, M, q)
+    if grad_row is not None:
+        _check_vector("grad_row", grad_row, M, q)
+    if grad_col is not None:
+        if col_lse is None:
+            raise ValueError("grad_col needs col_lse, the column LSEs it is the gradient of")
+        _check_vector("col_lse", col_lse, N, q)
+        _check_vector("grad_col", grad_col, N, q)
     name = resolve_backend(backend, q.device, q.dtype)
     need_k = need_k and k is not None
     if name == "reference":
@@ -214,9 +256,7 @@ def _prepare_sigmoid(q, k, scale, bias, positive_offset, backend):
     scale = _scalar_arg("scale", scale, q)
     bias = None if bias is None else _scalar_arg("bias", bias, q)
     if positive_offset is not None:
-        if not isinstance(positive_offset, Integral) or isinstance(positive_offset, bool):
-            raise TypeError(f"positive_offset must be an int or None, got {type(positive_offset).__name__}")
-        positive_offset = int(positive_offset)
+        positive_offset = _check_offset("positive_offset", positive_offset, "an int or None")
     name = resolve_backend(backend, q.device, q.dtype, "sigmoid")
     return q.contiguous(), k.contiguous(), scale, bias, positive_offset, name
 
@@ -262,6 +302,7 @@ def sigmoid_nll_backward(q, k, scale=1.0, bias=None, *, grad_row, positive_offse
     if need_bias and bias is None:
         raise ValueError("need_bias=True needs a bias")
     q, k, scale, bias, positive_offset, name = _prepare_sigmoid(q, k, scale, bias, positive_offset, backend)
+    _check_vector("grad_row", grad_row, q.shape[0], q)
     if name == "reference":
         grads = sigmoid_nll_backward_naive(q, k, scale, bias, positive_offset, grad_row)
         return _asked(grads, need_q, need_k, need_bias)
