@@ -2,6 +2,8 @@
 import csv
 import json
 
+import pytest
+
 from fastnce.bench import __main__ as cli
 from fastnce.bench import gradcheck, memory
 
@@ -60,3 +62,27 @@ def test_cli_dispatch(capsys):
     assert cli.main(["--help"]) == 0
     assert "memory" in capsys.readouterr().out
     assert cli.main(["no-such-command"]) == 2
+
+
+@pytest.mark.parametrize("argv,words", [
+    (["memory", "--device", "bogus"], "expected a torch device"),
+    (["memory", "--dim", "-4"], "expected a positive integer"),
+    (["memory", "--threads", "0"], "expected a positive integer"),
+    (["memory", "--time-budget", "nan"], "expected a positive finite number"),
+    (["memory", "--negatives", "-3"], "expected an integer >= 0"),
+    (["memory", "--sizes", "8,x"], "sizes must be positive integers"),
+    (["memory", "--backends", "bogus"], "backend must be one of"),
+    (["memory", "--backends", "cuda"], "backend='cuda' is unavailable"),
+    (["gradcheck", "--device", "bogus"], "expected a torch device"),
+    (["gradcheck", "--backends", "bogus"], "backend must be one of"),
+])
+def test_cli_bad_arguments_are_clean_errors(argv, words, capsys):
+    """A user's mistake gets its reason and a non-zero exit, not a traceback (a fuzzer found
+    tracebacks for a bad device or backend, and bad numbers measured every point as an error
+    and exited 0)."""
+    from fastnce.bench.__main__ import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv + ["--out", "/nonexistent-never-written"] if argv[0] == "memory" else argv)
+    assert exit_info.value.code != 0
+    assert words in str(exit_info.value.code) + capsys.readouterr().err

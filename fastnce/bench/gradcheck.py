@@ -26,6 +26,8 @@ import sys
 import time
 import traceback
 
+from . import checked_backends, device_arg
+
 DTYPES = ("float32", "float64", "float16", "bfloat16")
 # Absolute floor of the criterion, times max(1, max |exact|).
 FLOOR = {"float64": 1e-10, "float32": 1e-5, "float16": 1e-3, "bfloat16": 1e-2}
@@ -269,7 +271,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fastnce-bench gradcheck",
                                 description="Check every available backend against the reference: values, "
                                             "gradients and torch.autograd.gradcheck.")
-    p.add_argument("--device", default=None, help="cpu or cuda[:i] (default: cuda when there is one, else cpu)")
+    p.add_argument("--device", type=device_arg, default=None,
+                   help="cpu or cuda[:i] (default: cuda when there is one, else cpu)")
     p.add_argument("--backends", default=None,
                    help="comma-separated backends (default: every available one but 'reference')")
     p.add_argument("--dtypes", default="float32,float64",
@@ -284,20 +287,23 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_args(None if argv is None else list(argv))
     import torch
-    from fastnce.ops import available_backends, resolve_backend
+    from fastnce.ops import available_backends
     from fastnce.ops.function import unavailable_reason
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("fastnce-bench gradcheck: --device cuda asked for, but torch.cuda.is_available() is False")
     dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
+    if not dtypes:
+        print(f"fastnce-bench gradcheck: --dtypes names no dtype (choose from {', '.join(DTYPES)})", file=sys.stderr)
+        return 2
     for d in dtypes:
         if d not in DTYPES:
             print(f"fastnce-bench gradcheck: unknown dtype {d!r} (choose from {', '.join(DTYPES)})", file=sys.stderr)
             return 2
-    if args.backends:
-        backends = [b.strip() for b in args.backends.split(",") if b.strip()]
-        for b in backends:
-            resolve_backend(b, dev, torch.float32)  # raises with the reason when it cannot run
+    if args.backends:  # each must run here: else the reason, not a traceback
+        backends = checked_backends("fastnce-bench gradcheck", args.backends, device, torch.float32)
     else:
         backends = [b for b in available_backends(dev) if b != "reference"]
     chk = Checker(verbose=not args.quiet)

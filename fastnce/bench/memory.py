@@ -40,6 +40,8 @@ import tempfile
 import time
 from typing import Optional
 
+from . import checked_backends, device_arg, non_negative_int, positive_float, positive_int
+
 try:
     import resource
 except ImportError:  # pragma: no cover - not on Windows: no peak-RSS figure there
@@ -241,7 +243,9 @@ def measure_cpu_point(spec: dict) -> dict:
     base = base_now if base_now is not None else base_max
     times, cpu, out = _timed_calls(fn, inputs, spec["repeats"], spec["time_budget"])
     peak = _maxrss_kib()
-    rec = dict(status="ok", peak_mib=round((peak - base) / 1024, 1), time_s=round(statistics.median(times), 4),
+    # max(…, 0): the kernel's RSS counters are batched per thread, so at tiny sizes the current
+    # RSS read before can exceed the later high-water mark by ~100 KiB
+    rec = dict(status="ok", peak_mib=round(max(peak - base, 0) / 1024, 1), time_s=round(statistics.median(times), 4),
                time_runs=len(times), cpu_s=round(statistics.median(cpu), 3), times=[round(t, 4) for t in times],
                loss_value=float(out.detach()))
     if spec.get("save"):
@@ -380,7 +384,10 @@ def _loadavg():
 
 
 def _parse_sizes(text: str) -> list[int]:
-    sizes = [int(s) for s in re.split(r"[,\s]+", text.strip()) if s]
+    try:
+        sizes = [int(s) for s in re.split(r"[,\s]+", text.strip()) if s]
+    except ValueError:
+        sizes = []
     if not sizes or any(s <= 0 for s in sizes):
         raise argparse.ArgumentTypeError(f"sizes must be positive integers, got {text!r}")
     return sizes
@@ -395,27 +402,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sizes", type=_parse_sizes, default=list(DEFAULT_SIZES),
                    help="batch sizes N (per view for nt_xent: the matrix is 2N×2N), comma separated "
                         f"(default {','.join(map(str, DEFAULT_SIZES))})")
-    p.add_argument("--dim", type=int, default=128, help="feature dimension D (default 128)")
-    p.add_argument("--negatives", type=int, default=0,
+    p.add_argument("--dim", type=positive_int, default=128, help="feature dimension D (default 128)")
+    p.add_argument("--negatives", type=non_negative_int, default=0,
                    help="info_nce only: number of unpaired negative keys (default 0: in-batch negatives)")
-    p.add_argument("--device", default="cpu", help="cpu (default) or cuda[:i]")
+    p.add_argument("--device", type=device_arg, default="cpu", help="cpu (default) or cuda[:i]")
     p.add_argument("--dtype", choices=DTYPES, default="float32")
     p.add_argument("--backends", default=None,
                    help="comma-separated backends to measure (default: every available one but "
                         "'reference'; on the CPU 'triton' only when named here)")
     p.add_argument("--no-eager", action="store_true", help="do not run the eager formula")
-    p.add_argument("--skip-eager-above", type=int, default=None, metavar="N",
+    p.add_argument("--skip-eager-above", type=positive_int, default=None, metavar="N",
                    help="do not run the eager formula for sizes above N (default: "
                         f"{DEFAULT_SKIP_EAGER_ABOVE_CPU} on the CPU, no limit on CUDA)")
-    p.add_argument("--repeats", type=int, default=None,
+    p.add_argument("--repeats", type=positive_int, default=None,
                    help="timed calls per point (default 3 on the CPU, 10 on CUDA); fewer when they "
                         "exceed --time-budget")
-    p.add_argument("--time-budget", type=float, default=2.0,
+    p.add_argument("--time-budget", type=positive_float, default=2.0,
                    help="seconds of timed calls per point after which no more are made (default 2)")
-    p.add_argument("--threads", type=int, default=None,
+    p.add_argument("--threads", type=positive_int, default=None,
                    help="torch.set_num_threads in each CPU point (default: torch's default, one per core); "
                         "1 gives steadier times when other processes compete for the cores")
-    p.add_argument("--timeout", type=float, default=1800.0, help="seconds per CPU point (default 1800)")
+    p.add_argument("--timeout", type=positive_float, default=1800.0, help="seconds per CPU point (default 1800)")
     p.add_argument("--out", default=os.path.join("benchmarks", "results"),
                    help="folder for the CSV, JSON and PNG (default benchmarks/results)")
     p.add_argument("--name", default=None, help="file stem (default <device>-<date>-<loss>)")
@@ -514,11 +521,8 @@ def run_benchmark(args) -> tuple[list[dict], dict]:
     is_cuda = torch.device(device).type == "cuda"
     if is_cuda and not torch.cuda.is_available():
         raise SystemExit("fastnce-bench memory: --device cuda asked for, but torch.cuda.is_available() is False")
-    if args.backends:
-        impls = [b.strip() for b in args.backends.split(",") if b.strip()]
-        from fastnce.ops import resolve_backend
-        for b in impls:
-            resolve_backend(b, torch.device(device), _torch_dtype(args.dtype))  # says why one cannot run
+    if args.backends:  # each must run here: else the reason, not a traceback
+        impls = checked_backends("fastnce-bench memory", args.backends, device, _torch_dtype(args.dtype))
     else:
         impls = default_impls(device, args.dtype, args.loss)
     if not args.no_eager:
