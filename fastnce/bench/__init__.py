@@ -40,6 +40,14 @@ def device_arg(text: str) -> str:
     return text
 
 
+def require_device(prog: str, device: str) -> None:
+    """A clean exit where a CUDA device is asked for and torch sees none."""
+    import torch
+
+    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"{prog}: --device {device} asked for, but torch.cuda.is_available() is False")
+
+
 def checked_backends(prog: str, names: str, device: str, dtype) -> list:
     """The comma-separated backend names, each able to run on device in dtype; else a clean exit
     with the reason (fastnce.ops.resolve_backend's words)."""

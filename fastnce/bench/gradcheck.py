@@ -26,7 +26,7 @@ import sys
 import time
 import traceback
 
-from . import checked_backends, device_arg
+from . import checked_backends, device_arg, require_device
 
 DTYPES = ("float32", "float64", "float16", "bfloat16")
 # Absolute floor of the criterion, times max(1, max |exact|).
@@ -292,8 +292,7 @@ def main(argv=None) -> int:
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("fastnce-bench gradcheck: --device cuda asked for, but torch.cuda.is_available() is False")
+    require_device("fastnce-bench gradcheck", device)
     dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
     if not dtypes:
         print(f"fastnce-bench gradcheck: --dtypes names no dtype (choose from {', '.join(DTYPES)})", file=sys.stderr)

@@ -40,7 +40,7 @@ import tempfile
 import time
 from typing import Optional
 
-from . import checked_backends, device_arg, non_negative_int, positive_float, positive_int
+from . import checked_backends, device_arg, non_negative_int, positive_float, positive_int, require_device
 
 try:
     import resource
@@ -519,8 +519,7 @@ def run_benchmark(args) -> tuple[list[dict], dict]:
 
     device = args.device
     is_cuda = torch.device(device).type == "cuda"
-    if is_cuda and not torch.cuda.is_available():
-        raise SystemExit("fastnce-bench memory: --device cuda asked for, but torch.cuda.is_available() is False")
+    require_device("fastnce-bench memory", device)
     if args.backends:  # each must run here: else the reason, not a traceback
         impls = checked_backends("fastnce-bench memory", args.backends, device, _torch_dtype(args.dtype))
     else:
