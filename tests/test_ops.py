@@ -378,3 +378,36 @@ def test_kernels_run_with_their_tensors_device_current(monkeypatch):
     with real(torch.device("cpu")):
         pass
     assert made_current == [torch.device("cuda", 1)]
+
+
+_NEW_TF32_API = hasattr(torch.backends.cuda.matmul, "fp32_precision")
+
+
+@pytest.fixture
+def fp32_precision_restored():
+    saved = torch.backends.fp32_precision, torch.backends.cuda.matmul.fp32_precision
+    yield
+    torch.backends.fp32_precision, torch.backends.cuda.matmul.fp32_precision = saved
+
+
+@pytest.mark.skipif(not _NEW_TF32_API, reason="torch < 2.9 has only the legacy tf32 flags")
+@pytest.mark.parametrize("allow", [
+    None,
+    "torch.backends.cuda.matmul.fp32_precision = 'tf32'",
+    "torch.backends.fp32_precision = 'tf32'",
+    "torch.backends.cuda.matmul.allow_tf32 = True",
+    "torch.set_float32_matmul_precision('high')",
+    "torch.set_float32_matmul_precision('medium')",
+    "torch.backends.fp32_precision = 'tf32'; torch.backends.cuda.matmul.fp32_precision = 'ieee'",
+])
+def test_tf32_policy_follows_every_torch_api(allow, fp32_precision_restored, monkeypatch):
+    """The GPU kernels' float32 precision follows PyTorch's own matmul setting, whichever API set
+    it; after the new API (torch >= 2.9) a read of the legacy flags raises, so none is read."""
+    from fastnce.ops import cuda_lse, naive, triton_lse
+    if allow is not None:
+        exec(allow)
+    want = allow is not None and not allow.endswith("'ieee'")
+    assert naive.tf32_allowed() is want
+    assert cuda_lse._allow_tf32(torch.float32) is want and not cuda_lse._allow_tf32(torch.bfloat16)
+    monkeypatch.setattr(triton_lse, "_INTERPRET", False)  # the GPU branch; pure Python
+    assert triton_lse._dot_args(torch.float32)[1] == ("tf32" if want else triton_lse._FP32_PRECISION)

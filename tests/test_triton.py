@@ -280,7 +280,12 @@ def test_gpu_tensors_on_a_device_that_is_not_current(monkeypatch):
 
 @gpu
 def test_gpu_tf32_when_allowed(monkeypatch):
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
+    # the API of torch >= 2.9 (after which reading the legacy allow_tf32 raises); test_cuda's
+    # twin sets the legacy one
+    if hasattr(torch.backends.cuda.matmul, "fp32_precision"):
+        monkeypatch.setattr(torch.backends.cuda.matmul, "fp32_precision", "tf32")
+    else:
+        monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
     check(512, 512, 128, torch.float32, False, False, NONE, True, floor_scale=300.0)  # tf32: ~1e-3 rel
 
 

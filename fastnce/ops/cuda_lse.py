@@ -8,7 +8,7 @@ the first process pays the minute or two). The launcher contract is fastnce/ops/
 Kernel design (csrc/lse_kernels.cuh): 64 x 64 tiles of S, 4 warps each holding a 32 x 32
 sub-tile, D streamed through shared memory 64 columns at a time; fp16/bf16 products on tensor
 cores (WMMA), fp32 by plain FMA, or as tf32 on tensor cores when torch allows tf32 matmuls
-(torch.get_float32_matmul_precision() != 'highest'). Forward: online softmax over column tiles,
+(naive.tf32_allowed). Forward: online softmax over column tiles,
 column LSEs merged by an atomic log-add-exp; for k = q without bias (NT-Xent) only the tiles on
 and above the diagonal, the rows below getting their part through the column LSEs. Backward: a
 row kernel (dq) and a column kernel (dk, dbias) that recompute S per tile; for k = q without
@@ -27,6 +27,8 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+
+from .naive import tf32_allowed
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _JIT_NAME = "fastnce_cuda_jit"
@@ -137,7 +139,7 @@ def unavailable_reason(device: torch.device, dtype: torch.dtype) -> Optional[str
 
 
 def _allow_tf32(dtype: torch.dtype) -> bool:
-    return dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest"
+    return dtype == torch.float32 and tf32_allowed()
 
 
 def _f32(t):

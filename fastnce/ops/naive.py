@@ -19,6 +19,18 @@ def lse_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def tf32_allowed() -> bool:
+    """Whether float32 products may run in tf32, as PyTorch's own CUDA matmuls decide.
+
+    `torch.backends.cuda.matmul.fp32_precision` (torch >= 2.9) reflects both that API and the
+    legacy ones (`allow_tf32`, `set_float32_matmul_precision`), while reading a legacy one after
+    the new API was used raises."""
+    precision = getattr(torch.backends.cuda.matmul, "fp32_precision", None)
+    if precision is None:
+        return bool(torch.backends.cuda.matmul.allow_tf32)
+    return precision == "tf32"
+
+
 def valid_mask(
     M: int,
     N: int,

@@ -90,7 +90,8 @@ Dtypes: float16, bfloat16, float32 in, fp32 accumulation and LSEs out. The secon
 of the backward casts G to the input dtype (tensor cores, as FlashAttention does with P);
 for float16, G is first divided by max(|g|, |h|) so that small gradients (1/N at N=1M) do
 not underflow, and the accumulator multiplied back. float32 inputs use tf32 only when
-torch.backends.cuda.matmul.allow_tf32 is True, else "tf32x3" (near-fp32 error, on the tensor
+PyTorch's float32 matmuls may (`torch.backends.cuda.matmul.fp32_precision = 'tf32'`, or
+the legacy `allow_tf32`), else "tf32x3" (near-fp32 error, on the tensor
 cores; FASTNCE_TRITON_FP32_PRECISION=ieee for the exact but ~10x slower FMA path).
 Autotuning (GPU): configs keyed on (M, N) size classes (capped at 2**16), D and the mask
 flags; FASTNCE_TRITON_AUTOTUNE=0 uses one fixed config per variant instead.
@@ -107,6 +108,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from .naive import tf32_allowed
+
 try:
     import triton
     import triton.language as tl
@@ -121,7 +124,7 @@ SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # entry of S when a tile's LSEs lie within this of each other (_span), for 16-bit inputs or
 # tf32 (_spread); tests set it to -1 to check the one-exponential-per-term path against it.
 ONE_EXP_SPREAD = 40.0
-# tl.dot precision for float32 inputs when torch.backends.cuda.matmul.allow_tf32 is False.
+# tl.dot precision for float32 inputs when tf32 is not allowed.
 _FP32_PRECISION = os.environ.get("FASTNCE_TRITON_FP32_PRECISION", "tf32x3")
 
 
@@ -964,7 +967,7 @@ def _dot_args(dtype: torch.dtype) -> tuple[bool, str]:
     if _INTERPRET:
         return dtype == torch.bfloat16, "ieee"  # the interpreter's bf16 dot is wrong
     if dtype == torch.float32:
-        if torch.backends.cuda.matmul.allow_tf32:
+        if tf32_allowed():
             return False, "tf32"
         # Without tf32, "tf32x3" (three tf32 products, error near fp32's) rather than "ieee": an
         # ieee fp32 tl.dot runs on the FMA units, ~10x slower, and compiles for ~20 s a config.
