@@ -87,9 +87,11 @@ def block_distances(xb: Tensor, x: Tensor, sqb: Tensor, sq: Tensor) -> Tensor:
     """Euclidean distances (B, N) of the rows xb to the rows of x, given squared norms.
 
     ‖a‖² + ‖b‖² − 2a·b clamped at 0, square root with a zero gradient at 0 (as torch.cdist);
-    a NaN stays NaN (a NaN embedding must not pass for one at distance 0).
+    a NaN stays NaN (a NaN embedding must not pass for one at distance 0). In the inputs'
+    dtype, autocast off: a 16-bit product would cancel in ‖a‖² + ‖b‖² − 2a·b.
     """
-    d2 = torch.addmm(sqb[:, None] + sq[None, :], xb, x.T, alpha=-2).clamp_min_(0)
+    with torch.autocast(xb.device.type, enabled=False):
+        d2 = torch.addmm(sqb[:, None] + sq[None, :], xb, x.T, alpha=-2).clamp_min_(0)
     tiny = torch.finfo(d2.dtype).tiny
     return torch.where(d2 == 0, torch.zeros_like(d2), d2.clamp_min(tiny).sqrt())
 
