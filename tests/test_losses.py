@@ -1,6 +1,7 @@
 """fastnce.losses against their formula references (fastnce/losses/naive.py), lightly where it
 is installed, and gradcheck in float64 on small sizes."""
 import importlib.util
+import math
 import os
 import sys
 import types
@@ -197,10 +198,10 @@ def test_clip_loss_module(backend):
     g_scale, = torch.autograd.grad(m(img, txt), m.logit_scale)
     assert g_scale.abs() > 0
     with torch.no_grad():
-        m.logit_scale.fill_(10.0)  # exp(10) > 100: clamped, no gradient
+        m.logit_scale.fill_(10.0)  # exp(10) > 100: clamped in place, the gradient still flows
     torch.testing.assert_close(m.scale(), torch.tensor(100.0))
     g_scale, = torch.autograd.grad(m(img, txt), m.logit_scale)
-    assert g_scale == 0
+    assert m.logit_scale == math.log(100.0) and g_scale != 0
     fixed = L.ClipLoss(learnable=False)
     assert "logit_scale" in dict(fixed.named_buffers()) and not list(fixed.parameters())
 
@@ -665,3 +666,34 @@ def test_bad_arguments_name_themselves():
         with pytest.raises(error, match=match):
             call()
     assert torch.isfinite(L.ContrastiveLoss(pos_margin=0.1, neg_margin=0.9)(x, y))
+
+
+@pytest.mark.parametrize("module, cap", [("ClipLoss", 100.0), ("SigLipLoss", 12.0)])
+def test_learnable_scale_follows_open_clip_clamp(module, cap):
+    """The logit scale's trajectory under Adam equals OpenCLIP's training loop: exp(logit_scale)
+    in the graph, the parameter clamped at log(cap) after each step. Aligned pairs push it to
+    the cap; random ones must bring it back down (a clamp in the graph kept it there: its
+    gradient was 0 above the cap, for good)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.nn.functional.normalize(torch.randn(16, 8, generator=g, dtype=torch.float64), dim=1)
+    noise = torch.nn.functional.normalize(torch.randn(16, 8, generator=g, dtype=torch.float64), dim=1)
+    m = getattr(L, module)(init_temperature=0.05, max_logit_scale=cap).double()
+    ours = torch.optim.Adam(m.parameters(), lr=0.3)
+    theirs = [p.detach().clone().requires_grad_() for p in m.parameters()]  # logit_scale (, logit_bias)
+    opt = torch.optim.Adam(theirs, lr=0.3)
+    formula = R.clip_naive if module == "ClipLoss" else (
+        lambda a, b, s, bias: fastnce.siglip_loss(a, b, s, bias, backend="reference"))
+    trajectory = []
+    for step in range(40):
+        a, b = (x, x) if step < 20 else (x, noise)
+        ours.zero_grad()
+        m(a, b).backward()
+        ours.step()
+        opt.zero_grad()
+        formula(a, b, theirs[0].exp(), *theirs[1:]).backward()
+        opt.step()
+        with torch.no_grad():
+            theirs[0].clamp_(max=math.log(cap))
+        trajectory.append(m.scale().item())
+        torch.testing.assert_close(trajectory[-1], theirs[0].exp().item(), rtol=1e-6, atol=0)
+    assert max(trajectory[:20]) == pytest.approx(cap) and trajectory[-1] < cap / 2, trajectory

@@ -240,9 +240,9 @@ class MoCoLoss(nn.Module):
 
 class _ImageTextLoss(nn.Module):
     """What CLIP's and SigLIP's modules share: the learnable temperature as CLIP keeps it
-    (`logit_scale` = log(1 / init_temperature), a buffer if learnable=False; the multiplier
-    exp(logit_scale) clamped at max_logit_scale, the clamp stopping its gradient as CLIP's
-    in-place clamp does), optional L2 normalisation, reduction, backend, distributed scheme and group."""
+    (`logit_scale` = log(1 / init_temperature), a buffer if learnable=False, never above
+    log(max_logit_scale): see scale()), optional L2 normalisation, reduction, backend,
+    distributed scheme and group."""
 
     def __init__(self, init_temperature, learnable, max_logit_scale, normalize, reduction, backend, distributed,
                  group):
@@ -250,7 +250,7 @@ class _ImageTextLoss(nn.Module):
         check_temperature(init_temperature, "init_temperature")
         check_temperature(max_logit_scale, "max_logit_scale")
         check_reduction(reduction)
-        self._add_scalar("logit_scale", math.log(1.0 / init_temperature), learnable)
+        self._add_scalar("logit_scale", min(math.log(1.0 / init_temperature), math.log(max_logit_scale)), learnable)
         self.max_logit_scale, self.normalize = max_logit_scale, normalize
         _check_scheme(distributed)
         self.reduction, self.backend, self.distributed, self.group = reduction, backend, distributed, group
@@ -263,8 +263,19 @@ class _ImageTextLoss(nn.Module):
             self.register_buffer(name, value)
 
     def scale(self) -> Tensor:
-        """The multiplier exp(logit_scale), clamped at max_logit_scale."""
-        return self.logit_scale.clamp(max=math.log(self.max_logit_scale)).exp()
+        """The multiplier exp(logit_scale), at most max_logit_scale.
+
+        A learnable logit_scale is clamped in place first, as OpenCLIP's training loop clamps it
+        after every optimiser step: at the cap its gradient still flows, so the scale can come
+        back down (a clamp in the graph would zero its gradient above the cap, for good). exp's
+        backward keeps its output, not the parameter: two calls before one backward are fine.
+        """
+        cap = math.log(self.max_logit_scale)
+        if self.logit_scale.requires_grad:
+            with torch.no_grad():
+                self.logit_scale.clamp_(max=cap)
+            return self.logit_scale.exp()
+        return self.logit_scale.clamp(max=cap).exp()
 
     def _features(self, image_features: Tensor, text_features: Tensor) -> tuple[Tensor, Tensor]:
         if self.normalize:
@@ -277,8 +288,9 @@ class ClipLoss(_ImageTextLoss):
     "Learning Transferable Visual Models From Natural Language Supervision").
 
     Parameter `logit_scale` = log(1 / init_temperature) (a buffer if learnable=False); the
-    multiplier is exp(logit_scale) clamped at max_logit_scale (100, as CLIP; the clamp stops
-    its gradient, as CLIP's in-place clamp does).
+    multiplier is exp(logit_scale), at most max_logit_scale (100, as CLIP): each forward clamps
+    the parameter in place at log(max_logit_scale), where OpenCLIP's training loop clamps it
+    after each optimiser step, so its gradient flows at the cap (see scale()).
     forward(image_features, text_features): (N, D) each; L2-normalised inside when
     normalize=True (CLIP's model does it before the loss), then fastnce.clip_loss.
     Returns a scalar, or (N,) with reduction='none'.
