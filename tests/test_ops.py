@@ -290,7 +290,7 @@ def test_lse_backward_checks_its_vectors():
         (ValueError, r"grad_row must be a floating-point tensor of shape \(4,\)", dict(row_lse=row, grad_row=gr[:1])),
         (ValueError, r"col_lse must be a floating-point tensor of shape \(5,\)",
          dict(row_lse=row, col_lse=col[:3], grad_col=gc)),
-        (ValueError, r"grad_col must be a floating-point tensor of shape \(5,\)",
+        (TypeError, r"grad_col must be a floating-point tensor of shape \(5,\), got torch.int64",
          dict(row_lse=row, col_lse=col, grad_col=gc.long())),
         (TypeError, "row_lse must be a torch.Tensor", dict(row_lse=[0.0] * 4, grad_row=gr)),
     ]
@@ -385,9 +385,21 @@ _NEW_TF32_API = hasattr(torch.backends.cuda.matmul, "fp32_precision")
 
 @pytest.fixture
 def fp32_precision_restored():
-    saved = torch.backends.fp32_precision, torch.backends.cuda.matmul.fp32_precision
+    """Every backend's fp32_precision as it was: set_float32_matmul_precision('medium') also
+    sends the CPU's (mkldnn's) float32 matmuls through bfloat16, for the tests after it."""
+    import functools
+    backends = [functools.reduce(getattr, path.split("."), torch.backends)
+                for path in ("cuda.matmul", "mkldnn.matmul", "mkldnn.conv", "mkldnn.rnn", "cudnn.conv", "cudnn.rnn")
+                if hasattr(functools.reduce(getattr, path.split(".")[:-1], torch.backends), path.split(".")[-1])]
+    saved = [(b, b.fp32_precision) for b in [torch.backends] + backends if hasattr(b, "fp32_precision")]
+    legacy = torch.get_float32_matmul_precision()
     yield
-    torch.backends.fp32_precision, torch.backends.cuda.matmul.fp32_precision = saved
+    for b, _ in saved:
+        b.fp32_precision = "none"  # so that the legacy setter below may run
+    torch.set_float32_matmul_precision(legacy)
+    for b, value in saved:
+        b.fp32_precision = value
+    assert torch.get_float32_matmul_precision() == legacy
 
 
 @pytest.mark.skipif(not _NEW_TF32_API, reason="torch < 2.9 has only the legacy tf32 flags")

@@ -12,7 +12,7 @@
        clip-32k / clip-128k / clip-1m  fastnce.clip_loss, N = 32768 / 131072 / 1048576, D = 512
    (and, when asked for with --cases, siglip-32k: fastnce.siglip_loss, N = 32768, D = 512)
    and impls fastnce-triton, fastnce-cuda (if built; up to clip-128k), eager (the formulas of
-   shared/anchors/gpu_anchor_bench.py), compile (torch.compile of the eager formula), inf-cl
+   shared/anchors/gpu_anchor_bench.py), torch.compile (of the eager formula), inf-cl
    (installed with pip --no-deps from --infcl-wheel or ./carry/ when not importable). Cases
    an impl cannot run, or would not fit / would take too long, are skipped with a note; an
    OOM is caught and recorded. Achieved TFLOP/s of the fused impls counts four products of

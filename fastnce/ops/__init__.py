@@ -89,12 +89,14 @@ def _check_offset(name: str, offset, what: str = "an int") -> int:
     return int(offset)
 
 
-def _check_vector(name: str, t, n: int, q: Tensor) -> None:
-    """A floating-point (n,) tensor on q's device (an LSE or its upstream gradient)."""
+def _check_vector(name: str, t, n: int, q: Tensor, per: str = "") -> None:
+    """A floating-point (n,) tensor on q's device (a bias, an LSE or its upstream gradient)."""
     if not isinstance(t, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor of shape ({n},), got {type(t).__name__}")
-    if t.shape != (n,) or not t.dtype.is_floating_point:
-        raise ValueError(f"{name} must be a floating-point tensor of shape ({n},), got {t.dtype} {tuple(t.shape)}")
+        raise TypeError(f"{name} must be a torch.Tensor of shape ({n},){per}, got {type(t).__name__}")
+    if not t.dtype.is_floating_point:
+        raise TypeError(f"{name} must be a floating-point tensor of shape ({n},){per}, got {t.dtype}")
+    if t.shape != (n,):
+        raise ValueError(f"{name} must be a floating-point tensor of shape ({n},){per}, got {tuple(t.shape)}")
     check_same({"q": q, name: t}, what=("device",))
 
 
@@ -104,9 +106,7 @@ def _prepare(q, k, scale, bias, labels, k_labels, label_mask, exclude_self, diag
     N = q.shape[0] if k is None else k.shape[0]
     scale = _scalar_arg("scale", scale, q)
     if bias is not None:
-        if not isinstance(bias, Tensor) or bias.shape != (N,):
-            raise ValueError(f"bias must be a tensor of shape ({N},), one entry per column, got {getattr(bias, 'shape', bias)}")
-        check_same({"q": q, "bias": bias}, what=("device",))
+        _check_vector("bias", bias, N, q, ", one entry per column")
         bias = bias.contiguous()
     if label_mask not in _LABEL_MODES:
         raise ValueError(f"label_mask must be None, 'same' or 'different', got {label_mask!r}")
