@@ -653,9 +653,11 @@ def test_bad_arguments_name_themselves():
         (ValueError, "temperature must be a positive", lambda: L.swav_loss([x, x], temperature=0.0)),
         (ValueError, "temperature must be a positive", lambda: L.swav_loss([x, x], temperature=float("inf"))),
         (ValueError, "output_dim must be an int >= 1", lambda: L.DINOLoss(output_dim=0)),
-        (ValueError, "dim must be a positive int", lambda: L.MoCoLoss(dim=4.0)),
+        (TypeError, "dim must be an int >= 1, got 4.0", lambda: L.MoCoLoss(dim=4.0)),
+        (TypeError, "num_steps must be an int >= 1, got 1.5", lambda: L.CPCLoss(3, 4, 1.5)),
+        (ValueError, "num_steps must be an int >= 1, got 0", lambda: L.CPCLoss(3, 4, 0)),
         (TypeError, "query must be a torch.Tensor", lambda: L.MoCoLoss(dim=8)([[1.0] * 8], x)),
-        (ValueError, "queue_size must be a positive int", lambda: L.MoCoLoss(dim=4, queue_size=0)),
+        (ValueError, "queue_size must be an int >= 1, got 0", lambda: L.MoCoLoss(dim=4, queue_size=0)),
         (TypeError, "sigma must be a positive finite number", lambda: L.DCLWLoss(sigma=True)),
         (ValueError, "sigma must be a positive finite number", lambda: L.DCLWLoss(sigma=-1.0)),
         (ValueError, "center_mode must be 'mean'", lambda: L.DINOLoss(output_dim=8, center_mode="median")),
@@ -697,3 +699,12 @@ def test_learnable_scale_follows_open_clip_clamp(module, cap):
         trajectory.append(m.scale().item())
         torch.testing.assert_close(trajectory[-1], theirs[0].exp().item(), rtol=1e-6, atol=0)
     assert max(trajectory[:20]) == pytest.approx(cap) and trajectory[-1] < cap / 2, trajectory
+
+
+def test_sizes_may_be_numpy_integers():
+    """Sizes read from a config or an array (numpy integers) are sizes (MoCoLoss once said
+    'dim must be a positive int, got np.int64(8)')."""
+    np = pytest.importorskip("numpy")
+    m = L.MoCoLoss(dim=np.int64(8), queue_size=np.int32(16))
+    assert m.queue.shape == (16, 8) and type(m.dim) is int and type(m.queue_size) is int
+    assert L.CPCLoss(3, 4, np.int64(2)).predictors.__len__() == 2

@@ -25,7 +25,7 @@ from ..functional import (
 from .. import distributed as fd
 from ..distributed._comm import raising_on_every_rank
 from ..ops import lse_dtype, similarity_lse
-from ._common import check_views, momentum_update
+from ._common import check_count, check_views, momentum_update
 
 __all__ = [
     "nt_xent_multiview", "NTXentLoss", "dcl_loss", "vmf_weights", "DCLLoss", "DCLWLoss", "MoCoLoss",
@@ -189,9 +189,9 @@ class MoCoLoss(nn.Module):
     def __init__(self, dim: int, queue_size: int = 65536, temperature: float = 0.07,
                  reduction: str = "mean", backend: str = "auto", distributed: bool = False, group=None):
         super().__init__()
-        for name, v in (("dim", dim), ("queue_size", queue_size)):
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name} must be a positive int, got {v!r}")
+        check_count(dim, "dim", 1)
+        check_count(queue_size, "queue_size", 1)
+        dim, queue_size = int(dim), int(queue_size)  # a numpy integer too
         check_temperature(temperature)
         check_reduction(reduction)
         self.dim, self.queue_size = dim, queue_size
@@ -412,8 +412,7 @@ class CPCLoss(nn.Module):
 
     def __init__(self, context_dim: int, code_dim: int, num_steps: int, backend: str = "auto"):
         super().__init__()
-        if num_steps < 1:
-            raise ValueError(f"num_steps must be at least 1, got {num_steps}")
+        check_count(num_steps, "num_steps", 1)
         self.predictors = nn.ModuleList(nn.Linear(context_dim, code_dim, bias=False) for _ in range(num_steps))
         self.backend = backend
 
