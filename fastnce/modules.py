@@ -4,6 +4,7 @@ from __future__ import annotations
 from torch import nn
 
 from .functional import info_nce
+from .losses._common import describe
 
 
 class InfoNCE(nn.Module):
@@ -19,3 +20,6 @@ class InfoNCE(nn.Module):
     def forward(self, query, positive_key, negative_keys=None):
         return info_nce(query, positive_key, negative_keys, temperature=self.temperature,
                         reduction=self.reduction, negative_mode=self.negative_mode, backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return describe(self, "temperature", "reduction", "negative_mode", "backend")

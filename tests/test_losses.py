@@ -708,3 +708,29 @@ def test_sizes_may_be_numpy_integers():
     m = L.MoCoLoss(dim=np.int64(8), queue_size=np.int32(16))
     assert m.queue.shape == (16, 8) and type(m.dim) is int and type(m.queue_size) is int
     assert L.CPCLoss(3, 4, np.int64(2)).predictors.__len__() == 2
+
+
+def test_repr_shows_the_hyperparameters():
+    """print(model) shows each loss's settings (most modules once printed a bare `ClipLoss()`)."""
+    cases = [
+        (fastnce.InfoNCE(negative_mode="paired"), "negative_mode='paired'"),
+        (L.NTXentLoss(temperature=0.3), "temperature=0.3"),
+        (L.NTXentLoss(distributed="gather"), "distributed='gather'"),
+        (L.DCLWLoss(sigma=0.7), "sigma=0.7"),
+        (L.MoCoLoss(8, 16, reduction="sum"), "dim=8, queue_size=16, temperature=0.07, reduction='sum'"),
+        (L.ClipLoss(max_logit_scale=50.0), "max_logit_scale=50.0"),
+        (L.SigLipLoss(normalize=False), "normalize=False"),
+        (L.CPCLoss(3, 4, 1, backend="torch"), "backend='torch'"),
+        (L.DINOLoss(8, student_temp=0.2), "output_dim=8, teacher_temp=0.04, student_temp=0.2"),
+        (L.SwAVLoss(sinkhorn_iterations=5), "sinkhorn_iterations=5"),
+        (L.SupConLoss(temperature=torch.nn.Parameter(torch.tensor(0.2))), "temperature=0.2,"),
+        (L.SoftNearestNeighborLoss(temperature=2.0), "temperature=2.0"),
+        (L.ContrastiveLoss(neg_margin=0.5), "neg_margin=0.5"),
+        (L.TripletMarginLoss(mining="batch_hard"), "mining='batch_hard'"),
+        (L.LiftedStructureLoss(pos_margin=0.1), "pos_margin=0.1"),
+        (L.NPairsLoss(backend="torch"), "backend='torch'"),
+        (L.NCELoss(reduction="sum"), "reduction='sum'"),
+    ]
+    for module, shown in cases:
+        assert shown in repr(module), repr(module)
+    assert "distributed" not in repr(L.NTXentLoss()) and "group" not in repr(L.ClipLoss())

@@ -49,6 +49,20 @@ def check_count(n, name: str, least: int) -> None:
         raise ValueError(f"{name} must be an int >= {least}, got {n!r}")
 
 
+def describe(module: nn.Module, *names: str) -> str:
+    """A loss module's extra_repr: `name=value` for its hyperparameters, a one-element tensor (a
+    learnable temperature) as its number; `distributed` and `group` only where set."""
+    parts = []
+    for name in names:
+        value = getattr(module, name)
+        if name in ("distributed", "group") and (value is None or value is False):
+            continue
+        if isinstance(value, Tensor) and value.numel() == 1:
+            value = float(f"{value.item():.6g}")  # float32's digits
+        parts.append(f"{name}={value!r}")
+    return ", ".join(parts)
+
+
 def zero_loss(embeddings: Tensor) -> Tensor:
     """0 connected to the graph (pml's zero loss: sum(embeddings * 0))."""
     return (embeddings * 0).sum().to(lse_dtype(embeddings.dtype))

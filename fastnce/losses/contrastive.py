@@ -25,7 +25,7 @@ from ..functional import (
 from .. import distributed as fd
 from ..distributed._comm import raising_on_every_rank
 from ..ops import lse_dtype, similarity_lse
-from ._common import check_count, check_views, momentum_update
+from ._common import check_count, check_views, describe, momentum_update
 
 __all__ = [
     "nt_xent_multiview", "NTXentLoss", "dcl_loss", "vmf_weights", "DCLLoss", "DCLWLoss", "MoCoLoss",
@@ -116,7 +116,7 @@ class NTXentLoss(nn.Module):
         return nt_xent_multiview(z1, self.temperature, self.reduction, backend=self.backend)
 
     def extra_repr(self) -> str:
-        return f"temperature={self.temperature}, reduction={self.reduction!r}, backend={self.backend!r}"
+        return describe(self, "temperature", "reduction", "backend", "distributed", "group")
 
 
 # ------------------------------------------------------------------------------ DCL
@@ -148,7 +148,7 @@ class DCLLoss(nn.Module):
         return dcl_loss(z1, z2, self.temperature, self.reduction, weight_fn=self.weight_fn, backend=self.backend)
 
     def extra_repr(self) -> str:
-        return f"temperature={self.temperature}, reduction={self.reduction!r}, backend={self.backend!r}"
+        return describe(self, "temperature", "weight_fn", "reduction", "backend", "distributed", "group")
 
 
 class DCLWLoss(DCLLoss):
@@ -162,7 +162,7 @@ class DCLWLoss(DCLLoss):
         self.sigma = sigma
 
     def extra_repr(self) -> str:
-        return f"sigma={self.sigma}, " + super().extra_repr()
+        return describe(self, "sigma", "temperature", "reduction", "backend", "distributed", "group")
 
 
 # ------------------------------------------------------------------------------ MoCo
@@ -233,7 +233,7 @@ class MoCoLoss(nn.Module):
         return loss
 
     def extra_repr(self) -> str:
-        return f"dim={self.dim}, queue_size={self.queue_size}, temperature={self.temperature}, backend={self.backend!r}"
+        return describe(self, "dim", "queue_size", "temperature", "reduction", "backend", "distributed", "group")
 
 
 # ------------------------------------------------------------------------------ CLIP
@@ -281,6 +281,9 @@ class _ImageTextLoss(nn.Module):
         if self.normalize:
             return l2_normalize(image_features), l2_normalize(text_features)
         return image_features, text_features
+
+    def extra_repr(self) -> str:
+        return describe(self, "max_logit_scale", "normalize", "reduction", "backend", "distributed", "group")
 
 
 class ClipLoss(_ImageTextLoss):
@@ -418,6 +421,9 @@ class CPCLoss(nn.Module):
 
     def forward(self, context: Tensor, codes: Tensor) -> Tensor:
         return cpc_loss(context, codes, [p.weight for p in self.predictors], backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return describe(self, "backend")
 
 
 class GRUContext(nn.Module):

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from .._checks import check_dim_match, check_features, check_same, check_temperature
 from ..functional import l2_normalize
 from ..ops import lse_dtype
-from ._common import check_count, check_views, momentum_update
+from ._common import check_count, check_views, describe, momentum_update
 
 __all__ = ["dino_loss", "DINOLoss", "update_teacher", "sinkhorn", "swav_loss", "SwAVLoss", "SwAVPrototypes"]
 
@@ -138,6 +138,10 @@ class DINOLoss(nn.Module):
         batch_center = _stack("teacher_out", teacher_out).to(self.center.dtype).mean(dim=(0, 1), keepdim=True)
         self.center.mul_(self.center_momentum).add_(batch_center, alpha=1.0 - self.center_momentum)
 
+    def extra_repr(self) -> str:
+        return describe(self, "output_dim", "teacher_temp", "student_temp", "center_momentum",
+                        "warmup_teacher_temp_epochs")
+
 
 def update_teacher(teacher: nn.Module, student: nn.Module, m: float = 0.996) -> None:
     """DINO / BYOL EMA teacher: teacher ← m·teacher + (1 − m)·student (see momentum_update)."""
@@ -235,6 +239,9 @@ class SwAVLoss(nn.Module):
     def forward(self, high_resolution_outputs, low_resolution_outputs=(), queue_outputs=None) -> Tensor:
         return swav_loss(high_resolution_outputs, low_resolution_outputs, self.temperature,
                          self.sinkhorn_iterations, self.sinkhorn_epsilon, queue_outputs)
+
+    def extra_repr(self) -> str:
+        return describe(self, "temperature", "sinkhorn_iterations", "sinkhorn_epsilon")
 
 
 class SwAVPrototypes(nn.Module):

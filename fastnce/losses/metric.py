@@ -22,7 +22,7 @@ from .._checks import check_finite_scalar, check_reduction, check_temperature, r
 from ..functional import cross_entropy_rows, l2_normalize, paired_logits
 from ..ops import lse_dtype, similarity_lse
 from ._common import (
-    block_distances, blockwise, class_index, embeddings_and_labels, pair_masks, zero_loss,
+    block_distances, blockwise, class_index, describe, embeddings_and_labels, pair_masks, zero_loss,
 )
 
 __all__ = [
@@ -93,6 +93,9 @@ class SupConLoss(nn.Module):
 
 # ------------------------------------------------------------------------------ Soft nearest neighbours
 
+    def extra_repr(self) -> str:
+        return describe(self, "temperature", "reduction", "backend")
+
 def soft_nearest_neighbor_loss(embeddings: Tensor, labels: Tensor, temperature: Union[float, Tensor] = 1.0,
                                reduction: str = "mean", *, backend: str = "auto") -> Tensor:
     """Soft nearest neighbour loss (Frosst, Papernot & Hinton 2019, "Analyzing and Improving
@@ -144,6 +147,9 @@ class SoftNearestNeighborLoss(nn.Module):
 
 # ------------------------------------------------------------------------------ distance-based (tiled)
 
+    def extra_repr(self) -> str:
+        return describe(self, "temperature", "reduction", "backend")
+
 def _prepared(embeddings, labels, normalize_embeddings):
     embeddings, labels = embeddings_and_labels(embeddings, labels)
     x = embeddings.to(lse_dtype(embeddings.dtype))
@@ -189,6 +195,9 @@ class ContrastiveLoss(nn.Module):
 
     def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
         return contrastive_loss(embeddings, labels, self.pos_margin, self.neg_margin, self.normalize_embeddings)
+
+    def extra_repr(self) -> str:
+        return describe(self, "pos_margin", "neg_margin", "normalize_embeddings")
 
 
 def triplet_margin_loss(embeddings: Tensor, labels: Tensor, margin: float = 0.05, mining: str = "all",
@@ -257,6 +266,9 @@ class TripletMarginLoss(nn.Module):
     def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
         return triplet_margin_loss(embeddings, labels, self.margin, self.mining, self.normalize_embeddings)
 
+    def extra_repr(self) -> str:
+        return describe(self, "margin", "mining", "normalize_embeddings")
+
 
 def lifted_structure_loss(embeddings: Tensor, labels: Tensor, neg_margin: float = 1.0, pos_margin: float = 0.0,
                           normalize_embeddings: bool = True) -> Tensor:
@@ -311,6 +323,9 @@ class LiftedStructureLoss(nn.Module):
 
 # ------------------------------------------------------------------------------ N-pairs
 
+    def extra_repr(self) -> str:
+        return describe(self, "neg_margin", "pos_margin", "normalize_embeddings")
+
 def npairs_loss(embeddings: Tensor, labels: Tensor, normalize_embeddings: bool = True, *,
                 backend: str = "auto") -> Tensor:
     """N-pair loss (Sohn 2016, "Improved Deep Metric Learning with Multi-class N-pair Loss
@@ -345,3 +360,6 @@ class NPairsLoss(nn.Module):
 
     def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
         return npairs_loss(embeddings, labels, self.normalize_embeddings, backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return describe(self, "normalize_embeddings", "backend")

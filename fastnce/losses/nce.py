@@ -10,6 +10,7 @@ from torch import Tensor, nn
 
 from .._checks import check_reduction, check_same, reduce
 from ..ops import lse_dtype
+from ._common import describe
 
 __all__ = ["nce_loss", "NCELoss"]
 
@@ -75,3 +76,6 @@ class NCELoss(nn.Module):
 
     def forward(self, data_logits_model, data_log_noise, noise_logits_model, noise_log_noise) -> Tensor:
         return nce_loss(data_logits_model, data_log_noise, noise_logits_model, noise_log_noise, self.reduction)
+
+    def extra_repr(self) -> str:
+        return describe(self, "reduction")
