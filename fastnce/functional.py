@@ -22,6 +22,24 @@ __all__ = ["info_nce", "nt_xent", "clip_loss", "siglip_loss", "dcl_loss", "vmf_w
            "paired_logits"]
 
 
+ARGS_DOC = """
+    Common arguments:
+    temperature / logit_scale: a positive finite number, or a one-element tensor (learnable:
+        it gets its gradient); the losses divide by the temperature, multiply by logit_scale.
+    reduction: 'mean' | 'sum' | 'none' (the per-row losses).
+    backend: 'auto' (on CUDA tensors a fused GPU kernel, else the tiled 'torch' path), 'torch',
+        'triton', 'cuda' or 'reference' (the slow, obviously-correct one); a backend named but
+        unable to run raises fastnce.ops.BackendUnavailable saying why.
+"""
+
+
+def with_args_doc(fn: Callable, extra: str = "") -> Callable:
+    """fn with ARGS_DOC (and extra) appended to its docstring: one text for every loss's help()."""
+    if fn.__doc__ is not None:  # None under python -OO
+        fn.__doc__ = fn.__doc__.rstrip() + "\n" + ARGS_DOC + extra
+    return fn
+
+
 def l2_normalize(x: Tensor, eps: float = 1e-12) -> Tensor:
     """x / ‖x‖₂ along the last dim, the norm taken in float32 at least; rows with ‖x‖ ≤ eps → 0.
 
@@ -93,6 +111,7 @@ def check_info_nce_inputs(query, positive_key, negative_keys, temperature, reduc
     check_same({"query": query, "positive_key": positive_key, "negative_keys": negative_keys})
 
 
+@with_args_doc
 def info_nce(
     query: Tensor,
     positive_key: Tensor,
@@ -154,6 +173,7 @@ def check_clip_inputs(image_features, text_features, logit_scale, reduction) -> 
     check_reduction(reduction)
 
 
+@with_args_doc
 def nt_xent(
     z1: Tensor,
     z2: Tensor,
@@ -211,6 +231,7 @@ def two_view_samples(n: int, offset: int = 0, device=None) -> Tensor:
     return torch.arange(offset, offset + n, device=device).repeat(2)
 
 
+@with_args_doc
 def dcl_loss(
     z1: Tensor,
     z2: Tensor,
@@ -245,6 +266,7 @@ def dcl_loss(
     return reduce(row_lse - positive, reduction)
 
 
+@with_args_doc
 def clip_loss(
     image_features: Tensor,
     text_features: Tensor,
@@ -273,6 +295,7 @@ def check_siglip_inputs(image_features, text_features, logit_scale, logit_bias, 
         check_finite_scalar(logit_bias, "logit_bias")
 
 
+@with_args_doc
 def siglip_loss(
     image_features: Tensor,
     text_features: Tensor,

@@ -56,6 +56,16 @@ __all__ = ["nt_xent", "clip_loss", "info_nce", "dcl_loss", "siglip_loss"]
 SCHEMES = ("ring", "gather")
 
 
+_SCHEME_DOC = """    scheme: 'ring' (keys passed around the ranks, memory O((N/W)·D) a rank) or 'gather'
+        (all-gathered keys, OpenCLIP's local loss); see the module docstring.
+    group: the process group (None: the default one).
+"""
+
+
+def _with_args_doc(fn):
+    return F.with_args_doc(fn, _SCHEME_DOC)
+
+
 def _check_scheme(scheme: str) -> int:
     if scheme not in SCHEMES:
         raise ValueError(f"scheme must be one of {SCHEMES}, got {scheme!r}")
@@ -131,6 +141,7 @@ def _row_lse(scheme: str, q: Tensor, k: Tensor, scale, info: RankInfo, backend: 
 
 # ----------------------------------------------------------------------------- nt_xent
 
+@_with_args_doc
 def nt_xent(
     z1: Tensor,
     z2: Tensor,
@@ -174,6 +185,7 @@ def _nt_xent(z, temperature, scheme, code, group, backend, reduction="mean", dec
 
 # ----------------------------------------------------------------------------- dcl_loss
 
+@_with_args_doc
 def dcl_loss(
     z1: Tensor,
     z2: Tensor,
@@ -204,6 +216,7 @@ def dcl_loss(
 
 # ----------------------------------------------------------------------------- clip_loss
 
+@_with_args_doc
 def clip_loss(
     image_features: Tensor,
     text_features: Tensor,
@@ -250,6 +263,7 @@ def _clip_loss(a, b, logit_scale, scheme, code, group, backend, reduction="mean"
 
 # ----------------------------------------------------------------------------- siglip_loss
 
+@_with_args_doc
 def siglip_loss(
     image_features: Tensor,
     text_features: Tensor,
@@ -302,6 +316,7 @@ def _siglip_loss(a, b, logit_scale, logit_bias, scheme, code, group, backend, re
 _INFO_MODES = {None: 0, "unpaired": 1, "paired": 2}
 
 
+@_with_args_doc
 def info_nce(
     query: Tensor,
     positive_key: Tensor,
