@@ -22,6 +22,7 @@ PY=${PYTHON:-python3}  # the device image's python3 holds torch; it may have no 
 out=${OUT:-benchmarks/results}
 mkdir -p "$out"
 exec > >(tee -a "$out/gpu-session.log") 2>&1
+tee_pid=$!
 start=$(date +%s)
 left_until() { echo $(($1 - ($(date +%s) - start))); }
 # A fastnce._C built here for the device's Python and torch (benchmarks/build_device_ext.sh) is
@@ -46,7 +47,8 @@ echo "== 1. triton and the anchors"
 timeout -k 10 320 $PY -m fastnce.bench gpu --out "$out" \
   --impls fastnce-triton,eager,torch.compile,inf-cl
 echo "== 2. NCCL at world size 1"
-timeout -s INT -k 10 60 $PY -m pytest -q -rfE -p no:cacheprovider $per_test \
+# one fixed config per kernel (its float32 shapes would otherwise autotune ~70 candidates)
+FASTNCE_TRITON_AUTOTUNE=0 timeout -s INT -k 10 90 $PY -m pytest -q -rfE -p no:cacheprovider $per_test \
   tests/test_distributed.py::test_nccl_world_size_one
 left=$(left_until 460)
 if [ "$left" -gt 45 ]; then
@@ -69,3 +71,6 @@ if [ "$left" -gt 90 ]; then
     --cases siglip-32k --impls fastnce-triton,eager,torch.compile
 fi
 cp -f "$out"/gpu-* benchmarks/results/ 2>/dev/null || true
+echo "== done ($(($(date +%s) - start)) s)"
+exec >&- 2>&-  # tee sees the end of its input: let it write the last lines before the script ends
+wait "$tee_pid" 2>/dev/null || true

@@ -66,7 +66,8 @@ def test_gpu_bench_main_runs_end_to_end_on_the_cpu(cpu_bench, tmp_path, capsys):
     labels = {(c["backend"], c["dtype"], c["symmetric"], c["bias"]) for c in checks}
     for dt in ("bfloat16", "float16", "float32"):  # every plan of the triton backend
         assert {("triton/atomic", dt, False, True), ("triton/two-pass", dt, False, True), ("triton", dt, True, True),
-                ("triton/rows/mirror", dt, True, False), ("triton/half/half", dt, True, False)} <= labels
+                ("triton/rows/mirror", dt, True, False), ("triton/half/half", dt, True, False),
+                ("triton/4", dt, False, False)} <= labels
     assert ("triton", "bfloat16", False, True) in {(c["backend"], c["dtype"], c["symmetric"], c["bias"])
                                                    for c in checks if c["D"] == 512}  # CLIP's shape class
     assert all(c["ok"] for c in checks), [c for c in checks if not c["ok"]]

@@ -373,6 +373,42 @@ def test_bench_gpu_pieces(tmp_path):
     assert got[1]["ms"] is None and got[1]["note"] == "skipped: too slow"
     assert bench.fused_flops("simclr-16k") == 4 * 2.0 * 32768**2 * 128
     assert "fastnce-triton" in bench.format_table(recs, 700.0)
+    assert not list(tmp_path.glob("*.tmp"))  # written whole, then renamed
+
+    # a records file that does not parse is kept aside, never overwritten by an --append run
+    bad = tmp_path / "gpu-h100-2026-01-03.json"
+    bad.write_text('[{"case": "clip-32k", "ms": 1')
+    assert bench._load(str(bad), []) == [] and not bad.exists()
+    assert (tmp_path / "gpu-h100-2026-01-03.json.unreadable").read_text().startswith('[{"case"')
+    assert bench._load(str(tmp_path / "none.json"), {}) == {}
+
+
+def test_panel_count_from_the_environment(monkeypatch):
+    """FASTNCE_TRITON_PANELS fixes the panel count per call (the GPU bench's check of a panel
+    that owns several row blocks sets it between checks)."""
+    if triton_lse.unavailable_reason("cpu", torch.float32) is not None:
+        pytest.skip("needs triton under TRITON_INTERPRET=1")
+    cpu = torch.device("cpu")
+    assert triton_lse._panels(2048, 2048, cpu) == 4
+    monkeypatch.setenv("FASTNCE_TRITON_PANELS", "3")
+    assert triton_lse._panels(2048, 2048, cpu) == 3
+
+
+def test_bench_gpu_order_puts_the_must_shows_first():
+    """A run cut short by its deadline keeps the issues' must-shows: the fused impls up to 128k,
+    then Inf-CL and torch.compile up to 32k (their anchors), then clip-1m, then the rest."""
+    from fastnce.bench import gpu as bench
+
+    order = bench.run_order(list(bench.IMPLS), list(bench.DEFAULT_CASES))
+    assert sorted(order) == sorted((i, c) for i in bench.IMPLS for c in bench.DEFAULT_CASES)
+    at = {pair: n for n, pair in enumerate(order)}
+    must = [(i, c) for i in bench.FUSED for c in ("simclr-16k", "clip-32k", "clip-128k")]
+    anchors = [("inf-cl", "clip-32k"), ("inf-cl", "clip-128k"), ("torch.compile", "simclr-16k"),
+               ("torch.compile", "clip-32k")]
+    assert max(at[p] for p in must) < min(at[p] for p in anchors)
+    assert max(at[p] for p in anchors) < at[("fastnce-triton", "clip-1m")]
+    assert at[("fastnce-triton", "clip-1m")] < min(at[p] for p in at if p[0] == "eager")
+    assert order[0] == ("fastnce-triton", "simclr-16k")
     if not torch.cuda.is_available():
         assert bench.main([]) == 2  # says it needs a GPU
 

@@ -95,9 +95,11 @@ def write_records(records: list, out_dir: str, card: str, date: Optional[str] = 
     date = date or _dt.date.today().isoformat()
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, f"gpu-{card}-{date}{suffix}.json")
-    with open(path, "w") as f:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:  # then renamed: a run killed mid-write leaves the last whole file
         json.dump(records, f, indent=1)
         f.write("\n")
+    os.replace(tmp, path)
     return path
 
 
@@ -368,7 +370,9 @@ _CHECK_RUNS = {
            (False, True, (("FASTNCE_TRITON_BACKWARD", "two-pass"),)),
            (True, True, ()),
            (True, False, (("FASTNCE_TRITON_SYM_FORWARD", "rows"), ("FASTNCE_TRITON_SYM_BACKWARD", "mirror"))),
-           (True, False, (("FASTNCE_TRITON_SYM_FORWARD", "half"), ("FASTNCE_TRITON_SYM_BACKWARD", "half")))],
+           (True, False, (("FASTNCE_TRITON_SYM_FORWARD", "half"), ("FASTNCE_TRITON_SYM_BACKWARD", "half"))),
+           # 4 panels: each owns several row blocks, as only the bench's large cases otherwise do
+           (False, False, (("FASTNCE_TRITON_PANELS", "4"),))],
 }
 _CLIP_CHECK_D = 512
 
@@ -545,11 +549,34 @@ def time_cuda_forward_rows(case: str, budget: float) -> dict:
 
 
 def _load(path: str, default):
+    """The JSON in path, or default; a file that does not parse is moved aside, not overwritten."""
     try:
         with open(path) as f:
             return json.load(f)
-    except (OSError, ValueError):
+    except OSError:
         return default
+    except ValueError:
+        os.replace(path, path + ".unreadable")
+        print(f"{path} did not parse: kept as {path}.unreadable", flush=True)
+        return default
+
+
+def run_order(impls: list, cases: list) -> list:
+    """(impl, case) pairs in the order measured, so that a run cut short by its deadline loses
+    the least: the fused impls on the cases up to 128k (the issues' must-shows), the anchors they
+    are compared with (Inf-CL, torch.compile up to 32k), then clip-1m on the fused impls (a
+    step of tens of seconds), then the rest (eager, torch.compile at 128k)."""
+    def rank(pair):
+        impl, case = pair
+        big = CASES[case]["N"] > 131072
+        if impl in FUSED:
+            return 3 if big else 0
+        if impl == "inf-cl":
+            return 1
+        if impl == "torch.compile" and CASES[case]["N"] <= 32768:
+            return 2
+        return 4
+    return sorted(((i, c) for i in impls for c in cases), key=rank)
 
 
 def main(argv=None) -> int:
@@ -601,14 +628,13 @@ def main(argv=None) -> int:
     infcl_why = ensure_infcl(args.infcl_wheel) if "inf-cl" in args.impls else None
     if infcl_why:
         print(f"inf-cl: {infcl_why}", flush=True)
-    # The fused impls on every case first (the issues' must-shows), then the baselines.
-    for impl in sorted(args.impls, key=lambda i: i not in FUSED):
-        for case in args.cases:
-            records.extend(bench_case(case, [impl], args.budget, card, infcl_why, notes))
-            # which plan (symmetric forward and backward; non-symmetric backward) the triton backend timed faster
-            meta["triton_plans"] = {**meta.get("triton_plans", {}),
-                                    **{str(k): v for k, v in triton_lse.timed_plans().items()}}
-            save()
+    for impl, case in run_order(args.impls, args.cases):
+        records.extend(bench_case(case, [impl], args.budget, card, infcl_why, notes))
+        print(f"  ({time.time() - t_start:.0f} s since the start)", flush=True)
+        # which plan (symmetric forward and backward; non-symmetric backward) the triton backend timed faster
+        meta["triton_plans"] = {**meta.get("triton_plans", {}),
+                                **{str(k): v for k, v in triton_lse.timed_plans().items()}}
+        save()
     print(f"triton plans: {meta.get('triton_plans', {})}", flush=True)
     if "fastnce-cuda" in args.impls and "clip-32k" in args.cases:
         meta["cuda_forward_rows_ms"] = {"clip-32k": time_cuda_forward_rows("clip-32k", args.budget)}

@@ -1019,7 +1019,9 @@ def _check(q: Tensor, k: Tensor) -> None:
 # Forward col_lse: "panel" (one pass over S, P × N fp32 partials) or "transposed" (a second
 # pass over Sᵀ, no extra memory). Tests and comparisons set PANELS / COL_LSE directly.
 COL_LSE = os.environ.get("FASTNCE_TRITON_COL_LSE", "panel")
-PANELS: Optional[int] = None  # fixed panel count (tests); None: _panels() picks it
+# fixed panel count (tests; FASTNCE_TRITON_PANELS, read per call: the GPU bench's check of a
+# panel owning several row blocks); None: _panels() picks it
+PANELS: Optional[int] = None
 _PANEL_SOFT_BYTES = 64 << 20  # aim: P·N·8 within this ...
 _PANEL_MAX_BYTES = 256 << 20  # ... but keep P ≥ #SMs up to this; beyond it, transposed
 
@@ -1034,8 +1036,9 @@ def _panels(M: int, N: int, device: torch.device) -> int:
     at 132 SMs) the transposed pass (no extra memory) is used instead. At N = 32768: P = 256
     (64 MiB). Under the interpreter: at most 4 panels, so a panel owns several row blocks.
     """
-    if PANELS is not None:  # as given, even above the row-block count (programs left idle)
-        return max(1, int(PANELS))
+    fixed = PANELS if PANELS is not None else os.environ.get("FASTNCE_TRITON_PANELS")
+    if fixed is not None:  # as given, even above the row-block count (programs left idle)
+        return max(1, int(fixed))
     n_mb = triton.cdiv(M, _PANEL_MIN_BM)
     if _INTERPRET or device.type != "cuda":
         return min(n_mb, 4)
