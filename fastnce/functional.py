@@ -40,6 +40,39 @@ def with_args_doc(fn: Callable, extra: str = "") -> Callable:
     return fn
 
 
+class _L2Normalize(torch.autograd.Function):
+    """x / ‖x‖ row by row in float32 (at least), saving only x: autograd through the formula
+    would keep float32 copies of x (2× a 16-bit input) to the backward, which recomputes ‖x‖."""
+
+    @staticmethod
+    def forward(x, eps):
+        safe, keep = _safe_norm(x, eps)
+        return torch.where(keep, x.to(safe.dtype) / safe, 0.0).to(x.dtype)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, ctx.eps = inputs
+        ctx.save_for_backward(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, = ctx.saved_tensors  # differentiable ops below: a double backward works
+        safe, keep = _safe_norm(x, ctx.eps)
+        y, g = x.to(safe.dtype) / safe, grad.to(safe.dtype)
+        dx = (g - y * (g * y).sum(-1, keepdim=True)) / safe
+        return torch.where(keep, dx, 0.0).to(x.dtype), None
+
+    generate_vmap_rule = True
+
+
+def _safe_norm(x: Tensor, eps: float):
+    """(‖x‖ where it is > eps else 1, the mask of those rows), (…, 1), in float32 at least; NaN
+    norms stay NaN (and kept)."""
+    norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=lse_dtype(x.dtype))
+    keep = ~(norm <= eps)
+    return torch.where(keep, norm, 1.0), keep
+
+
 def l2_normalize(x: Tensor, eps: float = 1e-12) -> Tensor:
     """x / ‖x‖₂ along the last dim, the norm taken in float32 at least; rows with ‖x‖ ≤ eps → 0.
 
@@ -47,16 +80,36 @@ def l2_normalize(x: Tensor, eps: float = 1e-12) -> Tensor:
     zero with a zero gradient, where F.normalize's gradient is 1/eps (inf in float16, and in
     float16 its eps rounds to zero and the row becomes NaN).
     """
-    acc = lse_dtype(x.dtype)
-    norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=acc)
-    nonzero = ~(norm <= eps)  # NaN norms stay NaN
-    return torch.where(nonzero, x.to(acc) / torch.where(nonzero, norm, 1.0), 0.0).to(x.dtype)
+    return _L2Normalize.apply(x, eps)
+
+
+class _PairedDot(torch.autograd.Function):
+    """a[i]·b[i] for every row, in float32 (float64 for float64), saving a and b as given:
+    autograd through (a.float() * b.float()).sum(-1) would keep both float32 copies."""
+
+    @staticmethod
+    def forward(a, b):
+        acc = lse_dtype(a.dtype)
+        return (a.to(acc) * b.to(acc)).sum(-1)  # elementwise: autocast leaves it in acc
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs)
+
+    @staticmethod
+    def backward(ctx, grad):
+        a, b = ctx.saved_tensors
+        g = grad.unsqueeze(-1)
+        da = (g * b.to(g.dtype)).to(a.dtype) if ctx.needs_input_grad[0] else None
+        db = (g * a.to(g.dtype)).to(b.dtype) if ctx.needs_input_grad[1] else None
+        return da, db
+
+    generate_vmap_rule = True
 
 
 def paired_logits(a: Tensor, b: Tensor, scale: Union[float, Tensor]) -> Tensor:
     """scale · a[i]·b[i] for every row, in the LSE dtype (float32, float64 for float64)."""
-    acc = lse_dtype(a.dtype)
-    return scale * (a.to(acc) * b.to(acc)).sum(-1)  # elementwise: autocast leaves it in acc
+    return scale * _PairedDot.apply(a, b)
 
 
 def cross_entropy_rows(row_lse: Tensor, positive: Tensor) -> Tensor:
@@ -222,7 +275,9 @@ def two_view_weights(z: Tensor, weight_fn=None) -> Optional[Tensor]:
 def two_view_positives(z: Tensor, scale, weights: Optional[Tensor] = None) -> Tensor:
     """scale · z[i]·z[p] for the 2n rows of z = [z1; z2] (normalised), p the other view of row i,
     each times its weight (two_view_weights) when given."""
-    positive = paired_logits(z, z.roll(z.shape[0] // 2, 0), scale)
+    n = z.shape[0] // 2
+    # z1[i]·z2[i] is both views' positive: one product of views of z (no rolled copy), twice
+    positive = paired_logits(z[:n], z[n:], scale).repeat(2)
     return positive if weights is None else positive * weights.to(positive.dtype)
 
 
