@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The prepared GPU check, for ONE call of the device tool (H100 or H200, about 9 minutes):
 #   1. fastnce-bench gpu, triton and the anchors: the triton backend on float16 / bfloat16 /
-#      float32 against the float64 reference, the bf16 matmul rate, then simclr-16k, clip-32k,
-#      clip-128k and clip-1m for fastnce-triton first, then eager, torch.compile and inf-cl;
+#      float32 against the float64 reference, the bf16 matmul rate, then the must-shows first
+#      (fastnce.bench.gpu.run_order: triton up to clip-128k, Inf-CL, torch.compile up to 32k,
+#      triton's clip-1m, then the rest);
 #   2. the NCCL test at world size 1 (issue 6);
 #   3. the cuda backend, in a process of its own (kernels never run on a GPU before: a fault
 #      there must not take step 1's numbers with it): its checks, simclr-16k to clip-128k, and
