@@ -90,11 +90,11 @@ class SupConLoss(nn.Module):
     def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
         return supcon_loss(embeddings, labels, self.temperature, self.reduction, backend=self.backend)
 
-
-# ------------------------------------------------------------------------------ Soft nearest neighbours
-
     def extra_repr(self) -> str:
         return describe(self, "temperature", "reduction", "backend")
+
+
+# ------------------------------------------------------------------------------ Soft nearest neighbours
 
 def soft_nearest_neighbor_loss(embeddings: Tensor, labels: Tensor, temperature: Union[float, Tensor] = 1.0,
                                reduction: str = "mean", *, backend: str = "auto") -> Tensor:
@@ -144,11 +144,11 @@ class SoftNearestNeighborLoss(nn.Module):
     def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
         return soft_nearest_neighbor_loss(embeddings, labels, self.temperature, self.reduction, backend=self.backend)
 
-
-# ------------------------------------------------------------------------------ distance-based (tiled)
-
     def extra_repr(self) -> str:
         return describe(self, "temperature", "reduction", "backend")
+
+
+# ------------------------------------------------------------------------------ distance-based (tiled)
 
 def _prepared(embeddings, labels, normalize_embeddings):
     embeddings, labels = embeddings_and_labels(embeddings, labels)
@@ -320,11 +320,11 @@ class LiftedStructureLoss(nn.Module):
     def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
         return lifted_structure_loss(embeddings, labels, self.neg_margin, self.pos_margin, self.normalize_embeddings)
 
-
-# ------------------------------------------------------------------------------ N-pairs
-
     def extra_repr(self) -> str:
         return describe(self, "neg_margin", "pos_margin", "normalize_embeddings")
+
+
+# ------------------------------------------------------------------------------ N-pairs
 
 def npairs_loss(embeddings: Tensor, labels: Tensor, normalize_embeddings: bool = True, *,
                 backend: str = "auto") -> Tensor:
