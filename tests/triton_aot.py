@@ -47,6 +47,8 @@ BENCH_VARIANTS = [
      dict(_NO_MASK, **_BWD, BIAS_ON_ROW=False, EXCLUDE=True, HAS_H=False, SYM=True)),
     ("simclr bwd half", T._bwd_half_kernel, 128, dict(_NO_MASK, **_BWD, EXCLUDE=True, HAS_H=False, BDV=128)),
     ("clip panel", T._fwd_panel_kernel, 512, dict(_NO_MASK, EXCLUDE=False, SPREAD=T.ONE_EXP_SPREAD)),
+    # not a benchmark case: CLIP at D = 128, where only the BK = 128 candidates remain (_prune)
+    ("clip panel D=128", T._fwd_panel_kernel, 128, dict(_NO_MASK, EXCLUDE=False, SPREAD=T.ONE_EXP_SPREAD)),
     ("clip bwd atomic", T._bwd_atomic_kernel, 512, dict(_NO_MASK, **_BWD, EXCLUDE=False, HAS_H=True)),
     ("clip bwd two-pass", T._bwd_kernel, 512,
      dict(_NO_MASK, **_BWD, BIAS_ON_ROW=False, EXCLUDE=False, HAS_H=True, SYM=False)),
@@ -146,7 +148,7 @@ def default_configs(sm: int) -> None:
 def autotune_candidates(sm: int) -> None:
     """One line per (benchmark variant, autotune candidate): 'config <variant> | <meta> | regs spill smem'."""
     target = GPUTarget("cuda", sm, 32)
-    configs = {T._fwd_kernel: T._cfgs(True), T._fwd_panel_kernel: T._cfgs(True), T._fwd_half_kernel: T._HALF_CFGS,
+    configs = {T._fwd_kernel: T._cfgs(True), T._fwd_panel_kernel: T._PANEL_CFGS, T._fwd_half_kernel: T._HALF_CFGS,
                T._bwd_kernel: T._cfgs(False), T._bwd_atomic_kernel: T._ATOMIC_CFGS,
                T._bwd_half_kernel: T._HALF_BWD_CFGS, TS._sig_fwd_kernel: T._cfgs(True),
                TS._sig_bwd_kernel: T._cfgs(False), TS._sig_bwd_atomic_kernel: T._ATOMIC_CFGS}

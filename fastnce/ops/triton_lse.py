@@ -74,11 +74,11 @@ exponentials in the forward and M·N in the backward with the shared ones (2.1·
 at ~4·10¹²/s if not overlapped; 4·M·N before), the merge (reads 64 MiB, ~0.03 ms), and the
 dq atomics: M·D·⌈N/BN⌉ fp32 adds, 34 GB of L2 reduction traffic at BN = 64 (17 GB at
 BN = 128, which needs BDV ≤ 256 at D = 512, i.e. 2 recomputes). Registers are the other
-risk at D = 512: the one-recompute (BDV = D) atomic kernel holds a (BN, 512) fp32 accumulator; with dq formed in 128-feature
-chunks one of its candidates is spill-free on sm_90 and one spills 32 bytes (before the
-chunks, all spilled, 56-1496 bytes), while the two-pass kernel has two spill-free BDV = 512
-candidates (tests/triton_aot.py --configs). Which plan wins is timed per shape class
-(_backward_plan).
+risk at D = 512: the one-recompute (BDV = D) atomic kernel holds a (BN, 512) fp32
+accumulator; with dq formed in 128-feature chunks two of its four candidates are spill-free on
+sm_90 (triton 3.6) and two spill 8 and 32 bytes (before the chunks, all spilled, 56-1496
+bytes), while the two-pass kernel has two spill-free BDV = 512 candidates
+(tests/triton_aot.py --configs). Which plan wins is timed per shape class (_backward_plan).
 simclr-16k (NT-Xent, 2N = 32768, D = 128, row LSE only): 3 products (forward 1, symmetric
 backward 2), 0.82 TFLOP, or 2.5 with the half forward (0.69 TFLOP), 2 with the half backward
 too (0.55 TFLOP); exponentials 3·M·N → 1.5·M·N with the shared ones and the half forward, M·N
@@ -867,15 +867,16 @@ if triton is not None:
             _add_tile(p_dx, o_i, m_i, o_v, m_v, D, b_acc, b_ginv, G_NORM)
 
     # The one-recompute backward holds the key block (BN × BDV fp32) in registers and streams
-    # query blocks of BM: BDV = D (no feature split, so one recompute) needs small BM and 8-16
-    # warps at D = 512; the BDV < D configs trade extra recomputes for register room.
+    # query blocks of BM: BDV = D (no feature split, so one recompute) needs small BM and 8
+    # warps at D = 512; the BDV < D configs trade extra recomputes for register room. (16 warps
+    # cap a thread at 128 registers: the two 16-warp BDV = 512 candidates this list had spilled
+    # 168-332 bytes on sm_90 under triton 3.6 and 3.9, in CLIP's and SigLIP's kernels.)
     _ATOMIC_CFGS = [triton.Config({"BM": bm, "BN": bn, "BK": bk, "BDV": bdv, "DQC": min(bdv, 128)},
                                   num_warps=w, num_stages=s)
                     for bm, bn, bk, bdv, w, s in [(64, 64, 64, 128, 8, 2), (32, 64, 64, 128, 4, 2),
                                                   (64, 128, 64, 128, 8, 2), (64, 64, 64, 64, 4, 2),
                                                   (64, 64, 64, 256, 8, 2), (32, 64, 64, 256, 8, 2),
                                                   (32, 64, 64, 512, 8, 2), (32, 32, 64, 512, 8, 2),
-                                                  (32, 64, 64, 512, 16, 2), (64, 64, 64, 512, 16, 2),
                                                   (64, 64, 128, 128, 8, 2), (32, 32, 512, 512, 8, 2),
                                                   (32, 64, 512, 512, 8, 2)]]
     # Square row tiles for the half backward, which holds x_I, x_J, the (BM, D) accumulator and
@@ -895,6 +896,14 @@ if triton is not None:
                   for bm, bk, w, s in [(64, 128, 4, 3), (64, 128, 8, 3), (128, 128, 8, 3), (128, 128, 8, 2),
                                        (64, 64, 4, 3), (128, 64, 8, 3), (64, 32, 4, 4), (64, 512, 8, 2),
                                        (64, 512, 4, 2)]]
+    # The CLIP panel also sums each tile's columns: on sm_90 its 128 × 128 × 128 tiles spill
+    # (12-124 bytes at D = 128 and 512, triton 3.6 and 3.9), and at D = 128 under triton 3.6 three
+    # of the other four BK = 128 candidates do (32-96 bytes); the three 8-warp tiles added are
+    # spill-free at both D under both (tests/triton_aot.py --configs).
+    _PANEL_CFGS = ([c for c in _cfgs(True) if (c.kwargs["BM"], c.kwargs["BN"], c.kwargs["BK"]) != (128, 128, 128)]
+                   + [triton.Config({"BM": bm, "BN": bn, "BK": 128}, num_warps=8, num_stages=s)
+                      for bm, bn, s in [(64, 64, 3), (128, 64, 2), (64, 128, 3)]])
+
     def _tuned(kernel, configs, key, **kwargs):
         """kernel autotuned over configs (pruned by _prune) per value of key. The choice is cached
         on disk (Triton's cache directory, keyed by the kernel's source, the GPU target and key):
@@ -904,7 +913,7 @@ if triton is not None:
 
     _KERNELS = {  # kind -> (kernel, autotuned kernel)
         "fwd": (_fwd, _tuned(_fwd, _cfgs(True), _KEY)),
-        "panel": (_panel, _tuned(_panel, _cfgs(True), _KEY)),
+        "panel": (_panel, _tuned(_panel, _PANEL_CFGS, _KEY)),
         "half": (_half, _tuned(_half, _HALF_CFGS, ["KEY_M", "D", "MASK_MODE", "EXCLUDE"])),
         "bwd": (_bwd, _tuned(_bwd, _cfgs(False), _KEY + ["SYM", "HAS_G", "HAS_H"])),
         # reset_to_zero: the autotuner reruns the kernel, and dq is accumulated with atomics
