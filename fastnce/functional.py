@@ -47,7 +47,10 @@ class _L2Normalize(torch.autograd.Function):
     @staticmethod
     def forward(x, eps):
         safe, keep = _safe_norm(x, eps)
-        return torch.where(keep, x.to(safe.dtype) / safe, 0.0).to(x.dtype)
+        y = torch.where(keep, x.to(safe.dtype) / safe, 0.0)
+        # no .to() that returns y itself: torch 2.11's compile then traced through the forward
+        # instead of calling backward below (wrong gradients; torch 2.13 is fine)
+        return y if y.dtype == x.dtype else y.to(x.dtype)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
