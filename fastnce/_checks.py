@@ -90,12 +90,21 @@ def check_temperature(temperature, name: str = "temperature") -> None:
     _check_number(temperature, name, positive=True)
 
 
-def reciprocal_temperature(temperature, numerator: float = 1.0):
+def reciprocal_temperature(temperature, like: Tensor, numerator: float = 1.0):
     """numerator / temperature, the logits' scale; a float16 / bfloat16 temperature tensor is
     divided in float32 (its reciprocal rounded to 16 bits was off by up to ~4e-3, where
-    info-nce-pytorch divides float32 logits by it)."""
-    if isinstance(temperature, Tensor) and temperature.dtype in (torch.float16, torch.bfloat16):
-        temperature = temperature.float()
+    info-nce-pytorch divides float32 logits by it).
+
+    Under torch.compile a number becomes a 0-dim tensor on like's device first: torch 2.11
+    specialised a float computed from a float argument (1 / t) on its value where it met a
+    tensor, a graph per value of a temperature schedule (torch 2.13 does not); the argument
+    itself stays symbolic."""
+    if isinstance(temperature, Tensor):
+        if temperature.dtype in (torch.float16, torch.bfloat16):
+            temperature = temperature.float()
+    elif torch.compiler.is_compiling():
+        acc = torch.float64 if like.dtype == torch.float64 else torch.float32
+        temperature = torch.ones((), dtype=acc, device=like.device) * temperature
     return numerator / temperature
 
 

@@ -190,7 +190,7 @@ def info_nce(
     query, positive_key, negative_keys = cast_under_autocast(query, positive_key, negative_keys)
     check_info_nce_inputs(query, positive_key, negative_keys, temperature, reduction, negative_mode)
     query, positive_key = l2_normalize(query), l2_normalize(positive_key)
-    scale = reciprocal_temperature(temperature)
+    scale = reciprocal_temperature(temperature, query)
     positive = paired_logits(query, positive_key, scale)
     if negative_keys is None:
         row_lse, _ = similarity_lse(query, positive_key, scale, backend=backend)
@@ -247,7 +247,7 @@ def nt_xent(
     z1, z2 = cast_under_autocast(z1, z2)
     check_nt_xent_inputs(z1, z2, temperature, reduction)
     z = l2_normalize(torch.cat([z1, z2]))
-    scale = reciprocal_temperature(temperature)
+    scale = reciprocal_temperature(temperature, z)
     # The positives first: their backward then runs after the LSE's, whose buffers are freed.
     positive = two_view_positives(z, scale)
     row_lse, _ = similarity_lse(z, None, scale, exclude_self=True, backend=backend)
@@ -316,7 +316,7 @@ def dcl_loss(
         raise ValueError(f"z1 must hold at least 2 samples (an anchor's negatives are the other samples' rows), "
                          f"got shape {tuple(z1.shape)}")
     z = l2_normalize(torch.cat([z1, z2]))
-    scale = reciprocal_temperature(temperature)
+    scale = reciprocal_temperature(temperature, z)
     positive = two_view_positives(z, scale, two_view_weights(z, weight_fn))  # first: see nt_xent
     # The label mask drops an anchor's own row and its positive: the denominator's decoupling.
     sample = two_view_samples(n, device=z.device)

@@ -286,6 +286,38 @@ def test_compiled_scalars_change_and_are_still_checked(backend):
             step(a, b, torch.tensor(bad))
 
 
+TEMPERATURE_LOSSES = {  # every loss whose scale is 1 / temperature (or 2 / temperature)
+    "nt_xent": lambda a, b, y, t: fastnce.nt_xent(a, b, t, backend="torch"),
+    "info_nce": lambda a, b, y, t: fastnce.info_nce(a, b, temperature=t, backend="torch"),
+    "dcl_loss": lambda a, b, y, t: fastnce.losses.dcl_loss(a, b, t, backend="torch"),
+    "nt_xent_multiview": lambda a, b, y, t: fastnce.losses.nt_xent_multiview([a, b, a + b], t, backend="torch"),
+    "supcon_loss": lambda a, b, y, t: fastnce.losses.supcon_loss(a, y, t, backend="torch"),
+    "soft_nearest_neighbor_loss": lambda a, b, y, t: fastnce.losses.soft_nearest_neighbor_loss(a, y, t, backend="torch"),
+}
+
+
+@pytest.mark.parametrize("name", TEMPERATURE_LOSSES)
+def test_a_temperature_schedule_compiles_no_graph_after_the_second_value(name):
+    """A Python-float temperature that changes every call: once dynamo has made it symbolic (the
+    second value) no value compiles another graph. Under torch 2.11 the scale 1 / t, a float
+    computed from the argument, was specialised on its value where it met a tensor: a graph per
+    value, then an error past 8 with fullgraph (torch 2.13 keeps it symbolic)."""
+    from torch._dynamo.utils import counters
+
+    g = torch.Generator().manual_seed(3)
+    a, b, y = torch.randn(6, 8, generator=g), torch.randn(6, 8, generator=g), torch.tensor([0, 1, 0, 2, 1, 0])
+    fn = TEMPERATURE_LOSSES[name]
+    torch.compiler.reset()
+    counters.clear()
+    step = torch.compile(fn, backend="aot_eager")
+    temperatures = [0.05 + 0.01 * i for i in range(12)]
+    for i, t in enumerate(temperatures):
+        torch.testing.assert_close(step(a, b, y, t), fn(a, b, y, t))
+        if i == 2:
+            graphs = counters["stats"]["unique_graphs"]
+    assert counters["stats"]["unique_graphs"] == graphs, dict(counters["stats"])
+
+
 def test_scalars_of_two_dimensions_are_rejected():
     """A (1, 1) temperature would broadcast a (N,) loss to (1, N): numbers, () and (1,) only."""
     a, b = torch.randn(4, 3), torch.randn(4, 3)

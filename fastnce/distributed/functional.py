@@ -174,7 +174,7 @@ def _nt_xent(z, temperature, scheme, code, group, backend, reduction="mean", dec
                     flags={"z1/z2": z.requires_grad, "temperature": _needs_grad(temperature)},
                     scalars={"temperature": temperature})
     temperature = mean_grad_over_ranks(temperature, info)
-    scale = reciprocal_temperature(temperature)
+    scale = reciprocal_temperature(temperature, z)
     # Positives first: autograd runs the later node's backward first, so the ring's backward
     # then runs before the positives' and their O(n·D) gradients are not held through it.
     positive = two_view_positives(z, scale, weights)  # a local row's other view is local too
@@ -365,7 +365,7 @@ def _info_nce(query, positive_key, negative_keys, temperature, negative_mode, sc
                              negative_mode="paired", backend=backend)
         return _reduce(per_row, reduction, info)
     q, p = l2_normalize(query), l2_normalize(positive_key)
-    scale = reciprocal_temperature(temperature)
+    scale = reciprocal_temperature(temperature, q)
     positive = paired_logits(q, p, scale)
     if unpaired:
         row = _row_lse(scheme, q, l2_normalize(negative_keys), scale, info, backend)

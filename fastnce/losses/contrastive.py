@@ -75,7 +75,7 @@ def nt_xent_multiview(views, temperature: Union[float, Tensor] = 0.1, reduction:
     if V < 2:
         raise ValueError(f"at least two views are needed, got {V}")
     z = l2_normalize(views.reshape(V * N, D))
-    scale = reciprocal_temperature(temperature)
+    scale = reciprocal_temperature(temperature, z)
     row_lse, _ = similarity_lse(z, None, scale, exclude_self=True, backend=backend)
     acc = row_lse.dtype
     zf = z.to(acc)

@@ -60,12 +60,14 @@ def supcon_loss(embeddings: Tensor, labels: Tensor, temperature: Union[float, Te
     embeddings, labels = embeddings_and_labels(embeddings, labels)
     check_temperature(temperature)
     check_reduction(reduction)
+    # before the data-dependent branch below, where torch.compile breaks the graph: the part
+    # after it then gets the scale as a tensor, not a float that it would specialise on
+    scale = reciprocal_temperature(temperature, embeddings)
     inverse, counts = class_index(labels)
     n_pos = counts[inverse] - 1
     if reduction == "mean" and (not bool((n_pos > 0).any()) or counts.numel() < 2):
         return zero_loss(embeddings)
     z = l2_normalize(embeddings)
-    scale = reciprocal_temperature(temperature)
     row_lse, _ = similarity_lse(z, None, scale, exclude_self=True, backend=backend)
     zf = z.to(row_lse.dtype)
     class_sum = zf.new_zeros(counts.numel(), zf.shape[1]).index_add_(0, inverse, zf)
@@ -119,7 +121,7 @@ def soft_nearest_neighbor_loss(embeddings: Tensor, labels: Tensor, temperature: 
         return zero_loss(embeddings)
     acc = lse_dtype(embeddings.dtype)
     sq = embeddings.to(acc).pow(2).sum(1)
-    scale = reciprocal_temperature(temperature, 2.0)
+    scale = reciprocal_temperature(temperature, embeddings, 2.0)
     bias = -sq / temperature
     lse_all, _ = similarity_lse(embeddings, None, scale, bias, exclude_self=True, backend=backend)
     lse_same, _ = similarity_lse(embeddings, None, scale, bias, labels=labels, label_mask="same",
