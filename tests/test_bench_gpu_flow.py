@@ -129,6 +129,31 @@ def test_gpu_bench_peak_counts_the_gradients(cpu_bench, monkeypatch):
     assert events[:3] == ["run", "clear", "run"]
 
 
+def test_gpu_bench_skips_the_warm_up_where_a_fused_impl_has_nothing_left_to_tune(cpu_bench, monkeypatch):
+    """Past _TUNED_FROM_N rows the triton backend's autotune choices and plans no longer depend
+    on N: once a fused impl has run such a case, a larger one of the same kind and D is timed
+    without a warm-up step (at clip-1m, ~10 s of the one call's budget). Eager keeps its warm-up,
+    and torch.compile (a new static shape compiles anew) is not a fused impl either."""
+    monkeypatch.setattr(cpu_bench, "_TUNED_FROM_N", 40)
+    monkeypatch.setattr(cpu_bench, "_tuned", set())
+    real, warm_ups = cpu_bench.measure, []
+
+    def spy(*a, warm_up=True, **kw):
+        warm_ups.append(warm_up)
+        return real(*a, warm_up=warm_up, **kw)
+    monkeypatch.setattr(cpu_bench, "measure", spy)
+    records = []
+    for case in ("simclr-16k", "clip-32k", "clip-1m"):  # N = 12 (below the class), 40, 48
+        for impl in ("fastnce-triton", "eager"):
+            records += cpu_bench.bench_case(case, [impl], 0.001, "cpu", None, [])
+    assert warm_ups == [True, True, True, True, False, True]
+    assert [(r["case"], r["impl"]) for r in records if r["ms"] > 0] == [
+        (c, i) for c in ("simclr-16k", "clip-32k", "clip-1m") for i in ("fastnce-triton", "eager")]
+    events = []
+    real(lambda: events.append("run"), 0.0, max_reps=1, clear=lambda: events.append("clear"), warm_up=False)
+    assert "clear" not in events and len(events) == 4  # the peak run, then 3 timed runs
+
+
 def test_gpu_bench_checks_probe_only_the_backends_asked_for(cpu_bench, monkeypatch):
     """The triton process must not load (or build) the cuda extension: run_checks asks only
     about the backends named."""

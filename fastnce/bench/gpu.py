@@ -68,6 +68,12 @@ _INFCL_MAX_N = 131072
 # Issue 4 times the cuda backend up to clip-128k; at clip-1m a step is tens of seconds that the
 # one-call budget needs for fastnce-triton's (the must-show there).
 _CUDA_MAX_N = 131072
+# From 2**15 rows on, the triton backend's autotune choices and plans no longer depend on N
+# (triton_lse._key, _TUNE_MOST): once a fused impl has run a case of that size, a larger case of
+# the same kind and D has nothing left to compile or tune, and skips the warm-up step (at clip-1m
+# a step of ~10 s of the one call's budget).
+_TUNED_FROM_N = 1 << 15
+_tuned: set = set()  # (impl, kind, D) measured at N >= _TUNED_FROM_N in this process
 
 
 # ----------------------------------------------------------------------------- small pieces
@@ -271,15 +277,18 @@ def _release() -> Optional[str]:
     return None
 
 
-def measure(run: Callable, budget_s: float, max_reps: int = 25, clear: Optional[Callable] = None):
-    """(median ms, peak MiB above what was allocated before, None on the CPU): warm-up, then a
-    peak run, then reps. A step slower than _SLOW_STEP_S is timed once, on the peak run.
-    clear() drops what the warm-up left that the peak run allocates afresh (the gradients), so
-    that the peak counts it as the anchors' first call does."""
+def measure(run: Callable, budget_s: float, max_reps: int = 25, clear: Optional[Callable] = None,
+            warm_up: bool = True):
+    """(median ms, peak MiB above what was allocated before, None on the CPU): warm-up (unless
+    warm_up is False: nothing left to compile or tune), then a peak run, then reps. A step slower
+    than _SLOW_STEP_S is timed once, on the peak run. clear() drops what the warm-up left that
+    the peak run allocates afresh (the gradients), so that the peak counts it as the anchors'
+    first call does."""
     import torch
-    run()  # warm-up: compiles, autotunes
-    if clear is not None:
-        clear()
+    if warm_up:
+        run()  # compiles, autotunes
+        if clear is not None:
+            clear()
     _release()
     if _on_gpu():
         torch.cuda.reset_peak_memory_stats()
@@ -494,10 +503,14 @@ def bench_case(case: str, impls: list, budget: float, card: str, infcl_why: Opti
             continue
         t0 = time.time()
         clear = lambda: [setattr(x, "grad", None) for x in xs + ([arg] if hasattr(arg, "grad") else [])]
+        tuned = (impl, c["kind"], D)
+        warm_up = not (impl in FUSED and tuned in _tuned)
         try:
             ms, peak = measure(_step(fn, xs, arg), budget if N <= 32768 else budget / 5,
-                               max_reps=25 if N <= 32768 else 3, clear=clear)
+                               max_reps=25 if N <= 32768 else 3, clear=clear, warm_up=warm_up)
             r = record(case, impl, "bf16", ms, peak, card)
+            if impl in FUSED and N >= _TUNED_FROM_N:
+                _tuned.add(tuned)
         except torch.OutOfMemoryError:
             r = record(case, impl, "bf16", None, None, card, "OOM")
         except Exception as e:  # one impl failing must not lose the others' numbers
@@ -508,7 +521,7 @@ def bench_case(case: str, impls: list, budget: float, card: str, infcl_why: Opti
             r = record(case, impl, "bf16", None, None, card, f"error after timing: {error}")
         (notes if r["ms"] is None else out).append(r)
         print(f"{case:<11} {impl:<15} {r['ms']} ms, {r['peak_mib']} MiB {r.get('note', '')} "
-              f"({time.time() - t0:.0f} s with warm-up)", flush=True)
+              f"({time.time() - t0:.0f} s{' with warm-up' if warm_up else ', no warm-up: tuned'})", flush=True)
     del xs
     _release()
     return out
