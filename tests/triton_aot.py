@@ -88,6 +88,14 @@ def compile_one(target, fn, consts, dtype, num_warps, num_stages, D=512):
                           options=dict(num_warps=num_warps, num_stages=num_stages))
 
 
+def _ptxas(sm: int) -> str:
+    """The ptxas Triton compiles with: chosen per architecture since triton 3.6, one before."""
+    try:
+        return get_ptxas(sm).path
+    except TypeError:  # triton 3.5 (torch 2.9): get_ptxas() takes no argument
+        return get_ptxas().path
+
+
 def resources(kernel, sm: int) -> dict:
     """Registers and spill bytes per thread (ptxas -v of the kernel's PTX, with the ptxas Triton
     compiled it with) and shared memory."""
@@ -96,7 +104,7 @@ def resources(kernel, sm: int) -> dict:
         with open(ptx, "w") as f:
             f.write(kernel.asm["ptx"])
         arch = f"sm_{sm}a" if sm >= 90 else f"sm_{sm}"
-        log = subprocess.run([get_ptxas(sm).path, "-v", f"-arch={arch}", ptx, "-o", os.path.join(tmp, "k.cubin")],
+        log = subprocess.run([_ptxas(sm), "-v", f"-arch={arch}", ptx, "-o", os.path.join(tmp, "k.cubin")],
                              capture_output=True, text=True, check=True).stderr
     regs = int(re.search(r"Used (\d+) registers", log).group(1))
     spill = int(re.search(r"(\d+) bytes spill stores", log).group(1))
