@@ -103,8 +103,9 @@ def reciprocal_temperature(temperature, like: Tensor, numerator: float = 1.0):
         if temperature.dtype in (torch.float16, torch.bfloat16):
             temperature = temperature.float()
     elif torch.compiler.is_compiling():
-        acc = torch.float64 if like.dtype == torch.float64 else torch.float32
-        temperature = torch.ones((), dtype=acc, device=like.device) * temperature
+        from .ops.naive import lse_dtype  # here: fastnce.ops imports this module
+
+        temperature = torch.ones((), dtype=lse_dtype(like.dtype), device=like.device) * temperature
     return numerator / temperature
 
 
