@@ -323,6 +323,7 @@ def check_backend(backend: str, dtype, n: int, symmetric: bool, bias: bool = Tru
     """One backend, one dtype, vs float64: max error of each output / gradient and pass/fail."""
     import torch
     from fastnce import ops
+    from fastnce.ops.naive import lse_dtype
 
     g = torch.Generator(device=DEVICE).manual_seed(0)
     M, N = n, (n if symmetric else n - n // 7)
@@ -339,8 +340,7 @@ def check_backend(backend: str, dtype, n: int, symmetric: bool, bias: bool = Tru
     def run(be, as_dtype=None):
         cast = lambda t: None if t is None else (t if as_dtype is None else t.to(as_dtype)).detach().requires_grad_()
         q, k, b = cast(q0), cast(k0), cast(b0)
-        s = torch.tensor(10.0, device=DEVICE, dtype=torch.float64 if as_dtype == torch.float64 else torch.float32,
-                         requires_grad=True)
+        s = torch.tensor(10.0, device=DEVICE, dtype=lse_dtype(as_dtype or dtype), requires_grad=True)
         row, col = ops.similarity_lse(q, k, s, b, col_lse=True, backend=be, **kw)
         fin = lambda t, w: (torch.where(torch.isfinite(t), t, 0).double() * w).sum()
         loss = fin(row, w_row) + fin(col, w_col)

@@ -129,6 +129,7 @@ def _weights(n, gen, device):
 def _lse_case(backend, dtype, device, M, N, D, symmetric, mask, bias, col, seed=0):
     import torch
     from fastnce.ops import similarity_lse
+    from fastnce.ops.naive import lse_dtype
 
     gen = torch.Generator().manual_seed(seed)
     if symmetric:
@@ -147,8 +148,8 @@ def _lse_case(backend, dtype, device, M, N, D, symmetric, mask, bias, col, seed=
         tdt = getattr(torch, dt)
         q = q0.to(device, tdt).requires_grad_()
         k = None if symmetric else k0.to(device, tdt).requires_grad_()
-        s = s0.to(device, torch.float64 if tdt == torch.float64 else torch.float32).requires_grad_()
-        b = None if b0 is None else b0.to(device, torch.float64 if tdt == torch.float64 else torch.float32).requires_grad_()
+        s = s0.to(device, lse_dtype(tdt)).requires_grad_()
+        b = None if b0 is None else b0.to(device, lse_dtype(tdt)).requires_grad_()
         kw = dict(exclude_self=excl, diag_offset=off, col_lse=col, backend=name)
         if lmode is not None:
             kw.update(labels=lab.to(device), label_mask=lmode, k_labels=None if symmetric else klab.to(device))
@@ -171,6 +172,7 @@ def _lse_case(backend, dtype, device, M, N, D, symmetric, mask, bias, col, seed=
 def _loss_case(loss, backend, dtype, device, N, D, variant, seed=0):
     import torch
     import fastnce
+    from fastnce.ops.naive import lse_dtype
 
     gen = torch.Generator().manual_seed(seed)
     a0 = torch.randn(N, D, generator=gen, dtype=torch.float64)
@@ -189,14 +191,13 @@ def _loss_case(loss, backend, dtype, device, N, D, variant, seed=0):
         elif loss == "clip":
             a2 = torch.nn.functional.normalize(a, dim=1)
             b2 = torch.nn.functional.normalize(b, dim=1)
-            s = torch.tensor(variant, dtype=torch.float64 if tdt == torch.float64 else torch.float32,
-                             device=device, requires_grad=True)
+            s = torch.tensor(variant, dtype=lse_dtype(tdt), device=device, requires_grad=True)
             out = fastnce.clip_loss(a2, b2, s, reduction="none", backend=name)
             ins = [a, b, s]
         elif loss == "siglip":  # SigLIP's initialisation: scale 10, bias −10 (variant = the scale)
             a2 = torch.nn.functional.normalize(a, dim=1)
             b2 = torch.nn.functional.normalize(b, dim=1)
-            sdt = torch.float64 if tdt == torch.float64 else torch.float32
+            sdt = lse_dtype(tdt)
             s = torch.tensor(variant, dtype=sdt, device=device, requires_grad=True)
             t = torch.tensor(-variant, dtype=sdt, device=device, requires_grad=True)
             out = fastnce.siglip_loss(a2, b2, s, t, reduction="none", backend=name)

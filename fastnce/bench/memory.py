@@ -89,6 +89,7 @@ def make_inputs(loss: str, N: int, D: int, dtype: str, device: str, negatives: i
     else:
         raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
     xs = [x.to(device=device, dtype=dt).requires_grad_() for x in xs]
+    # fastnce.ops.naive.lse_dtype's rule, spelt out: eager's measuring process never imports fastnce
     sdt = torch.float64 if dt == torch.float64 else torch.float32
     scalars = {"clip": [CLIP_SCALE], "siglip": [SIGLIP_SCALE, SIGLIP_BIAS]}.get(loss, [])
     return xs + [torch.tensor(v, dtype=sdt, device=device, requires_grad=True) for v in scalars]
