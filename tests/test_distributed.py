@@ -23,6 +23,7 @@ import os
 import socket
 import tempfile
 import traceback
+from functools import partial
 
 import pytest
 import torch
@@ -296,22 +297,50 @@ def _subgroup_case(rank, world, rec):
                   {"a": (img, sizes), "b": (txt, sizes)}, sizes, {"s": 4.0}, me, 2, group=group)
 
 
+def _raises(rec, what, fn, match):
+    """Records a failure unless fn raises a ValueError whose message holds `match`."""
+    rec.count += 1
+    try:
+        fn()
+    except ValueError as e:
+        if match not in str(e):
+            rec.failures.append(f"{what}: wrong message {e}")
+        return
+    rec.failures.append(f"{what}: no ValueError")
+
+
+def _guarded(rec, what, fn):
+    """One case whose exception (the same on every rank) fails that case only."""
+    try:
+        fn()
+    except Exception:
+        rec.failures.append(f"{what}: exception\n" + traceback.format_exc()[-1500:])
+
+
 def _error_cases(rank, world, rec):
     """Mismatches across ranks are the same ValueError on every rank, never a hang."""
-    def raises(what, fn, match):
-        rec.count += 1
-        try:
-            fn()
-        except ValueError as e:
-            if match not in str(e):
-                rec.failures.append(f"{what}: wrong message {e}")
-            return
-        rec.failures.append(f"{what}: no ValueError")
-
+    raises = lambda what, fn, match: _raises(rec, what, fn, match)
     d = D if rank == 0 else D + 1
     raises("feature dim differs", lambda: fd.nt_xent(torch.randn(3, d), torch.randn(3, d)), "feature dimension")
     a = torch.randn(3, D, requires_grad=(rank == 0))
     raises("requires_grad differs", lambda: fd.clip_loss(a, torch.randn(3, D), 5.0), "requires_grad")
+    x3 = torch.randn(3, D)
+    for scheme in fd.SCHEMES:  # every requires_grad flag is compared, not only the first
+        raises(f"text_features.requires_grad differs [{scheme}]",
+               lambda: fd.clip_loss(x3, x3.clone().requires_grad_(rank == 0), 5.0, scheme=scheme),
+               "text_features.requires_grad differs")
+        raises(f"learnable temperature on rank 0 only [{scheme}]",
+               lambda: fd.nt_xent(x3, x3, torch.tensor(0.1, requires_grad=(rank == 0)), scheme=scheme),
+               "temperature.requires_grad differs")
+        raises(f"image on rank 0, text on rank 1 need gradients [{scheme}]",  # as many flags set
+               lambda: fd.clip_loss(x3.clone().requires_grad_(rank == 0), x3.clone().requires_grad_(rank == 1),
+                                    5.0, scheme=scheme), "requires_grad differs")
+        raises(f"info_nce negatives on rank 1 only [{scheme}]",
+               lambda: fd.info_nce(x3, x3, x3 if rank == 1 else None, scheme=scheme), "differently")
+        raises(f"clip logit_scale differs [{scheme}]", lambda: fd.clip_loss(x3, x3, 5.0 + rank, scheme=scheme),
+               "logit_scale differs")
+        raises(f"siglip logit_scale differs [{scheme}]",
+               lambda: fd.siglip_loss(x3, x3, 5.0 + rank, -1.0, scheme=scheme), "logit_scale differs")
     raises("scheme mismatch", lambda: fd.nt_xent(torch.randn(3, D), torch.randn(3, D),
                                                  scheme="ring" if rank else "gather"), "differently")
     raises("bad scheme", lambda: fd.nt_xent(torch.randn(3, D), torch.randn(3, D), scheme="allgather"), "scheme")
@@ -346,7 +375,6 @@ def _error_cases(rank, world, rec):
             return
         rec.failures.append(f"{what} rank {rank}: no error")
 
-    x3 = torch.randn(3, D)
     one_rank_rejects("empty batch on rank 1",
                      lambda: fd.clip_loss(x3[: 0 if rank == 1 else 3], x3[: 0 if rank == 1 else 3], 5.0),
                      "image_features is an empty batch")
@@ -422,6 +450,110 @@ def _error_cases(rank, world, rec):
     rec.check("MoCoLoss(distributed) pointer", int(moco.queue_ptr) == sum(3 + r for r in range(world)) % 64)
 
 
+def _flag_cases(rank, world, rec):
+    """Unequal local batches: all features frozen with a learnable scale, paired negatives with a
+    learnable temperature, and the modules' reduction, weight_fn and group reaching the losses."""
+    sizes = SIZES[world][1]
+    N = sum(sizes)
+    gen = torch.Generator().manual_seed(4321 + N)
+    rnd = lambda *shape: torch.randn(*shape, generator=gen)
+    z1, z2, qry, pos = rnd(N, D), rnd(N, D), rnd(N, D), rnd(N, D)
+    img = torch.nn.functional.normalize(rnd(N, D), dim=1)
+    txt = torch.nn.functional.normalize(rnd(N, D), dim=1)
+    paired = rnd(N, 5, D)
+    sl = _slices(sizes, rank)
+    L = fastnce.losses
+    for scheme in fd.SCHEMES:
+        kw = dict(scheme=scheme)
+        t = f"[{scheme} sizes={sizes}]"
+        # precomputed features, a scale calibrated alone: the ring still computes the scale's product
+        _guarded(rec, f"clip_loss both frozen {t}", lambda: _run_case(
+            rec, f"clip_loss both frozen, learnable scale {t}", lambda a, b, s: fastnce.clip_loss(a, b, s),
+            lambda a, b, s: fd.clip_loss(a, b, s, **kw), {"a": (img, sizes), "b": (txt, sizes)}, sizes,
+            {"s": 10.0}, rank, world, frozen=("a", "b")))
+        _guarded(rec, f"nt_xent both frozen {t}", lambda: _run_case(
+            rec, f"nt_xent frozen views, learnable temperature {t}", lambda z1, z2, tau: fastnce.nt_xent(z1, z2, tau),
+            lambda z1, z2, tau: fd.nt_xent(z1, z2, tau, **kw), {"z1": (z1, sizes), "z2": (z2, sizes)}, sizes,
+            {"tau": 0.2}, rank, world, frozen=("z1", "z2")))
+        _guarded(rec, f"siglip_loss both frozen {t}", lambda: _run_case(
+            rec, f"siglip_loss both frozen, learnable scale and bias {t}",
+            lambda a, b, s, c: fastnce.siglip_loss(a, b, s, c), lambda a, b, s, c: fd.siglip_loss(a, b, s, c, **kw),
+            {"a": (img, sizes), "b": (txt, sizes)}, sizes, {"s": 10.0, "c": -4.0}, rank, world, frozen=("a", "b")))
+        _guarded(rec, f"info_nce paired, learnable temperature {t}", lambda: _run_case(
+            rec, f"info_nce paired, learnable temperature {t}",
+            lambda q, p, n, tau: fastnce.info_nce(q, p, n, tau, negative_mode="paired"),
+            lambda q, p, n, tau: fd.info_nce(q, p, n, tau, negative_mode="paired", **kw),
+            {"q": (qry, sizes), "p": (pos, sizes), "n": (paired, sizes)}, sizes, {"tau": 0.15}, rank, world))
+        for red in ("sum", "none"):
+            mods = (
+                ("ClipLoss", L.ClipLoss(0.2, learnable=False, normalize=False, reduction=red, distributed=scheme),
+                 lambda: fastnce.clip_loss(img, txt, 5.0, red), (img, txt)),
+                ("SigLipLoss", L.SigLipLoss(0.2, -3.0, learnable=False, normalize=False, reduction=red,
+                                            distributed=scheme),
+                 lambda: fastnce.siglip_loss(img, txt, 5.0, -3.0, red), (img, txt)),
+                ("NTXentLoss", L.NTXentLoss(0.1, reduction=red, distributed=scheme),
+                 lambda: fastnce.nt_xent(z1, z2, 0.1, red), (z1, z2)),
+                ("DCLLoss", L.DCLLoss(0.1, reduction=red, distributed=scheme),
+                 lambda: fastnce.functional.dcl_loss(z1, z2, 0.1, red), (z1, z2)),
+            )
+            for name, module, single, (u, v) in mods:
+                def case(name=name, module=module, single=single, u=u, v=v):
+                    ours, ref = module(u[sl], v[sl]), single()
+                    what = f"{name}(reduction={red!r}, distributed) {t}"
+                    if red == "sum":  # the ranks' values average to the single-process sum
+                        total = ours.detach().clone()
+                        torch.distributed.all_reduce(total)
+                        rec.close(what, total / world, ref)
+                    elif name in ("NTXentLoss", "DCLLoss"):  # this rank's z1 anchors, then its z2 anchors
+                        rec.close(what, ours, torch.cat([ref[:N][sl], ref[N:][sl]]))
+                    else:
+                        rec.close(what, ours, ref[sl])
+                _guarded(rec, f"{name}(reduction={red!r}) {t}", case)
+        pair_weights = lambda a, b: 1 + (a * b).sum(1)
+        dclw = L.DCLLoss(0.1, weight_fn=pair_weights, distributed=scheme)
+        _guarded(rec, f"DCLLoss(weight_fn, distributed) {t}", lambda: _run_case(
+            rec, f"DCLLoss(weight_fn, distributed) {t}",
+            lambda z1, z2: fastnce.functional.dcl_loss(z1, z2, 0.1, weight_fn=pair_weights),
+            lambda z1, z2: dclw(z1, z2), {"z1": (z1, sizes), "z2": (z2, sizes)}, sizes, {}, rank, world))
+        vmf = L.DCLWLoss(0.1, sigma=0.5, distributed=scheme)
+        _guarded(rec, f"DCLWLoss(distributed) {t}", lambda: rec.close(
+            f"DCLWLoss(distributed) {t}", vmf(z1[sl], z2[sl]),
+            fd.dcl_loss(z1[sl], z2[sl], 0.1, weight_fn=partial(fastnce.functional.vmf_weights, sigma=0.5), **kw)))
+    # every module passes its group: a group of one is rank 0's local loss, a non-member's error
+    solo = torch.distributed.new_group([0])
+    for name, module, single, (u, v) in (
+        ("NTXentLoss", L.NTXentLoss(0.1, distributed="ring", group=solo), lambda u, v: fastnce.nt_xent(u, v, 0.1),
+         (z1, z2)),
+        ("DCLLoss", L.DCLLoss(0.1, distributed="ring", group=solo),
+         lambda u, v: fastnce.functional.dcl_loss(u, v, 0.1), (z1, z2)),
+        ("SigLipLoss", L.SigLipLoss(0.2, -3.0, learnable=False, normalize=False, distributed="ring", group=solo),
+         lambda u, v: fastnce.siglip_loss(u, v, 5.0, -3.0), (img, txt)),
+        ("ClipLoss", L.ClipLoss(0.2, learnable=False, normalize=False, distributed="ring", group=solo),
+         lambda u, v: fastnce.clip_loss(u, v, 5.0), (img, txt)),
+    ):
+        if rank == 0:
+            _guarded(rec, f"{name}(group=solo)", lambda: rec.close(f"{name}(group=solo) rank 0", module(u[sl], v[sl]),
+                                                                  single(u[sl], v[sl])))
+        else:
+            _raises(rec, f"{name}(group=solo) rank {rank}", lambda: module(u[sl], v[sl]), "not a member of group")
+    # MoCoLoss(distributed=True) in eval mode enqueues nothing and so runs no collective: a rank
+    # that rejects its arguments raises at once, the others return their loss (none waits)
+    short = torch.distributed.new_group(list(range(world)), timeout=datetime.timedelta(seconds=5))
+    moco = L.MoCoLoss(D, 16, distributed=True, group=short).eval()
+    x3 = torch.randn(3, D)
+    rec.count += 1
+    try:
+        loss = moco(x3, torch.randn(3, D + (rank == 1)))
+        if rank == 1:
+            rec.failures.append(f"MoCoLoss eval, rank 1 rejects: no error (loss {loss})")
+    except ValueError as e:
+        if rank != 1 or "key must have dim" not in str(e):
+            rec.failures.append(f"MoCoLoss eval, rank 1 rejects, rank {rank}: {e}")
+    except Exception as e:  # a collective that waited for a rank that was not in it
+        rec.failures.append(f"MoCoLoss eval, rank 1 rejects, rank {rank}: {type(e).__name__} {str(e)[:200]}")
+    torch.distributed.barrier()
+
+
 def _ring_memory_case(rank, world, rec):
     """The ring's point: a rank holds at most two other ranks' key blocks at a time (the one it
     computes with and the next, arriving), forward and backward; holding each until the walk
@@ -472,6 +604,7 @@ def _worker(rank, world, port, outdir):
         _cases(rank, world, rec)
         _ddp_case(rank, world, rec)
         _error_cases(rank, world, rec)
+        _flag_cases(rank, world, rec)
         if world == 4:
             _subgroup_case(rank, world, rec)
             _ring_memory_case(rank, world, rec)

@@ -63,7 +63,8 @@ def test_requires_grad_on_some_inputs_only():
     torch.testing.assert_close(s.grad, s2.grad)
 
 
-SUBSETS = ["q", "k", "scale", "bias", "q scale", "k scale", "k bias", "q k scale bias"]
+SUBSETS = ["q", "k", "scale", "bias", "q scale", "k scale", "k bias", "q bias", "bias scale", "q bias scale",
+           "q k scale bias"]
 
 
 def _primitive(name, q, k, scale, bias, backend):
@@ -105,7 +106,10 @@ def test_frozen_inputs_get_no_gradient_and_the_others_theirs(backend, prim, subs
 
 
 @pytest.mark.parametrize("prim", ["lse", "sigmoid"])
-def test_triton_backward_skips_the_frozen_side(prim, monkeypatch):
+@pytest.mark.parametrize("learnable_scale", [False, True])
+def test_triton_backward_skips_the_frozen_side(prim, learnable_scale, monkeypatch):
+    """A learnable scale (MoCo or LiT with a learned temperature) takes its gradient from the
+    product that is computed anyway: the frozen side still costs nothing."""
     from fastnce.ops import triton_lse, triton_sigmoid
 
     module = triton_lse if prim == "lse" else triton_sigmoid
@@ -116,11 +120,42 @@ def test_triton_backward_skips_the_frozen_side(prim, monkeypatch):
     dev = _device("triton")
     q, k = torch.randn(7, 5, device=dev, requires_grad=True), torch.randn(9, 5, device=dev)
     bias = torch.randn(9, device=dev)
-    _primitive(prim, q, k, 1.5, bias, "triton").backward()
+    scale = torch.tensor(1.5, device=dev, requires_grad=True) if learnable_scale else 1.5
+    _primitive(prim, q, k, scale, bias, "triton").backward()
     assert calls == ["_dq_pass"], calls  # k frozen: the rows' pass alone
     calls.clear()
-    _primitive(prim, q.detach(), k.requires_grad_(), 1.5, bias, "triton").backward()
+    _primitive(prim, q.detach(), k.requires_grad_(), scale, bias, "triton").backward()
     assert calls == ["_dk_pass"], calls  # q frozen: the columns' pass alone
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton", pytest.param("cuda", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("learn", ["bias", "bias scale"])
+def test_symmetric_bias_learns_with_the_features_frozen(backend, learn):
+    """k = q (exclude_self) with only the bias (and scale) learning: no dq is asked for, yet the
+    symmetric path accumulates through it; the autograd form and the no-autograd form
+    (fastnce.distributed's) both give the reference's bias gradient and no feature gradient."""
+    if ops.unavailable_reason(backend, torch.device(_device(backend)), torch.float32):
+        pytest.skip(f"{backend} unavailable")
+    dev = _device(backend)
+    g = torch.Generator().manual_seed(4)
+    q, bias = torch.randn(7, 5, generator=g).to(dev), torch.randn(7, generator=g).to(dev)
+    w = torch.linspace(0.5, 1.5, 7, device=dev)
+    grads = []
+    for be in (backend, "reference"):
+        b = bias.clone().requires_grad_()
+        s = torch.tensor(1.3, device=dev, requires_grad="scale" in learn)
+        row, _ = ops.similarity_lse(q, None, s, b, exclude_self=True, backend=be)
+        (row * w).sum().backward()
+        grads.append((b.grad, s.grad))
+    for got, want in zip(*grads):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    row = ops.lse_forward(q, None, 1.3, bias, exclude_self=True, backend="reference")[0]
+    _, _, want = ops.lse_backward(q, None, 1.3, bias, row_lse=row, grad_row=w, exclude_self=True,
+                                  need_bias=True, need_q=True, backend="reference")
+    dq, dk, got = ops.lse_backward(q, None, 1.3, bias, row_lse=row, grad_row=w, exclude_self=True,
+                                   need_bias=True, need_q=False, backend=backend)
+    assert dq is None and dk is None
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
 
 def test_only_column_lse_used():
@@ -247,6 +282,9 @@ def test_mixed_dtypes_under_autocast_take_its_dtype(name):
     torch.testing.assert_close(got, fn(*[x.bfloat16() for x in xs]), rtol=0, atol=0)
     with pytest.raises(ValueError, match="same dtype"):
         fn(*mixed)
+    # autocast's matmul leaves float64 alone (and then fails on the mix): never rounded to 16 bits
+    with torch.autocast("cpu", dtype=torch.bfloat16), pytest.raises(ValueError, match="same dtype"):
+        fn(*([xs[0].double()] + xs[1:]))
 
 
 def test_info_nce_under_autocast_matches_info_nce_pytorch():

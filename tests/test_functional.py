@@ -117,6 +117,17 @@ def test_info_nce_reduction_error_is_cross_entropys():
     assert str(ours.value) == str(theirs.value)
 
 
+@pytest.mark.parametrize("mode", ["paired", "anything"])
+def test_info_nce_without_negatives_ignores_negative_mode_as_info_nce_pytorch(mode):
+    """A config that turns negatives off may leave any negative_mode (info-nce-pytorch reads it
+    only with negatives); with negatives an unknown mode is an error."""
+    q, p = leaves((6, 8), (6, 8), seed=1)
+    torch.testing.assert_close(fastnce.info_nce(q, p, None, 0.2, negative_mode=mode),
+                               info_nce_pytorch.info_nce(q, p, None, 0.2, negative_mode=mode))
+    with pytest.raises(ValueError, match="negative_mode"):
+        fastnce.info_nce(q, p, torch.randn(3, 8), 0.2, negative_mode="anything")
+
+
 # --- nt_xent and clip_loss against the formulas users write --------------------------------
 
 def nt_xent_formula(z1, z2, t, reduction):

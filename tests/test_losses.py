@@ -8,6 +8,7 @@ import types
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import fastnce
 from fastnce import losses as L
@@ -76,6 +77,24 @@ def test_nt_xent_multiview_errors():
         L.nt_xent_multiview([torch.randn(4, 3), torch.randn(5, 3)])
 
 
+@pytest.mark.parametrize("scheme", ["ring", "gather"])
+@pytest.mark.parametrize("as_list", [False, True])
+def test_distributed_nt_xent_module_refuses_more_views(scheme, as_list):
+    """Distributed NT-Xent is two views: three are an error, not a silent local loss (checked
+    before any collective, so no process group is needed)."""
+    views = torch.randn(3, 5, 8)
+    with pytest.raises(ValueError, match="takes two views"):
+        L.NTXentLoss(distributed=scheme)(list(views) if as_list else views)
+
+
+@pytest.mark.parametrize("make", [L.NTXentLoss, L.DCLLoss, L.DCLWLoss, L.ClipLoss, L.SigLipLoss],
+                         ids=lambda c: c.__name__)
+@pytest.mark.parametrize("bad", ["allgather", True, "Ring"])
+def test_modules_reject_an_unknown_scheme_when_built(make, bad):
+    with pytest.raises(ValueError, match="distributed must be None or one of"):
+        make(distributed=bad)
+
+
 # ---------------------------------------------------------------- DCL
 
 @pytest.mark.parametrize("N", [2, 3, 127])
@@ -94,6 +113,21 @@ def test_dcl_matches_reference(N, weighted, backend):
     module = L.DCLWLoss(0.2, backend=backend) if weighted else L.DCLLoss(0.2, backend=backend)
     torch.testing.assert_close(module(z1, z2), ours.mean(), **F64)
     torch.testing.assert_close(L.dcl_loss(z1, z2, 0.2, "sum", weight_fn=weight_fn, backend=backend), ours.sum(), **F64)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("N", [2, 5])
+def test_dcl_weight_fn_is_called_per_view_in_order(backend, N):
+    """z1's anchors get weight_fn(z1, z2), z2's weight_fn(z2, z1), as lightly's DCLLoss: an
+    asymmetric weight sees a swap (vmf_weights and the other weights here are symmetric)."""
+    z1, z2 = torch.randn(2, N, 6, generator=_gen(N), dtype=torch.float64).unbind(0)
+    z1.requires_grad_(), z2.requires_grad_()
+    weight = lambda a, b: 1 + a[:, 0] - 0.5 * b[:, 1]
+    ours = L.dcl_loss(z1, z2, 0.3, "none", weight_fn=weight, backend=backend)
+    n1, n2 = F.normalize(z1, dim=1), F.normalize(z2, dim=1)
+    ref = R.dcl_naive(z1, z2, 0.3, weight(n1, n2), weight(n2, n1))
+    torch.testing.assert_close(ours, ref, **F64)
+    _close_with_grads(ours.sum(), ref.sum(), (z1, z2), F64)
 
 
 def test_dcl_takes_the_positive_out_of_nt_xent():
@@ -183,6 +217,19 @@ def test_moco_no_update_and_momentum_update():
         L.momentum_update(torch.nn.Linear(4, 4), torch.nn.Linear(4, 1))
 
 
+def test_momentum_update_bounds():
+    """m = 1 keeps the key encoder, m = 0 copies the query encoder (MoCo's initialisation)."""
+    q_enc, k_enc = torch.nn.Linear(4, 3), torch.nn.Linear(4, 3)
+    old = [p.clone() for p in k_enc.parameters()]
+    L.momentum_update(k_enc, q_enc, m=1.0)
+    assert all(torch.equal(pk, po) for pk, po in zip(k_enc.parameters(), old))
+    L.momentum_update(k_enc, q_enc, m=0.0)
+    assert all(torch.equal(pk, pq) for pk, pq in zip(k_enc.parameters(), q_enc.parameters()))
+    for m in (-0.1, 1.1, float("nan")):
+        with pytest.raises(ValueError, match="m must be in"):
+            L.momentum_update(k_enc, q_enc, m=m)
+
+
 # ---------------------------------------------------------------- CLIP
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -206,6 +253,26 @@ def test_clip_loss_module(backend):
     assert "logit_scale" in dict(fixed.named_buffers()) and not list(fixed.parameters())
 
 
+@pytest.mark.parametrize("cls", [L.ClipLoss, L.SigLipLoss], ids=lambda c: c.__name__)
+def test_fixed_logit_scale_above_the_cap_is_clamped(cls):
+    """A fixed scale written above log(max_logit_scale) after construction (load_state_dict, by
+    hand) still multiplies by max_logit_scale; the buffer itself is left as written."""
+    a, b = torch.randn(2, 6, 8, generator=_gen(2), dtype=torch.float64).unbind(0)
+    capped = cls(learnable=False, max_logit_scale=10.0, backend="reference")
+    capped.logit_scale.fill_(math.log(50.0))
+    at_cap = cls(init_temperature=0.1, learnable=False, max_logit_scale=10.0, backend="reference")
+    if cls is L.SigLipLoss:
+        at_cap.logit_bias.copy_(capped.logit_bias)
+    assert float(capped.logit_scale) == pytest.approx(math.log(50.0))
+    torch.testing.assert_close(capped(a, b), at_cap(a, b), **F64)
+
+
+@pytest.mark.parametrize("bias,error", [(float("nan"), ValueError), (float("inf"), ValueError), ("a", TypeError)])
+def test_siglip_module_checks_init_bias_when_built(bias, error):
+    with pytest.raises(error, match="init_bias must be a finite number"):
+        L.SigLipLoss(init_bias=bias)
+
+
 def test_zero_shot():
     classes = torch.eye(3, 5)
     img = torch.tensor([[0.0, 2, 0, 0, 0], [5, 0, 0, 0.1, 0], [0, 0, 1, 0, 0]])
@@ -213,6 +280,16 @@ def test_zero_shot():
     assert logits.shape == (3, 3)
     torch.testing.assert_close(logits[0], torch.tensor([0.0, 10.0, 0.0]))
     assert L.zero_shot_predict(img, classes).tolist() == [1, 0, 2]
+
+
+def test_zero_shot_logits_are_cosines_of_unnormalised_inputs():
+    """Class embeddings (means of prompt embeddings) are not unit vectors: both sides are normalised."""
+    g = torch.Generator().manual_seed(3)
+    img = torch.randn(7, 5, generator=g, dtype=torch.float64)
+    classes = 3 * torch.randn(4, 5, generator=g, dtype=torch.float64)
+    want = 10.0 * F.normalize(img, dim=1) @ F.normalize(classes, dim=1).T
+    torch.testing.assert_close(L.zero_shot_logits(img, classes, 10.0), want, **F64)
+    assert torch.equal(L.zero_shot_predict(img, classes, 10.0), want.argmax(1))
 
 
 # ---------------------------------------------------------------- CPC
@@ -570,16 +647,24 @@ def test_tiled_losses_gradcheck(name, ours, ref, monkeypatch):
     assert torch.autograd.gradcheck(lambda x: ours(x, y), (x,))
 
 
-def test_blockwise_holds_no_full_matrix_for_backward(monkeypatch):
-    """With several blocks, the autograd graph saves O(N·D), not the N×N distances."""
+@pytest.mark.parametrize("name", ["triplet_margin_loss", "contrastive_loss"])
+def test_blockwise_holds_no_full_matrix_for_backward(name, monkeypatch):
+    """With several blocks, everything the autograd graph keeps (distinct storages, summed) is
+    O(N·D + block), not the N×N distances split over the blocks (the largest single saved
+    tensor is small either way: without checkpointing ~3M entries here, with it ~9K)."""
     monkeypatch.setattr(_common, "BLOCK_ELEMS", 64 * 64)
     N = 512
     x = torch.randn(N, 8, requires_grad=True)
     y = torch.randint(0, 8, (N,))
-    saved = []
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
-        loss = L.triplet_margin_loss(x, y)
-    assert max(saved) < N * N // 4
+    kept = {}
+
+    def pack(t):
+        kept[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes() // t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = getattr(L, name)(x, y)
+    assert sum(kept.values()) < N * N // 8
     loss.backward()
     assert torch.isfinite(x.grad).all()
 
@@ -594,6 +679,23 @@ def test_label_and_argument_errors():
         L.TripletMarginLoss(mining="semihard")
     with pytest.raises(ValueError, match="temperature"):
         L.SupConLoss(temperature=0)
+
+
+@pytest.mark.parametrize("call", [
+    lambda x, y: L.SupConLoss()(x, y),
+    lambda x, y: L.ContrastiveLoss()(x, y),
+    lambda x, y: fastnce.ops.similarity_lse(x, x, 1.0, labels=y, label_mask="same"),
+], ids=["SupConLoss", "ContrastiveLoss", "similarity_lse"])
+def test_labels_are_checked_for_dtype_shape_and_device(call):
+    """A bool mask, an (N, 1) column (it would broadcast in the pair masks) or labels on another
+    device (the meta device stands in for a GPU) are errors naming `labels`."""
+    x = torch.randn(4, 3)
+    with pytest.raises(TypeError, match="must hold integer class labels, got torch.bool"):
+        call(x, torch.tensor([True, False, True, False]))
+    with pytest.raises(ValueError, match=r"must have shape \(4,\), one label per row"):
+        call(x, torch.tensor([[0], [1], [0], [1]]))
+    with pytest.raises(ValueError, match="must be on the same device"):
+        call(x, torch.zeros(4, dtype=torch.long, device="meta"))
 
 
 def test_bad_arguments_name_themselves():
@@ -734,3 +836,128 @@ def test_repr_shows_the_hyperparameters():
     for module, shown in cases:
         assert shown in repr(module), repr(module)
     assert "distributed" not in repr(L.NTXentLoss()) and "group" not in repr(L.ClipLoss())
+
+
+# ---------------------------------------------------------------- DINO, SwAV, NCE: settings off the defaults
+
+@pytest.mark.parametrize("iterations", [0, 1, 5])
+@pytest.mark.parametrize("epsilon", [0.05, 0.3])
+@pytest.mark.parametrize("queue", [False, True])
+def test_swav_sinkhorn_settings_match_lightly(iterations, epsilon, queue):
+    """SwAVLoss's sinkhorn_iterations / sinkhorn_epsilon (0 rounds included: exp(scores/ε) scaled
+    to mass B, unbalanced) against lightly's SwaVLoss and the float64 formula; the suite had only
+    their defaults."""
+    mods = _load_lightly()
+    if mods is None:
+        pytest.skip("lightly is not installed")
+    g = torch.Generator().manual_seed(iterations * 10 + int(epsilon * 100) + queue)
+    high = [torch.randn(12, 7, generator=g).div(3).requires_grad_() for _ in range(2)]
+    low = [torch.randn(12, 7, generator=g).div(3).requires_grad_() for _ in range(2)]
+    queued = [torch.randn(20, 7, generator=g) / 3 for _ in range(2)] if queue else None
+    kw = dict(temperature=0.2, sinkhorn_iterations=iterations, sinkhorn_epsilon=epsilon)
+    ours = L.SwAVLoss(**kw)(high, low, queue_outputs=queued)
+    theirs = mods["swav"].SwaVLoss(**kw)(high, low, queue_outputs=queued).reshape(())
+    leaves = high + low
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-6)
+    for a, b in zip(torch.autograd.grad(ours, leaves), torch.autograd.grad(theirs, leaves)):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    scores = torch.randn(9, 5, generator=g, dtype=torch.float64)
+    torch.testing.assert_close(L.sinkhorn(scores, iterations, epsilon), R.sinkhorn_naive(scores, iterations, epsilon),
+                               rtol=1e-9, atol=1e-12)
+
+
+def test_swav_prototypes_are_cosine_similarities():
+    """scores = normalize(features) @ normalize(prototypes)ᵀ: invariant to the features' scale, in
+    [−1, 1]; normalize_() puts the prototypes back on the unit sphere."""
+    protos = L.SwAVPrototypes(dim=6, n_prototypes=4)
+    f = torch.randn(5, 6, generator=torch.Generator().manual_seed(0)) * 7
+    want = torch.nn.functional.normalize(f, dim=1) @ torch.nn.functional.normalize(protos.prototypes.detach(), dim=1).T
+    torch.testing.assert_close(protos(f), want)
+    torch.testing.assert_close(protos(f / 7), want)
+    with torch.no_grad():
+        protos.prototypes.mul_(torch.arange(1.0, 5.0)[:, None])
+    scores = protos(f)
+    protos.normalize_()
+    torch.testing.assert_close(protos.prototypes.norm(dim=1), torch.ones(4))
+    torch.testing.assert_close(protos(f), scores)
+
+
+def test_dino_teacher_gets_no_gradient():
+    """The docstring's one difference from lightly: teacher outputs that require grad (a teacher
+    run without no_grad) get none; the student's loss and gradient are those of detached ones."""
+    g = torch.Generator().manual_seed(2)
+    t = [torch.randn(4, 8, generator=g, requires_grad=True) for _ in range(2)]
+    s = [torch.randn(4, 8, generator=g, requires_grad=True) for _ in range(3)]
+    center = torch.randn(8, generator=g)
+    loss = L.dino_loss(t, s, center, 0.04, 0.1)
+    grads = torch.autograd.grad(loss, t + s, allow_unused=True)
+    assert all(gr is None or not gr.any() for gr in grads[:2])
+    want = L.dino_loss([x.detach() for x in t], s, center, 0.04, 0.1)
+    torch.testing.assert_close(loss, want, rtol=0, atol=0)
+    loss = L.DINOLoss(output_dim=8)(t, s)
+    assert all(gr is None or not gr.any() for gr in torch.autograd.grad(loss, t + s, allow_unused=True)[:2])
+
+
+@pytest.mark.parametrize("m", [0.0, 1.0])
+def test_dino_center_momentum_bounds_match_lightly(m):
+    """center_momentum 0 (the centre is the last batch mean) and 1 (a fixed centre) are in the
+    documented range [0, 1], and update as lightly's."""
+    mods = _load_lightly()
+    if mods is None:
+        pytest.skip("lightly is not installed")
+    ours, theirs = L.DINOLoss(output_dim=8, center_momentum=m), mods["dino"].DINOLoss(output_dim=8, center_momentum=m)
+    g = torch.Generator().manual_seed(5)
+    for _ in range(2):
+        t = [torch.randn(4, 8, generator=g) for _ in range(2)]
+        s = [torch.randn(4, 8, generator=g) for _ in range(3)]
+        torch.testing.assert_close(ours(t, s), theirs(t, s), rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(ours.center, theirs.center)
+
+
+# ---------------------------------------------------------------- NCE, InfoNCE module
+
+def test_nce_rejects_a_data_log_noise_of_another_shape():
+    """data_log_noise must be (N,) like data_logits_model: a (1,) or (N, 1) one would broadcast
+    to a finite, meaningless loss."""
+    d = torch.randn(5)
+    n = torch.randn(5, 3)
+    for bad in (torch.randn(1), torch.randn(5, 1), torch.randn(4)):
+        with pytest.raises(ValueError, match="data_log_noise"):
+            L.nce_loss(d, bad, n, n)
+
+
+def test_nce_computes_in_float64_when_the_model_logits_are_float64():
+    """The docstring: float64 when data_logits_model is float64, whatever the others' dtypes (a
+    float32 noise distribution): float64's result, not float32's rounding of it."""
+    g = torch.Generator().manual_seed(8)
+    d, dn = torch.randn(6, generator=g, dtype=torch.float64), torch.randn(6, generator=g)
+    n, nn_ = torch.randn(6, 3, generator=g, dtype=torch.float64), torch.randn(6, 3, generator=g)
+    got = L.nce_loss(d, dn, n, nn_, reduction="none")
+    assert got.dtype == torch.float64
+    want = R.nce_naive(d, dn.double(), n, nn_.double())
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=0)  # float32 is ~1e-7 off
+
+
+def test_info_nce_module_paired_mode_equals_info_nce_pytorch():
+    """fastnce.InfoNCE(negative_mode='paired') forwards its mode (only the repr saw it)."""
+    info_nce_pytorch = pytest.importorskip("info_nce")
+    g = torch.Generator().manual_seed(9)
+    q, p = torch.randn(6, 4, generator=g), torch.randn(6, 4, generator=g)
+    neg = torch.randn(6, 5, 4, generator=g)
+    for kw in (dict(negative_mode="paired"), dict(negative_mode="paired", temperature=0.3, reduction="sum")):
+        torch.testing.assert_close(fastnce.InfoNCE(**kw)(q, p, neg), info_nce_pytorch.InfoNCE(**kw)(q, p, neg))
+
+
+@pytest.mark.parametrize("Vt,Vs", [(2, 4), (3, 2), (1, 3), (4, 1)])
+def test_dino_any_numbers_of_views_match_reference(Vt, Vs):
+    """Vt·Vs − min(Vt, Vs) pairs for either side the larger (the suite had Vt ≤ Vs only)."""
+    g = torch.Generator().manual_seed(Vt * 10 + Vs)
+    t = [torch.randn(5, 6, generator=g, dtype=torch.float64) for _ in range(Vt)]
+    s = [torch.randn(5, 6, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(Vs)]
+    center = torch.randn(6, generator=g, dtype=torch.float64)
+    ours, want = L.dino_loss(t, s, center, 0.07, 0.2), R.dino_naive(t, s, center, 0.07, 0.2)
+    torch.testing.assert_close(ours, want, rtol=1e-10, atol=0)
+    for a, b in zip(torch.autograd.grad(ours, s, allow_unused=True), torch.autograd.grad(want, s, allow_unused=True)):
+        a = torch.zeros(5, 6, dtype=torch.float64) if a is None else a  # view 0 with Vt = 1: no pair
+        b = torch.zeros_like(a) if b is None else b
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)

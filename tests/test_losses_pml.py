@@ -4,9 +4,11 @@ import torch
 
 import fastnce
 from fastnce import losses as L
+from fastnce.losses import naive as R
 
 pml_losses = pytest.importorskip("pytorch_metric_learning.losses")
 pml_miners = pytest.importorskip("pytorch_metric_learning.miners")
+pml_distances = pytest.importorskip("pytorch_metric_learning.distances")
 
 BACKENDS = ["reference", "torch"]
 
@@ -22,8 +24,11 @@ def _data(N, D=16, seed=0):
 
 
 def _assert_same(ours, theirs, x, y, extra=()):
-    a = ours(x, y)
-    b = theirs(x, y, *extra)
+    _close_values_and_grads(ours(x, y), theirs(x, y, *extra), x)
+
+
+def _close_values_and_grads(a, b, x):
+    """Two scalar losses of x: values and gradients (float32, rtol 1e-4)."""
     ga, = torch.autograd.grad(a, x, allow_unused=True)
     gb, = torch.autograd.grad(b, x, allow_unused=True)
     torch.testing.assert_close(a.float().reshape(()), b.float().reshape(()), rtol=1e-4, atol=1e-6)
@@ -153,3 +158,87 @@ def test_nt_xent_matches_pml_ntxent_with_instance_labels(N, backend):
     # and the module, two views as a list
     m = L.NTXentLoss(temperature=0.07, backend=backend)([z1, z2])
     torch.testing.assert_close(m, b.reshape(()), rtol=1e-4, atol=1e-6)
+
+
+# ---------------------------------------------------------------- flags, defaults and edge batches
+
+def _unnormalised_data(N, D=8, seed=0, scale=0.4):
+    """Unnormalised embeddings of norm ~1 (scale·√D): their distances straddle the margins, so
+    normalising them or not changes the loss."""
+    g = torch.Generator().manual_seed(seed + N)
+    x = (torch.randn(N, D, generator=g) * scale).requires_grad_()
+    y = torch.randint(0, max(2, N // 6), (N,), generator=g)
+    return x, y
+
+
+UNNORMALISED = [
+    ("contrastive", lambda: L.ContrastiveLoss(0.1, 0.9, normalize_embeddings=False),
+     lambda: pml_losses.ContrastiveLoss(0.1, 0.9, distance=pml_distances.LpDistance(normalize_embeddings=False))),
+    ("triplet", lambda: L.TripletMarginLoss(0.2, normalize_embeddings=False),
+     lambda: pml_losses.TripletMarginLoss(0.2, distance=pml_distances.LpDistance(normalize_embeddings=False))),
+    ("lifted", lambda: L.LiftedStructureLoss(0.8, 0.1, normalize_embeddings=False),
+     lambda: pml_losses.LiftedStructureLoss(0.8, 0.1, distance=pml_distances.LpDistance(normalize_embeddings=False))),
+    ("npairs", lambda: L.NPairsLoss(normalize_embeddings=False, backend="torch"),
+     lambda: pml_losses.NPairsLoss(distance=pml_distances.DotProductSimilarity(normalize_embeddings=False))),
+]
+
+
+@pytest.mark.parametrize("name,ours,theirs", UNNORMALISED, ids=[u[0] for u in UNNORMALISED])
+@pytest.mark.parametrize("N", [5, 64])
+def test_modules_pass_normalize_embeddings_false_on(name, ours, theirs, N):
+    """normalize_embeddings=False reaches the loss: pml with its distance's
+    normalize_embeddings=False (every module, not only the triplet one)."""
+    x, y = _unnormalised_data(N)
+    _close_values_and_grads(ours()(x, y), theirs()(x, y), x)
+
+
+FUNCTIONAL_DEFAULTS = [
+    ("contrastive", L.contrastive_loss, pml_losses.ContrastiveLoss),
+    ("triplet", L.triplet_margin_loss, pml_losses.TripletMarginLoss),
+    ("lifted", L.lifted_structure_loss, pml_losses.LiftedStructureLoss),
+    ("npairs", L.npairs_loss, pml_losses.NPairsLoss),
+]
+
+
+@pytest.mark.parametrize("name,ours,theirs", FUNCTIONAL_DEFAULTS, ids=[f[0] for f in FUNCTIONAL_DEFAULTS])
+def test_functional_defaults_are_pmls(name, ours, theirs):
+    """The functional forms' default margins / flags are pml's defaults, as the modules' are
+    (the modules pass every argument, so the functions' own defaults were never exercised)."""
+    x, y = _unnormalised_data(64, D=16, scale=1.0)
+    _close_values_and_grads(ours(x, y), theirs()(x, y), x)
+
+
+METRIC = {
+    "contrastive": (L.ContrastiveLoss, pml_losses.ContrastiveLoss),
+    "triplet": (L.TripletMarginLoss, pml_losses.TripletMarginLoss),
+    "lifted": (L.LiftedStructureLoss, pml_losses.LiftedStructureLoss),
+    "npairs": (L.NPairsLoss, pml_losses.NPairsLoss),
+}
+
+
+@pytest.mark.parametrize("name", METRIC)
+@pytest.mark.parametrize("labels", ["one_class", "all_distinct", "one_pair"])
+def test_metric_edge_batches_match_pml(name, labels):
+    """A batch of one class (no negative pair), of distinct classes (no positive pair), and with
+    a single positive pair: pml's value and (zero, finite) gradients. A single-class batch gave
+    LiftedStructureLoss −inf negative logsumexps (NaN gradients) unless it returns early."""
+    x = torch.randn(6, 5, generator=torch.Generator().manual_seed(7), requires_grad=True)
+    y = {"one_class": torch.zeros(6, dtype=torch.long), "all_distinct": torch.arange(6),
+         "one_pair": torch.tensor([0, 0, 1, 2, 3, 4])}[labels]
+    ours, theirs = METRIC[name]
+    _close_values_and_grads(ours()(x, y), theirs()(x, y), x)
+    naive = {"contrastive": R.contrastive_naive, "triplet": R.triplet_margin_naive,
+             "lifted": R.lifted_structure_naive, "npairs": R.npairs_naive}[name]
+    _close_values_and_grads(naive(x, y), theirs()(x, y), x)  # the oracle too
+
+
+def test_triplet_all_does_not_count_ties_at_the_margin():
+    """margin=0 and a negative at exactly the positive's distance (a duplicated sample under two
+    labels): its term relu(d_ap − d_an) is 0 and pml's AvgNonZeroReducer does not count it; the
+    count of d_an < d_ap + margin must be strict."""
+    g = torch.Generator().manual_seed(3)
+    base = torch.randn(6, 4, generator=g)
+    x = torch.cat([base, base[1:2]]).requires_grad_()  # row 6 duplicates row 1, another class
+    y = torch.tensor([0, 0, 1, 1, 2, 2, 3])
+    _close_values_and_grads(L.TripletMarginLoss(margin=0.0)(x, y), pml_losses.TripletMarginLoss(margin=0.0)(x, y), x)
+    _close_values_and_grads(L.triplet_margin_loss(x.double(), y, 0.0), pml_losses.TripletMarginLoss(margin=0.0)(x.double(), y), x)

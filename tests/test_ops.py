@@ -54,8 +54,9 @@ def run(backend, q, k, scale, b, kw, col, seed=1):
 
 @pytest.mark.parametrize("mask", MASKS, ids=lambda m: ",".join(f"{k}={v}" for k, v in m.items()) or "none")
 @pytest.mark.parametrize("symmetric", [False, True], ids=["qk", "self"])
-@pytest.mark.parametrize("bias,col", [(False, False), (True, True)], ids=["plain", "bias+col"])
+@pytest.mark.parametrize("bias,col", [(False, False), (False, True), (True, True)], ids=["plain", "col", "bias+col"])
 def test_gradcheck_float64(small_tiles, mask, symmetric, bias, col):
+    """k = q with col_lse and no bias is the mirrored path whose backward adds both LSEs' gradients."""
     M = 9
     N = M if symmetric else 11
     q, k, scale, b, kw = make_inputs(M, N, 3, torch.float64, symmetric, bias, mask)
@@ -319,6 +320,56 @@ def test_backend_selection():
         fastnce.info_nce(q, q, negatives, negative_mode="paired", backend="fastest")
     with pytest.raises(ops.BackendUnavailable, match="backend='cuda' is unavailable"):
         fastnce.info_nce(q, q, negatives, negative_mode="paired", backend="cuda")
+
+
+def test_auto_backend_choice_for_cuda_tensors(monkeypatch):
+    """Decided without a GPU: float64 takes the tiled path, triton comes before cuda, and with
+    neither an error naming each reason (never a silent fall-back to the slow path)."""
+    from fastnce.ops import function
+
+    cuda = torch.device("cuda")
+    assert ops.resolve_backend("auto", cuda, torch.float64) == "torch"
+    assert ops.resolve_backend("auto", cuda, torch.float64, "sigmoid") == "torch"
+    reasons = {"triton": None, "cuda": None}
+    monkeypatch.setattr(function, "unavailable_reason", lambda name, device, dtype, op="lse": reasons[name])
+    assert ops.resolve_backend("auto", cuda, torch.float16) == "triton"
+    reasons["triton"] = "no triton here"
+    assert ops.resolve_backend("auto", cuda, torch.float16) == "cuda"
+    reasons["cuda"] = "no extension here"
+    with pytest.raises(ops.BackendUnavailable, match="no triton here; no extension here.*backend='torch'"):
+        ops.resolve_backend("auto", cuda, torch.float16)
+
+
+def _arguments_the_primitive_would_ignore():
+    q, k = torch.randn(4, 3), torch.randn(4, 3)
+    y = torch.tensor([0, 1, 0, 1])
+    return [
+        ("k_labels_without_a_mask", ValueError, "labels were given but label_mask is None",
+         lambda be: ops.similarity_lse(q, k, k_labels=y, backend=be)),
+        ("k_labels_with_k_None", ValueError, "k_labels must be None when k is None",
+         lambda be: ops.similarity_lse(q, None, labels=y, k_labels=y.flip(0), label_mask="same", backend=be)),
+        ("k_without_k_labels", ValueError, "with a separate k needs k_labels",
+         lambda be: ops.similarity_lse(q, k, labels=y, label_mask="different", backend=be)),
+        ("diag_offset_without_exclude_self", ValueError, "diag_offset only applies with exclude_self=True",
+         lambda be: ops.similarity_lse(q, k, diag_offset=1, backend=be)),
+        ("scale_of_two_entries", ValueError, r"scale must be a scalar, got a tensor of shape \(2,\)",
+         lambda be: ops.similarity_lse(q, k, torch.ones(2), backend=be)),
+        ("bool_diag_offset", TypeError, "diag_offset must be an int, got bool",
+         lambda be: ops.similarity_lse(q, k, exclude_self=True, diag_offset=True, backend=be)),
+        ("bool_positive_offset", TypeError, "positive_offset must be an int or None, got bool",
+         lambda be: ops.similarity_sigmoid_nll(q, k, positive_offset=True, backend=be)),
+        ("sigmoid_need_bias_without_bias", ValueError, "need_bias=True needs a bias",
+         lambda be: ops.sigmoid_nll_backward(q, k, grad_row=torch.ones(4), need_bias=True, backend=be)),
+    ]
+
+
+@pytest.mark.parametrize("backend", ops.available_backends("cpu"))
+@pytest.mark.parametrize("case", _arguments_the_primitive_would_ignore(), ids=lambda c: c[0])
+def test_primitive_rejects_arguments_it_would_ignore(case, backend):
+    """Each would otherwise be ignored or replaced silently (q's labels against k, say)."""
+    _, error, match, call = case
+    with pytest.raises(error, match=match):
+        call(backend)
 
 
 def test_torch_backend_exact_at_large_logsumexp():

@@ -196,6 +196,17 @@ def test_non_finite_features_give_nan(path_backend):
     k_inf = k.clone()
     k_inf[0, 0] = float("-inf")
     assert torch.isnan(ops.similarity_sigmoid_nll(q, k_inf, 1.0, backend=path_backend)).all()
+    # one infinite component against keys of one sign: S has no NaN, the row's logits are all
+    # −inf and every term and its G exactly 0; the row and its gradient must still read NaN
+    k_neg = k.clone()
+    k_neg[:, 0] = -k_neg[:, 0].abs() - 0.1
+    q_one = q.clone()
+    q_one[1, 0] = float("inf")
+    q_one.requires_grad_()
+    rows = ops.similarity_sigmoid_nll(q_one, k_neg, 1.0, positive_offset=None, backend=path_backend)
+    assert torch.isnan(rows[1]) and torch.isfinite(rows[[0, 2]]).all()
+    rows.sum().backward()
+    assert torch.isnan(q_one.grad[1]).all() and torch.isfinite(q_one.grad[[0, 2]]).all()
 
 
 def test_errors_name_the_argument():
