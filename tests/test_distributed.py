@@ -433,6 +433,21 @@ def _error_cases(rank, world, rec):
         rec.check("group of one", torch.equal(fd.clip_loss(x3, x3, 5.0, group=solo), fastnce.clip_loss(x3, x3, 5.0)))
     else:
         raises("not a member", lambda: fd.clip_loss(x3, x3, 5.0, group=solo), "not a member of group")
+    # every module passes its group on
+    L = fastnce.losses
+    for name, module, single in (
+        ("NTXentLoss", L.NTXentLoss(0.1, distributed="ring", group=solo), lambda u, v: fastnce.nt_xent(u, v, 0.1)),
+        ("DCLLoss", L.DCLLoss(0.1, distributed="ring", group=solo), lambda u, v: fastnce.functional.dcl_loss(u, v, 0.1)),
+        ("SigLipLoss", L.SigLipLoss(0.2, -3.0, learnable=False, normalize=False, distributed="ring", group=solo),
+         lambda u, v: fastnce.siglip_loss(u, v, 5.0, -3.0)),
+        ("ClipLoss", L.ClipLoss(0.2, learnable=False, normalize=False, distributed="ring", group=solo),
+         lambda u, v: fastnce.clip_loss(u, v, 5.0)),
+    ):
+        if rank == 0:
+            _guarded(rec, f"{name}(group=solo)",
+                     lambda: rec.close(f"{name}(group=solo) rank 0", module(x3, x3.flip(0)), single(x3, x3.flip(0))))
+        else:
+            raises(f"{name}(group=solo) rank {rank}", lambda: module(x3, x3.flip(0)), "not a member of group")
     # gather_keys: every rank's rows in rank order, no gradient, unequal sizes.
     sizes = SIZES[world][1]
     full = torch.arange(sum(sizes) * 2, dtype=torch.float32).view(-1, 2)
@@ -452,7 +467,7 @@ def _error_cases(rank, world, rec):
 
 def _flag_cases(rank, world, rec):
     """Unequal local batches: all features frozen with a learnable scale, paired negatives with a
-    learnable temperature, and the modules' reduction, weight_fn and group reaching the losses."""
+    learnable temperature, and the modules' reduction and weight_fn reaching the losses."""
     sizes = SIZES[world][1]
     N = sum(sizes)
     gen = torch.Generator().manual_seed(4321 + N)
@@ -519,23 +534,6 @@ def _flag_cases(rank, world, rec):
         _guarded(rec, f"DCLWLoss(distributed) {t}", lambda: rec.close(
             f"DCLWLoss(distributed) {t}", vmf(z1[sl], z2[sl]),
             fd.dcl_loss(z1[sl], z2[sl], 0.1, weight_fn=partial(fastnce.functional.vmf_weights, sigma=0.5), **kw)))
-    # every module passes its group: a group of one is rank 0's local loss, a non-member's error
-    solo = torch.distributed.new_group([0])
-    for name, module, single, (u, v) in (
-        ("NTXentLoss", L.NTXentLoss(0.1, distributed="ring", group=solo), lambda u, v: fastnce.nt_xent(u, v, 0.1),
-         (z1, z2)),
-        ("DCLLoss", L.DCLLoss(0.1, distributed="ring", group=solo),
-         lambda u, v: fastnce.functional.dcl_loss(u, v, 0.1), (z1, z2)),
-        ("SigLipLoss", L.SigLipLoss(0.2, -3.0, learnable=False, normalize=False, distributed="ring", group=solo),
-         lambda u, v: fastnce.siglip_loss(u, v, 5.0, -3.0), (img, txt)),
-        ("ClipLoss", L.ClipLoss(0.2, learnable=False, normalize=False, distributed="ring", group=solo),
-         lambda u, v: fastnce.clip_loss(u, v, 5.0), (img, txt)),
-    ):
-        if rank == 0:
-            _guarded(rec, f"{name}(group=solo)", lambda: rec.close(f"{name}(group=solo) rank 0", module(u[sl], v[sl]),
-                                                                  single(u[sl], v[sl])))
-        else:
-            _raises(rec, f"{name}(group=solo) rank {rank}", lambda: module(u[sl], v[sl]), "not a member of group")
     # MoCoLoss(distributed=True) in eval mode enqueues nothing and so runs no collective: a rank
     # that rejects its arguments raises at once, the others return their loss (none waits)
     short = torch.distributed.new_group(list(range(world)), timeout=datetime.timedelta(seconds=5))
