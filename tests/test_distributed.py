@@ -49,6 +49,12 @@ def _slices(sizes, rank):
     return slice(o, o + sizes[rank])
 
 
+def _two_view_rows(per_row, n, sl):
+    """A rank's rows of a single-process two-view loss's per-row values (2n,): its slice of the
+    first view's anchors, then of the second's, the order the distributed losses return."""
+    return torch.cat([per_row[:n][sl], per_row[n:][sl]])
+
+
 class _Recorder:
     def __init__(self):
         self.failures = []
@@ -163,7 +169,7 @@ def _cases(rank, world, rec):
             rec.close(f"clip_loss reduction=none {t}", per, fastnce.clip_loss(img, txt, 5.0, "none")[sl])
             per = fd.nt_xent(z1[sl], z2[sl], 0.1, reduction="none", **kw)
             ref = fastnce.nt_xent(z1, z2, 0.1, "none")
-            rec.close(f"nt_xent reduction=none {t}", per, torch.cat([ref[:N][sl], ref[N:][sl]]))
+            rec.close(f"nt_xent reduction=none {t}", per, _two_view_rows(ref, N, sl))
             per = fd.info_nce(qry[sl], pos[sl], neg[_slices(negs, rank)], reduction="none", **kw)
             rec.close(f"info_nce reduction=none {t}", per, fastnce.info_nce(qry, pos, neg, reduction="none")[sl])
             _run_case(rec, f"dcl_loss {t}", lambda z1, z2: fastnce.functional.dcl_loss(z1, z2, 0.1),
@@ -176,7 +182,7 @@ def _cases(rank, world, rec):
                       {"z1": (z1, sizes), "z2": (z2, sizes)}, sizes, {"tau": 0.2}, rank, world)
             per = fd.dcl_loss(z1[sl], z2[sl], 0.1, reduction="none", **kw)
             ref = fastnce.functional.dcl_loss(z1, z2, 0.1, "none")
-            rec.close(f"dcl_loss reduction=none {t}", per, torch.cat([ref[:N][sl], ref[N:][sl]]))
+            rec.close(f"dcl_loss reduction=none {t}", per, _two_view_rows(ref, N, sl))
             _run_case(rec, f"siglip_loss learnable scale and bias {t}",
                       lambda a, b, s, c: fastnce.siglip_loss(a, b, s, c),
                       lambda a, b, s, c: fd.siglip_loss(a, b, s, c, **kw),
@@ -520,7 +526,7 @@ def _flag_cases(rank, world, rec):
                         torch.distributed.all_reduce(total)
                         rec.close(what, total / world, ref)
                     elif name in ("NTXentLoss", "DCLLoss"):  # this rank's z1 anchors, then its z2 anchors
-                        rec.close(what, ours, torch.cat([ref[:N][sl], ref[N:][sl]]))
+                        rec.close(what, ours, _two_view_rows(ref, N, sl))
                     else:
                         rec.close(what, ours, ref[sl])
                 _guarded(rec, f"{name}(reduction={red!r}) {t}", case)
