@@ -196,6 +196,26 @@ EMU_CASES = [
     (0, 150, 150, 300, dict(sym=True, excl=0, smem=H100_OPTIN)),
     (1, 70, 200, 200, dict(mask=2, min_tiles=1, grads="col", smem=H100_OPTIN)),
     (0, 90, 70, 130, dict(excl=2, bias=True, vec=0, smem=H100_OPTIN)),
+    # fp32 FMA with D > 128: the backward's accumulator in shared memory, loaded and stored
+    # around each chunk's product over several tiles (row and column kernels; the mirror)
+    (3, 70, 150, 200, dict(mask=1, bias=True)),
+    (3, 150, 150, 130, dict(sym=True, excl=0)),
+    # labels are int64 (hashed ids): labels equal in their low 32 bits are still different, in
+    # the forward, the row and column backward and the mirror
+    (3, 70, 90, 16, dict(mask=1, bias=True, label_step=2**32)),
+    (0, 70, 130, 24, dict(mask=2, min_tiles=1, label_step=2**32)),
+    (1, 70, 70, 24, dict(sym=True, mask=1, excl=0, label_step=2**32)),
+    # NT-Xent at a small temperature: the excluded self-pair's S lies far above every LSE of
+    # its tile while those lie close together (one exponential a tile): its exponential
+    # overflows and must not reach G (the mirror, row and column kernels, the wide backward)
+    (1, 70, 70, 64, dict(sym=True, excl=0, scale_mul=8.0)),
+    (0, 130, 130, 64, dict(sym=True, excl=0, bias=True, scale_mul=8.0)),
+    (1, 70, 70, 200, dict(sym=True, excl=0, scale_mul=8.0, smem=H100_OPTIN)),
+    # the mirror with one gradient term, rows' LSEs far (> 90 nats) from columns': the test for
+    # one exponential a tile must see the mirror's LSEs too (rows' column LSEs, columns' row LSEs)
+    (0, 130, 130, 16, dict(sym=True, excl=0, grads="col", lse_steps=True)),
+    (0, 130, 130, 16, dict(sym=True, excl=0, grads="row", lse_steps=True)),
+    (1, 130, 130, 200, dict(sym=True, excl=0, grads="col", lse_steps=True, smem=H100_OPTIN)),
     # features one element into their storage (a flat buffer's slice): plain loads, as
     # lse_ops.cpp decides from the addresses
     (1, 70, 90, 64, dict(unaligned=True, mask=1, bias=True)),
@@ -215,11 +235,14 @@ def _at_odd_address(t):
 
 def _emu_case(lib, kind, M, N, D, sym=False, bias=False, mask=0, excl=None, with_col=True, grads="both",
               min_tiles=1000, smem=10**6, vec=None, labels=(0, 3), seed=0, nan_key=None, scale_mul=1.0,
-              unaligned=False, need="qk"):
+              unaligned=False, need="qk", label_step=1, lse_steps=False):
     g = torch.Generator().manual_seed(seed)
     f64 = dict(generator=g, dtype=torch.float64)
     q64 = torch.randn(M, D, **f64)
     k64 = q64 if sym else torch.randn(N, D, **f64)
+    if lse_steps:  # rows ..63 near 0, rows 64.. along one direction: each block's LSEs close, far apart
+        q64[:64] *= 0.1
+        q64[64:] = 0.05 * q64[64:] + 4.0 * torch.randn(1, D, **f64)
     if nan_key is not None:
         k64[nan_key, 0] = float("nan")
     N = k64.shape[0]
@@ -227,8 +250,8 @@ def _emu_case(lib, kind, M, N, D, sym=False, bias=False, mask=0, excl=None, with
     b64 = torch.randn(N, **f64) if bias else None
     ql = kl = None
     if mask:
-        ql = torch.randint(*labels, (M,), generator=g)
-        kl = ql if sym else torch.randint(*labels, (N,), generator=g)
+        ql = torch.randint(*labels, (M,), generator=g) * label_step
+        kl = ql if sym else torch.randint(*labels, (N,), generator=g) * label_step
     gr = torch.randn(M, **f64) if grads in ("both", "row") else None
     gc = torch.randn(N, **f64) if (grads in ("both", "col") and with_col) else None
     dt = KINDS[kind]

@@ -68,7 +68,9 @@ struct Block {
         smem(static_cast<unsigned char*>(::operator new[](smem_bytes > 0 ? smem_bytes : 1, std::align_val_t(128)))),
         xbuf(threads),
         wmma_trace(threads) {
-    std::memset(smem, 0, smem_bytes);
+    // A GPU's shared memory starts undefined (what the last block left there): NaN in every
+    // float type here, so that a kernel reading a slot it never wrote gives wrong values.
+    std::memset(smem, 0xFF, smem_bytes);
     for (int w = 0; w < threads / 32; ++w) warp.emplace_back(std::make_unique<std::barrier<>>(32));
   }
   ~Block() { ::operator delete[](smem, std::align_val_t(128)); }
