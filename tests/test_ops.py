@@ -126,6 +126,21 @@ def test_fully_masked_rows_are_minus_inf_with_zero_gradient(backend):
     assert (q.grad[3] == 0).all()
 
 
+@pytest.mark.parametrize("backend", ops.available_backends("cpu"))
+@pytest.mark.parametrize("symmetric", [False, True], ids=["qk", "self"])
+@pytest.mark.parametrize("mask", MASKS[3:], ids=["same", "diff+self"])
+def test_labels_are_64_bit(backend, symmetric, mask):
+    """Labels are int64 (hashed ids, a large label space): labels equal in their low 32 bits
+    are still different labels. Results on labels c·2³² + 5 as the reference's on the classes c."""
+    q, k, scale, b, kw = make_inputs(37, 37 if symmetric else 29, 8, torch.float32, symmetric, True, mask)
+    wide = {n: v * 2**32 + 5 if n.endswith("labels") else v for n, v in kw.items()}
+    assert wide["labels"].dtype == torch.int64
+    got_lse, got_grads = run(backend, q, k, scale, b, wide, True)
+    want_lse, want_grads = run("reference", q, k, scale, b, kw, True)
+    for got, want in zip(got_lse + got_grads, want_lse + want_grads):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("backend", ["reference", "torch"])
 def test_minus_inf_bias_masks_its_column(backend):
     """A −inf bias drops its column as a mask does: col_lse −inf with zero gradient, no NaN
