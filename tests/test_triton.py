@@ -62,8 +62,9 @@ def make_inputs(M, N, D, dtype, symmetric=False, bias=False, mask=None, classes=
     return mv(q), mv(k), torch.tensor(scale, device=device), mv(b), kw
 
 
-def run(backend, q, k, scale, b, kw, col, as_dtype=None, seed=1):
-    """Forward, then the gradients of a random linear function of the LSEs (float64 weights).
+def run(backend, q, k, scale, b, kw, col, as_dtype=None, seed=1, grad_sizes=(1.0, 1.0)):
+    """Forward, then the gradients of a random linear function of the LSEs (float64 weights of
+    sizes grad_sizes: row LSEs', column LSEs').
 
     as_dtype recasts the float inputs first (float64 for the exact reference).
     """
@@ -72,11 +73,11 @@ def run(backend, q, k, scale, b, kw, col, as_dtype=None, seed=1):
     scale = scale.to(torch.float64 if as_dtype == torch.float64 else torch.float32).detach().requires_grad_()
     row, colv = ops.similarity_lse(q, k, scale, b, col_lse=col, backend=backend, **kw)
     g = torch.Generator().manual_seed(seed)
-    w_row = torch.randn(row.shape, generator=g, dtype=torch.float64).to(row.device)
+    w_row = grad_sizes[0] * torch.randn(row.shape, generator=g, dtype=torch.float64).to(row.device)
     loss = (torch.where(torch.isfinite(row), row, 0).double() * w_row).sum()
     outs = [row]
     if col:
-        w_col = torch.randn(colv.shape, generator=g, dtype=torch.float64).to(row.device)
+        w_col = grad_sizes[1] * torch.randn(colv.shape, generator=g, dtype=torch.float64).to(row.device)
         loss = loss + (torch.where(torch.isfinite(colv), colv, 0).double() * w_col).sum()
         outs.append(colv)
     leaves = [t for t in (q, k, scale, b) if t is not None]
@@ -91,12 +92,19 @@ def names(k, b, col):
     return [n for n in NAMES if (n != "col_lse" or col) and (n != "dk" or k is not None) and (n != "dbias" or b is not None)]
 
 
-def check(M, N, D, dtype, symmetric, bias, mask, col, backend="triton", floor_scale=1.0, scale=0.9):
+def check(M, N, D, dtype, symmetric, bias, mask, col, backend="triton", floor_scale=1.0, scale=0.9,
+          grad_sizes=(1.0, 1.0)):
     """backend in dtype vs the float64 reference: DESIGN §6's criterion, −inf where the reference has it."""
     q, k, s, b, kw = make_inputs(M, N, D, dtype, symmetric, bias, mask, scale=scale)
-    fast = run(backend, q, k, s, b, kw, col)
-    low = run("reference", q, k, s, b, kw, col)
-    exact = run("reference", q, k, s, b, kw, col, as_dtype=torch.float64)
+    check_inputs(q, k, s, b, kw, col, backend, floor_scale, grad_sizes)
+
+
+def check_inputs(q, k, s, b, kw, col, backend="triton", floor_scale=1.0, grad_sizes=(1.0, 1.0)):
+    """check() on given inputs; the gradients' floor is relative to the upstream gradients' size."""
+    dtype, (M, D), N = q.dtype, q.shape, (q if k is None else k).shape[0]
+    fast = run(backend, q, k, s, b, kw, col, grad_sizes=grad_sizes)
+    low = run("reference", q, k, s, b, kw, col, grad_sizes=grad_sizes)
+    exact = run("reference", q, k, s, b, kw, col, as_dtype=torch.float64, grad_sizes=grad_sizes)
     for name, f, lo, ex in zip(names(k, b, col), fast, low, exact):
         assert f.shape == ex.shape, name
         assert torch.isfinite(f[torch.isfinite(ex)]).all(), f"{name}: non-finite values"
@@ -105,7 +113,8 @@ def check(M, N, D, dtype, symmetric, bias, mask, col, backend="triton", floor_sc
             f, lo, ex = (torch.where(torch.isinf(ex), 0, t.double()) for t in (f, lo, ex))
         fast_err = (f.double() - ex).abs().max().item()
         ref_err = (lo.double() - ex).abs().max().item()
-        floor = floor_scale * ATOL[dtype] * max(1.0, ex.abs().max().item())
+        size = 1.0 if name.endswith("lse") else min(grad_sizes)
+        floor = floor_scale * ATOL[dtype] * max(size, ex.abs().max().item())
         if name == "dscale" and dtype in (torch.float16, torch.bfloat16):
             # dscale = Σ_i dq_u[i]·q[i] is a sum with cancellation, and the reference computes it in
             # float32 whatever the input dtype, while a fast kernel rounds G to the input dtype for
@@ -503,6 +512,31 @@ def test_panel_count():
         assert sms <= P <= 4 * sms and triton_lse._panels(32768, 1 << 20, torch.device(DEV)) == 0
 
 
+@pytest.mark.parametrize("sms", [1, 8, 132])
+@pytest.mark.parametrize("M,N", [(64, 100), (32768, 32768), (1 << 20, 1 << 14), (32768, 254_000), (32768, 255_000),
+                                 (4096, 1 << 20), (1 << 20, 1 << 20)])
+def test_panel_count_on_a_stand_in_gpu(M, N, sms, monkeypatch):
+    """_panels' GPU branch on any machine (a stand-in device of `sms` multiprocessors): the
+    partials fit in 256 MiB, no more programs than row blocks or 4 a multiprocessor, never
+    fewer than the multiprocessors (or row blocks) to save memory, and the transposed pass (0)
+    only where even that many would not fit. At N = 32768 on 132 SMs: 256 panels (64 MiB)."""
+    import types
+
+    monkeypatch.setattr(triton_lse, "_INTERPRET", False)
+    monkeypatch.setattr(triton_lse, "PANELS", None)
+    monkeypatch.delenv("FASTNCE_TRITON_PANELS", raising=False)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: types.SimpleNamespace(multi_processor_count=sms))
+    P = triton_lse._panels(M, N, torch.device("cuda"))
+    blocks = -(-M // triton_lse._PANEL_MIN_BM)
+    fewest = min(sms, blocks)
+    if P == 0:
+        assert fewest * N * 8 > 256 << 20
+    else:
+        assert fewest <= P <= min(blocks, 4 * sms) and P * N * 8 <= 256 << 20
+    if (M, N, sms) == (32768, 32768, 132):
+        assert P == 256
+
+
 # ---------------------------------------------------------------------------- backward: one recompute or two
 @pytest.mark.parametrize("det", [False, True], ids=["atomic", "deterministic"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["f32", "f16"])
@@ -605,17 +639,166 @@ def test_backward_wide_lse_spread_keeps_own_exponentials(symmetric):
           scale=40.0)
 
 
+@pytest.mark.parametrize("plan", ["atomic", "two-pass", "mirror", "half"])
+@pytest.mark.parametrize("grad_sizes,col", [((1e-6, 1e-6), True), ((1e-4, 1e3), True), ((1e-6, 1e-6), False)],
+                         ids=["small", "small-row-large-col", "small-row-only"])
+def test_float16_backward_for_upstream_gradients_of_any_size(grad_sizes, col, plan, monkeypatch):
+    """float16: G is scaled by 1 / max(|g|, |h|) before its cast for the second product, so that
+    small upstream gradients (a mean over a large batch, no loss scaling) do not underflow to
+    float16's subnormals, and row and column gradients of very different sizes do not overflow
+    it; the gradients' floor relative to their size."""
+    symmetric = plan in ("mirror", "half")
+    monkeypatch.setenv("FASTNCE_TRITON_SYM_BACKWARD" if symmetric else "FASTNCE_TRITON_BACKWARD", plan)
+    check(53, 53 if symmetric else 41, 24, torch.float16, symmetric, not symmetric, EX0 if symmetric else SAME, col,
+          grad_sizes=grad_sizes)
+
+
+def _along_one_direction(norms, D, seed, dtype):
+    """Rows of the given norms close to one direction: S ≈ scale·n_i·n_j, so rows of one norm
+    have LSEs within a few units of each other, and rows of other norms lie far from them."""
+    g = torch.Generator().manual_seed(seed)
+    u = torch.randn(D, generator=g, dtype=torch.float64)
+    x = u + 0.1 * u.norm() / D ** 0.5 * torch.randn(len(norms), D, generator=g, dtype=torch.float64)
+    return (torch.as_tensor(norms, dtype=torch.float64)[:, None] * x / x.norm(dim=1, keepdim=True)).to(dtype).to(DEV)
+
+
+@pytest.mark.parametrize("plan", ["mirror", "half"])
+@pytest.mark.parametrize("col", [False, True], ids=["row", "row+col"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["f16", "bf16"])
+def test_symmetric_backward_tiles_of_close_rows_and_far_columns(dtype, col, plan, monkeypatch):
+    """k is q (NT-Xent), rows in blocks of 16 of norms 3, 0.3 and 1 along one direction at scale
+    40: each block's LSEs lie within a few units, the blocks' hundreds apart. Whether a tile's
+    terms share one exponential is judged on its rows' LSEs and its columns': from the rows'
+    alone the columns' terms overflow."""
+    monkeypatch.setenv("FASTNCE_TRITON_SYM_BACKWARD", plan)
+    q = _along_one_direction([3.0] * 16 + [0.3] * 16 + [1.0] * 16, 24, 0, dtype)
+    check_inputs(q, None, torch.tensor(40.0, device=DEV), None, EX0, col)
+
+
+@pytest.mark.parametrize("plan", ["atomic", "two-pass"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["f16", "bf16"])
+def test_backward_column_lses_far_below_the_rows(dtype, plan, monkeypatch):
+    """CLIP's row and column LSEs: queries of norm 1 and keys of norms −3 … 3 along one direction
+    at scale 40: every row LSE lies near 120, the column LSEs spread down to −120."""
+    monkeypatch.setenv("FASTNCE_TRITON_BACKWARD", plan)
+    a = torch.linspace(-3, 3, 29, dtype=torch.float64)
+    x = _along_one_direction([1.0] * 37 + a.abs().tolist(), 24, 0, torch.float64)
+    q, k = x[:37].to(dtype), (x[37:] * a.sign().to(DEV)[:, None]).to(dtype)
+    check_inputs(q, k, torch.tensor(40.0, device=DEV), None, NONE, True)
+
+
+@pytest.mark.parametrize("path", ["rows", "panel", "transposed", "half"])
+@pytest.mark.parametrize("level", ["high", "low"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["f32", "f16"])
+def test_forward_logits_far_from_zero_with_lines_masked_a_whole_tile(path, level, dtype, monkeypatch):
+    """Logits near +100 (CLIP's logit scale, NT-Xent at τ = 0.01) or near −150 (soft nearest
+    neighbours' bias −‖k‖²/T at T = 0.01), labels in runs of 16 rows, so that whole tiles of a
+    line are masked while other lines of the tile are not: the online (max, sum) merge of such a
+    line keeps its running max (not the tile's shift: 0 or the tile's top) and does not scale
+    its empty sum by an overflowing e^(shift − max) (0·inf). Every forward path."""
+    monkeypatch.setattr(triton_lse, "PANELS", 2)
+    monkeypatch.setattr(triton_lse, "COL_LSE", "transposed" if path == "transposed" else "panel")
+    monkeypatch.setenv("FASTNCE_TRITON_SYM_FORWARD", "half" if path == "half" else "rows")
+    g = torch.Generator().manual_seed(3)
+    M, N, D = 64, 48, 4
+    u = torch.randn(D, generator=g, dtype=torch.float64)
+    unit = lambda n: torch.nn.functional.normalize(u / u.norm() + 0.15 * torch.randn(n, D, generator=g,
+                                                                                      dtype=torch.float64), dim=1)
+    q, k = unit(M), None if path == "half" else unit(N)
+    kw = dict(labels=(torch.arange(M) // 16) % 3, label_mask="same")
+    if k is not None:
+        kw["k_labels"] = (torch.arange(N) // 16 + 1) % 3
+    scale, bias = torch.tensor(100.0, dtype=torch.float64), None
+    if level == "low":  # S near −150: by a bias (k given), or by a negative scale (k is q, no bias)
+        if k is None:
+            scale = torch.tensor(-150.0, dtype=torch.float64)
+        else:
+            bias = torch.full((N,), -250.0, dtype=torch.float64)
+    col = path in ("panel", "transposed")
+    mv = lambda t: None if t is None else t.to(DEV)
+    row, colv = ops.similarity_lse(mv(q.to(dtype)), mv(None if k is None else k.to(dtype)), mv(scale.float()),
+                                   mv(None if bias is None else bias.float()), col_lse=col, backend="triton",
+                                   **{n: mv(v) if torch.is_tensor(v) else v for n, v in kw.items()})
+    want_row, want_col = ops.similarity_lse(q.to(dtype).double(), None if k is None else k.to(dtype).double(),
+                                            scale, bias, col_lse=col, backend="reference", **kw)
+    assert torch.isfinite(want_row).all()
+    torch.testing.assert_close(row.double().cpu(), want_row, rtol=1e-5, atol=1e-4)
+    if col:
+        torch.testing.assert_close(colv.double().cpu(), want_col, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("side", ["columns", "rows"])
+@pytest.mark.parametrize("panels", [1, 3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["f32", "f16"])
+def test_panel_forward_line_maxima_far_apart_on_one_side_only(side, panels, dtype, monkeypatch):
+    """Every third column (a bias of −200: soft nearest neighbours' −‖k‖²/T with keys of unequal
+    norms) or every third row (a query of norm 0.01 among queries of norm 1 near one direction,
+    scale 200) far below the others: a tile's maxima lie close along one side and far apart
+    along the other, so the two sides' sums must not share one exponential (the low lines'
+    terms would underflow: an LSE of −inf)."""
+    monkeypatch.setattr(triton_lse, "PANELS", panels)
+    g = torch.Generator().manual_seed(5)
+    M, N, D = 40, 37, 8
+    if side == "columns":
+        q = torch.randn(M, D, generator=g, dtype=torch.float64)
+        k = torch.randn(N, D, generator=g, dtype=torch.float64)
+        bias = torch.where(torch.arange(N) % 3 == 0, -200.0, 0.0) + torch.randn(N, generator=g, dtype=torch.float64)
+        scale = torch.tensor(0.5, dtype=torch.float64)
+    else:
+        q = _along_one_direction(torch.where(torch.arange(M + N) % 3 == 0, 0.01, 1.0), D, 5, torch.float64).cpu()
+        q, k = q[:M], q[M:] / q[M:].norm(dim=1, keepdim=True)
+        bias = torch.randn(N, generator=g, dtype=torch.float64)
+        scale = torch.tensor(200.0, dtype=torch.float64)
+    q, k, bias = q.to(dtype), k.to(dtype), bias.float()
+    row, col = ops.similarity_lse(q.to(DEV), k.to(DEV), scale.float().to(DEV), bias.to(DEV), col_lse=True,
+                                  backend="triton")
+    want_row, want_col = ops.similarity_lse(q.double(), k.double(), scale, bias.double(), col_lse=True,
+                                            backend="reference")
+    torch.testing.assert_close(row.double().cpu(), want_row, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(col.double().cpu(), want_col, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("plan", ["atomic", "two-pass"])
+def test_frozen_keys_with_a_learnable_bias(plan, monkeypatch):
+    """k frozen, its column bias learnable: the bias gradient needs the columns' pass although
+    dk is not wanted."""
+    monkeypatch.setenv("FASTNCE_TRITON_BACKWARD", plan)
+    q, k, s, b, kw = make_inputs(20, 17, 8, torch.float32, False, True, EX3)
+    grads = []
+    for backend, dt in (("triton", torch.float32), ("reference", torch.float64)):
+        qq, bb = q.to(dt).requires_grad_(), b.to(dt).requires_grad_()
+        row, col = ops.similarity_lse(qq, k.to(dt), 0.9, bb, col_lse=True, backend=backend, **kw)
+        grads.append(torch.autograd.grad(row.sum() + 0.7 * col.sum(), (qq, bb)))
+    for got, want in zip(*grads):
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("D", [24, 32, 40], ids=["one-k", "one-k-full", "k-loop"])
 @pytest.mark.parametrize("dqc", [16, 32], ids=["dq-chunks", "dq-whole"])
 def test_single_k_step_and_dq_chunks(D, dqc, monkeypatch):
     """D ≤ BK (32 under the interpreter) takes the one-K-step kernels (held operand, the tile
     rows reused for the second product); the atomic kernel's dq in chunks of DQC or whole."""
-    default = triton_lse._default_meta
-    monkeypatch.setattr(triton_lse, "_default_meta",
-                        lambda kind, d: dict(default(kind, d), **({"DQC": dqc} if kind == "atomic" else {})))
+    from triton_checks import with_meta
+
+    with_meta(monkeypatch, triton_lse, ("atomic",), DQC=dqc)
     monkeypatch.setenv("FASTNCE_TRITON_BACKWARD", "atomic")
     check(37, 29, D, torch.float32, False, True, EX3, True)
     check(37, 37, D, torch.float16, True, False, DIFF_EX, True)
+
+
+@pytest.mark.parametrize("plan", ["atomic", "two-pass"])
+@pytest.mark.parametrize("D", [8, 32], ids=["one-k-short", "one-k-full"])
+def test_single_k_step_with_feature_blocks_wider_than_it(D, plan, monkeypatch):
+    """One K step (D ≤ BK = 32) with feature blocks BDV = 64 > BK, as a GPU's configs have for
+    D ≤ 32: the second product loads its (BN, BDV) features rather than reusing the S tile's
+    (BN, BK) ones. Both plans, and the mirrored symmetric backward."""
+    from triton_checks import with_meta
+
+    with_meta(monkeypatch, triton_lse, ("bwd", "atomic"), BDV=64)
+    monkeypatch.setenv("FASTNCE_TRITON_BACKWARD", plan)
+    monkeypatch.setenv("FASTNCE_TRITON_SYM_BACKWARD", "mirror")
+    check(37, 29, D, torch.float32, False, True, EX3, True)
+    check(37, 37, D, torch.float16, True, True, DIFF_EX, True)
 
 
 # ---------------------------------------------------------------------------- symmetric forward: all tiles or half

@@ -13,7 +13,8 @@ atomically updated each address (the lanes their masks keep) and reports:
     (atomics among themselves do not race);
   - an access outside every tensor the launch was given.
 `poisoned_allocations()` fills new tensors with NaN, so that a read of an element no program
-wrote shows. Used by tests/test_triton.py.
+wrote shows. `with_meta()` gives launches a GPU's tile shapes. Used by tests/test_triton.py
+and tests/test_siglip.py.
 """
 from __future__ import annotations
 
@@ -167,3 +168,13 @@ def poisoned_allocations():
         yield
     finally:
         torch.empty, torch.empty_like, torch.Tensor.new_empty = empty, empty_like, new_empty
+
+
+def with_meta(monkeypatch, module, kinds, **meta):
+    """module's launches of the given kinds (triton_lse._default_meta's kinds: "bwd", "atomic",
+    ...) take these meta-parameters over their defaults (one config, AUTOTUNE off): the tile
+    and block shapes a GPU's configs have that the interpreter's one config does not."""
+    from fastnce.ops import triton_lse
+
+    default = triton_lse._default_meta
+    monkeypatch.setattr(module, "_default_meta", lambda kind, d: dict(default(kind, d), **(meta if kind in kinds else {})))
