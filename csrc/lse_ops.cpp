@@ -124,9 +124,7 @@ LseParams make_params(const Tensor& q, const Tensor& k, const Tensor& scale, con
   p.M = M;
   p.N = N;
   p.D = q.size(1);
-  const int64_t vec = 16 / int64_t(q.element_size());
-  const bool aligned = reinterpret_cast<uintptr_t>(p.q) % 16 == 0 && reinterpret_cast<uintptr_t>(p.k) % 16 == 0;
-  p.vec_loads = (p.D % vec == 0 && aligned) ? 1 : 0;
+  p.vec_loads = use_vec_loads(int(q.element_size()), p.D, p.q, p.k) ? 1 : 0;
   return p;
 }
 

@@ -249,6 +249,14 @@ inline void choose_splits(LseParams& p, int64_t outer_blocks, int64_t inner_tile
 // Which launches a call makes: decided here for lse_ops.cpp and for the emulation's harness
 // (csrc/emu), so that the CPU tests run the launch decisions the GPU runs.
 //
+// The features move in 16-byte asynchronous copies (cp.async) when each row is whole 16-byte
+// vectors and both operands start on 16 bytes (a slice of a flat buffer need not); plain loads
+// otherwise (LseParams::vec_loads).
+inline bool use_vec_loads(int elem_bytes, int64_t D, const void* q, const void* k) {
+  const auto on_16 = [](const void* a) { return reinterpret_cast<uintptr_t>(a) % 16 == 0; };
+  return D % (16 / elem_bytes) == 0 && on_16(q) && on_16(k);
+}
+
 // The forward visits only the tiles on and above S's diagonal when S and its masks are
 // symmetric: k is q, no bias, and at most the pairs (i, i) excluded (LseParams::upper).
 inline bool forward_upper(bool symmetric, bool has_bias, bool has_exclude, int64_t exclude_offset) {

@@ -234,7 +234,7 @@ def _at_odd_address(t):
 
 
 def _emu_case(lib, kind, M, N, D, sym=False, bias=False, mask=0, excl=None, with_col=True, grads="both",
-              min_tiles=1000, smem=10**6, vec=None, labels=(0, 3), seed=0, nan_key=None, scale_mul=1.0,
+              min_tiles=1000, smem=10**6, vec=-1, labels=(0, 3), seed=0, nan_key=None, scale_mul=1.0,
               unaligned=False, need="qk", label_step=1, lse_steps=False):
     g = torch.Generator().manual_seed(seed)
     f64 = dict(generator=g, dtype=torch.float64)
@@ -275,12 +275,10 @@ def _emu_case(lib, kind, M, N, D, sym=False, bias=False, mask=0, excl=None, with
         k = q if sym else _at_odd_address(k)
     b = None if b64 is None else b64.float()
     sc = scale.float()
-    if vec is None:  # lse_ops.cpp's rule
-        vec = int(D % (16 // q.element_size()) == 0 and q.data_ptr() % 16 == 0 and k.data_ptr() % 16 == 0)
     row = torch.empty(M)
     col = torch.empty(N) if with_col else None
     args = (kind, _ptr(q), _ptr(k), _ptr(sc), _ptr(b), _ptr(ql), _ptr(kl), mask, int(excl is not None),
-            excl or 0, M, N, D, vec)
+            excl or 0, M, N, D, vec)  # vec -1: lse_ops.cpp's rule (lse_plan.h's use_vec_loads)
     lib.emu_forward(*args, _ptr(row), _ptr(col), int(sym), 4, min_tiles, smem)
     _hardware_rules_kept(lib, "forward")
     untouched = 12345.0  # what a buffer that no launch writes keeps

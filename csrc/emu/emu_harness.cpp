@@ -79,7 +79,8 @@ void bwd_dispatch(int kind, const LseParams& p, bool for_k) {
 // 40xx's 99 KiB and up).
 size_t smem_limit(size_t optin) { return optin >= 101376 ? optin : 0; }
 
-LseParams base(const void* q, const void* k, const float* scale, const float* bias, const int64_t* ql,
+// vec: 1 or 0 forces 16-byte copies or plain loads; -1 takes lse_ops.cpp's rule (use_vec_loads).
+LseParams base(int kind, const void* q, const void* k, const float* scale, const float* bias, const int64_t* ql,
                const int64_t* kl, int mask_mode, int has_excl, int64_t off, int64_t M, int64_t N, int64_t D,
                int vec) {
   LseParams p;
@@ -95,7 +96,7 @@ LseParams base(const void* q, const void* k, const float* scale, const float* bi
   p.M = M;
   p.N = N;
   p.D = D;
-  p.vec_loads = vec;
+  p.vec_loads = vec >= 0 ? vec : int(use_vec_loads(kind <= 1 ? 2 : 4, D, q, k));
   return p;
 }
 
@@ -110,7 +111,7 @@ void emu_forward(int kind, const void* q, const void* k, const float* scale, con
                  const int64_t* kl, int mask_mode, int has_excl, int64_t off, int64_t M, int64_t N, int64_t D,
                  int vec, float* row, float* col, int symmetric, int num_sms, int64_t min_tiles,
                  int64_t smem_per_sm) {
-  LseParams p = base(q, k, scale, bias, ql, kl, mask_mode, has_excl, off, M, N, D, vec);
+  LseParams p = base(kind, q, k, scale, bias, ql, kl, mask_mode, has_excl, off, M, N, D, vec);
   p.resident = forward_resident(kind <= 1 ? 2 : 4, D, size_t(smem_per_sm));
   emu::g_smem_per_block = smem_limit(size_t(smem_per_sm) - 1024);  // a multiprocessor's, less a block's reserve
   const float ninf = -std::numeric_limits<float>::infinity();
@@ -141,7 +142,7 @@ int emu_backward(int kind, const void* q, const void* k, const float* scale, con
                  int vec, const float* row_lse, const float* col_lse, const float* grad_row, const float* grad_col,
                  float* dq, float* dk, float* dbias, int symmetric, int need_q, int need_k, int num_sms,
                  int64_t min_tiles, int64_t smem_optin) {
-  LseParams p = base(q, k, scale, bias, ql, kl, mask_mode, has_excl, off, M, N, D, vec);
+  LseParams p = base(kind, q, k, scale, bias, ql, kl, mask_mode, has_excl, off, M, N, D, vec);
   p.row_lse_in = row_lse;
   p.col_lse_in = grad_col ? col_lse : nullptr;
   p.grad_row = grad_row;

@@ -65,8 +65,7 @@ bool run(const Case& c, std::mt19937& rng) {
   for (auto& g : grad_col) g = normal(rng);
   for (auto& l : ql) l = label(rng);
   for (int64_t j = 0; j < N; ++j) kl[j] = c.sym ? ql[j] : label(rng);
-  const size_t elem = c.kind <= 1 ? 2 : 4;
-  const int vec = (c.D * int64_t(elem)) % 16 == 0;
+  const int vec = -1;  // lse_ops.cpp's rule (use_vec_loads)
   const void* kp = c.sym ? q.data() : k.data();
   const float* bp = c.bias ? bias.data() : nullptr;
   const int64_t* qlp = c.mask ? ql.data() : nullptr;
