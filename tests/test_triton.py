@@ -687,6 +687,20 @@ def test_backward_column_lses_far_below_the_rows(dtype, plan, monkeypatch):
     check_inputs(q, k, torch.tensor(40.0, device=DEV), None, NONE, True)
 
 
+def _forward_against_reference(q, k, scale, bias, kw, col):
+    """The triton backend's row (and column) LSEs of q, k (in their dtype; k None: k is q) with
+    a float64 scale and bias taken as float32, against the float64 reference on the same values."""
+    mv = lambda t: t.to(DEV) if torch.is_tensor(t) else t
+    bias = None if bias is None else bias.float()
+    got = ops.similarity_lse(mv(q), mv(k), mv(scale.float()), mv(bias), col_lse=col, backend="triton",
+                             **{n: mv(v) for n, v in kw.items()})
+    f64 = lambda t: None if t is None else t.double()
+    want = ops.similarity_lse(f64(q), f64(k), f64(scale.float()), f64(bias), col_lse=col, backend="reference", **kw)
+    assert torch.isfinite(want[0]).all()
+    for g, w in list(zip(got, want))[: 1 + col]:
+        torch.testing.assert_close(g.double().cpu(), w, rtol=1e-5, atol=1e-4)
+
+
 @pytest.mark.parametrize("path", ["rows", "panel", "transposed", "half"])
 @pytest.mark.parametrize("level", ["high", "low"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["f32", "f16"])
@@ -714,17 +728,8 @@ def test_forward_logits_far_from_zero_with_lines_masked_a_whole_tile(path, level
             scale = torch.tensor(-150.0, dtype=torch.float64)
         else:
             bias = torch.full((N,), -250.0, dtype=torch.float64)
-    col = path in ("panel", "transposed")
-    mv = lambda t: None if t is None else t.to(DEV)
-    row, colv = ops.similarity_lse(mv(q.to(dtype)), mv(None if k is None else k.to(dtype)), mv(scale.float()),
-                                   mv(None if bias is None else bias.float()), col_lse=col, backend="triton",
-                                   **{n: mv(v) if torch.is_tensor(v) else v for n, v in kw.items()})
-    want_row, want_col = ops.similarity_lse(q.to(dtype).double(), None if k is None else k.to(dtype).double(),
-                                            scale, bias, col_lse=col, backend="reference", **kw)
-    assert torch.isfinite(want_row).all()
-    torch.testing.assert_close(row.double().cpu(), want_row, rtol=1e-5, atol=1e-4)
-    if col:
-        torch.testing.assert_close(colv.double().cpu(), want_col, rtol=1e-5, atol=1e-4)
+    _forward_against_reference(q.to(dtype), None if k is None else k.to(dtype), scale, bias, kw,
+                               col=path in ("panel", "transposed"))
 
 
 @pytest.mark.parametrize("side", ["columns", "rows"])
@@ -749,28 +754,7 @@ def test_panel_forward_line_maxima_far_apart_on_one_side_only(side, panels, dtyp
         q, k = q[:M], q[M:] / q[M:].norm(dim=1, keepdim=True)
         bias = torch.randn(N, generator=g, dtype=torch.float64)
         scale = torch.tensor(200.0, dtype=torch.float64)
-    q, k, bias = q.to(dtype), k.to(dtype), bias.float()
-    row, col = ops.similarity_lse(q.to(DEV), k.to(DEV), scale.float().to(DEV), bias.to(DEV), col_lse=True,
-                                  backend="triton")
-    want_row, want_col = ops.similarity_lse(q.double(), k.double(), scale, bias.double(), col_lse=True,
-                                            backend="reference")
-    torch.testing.assert_close(row.double().cpu(), want_row, rtol=1e-5, atol=1e-4)
-    torch.testing.assert_close(col.double().cpu(), want_col, rtol=1e-5, atol=1e-4)
-
-
-@pytest.mark.parametrize("plan", ["atomic", "two-pass"])
-def test_frozen_keys_with_a_learnable_bias(plan, monkeypatch):
-    """k frozen, its column bias learnable: the bias gradient needs the columns' pass although
-    dk is not wanted."""
-    monkeypatch.setenv("FASTNCE_TRITON_BACKWARD", plan)
-    q, k, s, b, kw = make_inputs(20, 17, 8, torch.float32, False, True, EX3)
-    grads = []
-    for backend, dt in (("triton", torch.float32), ("reference", torch.float64)):
-        qq, bb = q.to(dt).requires_grad_(), b.to(dt).requires_grad_()
-        row, col = ops.similarity_lse(qq, k.to(dt), 0.9, bb, col_lse=True, backend=backend, **kw)
-        grads.append(torch.autograd.grad(row.sum() + 0.7 * col.sum(), (qq, bb)))
-    for got, want in zip(*grads):
-        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+    _forward_against_reference(q.to(dtype), k.to(dtype), scale, bias, {}, col=True)
 
 
 @pytest.mark.parametrize("D", [24, 32, 40], ids=["one-k", "one-k-full", "k-loop"])
