@@ -20,13 +20,12 @@
 #include <torch/library.h>
 
 #include <cstdlib>
-#include <limits>
 #include <optional>
 #include <string>
 #include <tuple>
 
+#include "lse_calls.h"
 #include "lse_launch.h"
-#include "lse_plan.h"
 
 namespace fastnce {
 namespace {
@@ -128,6 +127,29 @@ LseParams make_params(const Tensor& q, const Tensor& k, const Tensor& scale, con
   return p;
 }
 
+// lse_calls.h's buffers and launches: float32 ATen tensors on q's device, kernels on the
+// current stream.
+struct TensorMem {
+  using Buf = Tensor;
+  at::TensorOptions f32;
+  int dtype;
+  bool allow_tf32;
+  cudaStream_t stream;
+
+  TensorMem(const Tensor& q, bool tf32)
+      : f32(q.options().dtype(at::kFloat)), dtype(dtype_code(q)), allow_tf32(tf32),
+        stream(c10::cuda::getCurrentCUDAStream().stream()) {}
+  Tensor filled(Shape shape, float v) const { return at::full(shape, v, f32); }
+  Tensor uninit(Shape shape) const { return at::empty(shape, f32); }
+  Tensor none() const { return at::empty({0}, f32); }
+  static float* data(Tensor& t) { return t.data_ptr<float>(); }
+  void forward(const LseParams& p) const { launch_lse_forward(p, dtype, allow_tf32, stream); }
+  void backward(const LseParams& p, bool for_k) const { launch_lse_backward(p, dtype, allow_tf32, for_k, stream); }
+  static Tensor log_add(const Tensor& a, const Tensor& b) { return at::logaddexp(a, b); }
+  static Tensor copy(const Tensor& a) { return a.clone(); }
+  static void add(Tensor& a, const Tensor& b) { a.add_(b); }
+};
+
 std::tuple<Tensor, Tensor> lse_forward_cuda(const Tensor& q, const Tensor& k, const Tensor& scale,
                                             const std::optional<Tensor>& bias, const std::optional<Tensor>& q_labels,
                                             const std::optional<Tensor>& k_labels, int64_t mask_mode,
@@ -136,27 +158,10 @@ std::tuple<Tensor, Tensor> lse_forward_cuda(const Tensor& q, const Tensor& k, co
   LseParams p = make_params(q, k, scale, bias, q_labels, k_labels, mask_mode, exclude_offset);
   c10::cuda::CUDAGuard guard(q.device());
   TORCH_CHECK(!symmetric || p.N == p.M, "fastnce_cuda: symmetric needs k to be q");
-  const auto f32 = q.options().dtype(at::kFloat);
-  const float neg_inf = -std::numeric_limits<float>::infinity();
-  // S symmetric with symmetric masks: the tiles on and above the diagonal, rows below through
-  // the column LSEs (then log-added into the row LSEs; col_lse, if asked, is the row LSE)
-  p.upper = forward_upper(symmetric, bias.has_value(), exclude_offset.has_value(), exclude_offset.value_or(0));
-  const bool cols = with_col || p.upper;
-  Tensor col = cols ? at::full({p.N}, neg_inf, f32) : at::empty({0}, f32);
-  if (p.M == 0 || p.N == 0) return {at::full({p.M}, neg_inf, f32), col};
-
   const DeviceInfo dev = device_info(q.get_device());
-  choose_splits(p, (p.M + kBM - 1) / kBM, (p.N + kBN - 1) / kBN, dev.num_sms);
   p.resident = forward_rows(int(q.element_size()), p.D, dev);
-  Tensor row = p.splits > 1 ? at::full({p.M}, neg_inf, f32) : at::empty({p.M}, f32);
-  p.row_lse = row.data_ptr<float>();
-  p.col_lse = cols ? col.data_ptr<float>() : nullptr;
-  launch_lse_forward(p, dtype_code(q), allow_tf32, c10::cuda::getCurrentCUDAStream().stream());
-  if (p.upper) {
-    row = at::logaddexp(row, col);
-    col = with_col ? row.clone() : at::empty({0}, f32);
-  }
-  return {row, col};
+  TensorMem mem(q, allow_tf32);
+  return lse_forward_call(mem, p, with_col, symmetric, dev.num_sms);
 }
 
 std::tuple<Tensor, Tensor, Tensor> lse_backward_cuda(
@@ -167,61 +172,23 @@ std::tuple<Tensor, Tensor, Tensor> lse_backward_cuda(
     bool need_q, bool need_k, bool allow_tf32) {
   LseParams p = make_params(q, k, scale, bias, q_labels, k_labels, mask_mode, exclude_offset);
   c10::cuda::CUDAGuard guard(q.device());
-  const int64_t M = p.M, N = p.N, D = p.D;
-  TORCH_CHECK(!symmetric || N == M, "fastnce_cuda: symmetric needs k to be q");
-  check_vector(row_lse, "row_lse", M, at::kFloat, q);
-  check_vector(grad_row, "grad_row", M, at::kFloat, q);
-  check_vector(grad_col, "grad_col", N, at::kFloat, q);
+  TORCH_CHECK(!symmetric || p.N == p.M, "fastnce_cuda: symmetric needs k to be q");
+  check_vector(row_lse, "row_lse", p.M, at::kFloat, q);
+  check_vector(grad_row, "grad_row", p.M, at::kFloat, q);
+  check_vector(grad_col, "grad_col", p.N, at::kFloat, q);
   if (grad_col.has_value()) {
-    TORCH_CHECK(col_lse.has_value() && col_lse->numel() == N, "fastnce_cuda: grad_col needs col_lse of shape (", N, ")");
-    check_vector(col_lse, "col_lse", N, at::kFloat, q);
+    TORCH_CHECK(col_lse.has_value() && col_lse->numel() == p.N, "fastnce_cuda: grad_col needs col_lse of shape (",
+                p.N, ")");
+    check_vector(col_lse, "col_lse", p.N, at::kFloat, q);
   }
-  const auto f32 = q.options().dtype(at::kFloat);
-  const DeviceInfo dev = device_info(q.get_device());
-  const int dt = dtype_code(q);
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
-
   p.row_lse_in = row_lse.data_ptr<float>();
   p.col_lse_in = grad_col.has_value() ? col_lse->data_ptr<float>() : nullptr;
   p.grad_row = grad_row.has_value() ? grad_row->data_ptr<float>() : nullptr;
   p.grad_col = grad_col.has_value() ? grad_col->data_ptr<float>() : nullptr;
+  const DeviceInfo dev = device_info(q.get_device());
   plan_backward(p, int(q.element_size()), dev.smem_optin);
-
-  if (M == 0 || N == 0 || (!grad_row.has_value() && !grad_col.has_value())) {
-    return {need_q || symmetric ? at::zeros({M, D}, f32) : at::empty({0}, f32),
-            need_k && !symmetric ? at::zeros({N, D}, f32) : at::empty({0}, f32),
-            need_bias ? at::zeros({N}, f32) : at::empty({0}, f32)};
-  }
-
-  // dq = G @ k: one block per 64 rows, walking the column tiles (or the mirror, see
-  // backward_launches); dk = G^T @ q and dbias: one block per 64 columns, walking the row tiles.
-  const BackwardLaunches launch = backward_launches(symmetric, bias.has_value(), need_q, need_k, need_bias);
-  Tensor dq = at::empty({0}, f32);
-  if (launch.rows) {
-    LseParams pq = p;
-    pq.mirror = launch.mirror;
-    choose_splits(pq, (M + kBM - 1) / kBM, (N + kBN - 1) / kBN, dev.num_sms);
-    dq = pq.splits > 1 ? at::zeros({M, D}, f32) : at::empty({M, D}, f32);
-    pq.out = dq.data_ptr<float>();
-    launch_lse_backward(pq, dt, allow_tf32, /*for_k=*/false, stream);
-  }
-  if (!launch.cols) return {dq, at::empty({0}, f32), at::empty({0}, f32)};  // nothing more wanted, or the mirror
-
-  LseParams pk = p;
-  choose_splits(pk, (N + kBN - 1) / kBN, (M + kBM - 1) / kBM, dev.num_sms);
-  Tensor dk = pk.splits > 1 ? at::zeros({N, D}, f32) : at::empty({N, D}, f32);
-  Tensor dbias = need_bias ? (pk.splits > 1 ? at::zeros({N}, f32) : at::empty({N}, f32)) : at::empty({0}, f32);
-  pk.out = dk.data_ptr<float>();
-  pk.dbias = need_bias ? dbias.data_ptr<float>() : nullptr;
-  launch_lse_backward(pk, dt, allow_tf32, /*for_k=*/true, stream);
-
-  if (launch.add_cols_to_rows) {
-    dq.add_(dk);  // (G + G^T) @ q
-    dk = at::empty({0}, f32);
-  } else if (!need_k) {
-    dk = at::empty({0}, f32);  // the column kernel ran for dbias alone
-  }
-  return {dq, dk, dbias};
+  TensorMem mem(q, allow_tf32);
+  return lse_backward_call(mem, p, symmetric, need_bias, need_q, need_k, dev.num_sms);
 }
 
 }  // namespace

@@ -232,9 +232,11 @@ inline void plan_backward(LseParams& p, int elem_bytes, size_t smem_optin) {
 
 // Split the inner loop over blockIdx.y when the outer dimension alone gives too few blocks
 // (MoCo: a few hundred queries against a queue of 65536 keys). Each split takes at least
-// min_tiles tiles so that the atomic merge stays cheap beside the products.
+// min_tiles tiles so that the atomic merge stays cheap beside the products (the emulation's
+// tests take fewer, to reach the merges at small sizes).
+constexpr int64_t kMinTilesPerSplit = 4;
 inline void choose_splits(LseParams& p, int64_t outer_blocks, int64_t inner_tiles, int num_sms,
-                          int64_t min_tiles = 4) {
+                          int64_t min_tiles = kMinTilesPerSplit) {
   int64_t s = (2 * int64_t(num_sms) + outer_blocks - 1) / outer_blocks;
   int64_t max_s = inner_tiles / min_tiles;
   if (s > max_s) s = max_s;
@@ -246,37 +248,12 @@ inline void choose_splits(LseParams& p, int64_t outer_blocks, int64_t inner_tile
   if (p.splits < 1) p.splits = 1;
 }
 
-// Which launches a call makes: decided here for lse_ops.cpp and for the emulation's harness
-// (csrc/emu), so that the CPU tests run the launch decisions the GPU runs.
-//
 // The features move in 16-byte asynchronous copies (cp.async) when each row is whole 16-byte
 // vectors and both operands start on 16 bytes (a slice of a flat buffer need not); plain loads
 // otherwise (LseParams::vec_loads).
 inline bool use_vec_loads(int elem_bytes, int64_t D, const void* q, const void* k) {
   const auto on_16 = [](const void* a) { return reinterpret_cast<uintptr_t>(a) % 16 == 0; };
   return D % (16 / elem_bytes) == 0 && on_16(q) && on_16(k);
-}
-
-// The forward visits only the tiles on and above S's diagonal when S and its masks are
-// symmetric: k is q, no bias, and at most the pairs (i, i) excluded (LseParams::upper).
-inline bool forward_upper(bool symmetric, bool has_bias, bool has_exclude, int64_t exclude_offset) {
-  return symmetric && !has_bias && (!has_exclude || exclude_offset == 0);
-}
-
-// The backward: the row kernel (dq = G @ k) when dq is wanted or k is q; for k == q without
-// bias, its mirror gives dq = (G + G^T) @ q from the same tiles and nothing else runs; else the
-// column kernel (dk = G^T @ q and dbias) when dk or dbias is wanted or k is q, whose dk is then
-// added into dq. A frozen side costs nothing (MoCo's queue, a locked tower).
-struct BackwardLaunches {
-  bool rows, mirror, cols, add_cols_to_rows;
-};
-inline BackwardLaunches backward_launches(bool symmetric, bool has_bias, bool need_q, bool need_k, bool need_bias) {
-  BackwardLaunches l;
-  l.rows = need_q || symmetric;
-  l.mirror = symmetric && !has_bias;
-  l.cols = !l.mirror && (symmetric || need_k || need_bias);
-  l.add_cols_to_rows = symmetric && l.cols;
-  return l;
 }
 
 }  // namespace fastnce

@@ -122,6 +122,7 @@ def emu(tmp_path_factory):
     lib.emu_backward.argtypes = [I, P, P, P, P, P, P, I, I, I64, I64, I64, I64, I,
                                  P, P, P, P, P, P, P, I, I, I, I, I64, I64]
     lib.emu_backward.restype = I
+    lib.emu_backward_launched.restype = I
     lib.emu_backward_plan.argtypes = [I, I64, I64, P]
     lib.emu_forward_resident.argtypes = [I, I64, I64]
     lib.emu_forward_resident.restype = I
@@ -193,6 +194,9 @@ EMU_CASES = [
     (2, 70, 90, 200, dict(bias=True, need="", excl=2, smem=70000)),
     (1, 130, 100, 512, dict(bias=True, need="q", smem=H100_OPTIN)),
     (3, 70, 70, 24, dict(sym=True, excl=0, need="")),  # k is q: dq all the same
+    # no upstream gradient: no launch, the gradients asked for are zeros
+    (3, 70, 70, 24, dict(sym=True, excl=0, bias=True, grads="none")),
+    (1, 70, 90, 24, dict(bias=True, need="q", grads="none")),
     (0, 150, 150, 300, dict(sym=True, excl=0, smem=H100_OPTIN)),
     (1, 70, 200, 200, dict(mask=2, min_tiles=1, grads="col", smem=H100_OPTIN)),
     (0, 90, 70, 130, dict(excl=2, bias=True, vec=0, smem=H100_OPTIN)),
@@ -253,6 +257,8 @@ def _emu_case(lib, kind, M, N, D, sym=False, bias=False, mask=0, excl=None, with
         ql = torch.randint(*labels, (M,), generator=g) * label_step
         kl = ql if sym else torch.randint(*labels, (N,), generator=g) * label_step
     gr = torch.randn(M, **f64) if grads in ("both", "row") else None
+    # no upstream gradient ("none"): the kernels get none, the reference zeros (it needs one)
+    gr_ref = torch.zeros(M, dtype=torch.float64) if grads == "none" else gr
     gc = torch.randn(N, **f64) if (grads in ("both", "col") and with_col) else None
     dt = KINDS[kind]
 
@@ -261,7 +267,7 @@ def _emu_case(lib, kind, M, N, D, sym=False, bias=False, mask=0, excl=None, with
         bb = None if b64 is None else b64.to(qq.dtype)
         r, c = tiled.forward(qq, kk, sc, bb, ql, kl, mask, excl, with_col, sym)
         cast = lambda t: None if t is None else t.to(r.dtype)
-        dq, dk, db = tiled.backward(qq, kk, sc, bb, ql, kl, mask, excl, r, c, cast(gr), cast(gc), sym, bias)
+        dq, dk, db = tiled.backward(qq, kk, sc, bb, ql, kl, mask, excl, r, c, cast(gr_ref), cast(gc), sym, bias)
         return r, c, dq, dk, db
 
     ref64 = reference(q64, k64)
@@ -281,7 +287,7 @@ def _emu_case(lib, kind, M, N, D, sym=False, bias=False, mask=0, excl=None, with
             excl or 0, M, N, D, vec)  # vec -1: lse_ops.cpp's rule (lse_plan.h's use_vec_loads)
     lib.emu_forward(*args, _ptr(row), _ptr(col), int(sym), 4, min_tiles, smem)
     _hardware_rules_kept(lib, "forward")
-    untouched = 12345.0  # what a buffer that no launch writes keeps
+    untouched = 12345.0  # what the buffer of a gradient not returned keeps
     dq, dk = torch.full((M, D), untouched), torch.full((N, D), untouched)
     db = torch.empty(N) if bias else None
     gr32 = None if gr is None else gr.float()  # named: a temporary would be freed before the call
@@ -289,14 +295,17 @@ def _emu_case(lib, kind, M, N, D, sym=False, bias=False, mask=0, excl=None, with
     lib.emu_backward(*args, _ptr(row), _ptr(col), _ptr(gr32), _ptr(gc32), _ptr(dq), _ptr(dk), _ptr(db),
                      int(sym), int("q" in need), int("k" in need), 4, min_tiles, smem)
     _hardware_rules_kept(lib, "backward")
-    # a frozen side costs nothing: no launch writes its gradient (k is q: dq always)
+    # lse_ops.cpp returns dq and dk only where wanted (k is q: dq alone), and a frozen side costs
+    # nothing: its kernel is not launched (the column kernel runs for dbias, or k is q with bias)
     want_q, want_k = "q" in need or sym, "k" in need and not sym
-    if not want_q:
-        assert (dq == untouched).all(), "the row kernel ran for a frozen q"
-    if not (want_k or bias or sym):
-        assert (dk == untouched).all(), "the column kernel ran for a frozen k"
+    assert bool((dq == untouched).all()) != want_q and bool((dk == untouched).all()) != want_k
+    launched = lib.emu_backward_launched()
+    work = gr is not None or gc is not None  # else the outputs are zeros, no launch
+    assert bool(launched & 1) == (want_q and work), "the row kernel's launch"
+    if not (want_k or bias or sym) or not work:
+        assert not launched & 2, "the column kernel ran for a frozen k"
     fast = (row, col, dq if want_q else None, dk if want_k else None, db)
-    return fast, ref_dt, ref64, _g_rounding_sums(q64, k64, scale, b64, ql, kl, mask, excl, ref64, gr, gc, sym)
+    return fast, ref_dt, ref64, _g_rounding_sums(q64, k64, scale, b64, ql, kl, mask, excl, ref64, gr_ref, gc, sym)
 
 
 def _g_rounding_sums(q64, k64, scale, b64, ql, kl, mask, excl, ref64, gr, gc, sym):

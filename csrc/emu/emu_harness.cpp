@@ -1,14 +1,15 @@
-// C entry points that run the fastnce kernels under the CPU emulation (cuda_emu.h), with the
-// same orchestration as lse_ops.cpp (splits, -inf / zero pre-fill, symmetric mirror or sum). The test
-// forces small split sizes and panels so that every path (atomic merges, several backward
-// passes) is taken at small sizes.
+// C entry points that run the fastnce kernels under the CPU emulation (cuda_emu.h), through
+// lse_ops.cpp's own orchestration (lse_calls.h: splits, -inf / zero pre-fills, the symmetric
+// log-add, mirror or sum) on host buffers. The tests force small split sizes and panels so
+// that every path (atomic merges, several backward passes) is taken at small sizes.
 //   g++ -std=c++20 -O1 -shared -fPIC -DFASTNCE_EMULATE -include cuda_emu.h -I<cuda>/include \
 //       emu_harness.cpp -o libfastnce_emu.so
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <limits>
 #include <vector>
 
+#include "../lse_calls.h"
 #include "../lse_kernels.cuh"
 #include "emu_harness.h"
 
@@ -100,13 +101,55 @@ LseParams base(int kind, const void* q, const void* k, const float* scale, const
   return p;
 }
 
+// lse_calls.h's buffers and launches on the host. An uninitialised buffer is NaN, as undefined
+// as a GPU's: an output element no launch writes shows.
+struct HostMem {
+  using Buf = std::vector<float>;
+  int kind;
+  int launched = 0;  // backward kernels launched: 1 the row kernel, 2 the column kernel
+
+  static Buf filled(Shape shape, float v) {
+    int64_t n = 1;
+    for (int64_t s : shape) n *= s;
+    return Buf(size_t(n), v);
+  }
+  static Buf uninit(Shape shape) { return filled(shape, std::nanf("")); }
+  static Buf none() { return {}; }
+  static float* data(Buf& b) { return b.data(); }
+  void forward(const LseParams& p) const { fwd_dispatch(kind, p); }
+  void backward(const LseParams& p, bool for_k) {
+    launched |= for_k ? 2 : 1;
+    bwd_dispatch(kind, p, for_k);
+  }
+  static Buf log_add(const Buf& a, const Buf& b) {  // as at::logaddexp, NaN and infinities included
+    Buf out(a.size());
+    for (size_t i = 0; i < a.size(); ++i) {
+      const float hi = std::fmax(a[i], b[i]), lo = std::fmin(a[i], b[i]);
+      out[i] = std::isnan(a[i]) || std::isnan(b[i]) ? std::nanf("")
+               : std::isinf(lo)                   ? hi  // -inf: the other; +inf: both are
+                                                  : hi + std::log1p(std::exp(lo - hi));
+    }
+    return out;
+  }
+  static Buf copy(const Buf& a) { return a; }
+  static void add(Buf& a, const Buf& b) {
+    for (size_t i = 0; i < a.size(); ++i) a[i] += b[i];
+  }
+};
+
+int g_backward_launched = 0;  // HostMem::launched of the last emu_backward
+
+// Copies a computed output to the caller's buffer; one not computed (none()) leaves it as it was.
+void copy_out(const std::vector<float>& b, float* to) {
+  if (!b.empty() && to != nullptr) std::copy(b.begin(), b.end(), to);
+}
+
 }  // namespace
 
 extern "C" {
 
-// row: (M,), col: (N,) or null. num_sms / min_tiles steer choose_splits, smem_per_sm whether the
-// rows are resident. symmetric (k is q): without bias and with only self-pairs excluded, the
-// tiles on and above the diagonal.
+// row: (M,), col: (N,) or null (not asked for). num_sms / min_tiles steer choose_splits,
+// smem_per_sm whether the rows are resident.
 void emu_forward(int kind, const void* q, const void* k, const float* scale, const float* bias, const int64_t* ql,
                  const int64_t* kl, int mask_mode, int has_excl, int64_t off, int64_t M, int64_t N, int64_t D,
                  int vec, float* row, float* col, int symmetric, int num_sms, int64_t min_tiles,
@@ -114,28 +157,14 @@ void emu_forward(int kind, const void* q, const void* k, const float* scale, con
   LseParams p = base(kind, q, k, scale, bias, ql, kl, mask_mode, has_excl, off, M, N, D, vec);
   p.resident = forward_resident(kind <= 1 ? 2 : 4, D, size_t(smem_per_sm));
   emu::g_smem_per_block = smem_limit(size_t(smem_per_sm) - 1024);  // a multiprocessor's, less a block's reserve
-  const float ninf = -std::numeric_limits<float>::infinity();
-  p.upper = forward_upper(symmetric, bias != nullptr, has_excl, off);
-  std::vector<float> part(p.upper ? N : 0, ninf);  // the rows' parts from the tiles above them
-  choose_splits(p, (M + kBM - 1) / kBM, (N + kBN - 1) / kBN, num_sms, min_tiles);
-  for (int64_t i = 0; i < M; ++i) row[i] = p.splits > 1 ? ninf : std::nanf("");
-  if (col)
-    for (int64_t j = 0; j < N; ++j) col[j] = ninf;
-  p.row_lse = row;
-  p.col_lse = p.upper ? part.data() : col;
-  fwd_dispatch(kind, p);
-  if (p.upper) {
-    for (int64_t i = 0; i < M; ++i) {
-      const float a = row[i], b = part[i], hi = std::fmax(a, b), lo = std::fmin(a, b);
-      row[i] = (std::isnan(a) || std::isnan(b)) ? std::nanf("") : (lo == ninf ? hi : hi + std::log1p(std::exp(lo - hi)));
-      if (col) col[i] = row[i];
-    }
-  }
+  HostMem mem{kind};
+  const auto [r, c] = lse_forward_call(mem, p, col != nullptr, symmetric != 0, num_sms, min_tiles);
+  copy_out(r, row);
+  copy_out(c, col);
 }
 
-// dq (M, D), dk (N, D) scratch, dbias (N,) or null (need_bias). The launches are lse_ops.cpp's
-// (backward_launches): a buffer no launch writes is left as it was. symmetric: with bias
-// dq += dk at the end, without it the row kernel's mirror (dk untouched).
+// dq (M, D), dk (N, D), dbias (N,) or null (need_bias): the gradients lse_ops.cpp returns; a
+// buffer for one it does not return (a frozen side, dk when k is q) is left as it was.
 // Returns the number of backward passes used (D / panel, rounded up).
 int emu_backward(int kind, const void* q, const void* k, const float* scale, const float* bias, const int64_t* ql,
                  const int64_t* kl, int mask_mode, int has_excl, int64_t off, int64_t M, int64_t N, int64_t D,
@@ -149,32 +178,18 @@ int emu_backward(int kind, const void* q, const void* k, const float* scale, con
   p.grad_col = grad_col;
   plan_backward(p, kind <= 1 ? 2 : 4, size_t(smem_optin));
   emu::g_smem_per_block = smem_limit(size_t(smem_optin));
-
-  const int passes = int((D + p.panel - 1) / p.panel);
-  const BackwardLaunches launch = backward_launches(symmetric, bias != nullptr, need_q, need_k, dbias != nullptr);
-  if (launch.rows) {
-    LseParams pq = p;
-    pq.mirror = launch.mirror;
-    choose_splits(pq, (M + kBM - 1) / kBM, (N + kBN - 1) / kBN, num_sms, min_tiles);
-    for (int64_t e = 0; e < M * D; ++e) dq[e] = pq.splits > 1 ? 0.0f : std::nanf("");
-    pq.out = dq;
-    bwd_dispatch(kind, pq, false);
-  }
-  if (!launch.cols) return passes;
-
-  LseParams pk = p;
-  choose_splits(pk, (N + kBN - 1) / kBN, (M + kBM - 1) / kBM, num_sms, min_tiles);
-  for (int64_t e = 0; e < N * D; ++e) dk[e] = pk.splits > 1 ? 0.0f : std::nanf("");
-  if (dbias)
-    for (int64_t j = 0; j < N; ++j) dbias[j] = pk.splits > 1 ? 0.0f : std::nanf("");
-  pk.out = dk;
-  pk.dbias = dbias;
-  bwd_dispatch(kind, pk, true);
-
-  if (launch.add_cols_to_rows)
-    for (int64_t e = 0; e < M * D; ++e) dq[e] += dk[e];
-  return passes;
+  HostMem mem{kind};
+  const auto [gq, gk, gb] =
+      lse_backward_call(mem, p, symmetric != 0, dbias != nullptr, need_q != 0, need_k != 0, num_sms, min_tiles);
+  copy_out(gq, dq);
+  copy_out(gk, dk);
+  copy_out(gb, dbias);
+  g_backward_launched = mem.launched;
+  return int((D + p.panel - 1) / p.panel);
 }
+
+// The backward kernels the last emu_backward launched: 1 the row kernel, 2 the column kernel.
+int emu_backward_launched() { return g_backward_launched; }
 
 // Where the asynchronous copies land from now on: at the issuing thread's wait (0, the latest)
 // or at their issue (1, the earliest); see cuda_emu.h.

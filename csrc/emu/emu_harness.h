@@ -14,6 +14,7 @@ int emu_backward(int kind, const void* q, const void* k, const float* scale, con
                  int vec, const float* row_lse, const float* col_lse, const float* grad_row, const float* grad_col,
                  float* dq, float* dk, float* dbias, int symmetric, int need_q, int need_k, int num_sms,
                  int64_t min_tiles, int64_t smem_optin);
+int emu_backward_launched();
 void emu_set_copies_land_early(int early);
 const char* emu_take_violation();
 int emu_forward_resident(int kind, int64_t D, int64_t smem_per_sm);
