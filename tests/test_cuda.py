@@ -128,6 +128,7 @@ def emu(tmp_path_factory):
     lib.emu_forward_resident.restype = I
     lib.emu_take_violation.restype = ctypes.c_char_p
     lib.emu_set_copies_land_early.argtypes = [I]
+    lib.emu_set_blocks_in_order.argtypes = [I]
     return lib
 
 
@@ -505,9 +506,20 @@ def test_kernels_emulated_any_options(emu, case):
     check_emulated(emu, kind, M, N, D, opts)
 
 
+@pytest.fixture(params=[False, True], ids=["blocks-at-once", "blocks-in-order"])
+def block_order(emu, request):
+    """The emulated launches' blocks all at once, or one after another: in order, a split grid's
+    atomic merges meet the NaN split's part in the middle, after a number and before one (a
+    merge that drops a NaN on either side is then caught every run, not in most)."""
+    emu.emu_set_blocks_in_order(request.param)
+    yield request.param
+    emu.emu_set_blocks_in_order(False)
+
+
 @pytest.mark.parametrize("min_tiles", [1000, 1], ids=["one-pass", "split-grid"])
-def test_kernels_emulated_propagate_nan(emu, min_tiles):
-    """A NaN in one key: every row LSE and that key's column LSE are NaN, never a number."""
+def test_kernels_emulated_propagate_nan(emu, min_tiles, block_order):
+    """A NaN in one key: every row LSE and that key's column LSE are NaN, never a number. Split
+    grid: 3 splits of one column tile each, the NaN key's in the middle."""
     (row, col, dq, dk, db), _, _, _ = _emu_case(emu, 0, 70, 130, 16, nan_key=77, min_tiles=min_tiles)
     assert torch.isnan(row).all()
     assert torch.isnan(col[77]) and torch.isfinite(col[torch.arange(130) != 77]).all()
@@ -515,7 +527,7 @@ def test_kernels_emulated_propagate_nan(emu, min_tiles):
 
 
 @pytest.mark.parametrize("min_tiles", [1000, 1], ids=["one-pass", "split-grid"])
-def test_kernels_emulated_propagate_nan_symmetric(emu, min_tiles):
+def test_kernels_emulated_propagate_nan_symmetric(emu, min_tiles, block_order):
     """k is q: a NaN feature reaches every row LSE, also those that get it from the tiles above."""
     (row, col, dq, _, _), _, _, _ = _emu_case(emu, 0, 140, 140, 16, sym=True, excl=0, nan_key=100,
                                               min_tiles=min_tiles)

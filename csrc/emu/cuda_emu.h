@@ -135,7 +135,12 @@ inline void cp_async_wait_all() {
   tl_copies.clear();
 }
 
-// Runs kernel(args...) on a grid of (gx, gy) blocks of `threads` threads, all at once.
+// How a launch runs its blocks: all at once (the default, so that races happen), or one after
+// another in launch order (blockIdx.x fastest), so that the atomic merges of a split grid come
+// in a known order.
+inline bool g_blocks_in_order = false;
+
+// Runs kernel(args...) on a grid of (gx, gy) blocks of `threads` threads (g_blocks_in_order).
 template <class F>
 void launch(F kernel, unsigned gx, unsigned gy, int threads, size_t smem_bytes) {
   // A launch the GPU would refuse does not run (cudaErrorInvalidConfiguration and the like).
@@ -162,6 +167,10 @@ void launch(F kernel, unsigned gx, unsigned gy, int threads, size_t smem_bytes) 
           kernel();
           if (!emu::tl_copies.empty()) std::abort();  // copies never waited for
         });
+      if (g_blocks_in_order) {  // this block done before the next starts
+        for (auto& th : pool) th.join();
+        pool.clear();
+      }
     }
   for (auto& th : pool) th.join();
   for (auto& b : blocks) WarpUniform{b.get()}();

@@ -195,6 +195,9 @@ int emu_backward_launched() { return g_backward_launched; }
 // or at their issue (1, the earliest); see cuda_emu.h.
 void emu_set_copies_land_early(int early) { emu::g_copies_land_early = early != 0; }
 
+// How launches run their blocks: all at once (0) or one after another in launch order (1).
+void emu_set_blocks_in_order(int in_order) { emu::g_blocks_in_order = in_order != 0; }
+
 // The first hardware rule the kernels broke since the last call (cuda_emu.h), or null.
 const char* emu_take_violation() { return emu::take_violation(); }
 

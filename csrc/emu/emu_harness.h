@@ -16,6 +16,7 @@ int emu_backward(int kind, const void* q, const void* k, const float* scale, con
                  int64_t min_tiles, int64_t smem_optin);
 int emu_backward_launched();
 void emu_set_copies_land_early(int early);
+void emu_set_blocks_in_order(int in_order);
 const char* emu_take_violation();
 int emu_forward_resident(int kind, int64_t D, int64_t smem_per_sm);
 void emu_backward_plan(int kind, int64_t D, int64_t smem_optin, int* out);
