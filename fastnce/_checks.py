@@ -62,9 +62,17 @@ def _finite(value) -> bool:
     return value - value == 0
 
 
+def check_real_dtype(name: str, x: Tensor) -> None:
+    """A scalar tensor holds a real number: not a bool (a Python bool is refused too), not a
+    complex (its imaginary part would be dropped with a warning)."""
+    if x.dtype == torch.bool or x.is_complex():
+        raise TypeError(f"{name} must hold a real number, got a tensor of dtype {x.dtype}")
+
+
 def _check_number(x, name: str, positive: bool) -> None:
     what = "a positive finite number" if positive else "a finite number"
     if isinstance(x, Tensor):
+        check_real_dtype(name, x)
         if x.numel() != 1 or x.dim() > 1:  # (1, 1) would broadcast a (N,) loss to (1, N)
             raise ValueError(f"{name} must be a scalar (a number, or a tensor of shape () or (1,)), "
                              f"got a tensor of shape {tuple(x.shape)}")

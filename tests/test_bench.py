@@ -71,6 +71,7 @@ def test_cli_dispatch(capsys):
     (["memory", "--time-budget", "nan"], "expected a positive finite number"),
     (["memory", "--negatives", "-3"], "expected an integer >= 0"),
     (["memory", "--sizes", "8,x"], "sizes must be positive integers"),
+    (["memory", "--name", "../elsewhere"], "expected a file name without a directory"),
     (["memory", "--backends", "bogus"], "backend must be one of"),
     (["memory", "--backends", "cuda"], "backend='cuda' is unavailable"),
     (["gradcheck", "--device", "bogus"], "expected a torch device"),

@@ -366,6 +366,17 @@ def test_scalars_of_two_dimensions_are_rejected():
     assert fastnce.info_nce(a, b, temperature=torch.tensor([0.1]), reduction="none").shape == (4,)
 
 
+@pytest.mark.parametrize("value", [torch.tensor(True), torch.tensor(0.5 + 1j)], ids=["bool", "complex"])
+def test_scalars_of_bool_or_complex_dtype_are_rejected(value):
+    """A bool tensor would pass for 1.0 and a complex one lose its imaginary part (a Python bool
+    is refused already): the error names the argument and the dtype."""
+    a, b = torch.randn(4, 3), torch.randn(4, 3)
+    with pytest.raises(TypeError, match=f"temperature must hold a real number, got a tensor of dtype {value.dtype}"):
+        fastnce.nt_xent(a, b, value)
+    with pytest.raises(TypeError, match=f"logit_scale must hold a real number, got a tensor of dtype {value.dtype}"):
+        fastnce.clip_loss(a, b, value)
+
+
 def test_double_backward_is_a_clear_error():
     q = torch.randn(5, 3, requires_grad=True)
     row, _ = ops.similarity_lse(q, None, 1.0, backend="torch")

@@ -29,6 +29,13 @@ def _number(text: str, kind, ok, what: str):
     return value
 
 
+def file_stem(text: str) -> str:
+    """argparse type: a file name without a directory (the directory is --out's)."""
+    if not text or text in (".", "..") or "/" in text or "\\" in text:
+        raise argparse.ArgumentTypeError(f"expected a file name without a directory (--out gives that), got {text!r}")
+    return text
+
+
 def device_arg(text: str) -> str:
     """argparse type: a torch device string (cpu, cuda, cuda:1, ...)."""
     import torch

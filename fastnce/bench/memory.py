@@ -40,7 +40,7 @@ import tempfile
 import time
 from typing import Optional
 
-from . import checked_backends, device_arg, non_negative_int, positive_float, positive_int, require_device
+from . import checked_backends, device_arg, file_stem, non_negative_int, positive_float, positive_int, require_device
 
 try:
     import resource
@@ -426,7 +426,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=positive_float, default=1800.0, help="seconds per CPU point (default 1800)")
     p.add_argument("--out", default=os.path.join("benchmarks", "results"),
                    help="folder for the CSV, JSON and PNG (default benchmarks/results)")
-    p.add_argument("--name", default=None, help="file stem (default <device>-<date>-<loss>)")
+    p.add_argument("--name", type=file_stem, default=None,
+                   help="file stem, written in --out (default <device>-<date>-<loss>)")
     p.add_argument("--no-plot", action="store_true")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--child", help=argparse.SUPPRESS)

@@ -18,7 +18,7 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
-from .._checks import check_features, check_labels, check_same, check_dim_match
+from .._checks import check_dim_match, check_features, check_labels, check_real_dtype, check_same
 from .function import (
     BACKENDS,
     BackendUnavailable,
@@ -70,6 +70,7 @@ def _scalar_arg(name: str, x, q: Tensor) -> Tensor:
         # then stays symbolic (torch.tensor / torch.full guard on its value: a graph per value);
         # other numbers (an int past int64, a Fraction) as Python floats first
         x = torch.ones((), dtype=lse_dtype(q.dtype), device=q.device) * (x if isinstance(x, float) else float(x))
+    check_real_dtype(name, x)
     if x.numel() != 1:
         raise ValueError(f"{name} must be a scalar, got a tensor of shape {tuple(x.shape)}")
     if x.device != q.device:
@@ -108,7 +109,7 @@ def _prepare(q, k, scale, bias, labels, k_labels, label_mask, exclude_self, diag
     if bias is not None:
         _check_vector("bias", bias, N, q, ", one entry per column")
         bias = bias.contiguous()
-    if label_mask not in _LABEL_MODES:
+    if label_mask not in tuple(_LABEL_MODES):  # a tuple: an unhashable label_mask gets this error too
         raise ValueError(f"label_mask must be None, 'same' or 'different', got {label_mask!r}")
     mask_mode = _LABEL_MODES[label_mask]
     if mask_mode == MASK_NONE:
