@@ -89,20 +89,20 @@ def check_within_twice_reference_error(backend, q, k, s, b, w, offset, what, gra
         assert torch.isfinite(f).all(), f"{name} {what}"
         floor = ATOL[dtype] * max(1.0 if name == "rows" else grad_size, e.abs().max().item())
         assert_within_twice_reference_error(f, l, e, floor, what=f"{name} {what}")
+    return fast
 
 
 @pytest.mark.parametrize("path_backend", PATHS, indirect=True)
 @pytest.mark.parametrize("case", CASES, ids=str)
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
 def test_fast_backends_match_the_reference_float32(path_backend, case, bias):
-    backend = path_backend
+    """float32 by the criterion of the 16-bit dtypes (DESIGN.md §6). A fixed rtol of 1e-5 failed
+    the 1000-row case's dk, a sum of 1000 terms of both signs, on an AVX2 CPU: the torch
+    backend's small tiles were at 1.1 of it, the float32 reference itself at 0.87."""
     M, N, D, off = case
     q, k, s, b, w = inputs(M, N, D, torch.float32, seed=M * N + D, bias=bias)
-    exact = run("reference", q, k, s, b, w, off, as_dtype=torch.float64)
-    fast = run(backend, q, k, s, b, w, off)
-    for name, f, e in zip(["rows", "dq", "dk", "dscale", "dbias"], fast, exact):
-        assert f.dtype == (e.dtype if e.dtype != torch.float64 else torch.float32), name
-        torch.testing.assert_close(f.double(), e, rtol=RTOL[torch.float32], atol=ATOL[torch.float32], msg=name)
+    fast = check_within_twice_reference_error(path_backend, q, k, s, b, w, off, what=str(case))
+    assert all(f.dtype == torch.float32 for f in fast)
 
 
 @pytest.mark.parametrize("path_backend", PATHS, indirect=True)
