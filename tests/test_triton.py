@@ -105,6 +105,12 @@ def check_inputs(q, k, s, b, kw, col, backend="triton", floor_scale=1.0, grad_si
     fast = run(backend, q, k, s, b, kw, col, grad_sizes=grad_sizes)
     low = run("reference", q, k, s, b, kw, col, grad_sizes=grad_sizes)
     exact = run("reference", q, k, s, b, kw, col, as_dtype=torch.float64, grad_sizes=grad_sizes)
+    # Each exponential's argument S − lse carries float32's rounding of S (its dot product, the
+    # scale), which the kernel's other order of summation makes differ from the reference's: a
+    # relative error of eps32·|S| per term of G, beside ATOL's 1e-5 felt only at logits of
+    # hundreds (scale 40 on unnormalised features; the largest |LSE| bounds the valid |S|).
+    lses = [ex[torch.isfinite(ex)] for name, ex in zip(names(k, b, col), exact) if name.endswith("lse")]
+    arg_rounding = torch.finfo(torch.float32).eps * max((t.abs().max().item() for t in lses if t.numel()), default=0.0)
     for name, f, lo, ex in zip(names(k, b, col), fast, low, exact):
         assert f.shape == ex.shape, name
         assert torch.isfinite(f[torch.isfinite(ex)]).all(), f"{name}: non-finite values"
@@ -115,6 +121,7 @@ def check_inputs(q, k, s, b, kw, col, backend="triton", floor_scale=1.0, grad_si
         ref_err = (lo.double() - ex).abs().max().item()
         size = 1.0 if name.endswith("lse") else min(grad_sizes)
         floor = floor_scale * ATOL[dtype] * max(size, ex.abs().max().item())
+        floor += arg_rounding * (1.0 if name.endswith("lse") else ex.abs().max().item())
         if name == "dscale" and dtype in (torch.float16, torch.bfloat16):
             # dscale = Σ_i dq_u[i]·q[i] is a sum with cancellation, and the reference computes it in
             # float32 whatever the input dtype, while a fast kernel rounds G to the input dtype for
