@@ -120,8 +120,8 @@ def check_inputs(q, k, s, b, kw, col, backend="triton", floor_scale=1.0, grad_si
         fast_err = (f.double() - ex).abs().max().item()
         ref_err = (lo.double() - ex).abs().max().item()
         size = 1.0 if name.endswith("lse") else min(grad_sizes)
-        floor = floor_scale * ATOL[dtype] * max(size, ex.abs().max().item())
-        floor += arg_rounding * (1.0 if name.endswith("lse") else ex.abs().max().item())
+        ex_max = ex.abs().max().item()
+        floor = floor_scale * ATOL[dtype] * max(size, ex_max) + arg_rounding * (1.0 if name.endswith("lse") else ex_max)
         if name == "dscale" and dtype in (torch.float16, torch.bfloat16):
             # dscale = Σ_i dq_u[i]·q[i] is a sum with cancellation, and the reference computes it in
             # float32 whatever the input dtype, while a fast kernel rounds G to the input dtype for

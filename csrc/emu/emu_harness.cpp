@@ -74,6 +74,9 @@ void bwd_dispatch(int kind, const LseParams& p, bool for_k) {
   }
 }
 
+// Bytes of one feature of kind (fwd_dispatch's): 16-bit for 0 and 1, float32 for 2 and 3.
+int elem_bytes(int kind) { return kind <= 1 ? 2 : 4; }
+
 // The launch limit on shared memory a block for a device that lets a block have optin bytes.
 // The tests also plan for devices smaller than any sm_80+ GPU, to reach the streamed and
 // multi-pass paths at small sizes; the limit is checked for real ones only (an RTX 30xx /
@@ -97,7 +100,7 @@ LseParams base(int kind, const void* q, const void* k, const float* scale, const
   p.M = M;
   p.N = N;
   p.D = D;
-  p.vec_loads = vec >= 0 ? vec : int(use_vec_loads(kind <= 1 ? 2 : 4, D, q, k));
+  p.vec_loads = vec >= 0 ? vec : int(use_vec_loads(elem_bytes(kind), D, q, k));
   return p;
 }
 
@@ -155,7 +158,7 @@ void emu_forward(int kind, const void* q, const void* k, const float* scale, con
                  int vec, float* row, float* col, int symmetric, int num_sms, int64_t min_tiles,
                  int64_t smem_per_sm) {
   LseParams p = base(kind, q, k, scale, bias, ql, kl, mask_mode, has_excl, off, M, N, D, vec);
-  p.resident = forward_resident(kind <= 1 ? 2 : 4, D, size_t(smem_per_sm));
+  p.resident = forward_resident(elem_bytes(kind), D, size_t(smem_per_sm));
   emu::g_smem_per_block = smem_limit(size_t(smem_per_sm) - 1024);  // a multiprocessor's, less a block's reserve
   HostMem mem{kind};
   const auto [r, c] = lse_forward_call(mem, p, col != nullptr, symmetric != 0, num_sms, min_tiles);
@@ -176,7 +179,7 @@ int emu_backward(int kind, const void* q, const void* k, const float* scale, con
   p.col_lse_in = grad_col ? col_lse : nullptr;
   p.grad_row = grad_row;
   p.grad_col = grad_col;
-  plan_backward(p, kind <= 1 ? 2 : 4, size_t(smem_optin));
+  plan_backward(p, elem_bytes(kind), size_t(smem_optin));
   emu::g_smem_per_block = smem_limit(size_t(smem_optin));
   HostMem mem{kind};
   const auto [gq, gk, gb] =
@@ -204,7 +207,7 @@ const char* emu_take_violation() { return emu::take_violation(); }
 // Features of the forward's rows held in shared memory (0: streamed) for D on a device with
 // smem_per_sm bytes of shared memory a multiprocessor.
 int emu_forward_resident(int kind, int64_t D, int64_t smem_per_sm) {
-  return forward_resident(kind <= 1 ? 2 : 4, D, size_t(smem_per_sm));
+  return forward_resident(elem_bytes(kind), D, size_t(smem_per_sm));
 }
 
 // The backward's plan for D on a device with smem_optin bytes of shared memory a block:
@@ -212,7 +215,7 @@ int emu_forward_resident(int kind, int64_t D, int64_t smem_per_sm) {
 void emu_backward_plan(int kind, int64_t D, int64_t smem_optin, int* out) {
   LseParams p;
   p.D = D;
-  plan_backward(p, kind <= 1 ? 2 : 4, size_t(smem_optin));
+  plan_backward(p, elem_bytes(kind), size_t(smem_optin));
   out[0] = p.wide;
   out[1] = p.panel;
   out[2] = p.resident;

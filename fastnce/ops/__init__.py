@@ -70,7 +70,8 @@ def _scalar_arg(name: str, x, q: Tensor) -> Tensor:
         # then stays symbolic (torch.tensor / torch.full guard on its value: a graph per value);
         # other numbers (an int past int64, a Fraction) as Python floats first
         x = torch.ones((), dtype=lse_dtype(q.dtype), device=q.device) * (x if isinstance(x, float) else float(x))
-    check_real_dtype(name, x)
+    else:
+        check_real_dtype(name, x)
     if x.numel() != 1:
         raise ValueError(f"{name} must be a scalar, got a tensor of shape {tuple(x.shape)}")
     if x.device != q.device:
